@@ -1,0 +1,1 @@
+"""The WhatsApp domain: conversation actors and the shared supervisors (LLM, outbound, CRM)."""

@@ -1,0 +1,27 @@
+"""Value types for what arrives from WhatsApp (parsed by ``actors.evolution``)."""
+
+from __future__ import annotations
+
+import attrs
+
+
+@attrs.frozen
+class InboundMessage:
+    """One customer message, validated. ``jid`` is the chat to answer (device suffix stripped)."""
+
+    jid: str
+    text: str
+    message_id: str
+    instance: str = ""            # the webhook's instance name
+    instance_id: str = ""         # the webhook's instance id (uuid)
+    push_name: str = ""
+    timestamp: int = 0            # messageTimestamp, seconds
+    alt_jid: str = ""             # remoteJidAlt (the phone-number JID of an @lid chat), when known
+    quoted_text: str = ""         # text of the quoted message, when the customer replied to one
+    from_me: bool = False         # typed on the business phone (human takeover)
+    kind: str = "text"            # text | media (no readable text) | audio_transcript
+
+    @property
+    def instances(self) -> tuple[str, ...]:
+        """The webhook's instance id and name, for the outbound candidate list."""
+        return tuple(i for i in (self.instance_id, self.instance) if i)

@@ -1,0 +1,1 @@
+"""LLM providers behind one interface, and the fallback chain that supervises them."""
