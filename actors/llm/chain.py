@@ -1,19 +1,28 @@
-"""The fallback chain: the shared supervisor every conversation actor asks for an answer.
+"""The fallback supervisor: one per service, shared by every conversation actor.
 
-Tries LLM_PROVIDER, then each LLM_PROVIDER_FALLBACK in order, then the polite error text.
+Tries LLM_PROVIDER, then each LLM_PROVIDER_FALLBACK in order (never the same provider twice), then
+answers the polite error text. Per provider it bounds concurrent calls (FIFO), applies a timeout per
+call, honours a short Retry-After once, and keeps a circuit breaker so a dead provider does not add
+its timeout to every message. All timing uses ``trio.current_time()`` (tests run it on a MockClock).
 """
 
 from __future__ import annotations
 
+import collections
+import enum
 import logging
+import math
 from typing import Sequence
 
 import attrs
 import trio
 
-from .base import Prompt, Provider, ProviderError
+from ..settings import Settings
+from .base import ErrorKind, Prompt, Provider, ProviderError
 
 log = logging.getLogger("python-agent")
+
+CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 
 
 @attrs.frozen
@@ -29,34 +38,309 @@ class Answer:
         return self.provider is None
 
 
-class ProviderChain:
-    """Asks providers in order; never raises for a provider failure."""
+@attrs.frozen
+class ProviderStatistics:
+    """One provider's health. ``configured``: its settings are complete (e.g. it has its key);
+    ``available``: configured and its circuit lets a call through now. Latencies are of successful
+    calls, from a ring of the most recent ones."""
 
-    def __init__(self, providers: Sequence[Provider], *, polite_text: str, timeout: float) -> None:
-        self._providers = list(providers)
+    name: str
+    configured: bool
+    available: bool
+    circuit: str
+    reopens_in_seconds: float | None
+    in_flight: int
+    waiting: int
+    calls: int
+    successes: int
+    failures: dict[str, int]
+    last_error: str | None
+    latency_p50_ms: float | None
+    latency_p95_ms: float | None
+
+
+@attrs.frozen
+class ChainStatistics:
+    """A snapshot of the supervisor; ``attrs.asdict`` of it is JSON-serialisable."""
+
+    providers: tuple[ProviderStatistics, ...]
+    asks: int
+    fallbacks_used: int
+    polite_answers: int
+    deadline_exceeded: int
+
+
+class _Admission(enum.Enum):
+    DENY = "deny"
+    PASS = "pass"
+    PROBE = "probe"
+
+
+class _Slot:
+    """A provider with its limiter, circuit breaker and counters."""
+
+    def __init__(self, provider: Provider, *, concurrency: int, threshold: int, cooldown: float,
+                 latency_window: int) -> None:
+        self.provider = provider
+        self.name = provider.name
+        self.limiter = trio.CapacityLimiter(concurrency)
+        self.threshold = threshold
+        self.cooldown = cooldown
+        self.state = CLOSED
+        self.open_until = 0.0
+        self.probing = False
+        self.consecutive_failures = 0
+        self.in_flight = 0
+        self.calls = 0
+        self.successes = 0
+        self.failures: collections.Counter[str] = collections.Counter()
+        self.last_error: str | None = None
+        self.latencies: collections.deque[float] = collections.deque(maxlen=latency_window)
+
+    # -- circuit breaker ------------------------------------------------------------------
+    def circuit(self, now: float) -> str:
+        if self.state == OPEN and now >= self.open_until:
+            return HALF_OPEN
+        return self.state
+
+    def admit(self, now: float) -> _Admission:
+        state = self.circuit(now)
+        if state == CLOSED:
+            return _Admission.PASS
+        if state == OPEN or self.probing:
+            return _Admission.DENY
+        self.state, self.probing = HALF_OPEN, True
+        return _Admission.PROBE
+
+    def still_admits(self, admission: _Admission, now: float) -> bool:
+        """After waiting for a concurrency slot: did the circuit open meanwhile?"""
+        return admission is _Admission.PROBE or self.circuit(now) == CLOSED
+
+    def record_success(self, latency: float) -> None:
+        if self.state != CLOSED:
+            log.info("LLM provider %s recovered: circuit closed", self.name)
+        self.state, self.probing, self.consecutive_failures = CLOSED, False, 0
+        self.successes += 1
+        self.latencies.append(latency * 1000.0)
+
+    def record_failure(self, error: ProviderError, now: float, *, probe: bool) -> None:
+        self.failures[error.kind.value] += 1
+        self.last_error = str(error)
+        self.consecutive_failures += 1
+        if probe or error.kind is ErrorKind.AUTH or self.consecutive_failures >= self.threshold:
+            if self.state == CLOSED or probe:
+                log.warning(
+                    "LLM provider %s: circuit open for %gs after %d consecutive failure(s) (last: %s)",
+                    self.name, self.cooldown, self.consecutive_failures, error,
+                )
+            self.state, self.open_until = OPEN, now + self.cooldown
+            self.probing = False
+
+    def release_probe(self) -> None:
+        """A probe cancelled before it decided anything: let the next caller probe."""
+        self.probing = False
+
+    def statistics(self, now: float) -> ProviderStatistics:
+        state = self.circuit(now)
+        configured = self.provider.available
+        ordered = sorted(self.latencies)
+        return ProviderStatistics(
+            name=self.name,
+            configured=configured,
+            available=configured and (state == CLOSED or (state == HALF_OPEN and not self.probing)),
+            circuit=state,
+            reopens_in_seconds=round(self.open_until - now, 3) if state == OPEN else None,
+            in_flight=self.in_flight,
+            waiting=self.limiter.statistics().tasks_waiting,
+            calls=self.calls,
+            successes=self.successes,
+            failures=dict(self.failures),
+            last_error=self.last_error,
+            latency_p50_ms=_percentile(ordered, 50),
+            latency_p95_ms=_percentile(ordered, 95),
+        )
+
+
+def _percentile(ordered: Sequence[float], pct: float) -> float | None:
+    """Nearest-rank percentile of an ascending sequence; None when empty."""
+    if not ordered:
+        return None
+    return round(ordered[max(0, math.ceil(pct / 100.0 * len(ordered)) - 1)], 3)
+
+
+class ProviderChain:
+    """Asks providers in order; never raises for a provider failure.
+
+    ``timeout`` is per call, ``turn_deadline`` bounds a whole ``ask`` (then the polite text),
+    ``concurrency`` bounds calls in flight per provider, a 429 whose Retry-After is at most
+    ``retry_after_budget`` seconds is retried once on the same provider, and ``failure_threshold``
+    consecutive failures (or one auth failure) open a provider's circuit for ``cooldown`` seconds.
+    """
+
+    def __init__(
+        self,
+        providers: Sequence[Provider],
+        *,
+        polite_text: str,
+        timeout: float = 20.0,
+        turn_deadline: float = 60.0,
+        concurrency: int = 32,
+        retry_after_budget: float = 2.0,
+        failure_threshold: int = 3,
+        cooldown: float = 30.0,
+        latency_window: int = 512,
+    ) -> None:
         self._polite_text = polite_text
         self._timeout = timeout
+        self._turn_deadline = turn_deadline
+        self._retry_after_budget = retry_after_budget
+        self._slots: list[_Slot] = []
+        for provider in providers:
+            if any(slot.name == provider.name for slot in self._slots):
+                continue  # never the same provider twice
+            self._slots.append(
+                _Slot(provider, concurrency=concurrency, threshold=max(1, failure_threshold),
+                      cooldown=cooldown, latency_window=latency_window)
+            )
+        self._asks = self._fallbacks_used = self._polite_answers = self._deadline_exceeded = 0
+        for slot in self._slots:
+            if not slot.provider.available:
+                log.warning("LLM provider %s is unavailable (no API key configured): it will be skipped", slot.name)
+        if not any(slot.provider.available for slot in self._slots):
+            log.error("No LLM provider is available: every answer will be the polite error text")
+        else:
+            log.info("LLM providers in order: %s", ", ".join(slot.name for slot in self._slots))
 
     async def ask(self, prompt: Prompt) -> Answer:
-        """The first successful provider's text, or the polite text when all fail."""
-        for index, provider in enumerate(self._providers):
-            if index > 0:
-                log.warning("⚠️ Intentando con proveedor de respaldo: %s", provider.name)
-            try:
-                with trio.fail_after(self._timeout):
-                    text = await provider.complete(prompt)
-            except (ProviderError, trio.TooSlowError) as exc:
-                reason = exc if isinstance(exc, ProviderError) else "timeout"
-                if index == 0:
-                    log.error("Error con LLM provider principal (%s): %s", provider.name, reason)
-                else:
-                    log.error("❌ Error también con proveedor de respaldo (%s): %s", provider.name, reason)
+        """The first successful provider's text, or the polite text when all fail or the turn runs out."""
+        self._asks += 1
+        answer: Answer | None = None
+        with trio.move_on_after(self._turn_deadline) as deadline:
+            answer = await self._ask_in_order(prompt)
+        if deadline.cancelled_caught:
+            self._deadline_exceeded += 1
+            log.error("LLM turn deadline of %gs exceeded: answering with the polite text", self._turn_deadline)
+        if answer is None:
+            self._polite_answers += 1
+            return Answer(text=self._polite_text, provider=None)
+        if answer.fallback_used:
+            self._fallbacks_used += 1
+        return answer
+
+    async def _ask_in_order(self, prompt: Prompt) -> Answer | None:
+        for index, slot in enumerate(self._slots):
+            if not slot.provider.available:
                 continue
-            if index > 0:
-                log.info("✅ Respuesta exitosa con proveedor de respaldo: %s", provider.name)
-            return Answer(text=text, provider=provider.name, fallback_used=index > 0)
-        return Answer(text=self._polite_text, provider=None)
+            text = await self._attempt(slot, prompt, primary=index == 0)
+            if text is not None:
+                if index > 0:
+                    log.info("✅ Respuesta exitosa con proveedor de respaldo: %s", slot.name)
+                return Answer(text=text, provider=slot.name, fallback_used=index > 0)
+        return None
+
+    async def _attempt(self, slot: _Slot, prompt: Prompt, *, primary: bool) -> str | None:
+        """One provider: the text, or None after logging why it failed (or that its circuit is open)."""
+        admission = slot.admit(trio.current_time())
+        if admission is _Admission.DENY:
+            log.debug("LLM provider %s skipped: circuit %s", slot.name, slot.circuit(trio.current_time()))
+            return None
+        if not primary:
+            log.warning("⚠️ Intentando con proveedor de respaldo: %s", slot.name)
+        decided = False
+        try:
+            text = await self._call_with_retry(slot, prompt, admission)
+            decided = True
+        except ProviderError as error:
+            decided = True
+            if primary:
+                log.error("Error con LLM provider principal (%s): %s", slot.name, error)
+            else:
+                log.error("❌ Error también con proveedor de respaldo (%s): %s", slot.name, error)
+            return None
+        finally:
+            if admission is _Admission.PROBE and not decided:
+                slot.release_probe()
+        return text
+
+    async def _call_with_retry(self, slot: _Slot, prompt: Prompt, admission: _Admission) -> str | None:
+        """Call once; after a 429 whose Retry-After fits the budget, wait and call once more.
+
+        Raises ProviderError for the failure that decided; returns None if the circuit opened while
+        this call waited for a concurrency slot.
+        """
+        for attempt in range(2):
+            async with slot.limiter:
+                if not slot.still_admits(admission, trio.current_time()):
+                    log.debug("LLM provider %s skipped: its circuit opened while waiting", slot.name)
+                    return None
+                error: ProviderError | None = None
+                slot.in_flight += 1
+                slot.calls += 1
+                started = trio.current_time()
+                try:
+                    with trio.fail_after(self._timeout):
+                        text = await slot.provider.complete(prompt)
+                except trio.TooSlowError:
+                    error = ProviderError(ErrorKind.TIMEOUT, f"timeout after {self._timeout:g}s")
+                except ProviderError as exc:
+                    error = exc
+                except Exception as exc:  # an adapter bug must not break the conversation
+                    error = ProviderError(ErrorKind.OTHER, f"unexpected error ({type(exc).__name__})")
+                finally:
+                    slot.in_flight -= 1
+            now = trio.current_time()
+            if error is None:
+                slot.record_success(now - started)
+                return text
+            probe = admission is _Admission.PROBE
+            slot.record_failure(error, now, probe=probe)
+            retry_after = error.retry_after
+            if (
+                attempt == 0
+                and error.kind is ErrorKind.RATE_LIMIT
+                and retry_after is not None
+                and retry_after <= self._retry_after_budget
+                and slot.circuit(now) == CLOSED
+            ):
+                log.warning("LLM provider %s: %s; retrying in %gs (Retry-After)", slot.name, error, retry_after)
+                await trio.sleep(retry_after)
+                admission = _Admission.PASS
+                continue
+            raise error
+        raise AssertionError("unreachable")
+
+    def statistics(self) -> ChainStatistics:
+        """A frozen snapshot of every provider's health and the totals."""
+        now = trio.current_time()
+        return ChainStatistics(
+            providers=tuple(slot.statistics(now) for slot in self._slots),
+            asks=self._asks,
+            fallbacks_used=self._fallbacks_used,
+            polite_answers=self._polite_answers,
+            deadline_exceeded=self._deadline_exceeded,
+        )
 
     async def aclose(self) -> None:
-        for provider in self._providers:
-            await provider.aclose()
+        """Close every provider's SDK client (one failing to close does not stop the others)."""
+        for slot in self._slots:
+            try:
+                await slot.provider.aclose()
+            except Exception as exc:
+                log.warning("Closing LLM provider %s failed (%s)", slot.name, type(exc).__name__)
+
+
+def build_chain(settings: Settings, polite_text: str) -> ProviderChain:
+    """The supervisor for ``settings.provider_order``, with every knob from the settings."""
+    from .providers import build_provider
+
+    providers = [build_provider(name, settings) for name in settings.provider_order]
+    return ProviderChain(
+        providers,
+        polite_text=polite_text,
+        timeout=settings.llm_timeout,
+        turn_deadline=settings.turn_deadline_seconds,
+        concurrency=settings.llm_concurrency,
+        retry_after_budget=settings.llm_retry_after_budget,
+        failure_threshold=settings.circuit_failure_threshold,
+        cooldown=settings.circuit_cooldown_seconds,
+    )

@@ -1,0 +1,83 @@
+"""Anthropic through the official ``anthropic`` SDK: ``system=`` plus alternating user/assistant turns."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anthropic
+
+from ..settings import Settings
+from .base import ErrorKind, Prompt, ProviderError, history_roles_alternate
+from .providers import (
+    ANTHROPIC_DEFAULT_BASE_URL,
+    empty_reply,
+    missing_key,
+    status_error,
+    transport_error,
+    unexpected_error,
+)
+
+
+def anthropic_messages(prompt: Prompt) -> list[dict[str, str]]:
+    """The Messages API turns: consecutive same-role messages merged, starting with the user."""
+    return [{"role": m.role, "content": m.content} for m in history_roles_alternate(prompt.messages)]
+
+
+def map_anthropic_error(exc: BaseException, timeout: float) -> ProviderError:
+    """The ProviderError for an ``anthropic`` SDK exception (timeouts before connection errors)."""
+    if isinstance(exc, anthropic.APITimeoutError):
+        return transport_error(TimeoutError(), timeout)
+    if isinstance(exc, anthropic.APIConnectionError):
+        return transport_error(exc, timeout)
+    if isinstance(exc, anthropic.APIStatusError):
+        body: Any = exc.body
+        code = body.get("error", {}).get("type") if isinstance(body, dict) and isinstance(body.get("error"), dict) else None
+        return status_error(exc.status_code, code, exc.response.headers)
+    return unexpected_error(exc)
+
+
+class AnthropicProvider:
+    """Messages through one ``AsyncAnthropic`` client, created once and closed in ``aclose``."""
+
+    name = "anthropic"
+
+    def __init__(self, settings: Settings) -> None:
+        self._model = settings.anthropic_model
+        self._timeout = settings.llm_timeout
+        self._max_tokens = settings.llm_max_tokens
+        self._client: anthropic.AsyncAnthropic | None = None
+        if settings.anthropic_api_key:
+            self._client = anthropic.AsyncAnthropic(
+                api_key=settings.anthropic_api_key,
+                base_url=settings.anthropic_base_url or ANTHROPIC_DEFAULT_BASE_URL,
+                timeout=settings.llm_timeout,
+                max_retries=0,
+            )
+
+    @property
+    def available(self) -> bool:
+        return self._client is not None
+
+    async def complete(self, prompt: Prompt) -> str:
+        if self._client is None:
+            raise missing_key(self.name)
+        messages = anthropic_messages(prompt)
+        if not messages:
+            raise ProviderError(ErrorKind.BAD_REQUEST, "no user message to send")
+        extra: dict[str, Any] = {"system": prompt.system} if prompt.system else {}
+        try:
+            response = await self._client.messages.create(
+                model=self._model, max_tokens=self._max_tokens, messages=messages, **extra  # type: ignore[arg-type]
+            )
+        except anthropic.AnthropicError as exc:
+            raise map_anthropic_error(exc, self._timeout) from None
+        except Exception as exc:  # a malformed answer, an SDK bug: still a provider failure
+            raise unexpected_error(exc) from None
+        text = "".join(getattr(block, "text", "") for block in response.content if block.type == "text")
+        if not text:
+            raise empty_reply(str(response.stop_reason))
+        return text
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.close()

@@ -1,0 +1,100 @@
+"""OpenAI (and Ollama, an OpenAI-compatible server) through the official ``openai`` SDK."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import openai
+
+from ..settings import Settings
+from .base import Prompt, ProviderError
+from .providers import (
+    OLLAMA_DEFAULT_BASE_URL,
+    OPENAI_DEFAULT_BASE_URL,
+    chat_messages,
+    empty_reply,
+    missing_key,
+    status_error,
+    transport_error,
+    unexpected_error,
+)
+
+OLLAMA_DUMMY_KEY = "ollama"  # the SDK needs a non-empty key; Ollama ignores it
+
+
+def map_openai_error(exc: BaseException, timeout: float) -> ProviderError:
+    """The ProviderError for an ``openai`` SDK exception (timeouts are connection errors too: first)."""
+    if isinstance(exc, openai.APITimeoutError):
+        return transport_error(TimeoutError(), timeout)
+    if isinstance(exc, openai.APIConnectionError):
+        return transport_error(exc, timeout)
+    if isinstance(exc, openai.APIStatusError):
+        return status_error(exc.status_code, exc.code or exc.type, exc.response.headers)
+    return unexpected_error(exc)
+
+
+class OpenAIProvider:
+    """Chat completions through one ``AsyncOpenAI`` client, created once and closed in ``aclose``."""
+
+    def __init__(self, name: str, *, model: str, base_url: str, api_key: str, timeout: float,
+                 max_tokens: int, tokens_field: str = "max_completion_tokens") -> None:
+        self.name = name
+        self._model = model
+        self._timeout = timeout
+        self._max_tokens = max_tokens
+        self._tokens_field = tokens_field
+        self._client: openai.AsyncOpenAI | None = None
+        if api_key:
+            self._client = openai.AsyncOpenAI(
+                api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0
+            )
+
+    @classmethod
+    def for_openai(cls, settings: Settings) -> OpenAIProvider:
+        return cls(
+            "openai",
+            model=settings.openai_model,
+            base_url=settings.openai_base_url or OPENAI_DEFAULT_BASE_URL,
+            api_key=settings.openai_api_key,
+            timeout=settings.llm_timeout,
+            max_tokens=settings.llm_max_tokens,
+        )
+
+    @classmethod
+    def for_ollama(cls, settings: Settings) -> OpenAIProvider:
+        """Ollama needs no key; local servers take ``max_tokens`` rather than ``max_completion_tokens``."""
+        return cls(
+            "ollama",
+            model=settings.ollama_model,
+            base_url=settings.ollama_base_url or OLLAMA_DEFAULT_BASE_URL,
+            api_key=settings.ollama_api_key or OLLAMA_DUMMY_KEY,
+            timeout=settings.llm_timeout,
+            max_tokens=settings.llm_max_tokens,
+            tokens_field="max_tokens",
+        )
+
+    @property
+    def available(self) -> bool:
+        return self._client is not None
+
+    async def complete(self, prompt: Prompt) -> str:
+        if self._client is None:
+            raise missing_key(self.name)
+        extra: dict[str, Any] = {self._tokens_field: self._max_tokens}
+        try:
+            response = await self._client.chat.completions.create(
+                model=self._model, messages=chat_messages(prompt), **extra  # type: ignore[arg-type]
+            )
+        except openai.OpenAIError as exc:
+            raise map_openai_error(exc, self._timeout) from None
+        except Exception as exc:  # a malformed answer, an SDK bug: still a provider failure
+            raise unexpected_error(exc) from None
+        choice = response.choices[0] if response.choices else None
+        text = choice.message.content if choice is not None else None
+        if not text:
+            raise empty_reply(choice.finish_reason if choice is not None else "no choices")
+        return text
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.close()

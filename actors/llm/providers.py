@@ -1,0 +1,137 @@
+"""Build a provider by name, and the error helpers the SDK adapters share.
+
+The SDK modules are imported lazily, so a service running ``offline`` never imports them.
+Every ``ProviderError`` built here carries safe text only: a status code and the API's
+machine-readable error code, never the server's free text (it may quote a masked key or the prompt).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import http
+import time
+from typing import Any, Mapping
+
+import httpx2
+
+from ..settings import Settings
+from .base import ErrorKind, Prompt, Provider, ProviderError
+
+OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
+OLLAMA_DEFAULT_BASE_URL = "http://127.0.0.1:11434/v1"
+ANTHROPIC_DEFAULT_BASE_URL = "https://api.anthropic.com"
+GEMINI_DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com/"
+
+
+def build_provider(name: str, settings: Settings) -> Provider:
+    """The provider called ``name``, configured from ``settings`` (its SDK client is created now)."""
+    if name == "offline":
+        from .offline import OfflineProvider
+
+        return OfflineProvider()
+    if name == "openai":
+        from .openai_provider import OpenAIProvider
+
+        return OpenAIProvider.for_openai(settings)
+    if name == "ollama":
+        from .openai_provider import OpenAIProvider
+
+        return OpenAIProvider.for_ollama(settings)
+    if name == "anthropic":
+        from .anthropic_provider import AnthropicProvider
+
+        return AnthropicProvider(settings)
+    if name == "gemini":
+        from .gemini_provider import GeminiProvider
+
+        return GeminiProvider(settings)
+    if name == "huggingface":
+        from .huggingface_provider import HuggingFaceProvider
+
+        return HuggingFaceProvider(settings)
+    raise ValueError(f"unknown LLM provider {name!r}")
+
+
+def chat_messages(prompt: Prompt) -> list[dict[str, str]]:
+    """OpenAI-style chat ``messages``: the system prompt first, then the history in order."""
+    messages = [{"role": "system", "content": prompt.system}] if prompt.system else []
+    messages.extend({"role": m.role, "content": m.content} for m in prompt.messages)
+    return messages
+
+
+def kind_for_status(status: int) -> ErrorKind:
+    """The ErrorKind of an HTTP error status."""
+    if status == 429:
+        return ErrorKind.RATE_LIMIT
+    if status in (401, 403):
+        return ErrorKind.AUTH
+    if status == 408:
+        return ErrorKind.TIMEOUT
+    if status >= 500:
+        return ErrorKind.SERVER
+    if 400 <= status < 500:
+        return ErrorKind.BAD_REQUEST
+    return ErrorKind.OTHER
+
+
+def parse_retry_after(headers: Mapping[str, str] | None, *, now: float | None = None) -> float | None:
+    """Seconds to wait from ``retry-after-ms`` or ``Retry-After`` (seconds or an HTTP date); None if absent."""
+    if not headers:
+        return None
+    raw_ms = headers.get("retry-after-ms")
+    if raw_ms:
+        try:
+            return max(0.0, float(raw_ms) / 1000.0)
+        except ValueError:
+            pass
+    raw = headers.get("retry-after")
+    if not raw:
+        return None
+    raw = raw.strip()
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(raw)
+    except (TypeError, ValueError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def status_error(status: int, code: Any = None, headers: Mapping[str, str] | None = None,
+                 retry_after: float | None = None) -> ProviderError:
+    """A ProviderError for an HTTP error answer: ``"429 rate_limit_exceeded"`` and the like."""
+    label = str(code) if isinstance(code, (str, int)) and str(code) else _phrase(status)
+    if retry_after is None:
+        retry_after = parse_retry_after(headers)
+    return ProviderError(kind_for_status(status), f"{status} {label}"[:120], retry_after=retry_after)
+
+
+def transport_error(exc: BaseException, timeout: float) -> ProviderError:
+    """A ProviderError for a network-level failure (timeouts first: they are transport errors too)."""
+    if isinstance(exc, (httpx2.TimeoutException, TimeoutError)):
+        return ProviderError(ErrorKind.TIMEOUT, f"timeout after {timeout:g}s ({type(exc).__name__})")
+    return ProviderError(ErrorKind.CONNECTION, f"connection error ({type(exc).__name__})")
+
+
+def unexpected_error(exc: BaseException) -> ProviderError:
+    """A ProviderError for anything the adapter did not expect; only the exception's type is kept."""
+    return ProviderError(ErrorKind.OTHER, f"unexpected error ({type(exc).__name__})")
+
+
+def missing_key(name: str) -> ProviderError:
+    return ProviderError(ErrorKind.UNAVAILABLE, f"{name}: no API key configured")
+
+
+def empty_reply(detail: str = "") -> ProviderError:
+    return ProviderError(ErrorKind.OTHER, f"empty reply{f' ({detail})' if detail else ''}"[:120])
+
+
+def _phrase(status: int) -> str:
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return "error"

@@ -1,0 +1,217 @@
+"""The service graph: store, LLM chain, outbound and CRM supervisors, and the actor registry.
+
+``Service.run`` owns one nursery holding every supervisor and the registry (structured
+concurrency: nothing outlives it). ``Service.intake`` is what ``/webhook`` calls.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import attrs
+import httpx
+import trio
+
+from runtime.clock import Clock
+from runtime.registry import MailboxFull, Registry, ShuttingDown
+from runtime.store import MemoryStore, Store
+
+from .conversation import Accepted, ConversationActor, ConversationContext
+from .crm import CrmSupervisor, LeadRequest
+from .evolution import Ignored, parse_webhook
+from .inbound import InboundMessage
+from .llm.chain import ProviderChain, build_chain
+from .outbound import Delivery, OutboundMessage, OutboundSender
+from .prompts import texts_for
+from .settings import Settings
+from .state import ConversationState
+
+log = logging.getLogger("python-agent")
+
+
+@attrs.frozen
+class IntakeResult:
+    """What ``/webhook`` answers: HTTP status and JSON body."""
+
+    status: int
+    body: dict[str, Any]
+    retry_after: int | None = None
+
+
+def make_store(settings: Settings) -> Store:
+    """The configured store (SQLite in DATA_DIR, or memory)."""
+    if settings.store == "sqlite":
+        from runtime.sqlite_store import SqliteStore
+
+        return SqliteStore(settings.data_dir / "agent.sqlite3")
+    return MemoryStore()
+
+
+class Service:
+    """Builds and runs the whole actor system for one process."""
+
+    def __init__(self, settings: Settings, *, store: Store | None = None, chain: ProviderChain | None = None) -> None:
+        """``store`` and ``chain`` default to the configured ones (tests inject their own)."""
+        self.settings = settings
+        self.texts = texts_for(settings.language, settings.agent_instruction)
+        self.store: Store = store if store is not None else make_store(settings)
+        self.ready = False
+        self.clock: Clock | None = None
+        self.chain: ProviderChain | None = chain
+        self.outbound: OutboundSender | None = None
+        self.crm: CrmSupervisor | None = None
+        self.registry: Registry[Accepted] | None = None
+        self._cancel: trio.CancelScope | None = None
+        self.received = 0
+        self.ignored: dict[str, int] = {}
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Open the store, start every supervisor and the registry, recover pending work, serve."""
+        settings = self.settings
+        self.clock = Clock()
+        await self.store.open()
+        limits = httpx.Limits(max_connections=200, max_keepalive_connections=50)
+        timeout = httpx.Timeout(settings.http_timeout)
+        try:
+            async with httpx.AsyncClient(timeout=timeout, limits=limits) as http:
+                if self.chain is None:
+                    self.chain = build_chain(settings, self.texts.polite_error)
+                self.outbound = OutboundSender(settings, http=http, on_settled=self._reply_settled)
+                self.crm = CrmSupervisor(settings, http=http, on_lead=self._lead_created, on_done=self._crm_done)
+                context = ConversationContext(
+                    settings=settings, texts=self.texts, chain=self.chain, outbound=self.outbound,
+                    store=self.store, clock=self.clock, crm=self.crm if settings.crm_enabled else None,
+                )
+                self.registry = Registry(
+                    lambda jid: ConversationActor(jid, context),
+                    clock=self.clock,
+                    mailbox_size=settings.mailbox_size,
+                    idle_ttl=settings.actor_idle_ttl,
+                    intensity=settings.restart_intensity,
+                    period=settings.restart_period,
+                    on_idle_sweep=self._expire_stored,
+                )
+                async with trio.open_nursery() as nursery:
+                    self._cancel = nursery.cancel_scope
+                    await nursery.start(self.outbound.run)
+                    await nursery.start(self.crm.run)
+                    await nursery.start(self.registry.run)
+                    await self._recover()
+                    self.ready = True
+                    log.info("Service ready: provider chain %s, store %s, outbound %s",
+                             " → ".join(settings.provider_order), settings.store,
+                             "evolution" if settings.evolution_api_url else "local outbox")
+                    task_status.started()
+        finally:
+            self.ready = False
+            with trio.CancelScope(shield=True):
+                if self.chain is not None:
+                    await self.chain.aclose()
+                await self.store.close()
+
+    async def shutdown(self, grace: float) -> None:
+        """Stop accepting, let turns in flight finish for up to ``grace`` seconds, then stop everything."""
+        if self.registry is not None:
+            with trio.move_on_after(grace) as scope:
+                await self.registry.drain()
+            if scope.cancelled_caught:
+                log.warning("Shutdown: turns still running after %.0fs; they stay in the inbox for the next start", grace)
+        if self._cancel is not None:
+            self._cancel.cancel()
+
+    async def _recover(self) -> None:
+        """Re-send unsettled outbox rows and re-deliver unacknowledged inbox rows, in order."""
+        assert self.outbound is not None and self.registry is not None and self.crm is not None
+        outbox = await self.store.pending_outbox()
+        inbox = await self.store.pending_inbox()
+        for row in outbox:
+            if row.kind == "reply":
+                p = row.payload
+                self.outbound.submit(OutboundMessage(jid=p["jid"], text=p["text"], instances=tuple(p["instances"]),
+                                                     outbox_id=row.id))
+            elif row.kind == "crm":
+                self.crm.submit(attrs.evolve(LeadRequest(**row.payload), job_id=row.id))
+        for irow in inbox:
+            self.registry.deliver(irow.key, Accepted(irow.seq, InboundMessage(**irow.payload)))
+        if outbox or inbox:
+            log.info("Recovery: %d pending replies/jobs re-sent, %d accepted messages re-delivered", len(outbox), len(inbox))
+
+    # -- intake ------------------------------------------------------------------------------
+
+    async def intake(self, payload: Any) -> IntakeResult:
+        """Validate, dedupe, store and deliver one webhook. Raises WebhookError for a bad body."""
+        message = parse_webhook(payload, groups_enabled=self.settings.groups_enabled)
+        if isinstance(message, Ignored):
+            return self._ignore(message.reason)
+        self.received += 1
+        if message.from_me:
+            return self._ignore("fromMe")
+        if message.kind == "media":
+            return self._ignore("no text")
+        registry = self.registry
+        if registry is None or not self.ready:
+            return IntakeResult(503, {"error": "starting up"}, retry_after=5)
+        try:
+            registry.reserve(message.jid)
+        except MailboxFull:
+            log.warning("Mailbox full for %s: answering 503", message.jid)
+            return IntakeResult(503, {"error": "mailbox full"}, retry_after=5)
+        except ShuttingDown:
+            return IntakeResult(503, {"error": "shutting down"}, retry_after=10)
+        try:
+            seq = await self.store.accept(message.jid, f"{message.instance}:{message.message_id}", attrs.asdict(message))
+        except BaseException:
+            registry.release(message.jid)
+            raise
+        if seq is None:
+            registry.release(message.jid)
+            return self._ignore("duplicate")
+        registry.deliver(message.jid, Accepted(seq, message), reserved=True)
+        return IntakeResult(200, {"status": "accepted", "jid": message.jid})
+
+    def _ignore(self, reason: str) -> IntakeResult:
+        self.ignored[reason] = self.ignored.get(reason, 0) + 1
+        return IntakeResult(200, {"status": "ignored", "reason": reason})
+
+    # -- supervisor callbacks ----------------------------------------------------------------
+
+    async def _reply_settled(self, message: OutboundMessage, delivery: Delivery) -> None:
+        if message.outbox_id is not None:
+            await self.store.settle(message.outbox_id)
+
+    async def _crm_done(self, request: LeadRequest, outcome: str) -> None:
+        if request.job_id is not None:
+            await self.store.settle(request.job_id)
+
+    async def _lead_created(self, jid: str, lead_id: int) -> None:
+        actor = self.registry.actor(jid) if self.registry is not None else None
+        if isinstance(actor, ConversationActor):
+            actor.set_lead_id(lead_id)
+            await self.store.commit(jid, actor.state.to_dict())
+            return
+        saved = await self.store.load(jid)
+        if saved is not None:
+            state = ConversationState.from_dict(saved)
+            state.lead.lead_id = lead_id
+            await self.store.commit(jid, state.to_dict())
+
+    async def _expire_stored(self, idle_before: float) -> None:
+        live = set(self.registry.keys()) if self.registry is not None else set()
+        gone = await self.store.expire(idle_before, keep=live)
+        if gone:
+            log.info("Expired %d stored conversations idle for over %.0fs", len(gone), self.settings.actor_idle_ttl)
+
+    # -- admin reads -------------------------------------------------------------------------
+
+    async def conversation_state(self, jid: str) -> tuple[dict[str, Any], bool] | None:
+        """(state dict, live) for a chat: from its live actor, else from the store."""
+        registry = self.registry
+        if registry is not None and jid in registry:
+            actor = registry.actor(jid)
+            if isinstance(actor, ConversationActor):
+                return actor.state.to_dict(), True
+        saved = await self.store.load(jid)
+        return (saved, False) if saved is not None else None

@@ -1,0 +1,97 @@
+"""A conversation's state: the sliding window, the booking flag and the lead info, and its JSON form."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import attrs
+
+USER = sys.intern("user")
+ASSISTANT = sys.intern("assistant")
+SEED_ROLE = {USER: "HumanMessage", ASSISTANT: "AIMessage"}
+
+
+@attrs.frozen(slots=True)
+class WindowEntry:
+    """One message of the window. ``human`` marks an assistant message typed by a person."""
+
+    role: str
+    content: str
+    at: float
+    human: bool = False
+
+
+@attrs.define(slots=True)
+class LeadInfo:
+    """What the CRM needs about the customer (the seed's ``user_lead_info``)."""
+
+    nombre: str = ""
+    telefono: str = ""
+    empresa: str = ""
+    rubro: str = ""
+    volumen_mensajes: int = 0
+    email: str = ""
+    alt_jid: str = ""
+    lead_id: int | None = None
+
+
+@attrs.define(slots=True)
+class ConversationState:
+    """Everything one chat's actor owns. Saved whole at the end of each turn."""
+
+    window: list[WindowEntry] = attrs.Factory(list)
+    booking_sent: bool = False
+    lead: LeadInfo = attrs.Factory(LeadInfo)
+    last_activity: float = 0.0
+    messages_in: int = 0
+    replies_out: int = 0
+    ignored: int = 0
+    crashes: int = 0
+    paused_until: float = 0.0          # human takeover: the bot is silent until then (unix seconds)
+    llm_calls: list[float] = attrs.Factory(list)  # unix times of recent LLM calls (flood control)
+    flood_noticed_at: float = 0.0
+    sent_ids: list[str] = attrs.Factory(list)     # ids of our own recent sends (takeover detection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "window": [[e.role, e.content, e.at, e.human] for e in self.window],
+            "booking_sent": self.booking_sent,
+            "lead": attrs.asdict(self.lead),
+            "last_activity": self.last_activity,
+            "messages_in": self.messages_in,
+            "replies_out": self.replies_out,
+            "ignored": self.ignored,
+            "crashes": self.crashes,
+            "paused_until": self.paused_until,
+            "llm_calls": self.llm_calls,
+            "flood_noticed_at": self.flood_noticed_at,
+            "sent_ids": self.sent_ids,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ConversationState":
+        lead_fields = {f.name for f in attrs.fields(LeadInfo)}
+        return cls(
+            window=[WindowEntry(sys.intern(r), c, float(a), bool(h)) for r, c, a, h in data.get("window", [])],
+            booking_sent=bool(data.get("booking_sent", False)),
+            lead=LeadInfo(**{k: v for k, v in data.get("lead", {}).items() if k in lead_fields}),
+            last_activity=float(data.get("last_activity", 0.0)),
+            messages_in=int(data.get("messages_in", 0)),
+            replies_out=int(data.get("replies_out", 0)),
+            ignored=int(data.get("ignored", 0)),
+            crashes=int(data.get("crashes", 0)),
+            paused_until=float(data.get("paused_until", 0.0)),
+            llm_calls=[float(t) for t in data.get("llm_calls", [])],
+            flood_noticed_at=float(data.get("flood_noticed_at", 0.0)),
+            sent_ids=[str(i) for i in data.get("sent_ids", [])],
+        )
+
+
+def seed_messages(window: list[WindowEntry] | list[list[Any]]) -> list[dict[str, str]]:
+    """The window in the seed's ``/memory/{jid}`` shape."""
+    out = []
+    for entry in window:
+        role, content = (entry.role, entry.content) if isinstance(entry, WindowEntry) else (entry[0], entry[1])
+        out.append({"role": SEED_ROLE.get(role, role), "content": content})
+    return out

@@ -1,0 +1,67 @@
+"""The actor protocol and the cell that runs one actor: mailbox, one task at a time, supervision."""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from typing import Any, Generic, Protocol, Sequence, TypeVar
+
+import attrs
+
+from .mailbox import Mailbox
+
+M = TypeVar("M")
+log = logging.getLogger("python-agent")
+
+
+class Actor(Protocol[M]):
+    """Behaviour of one actor. The runtime calls these one at a time, never concurrently."""
+
+    async def activate(self) -> None:
+        """Load state before the first batch (lazily, on the first message after spawn)."""
+
+    def batch_delay(self, first: M) -> float:
+        """Seconds to wait after ``first`` for more messages to handle with it (0: none)."""
+
+    async def handle(self, batch: Sequence[M]) -> None:
+        """Handle one batch (usually one message). An exception is a crash."""
+
+    async def on_crash(self, batch: Sequence[M], error: BaseException) -> None:
+        """Answer a batch whose turn raised (or that arrived while the actor is failed)."""
+
+    async def on_expire(self) -> None:
+        """The actor was idle past its TTL: drop its state."""
+
+    def snapshot(self) -> Any:
+        """A frozen view of the actor's domain state, for admin endpoints."""
+
+
+@attrs.frozen
+class ActorStatistics:
+    """What the runtime knows of one actor, plus the actor's own snapshot (``state``)."""
+
+    key: str
+    status: str               # idle | running | failed
+    mailbox_depth: int
+    mailbox_capacity: int
+    last_activity: float      # unix seconds
+    expires_at: float         # unix seconds
+    crashes: int
+    last_error: str | None
+    state: Any
+
+
+@attrs.define(slots=True)
+class ActorCell(Generic[M]):
+    """Runtime bookkeeping for one live actor."""
+
+    key: str
+    actor: Actor[M]
+    mailbox: Mailbox[M]
+    last_activity: float               # trio time of the last inbound message
+    running: bool = False
+    activated: bool = False
+    failed_at: float | None = None     # trio time the actor was stopped for crashing too often
+    crash_times: deque[float] = attrs.Factory(deque)
+    crashes: int = 0
+    last_error: str | None = None

@@ -1,0 +1,108 @@
+"""A bounded FIFO mailbox for one actor.
+
+Like trio's memory channels it has a non-blocking twin (``put_nowait`` raises ``MailboxFull``)
+and explicit closing (``MailboxClosed``), but it also lets its owner take everything queued
+at once (``take_all``), which the conversation actor uses to merge bursts.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Generic, TypeVar
+
+import attrs
+
+T = TypeVar("T")
+
+
+class MailboxFull(Exception):
+    """The mailbox holds ``capacity`` items; the sender should retry later."""
+
+
+class MailboxClosed(Exception):
+    """The mailbox was closed (its actor stopped); nothing more can be put in it."""
+
+
+@attrs.frozen
+class MailboxStatistics:
+    depth: int
+    reserved: int
+    capacity: int
+    closed: bool
+
+
+class Mailbox(Generic[T]):
+    """Bounded FIFO. Only the owning actor takes from it, one item (or one batch) at a time."""
+
+    __slots__ = ("_items", "_capacity", "_closed", "_reserved")
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError("capacity must be at least 1")
+        self._items: deque[T] = deque()
+        self._capacity = capacity
+        self._closed = False
+        self._reserved = 0
+
+    def put_nowait(self, item: T, *, reserved: bool = False) -> None:
+        """Append ``item``. Raises MailboxClosed after ``close()``, MailboxFull at capacity.
+
+        ``reserved=True`` uses a slot taken earlier with ``reserve()`` (it cannot be full).
+        """
+        if self._closed:
+            raise MailboxClosed()
+        if reserved:
+            self._reserved -= 1
+        elif not self.has_room():
+            raise MailboxFull()
+        self._items.append(item)
+
+    def reserve(self) -> None:
+        """Hold one slot for a ``put_nowait(..., reserved=True)`` that will follow an await.
+
+        Raises MailboxFull or MailboxClosed like ``put_nowait``; undo with ``release()``.
+        """
+        if self._closed:
+            raise MailboxClosed()
+        if not self.has_room():
+            raise MailboxFull()
+        self._reserved += 1
+
+    def release(self) -> None:
+        """Give back a slot taken with ``reserve()`` that will not be used."""
+        self._reserved -= 1
+
+    def has_room(self) -> bool:
+        return not self._closed and len(self._items) + self._reserved < self._capacity
+
+    def take(self) -> T | None:
+        """The oldest item, or None when empty."""
+        return self._items.popleft() if self._items else None
+
+    def peek(self) -> T | None:
+        return self._items[0] if self._items else None
+
+    def take_all(self) -> list[T]:
+        """Every queued item, oldest first."""
+        items = list(self._items)
+        self._items.clear()
+        return items
+
+    def close(self) -> list[T]:
+        """Refuse further puts; returns what was still queued (the caller decides its fate)."""
+        self._closed = True
+        return self.take_all()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def reserved(self) -> int:
+        return self._reserved
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def statistics(self) -> MailboxStatistics:
+        return MailboxStatistics(depth=len(self._items), reserved=self._reserved, capacity=self._capacity, closed=self._closed)

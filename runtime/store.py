@@ -1,0 +1,153 @@
+"""The store interface (durable intake, actor state, outbox) and its in-memory implementation.
+
+Keys are actor keys; payloads and states are JSON-able dicts. The SQLite implementation
+(``runtime.sqlite_store``) keeps the same contract across process restarts.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Collection, Protocol, Sequence
+
+import attrs
+
+
+@attrs.frozen
+class InboxRow:
+    """An accepted message not yet acknowledged by its actor's turn."""
+
+    key: str
+    seq: int
+    payload: dict[str, Any]
+
+
+@attrs.frozen
+class OutboxRow:
+    """A job (a reply, a CRM request) written before it is performed, deleted once settled."""
+
+    id: int
+    key: str
+    kind: str
+    payload: dict[str, Any]
+
+
+class Store(Protocol):
+    """Everything an actor system needs to survive a restart without losing or repeating work."""
+
+    async def open(self) -> None:
+        """Create or migrate the storage; raises StoreError with a one-line reason when unusable."""
+
+    async def close(self) -> None: ...
+
+    async def accept(self, key: str, dedupe_id: str, payload: dict[str, Any]) -> int | None:
+        """Record an inbound message durably; its inbox sequence number, or None for a duplicate."""
+
+    async def load(self, key: str) -> dict[str, Any] | None:
+        """The actor's saved state, or None."""
+
+    async def commit(
+        self,
+        key: str,
+        state: dict[str, Any],
+        *,
+        acked: Sequence[int] = (),
+        outbox: Sequence[tuple[str, dict[str, Any]]] = (),
+    ) -> list[int]:
+        """Atomically save ``state``, ack the inbox rows ``acked`` and add ``outbox`` (kind, payload) rows.
+
+        Returns the new outbox row ids, in order.
+        """
+
+    async def settle(self, outbox_id: int) -> None:
+        """Delete a performed (or given up) outbox row."""
+
+    async def pending_inbox(self) -> list[InboxRow]:
+        """Accepted but unacknowledged messages, per key in sequence order."""
+
+    async def pending_outbox(self) -> list[OutboxRow]:
+        """Unsettled jobs in the order they were written."""
+
+    async def delete(self, key: str) -> None:
+        """Forget an actor: its state, inbox and outbox rows."""
+
+    async def expire(self, idle_before: float, keep: Collection[str] = ()) -> list[str]:
+        """Delete every actor (state, inbox, outbox) whose state's ``last_activity`` is before
+        ``idle_before`` (unix seconds), except the keys in ``keep``; returns the deleted keys."""
+
+    async def states(self) -> dict[str, dict[str, Any]]:
+        """Every saved state (admin listing)."""
+
+
+class StoreError(Exception):
+    """The store cannot be used (corrupt, locked, newer schema); the message is one line."""
+
+
+class MemoryStore:
+    """The Store contract in process memory: dedupe and ordering, no durability across restarts."""
+
+    def __init__(self, dedupe_ttl: float = 86400.0) -> None:
+        self._states: dict[str, dict[str, Any]] = {}
+        self._inbox: dict[tuple[str, int], dict[str, Any]] = {}
+        self._outbox: dict[int, OutboxRow] = {}
+        self._seen: dict[str, None] = {}
+        self._seq: dict[str, int] = {}
+        self._ids = itertools.count(1)
+        self._dedupe_limit = 200_000
+
+    async def open(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def accept(self, key: str, dedupe_id: str, payload: dict[str, Any]) -> int | None:
+        if dedupe_id in self._seen:
+            return None
+        self._seen[dedupe_id] = None
+        if len(self._seen) > self._dedupe_limit:
+            self._seen.pop(next(iter(self._seen)))
+        seq = self._seq.get(key, 0) + 1
+        self._seq[key] = seq
+        self._inbox[(key, seq)] = payload
+        return seq
+
+    async def load(self, key: str) -> dict[str, Any] | None:
+        return self._states.get(key)
+
+    async def commit(self, key, state, *, acked=(), outbox=()):  # type: ignore[no-untyped-def]
+        self._states[key] = state
+        for seq in acked:
+            self._inbox.pop((key, seq), None)
+        ids = []
+        for kind, payload in outbox:
+            row = OutboxRow(id=next(self._ids), key=key, kind=kind, payload=payload)
+            self._outbox[row.id] = row
+            ids.append(row.id)
+        return ids
+
+    async def settle(self, outbox_id: int) -> None:
+        self._outbox.pop(outbox_id, None)
+
+    async def pending_inbox(self) -> list[InboxRow]:
+        return [InboxRow(key, seq, payload) for (key, seq), payload in sorted(self._inbox.items())]
+
+    async def pending_outbox(self) -> list[OutboxRow]:
+        return [self._outbox[i] for i in sorted(self._outbox)]
+
+    async def delete(self, key: str) -> None:
+        self._states.pop(key, None)
+        self._seq.pop(key, None)
+        for k in [k for k in self._inbox if k[0] == key]:
+            del self._inbox[k]
+        for i in [i for i, row in self._outbox.items() if row.key == key]:
+            del self._outbox[i]
+
+    async def expire(self, idle_before: float, keep: Collection[str] = ()) -> list[str]:
+        gone = [key for key, state in self._states.items()
+                if state.get("last_activity", 0) < idle_before and key not in keep]
+        for key in gone:
+            await self.delete(key)
+        return gone
+
+    async def states(self) -> dict[str, dict[str, Any]]:
+        return dict(self._states)

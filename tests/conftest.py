@@ -1,0 +1,61 @@
+"""Shared fixtures: settings for tests, a running service, webhook payload builders."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import pytest
+import trio
+
+from actors.llm.base import Provider
+from actors.llm.chain import ProviderChain
+from actors.prompts import texts_for
+from actors.service import Service
+from actors.settings import Settings, load_settings
+
+
+
+def make_settings(tmp_path: Path, **env: Any) -> Settings:
+    """Settings for tests: memory store, no pacing, logs and data in tmp_path; ``env`` overrides."""
+    base = {
+        "STORE": "memory",
+        "DATA_DIR": str(tmp_path / "data"),
+        "LOG_DIR": str(tmp_path / "logs"),
+        "OUTBOUND_MIN_GAP_SECONDS": "0",
+        "OUTBOUND_RATE_PER_INSTANCE": "0",
+        "REORDER_DELAY_SECONDS": "0",
+        "FLOOD_MAX_PER_MINUTE": "0",
+        "TYPING_PRESENCE": "false",
+    }
+    base.update({k.upper(): str(v) for k, v in env.items()})
+    return load_settings(base, dotenv_file=None)
+
+
+def chain_of(settings: Settings, *providers: Provider) -> ProviderChain:
+    return ProviderChain(list(providers), polite_text=texts_for(settings.language).polite_error,
+                         timeout=settings.llm_timeout)
+
+
+@asynccontextmanager
+async def running_service(settings: Settings, *providers: Provider, chain: Any = None) -> AsyncIterator[Service]:
+    """A started Service (no HTTP) whose chain uses ``providers`` (the configured chain if none)."""
+    if chain is None and providers:
+        chain = chain_of(settings, *providers)
+    service = Service(settings, chain=chain)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(service.run)
+        try:
+            yield service
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+async def wait_for(condition, *, timeout: float = 10.0, interval: float = 0.005) -> None:  # type: ignore[no-untyped-def]
+    """Poll ``condition()`` until true; fail the test after ``timeout`` seconds."""
+    with trio.move_on_after(timeout):
+        while not condition():
+            await trio.sleep(interval)
+        return
+    pytest.fail(f"condition not met within {timeout}s")

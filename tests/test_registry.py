@@ -1,0 +1,209 @@
+"""The actor runtime on its own: spawn on first use, order, isolation, supervision, expiry."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import pytest
+import trio
+import trio.testing
+
+from runtime.clock import Clock
+from runtime.mailbox import Mailbox, MailboxClosed, MailboxFull
+from runtime.registry import Registry, ShuttingDown
+
+
+class Recorder:
+    """A test actor: records what it handles; a message "crash" raises, "hang" waits for ``release``."""
+
+    def __init__(self, key: str, log: list[tuple[str, Any]], release: trio.Event) -> None:
+        self.key = key
+        self.log = log
+        self.release = release
+        self.handled: list[Any] = []
+        self.crashed: list[Any] = []
+        self.expired = False
+
+    async def activate(self) -> None:
+        self.log.append((self.key, "activate"))
+
+    def batch_delay(self, first: Any) -> float:
+        return 0.0
+
+    async def handle(self, batch: Sequence[Any]) -> None:
+        for message in batch:
+            if message == "crash":
+                raise ValueError("boom")
+            if message == "hang":
+                await self.release.wait()
+            await trio.sleep(0)
+            self.handled.append(message)
+            self.log.append((self.key, message))
+
+    async def on_crash(self, batch: Sequence[Any], error: BaseException) -> None:
+        self.crashed.extend(batch)
+
+    async def on_expire(self) -> None:
+        self.expired = True
+
+    def snapshot(self) -> Any:
+        return {"handled": len(self.handled)}
+
+
+def make_registry(**kw: Any) -> tuple[Registry[Any], dict[str, Recorder], list[tuple[str, Any]], trio.Event]:
+    actors: dict[str, Recorder] = {}
+    log: list[tuple[str, Any]] = []
+    release = trio.Event()
+
+    def factory(key: str) -> Recorder:
+        actors[key] = Recorder(key, log, release)
+        return actors[key]
+
+    options = dict(mailbox_size=100, idle_ttl=86400.0, intensity=3, period=60.0)
+    options.update(kw)
+    return Registry(factory, clock=Clock(), **options), actors, log, release
+
+
+async def wait_until(condition: Any) -> None:
+    while not condition():
+        await trio.sleep(0.001)
+
+
+def test_mailbox_bounded_and_closable() -> None:
+    box: Mailbox[int] = Mailbox(2)
+    box.put_nowait(1)
+    box.reserve()
+    with pytest.raises(MailboxFull):
+        box.put_nowait(2)
+    box.put_nowait(3, reserved=True)
+    assert box.take_all() == [1, 3]
+    assert box.close() == []
+    with pytest.raises(MailboxClosed):
+        box.put_nowait(4)
+
+
+async def test_spawn_on_first_message_and_strict_order(nursery: trio.Nursery) -> None:
+    registry, actors, log, _ = make_registry(mailbox_size=200)
+    await nursery.start(registry.run)
+    for i in range(200):
+        registry.deliver("a", i)
+    await wait_until(lambda: len(actors["a"].handled) == 200)
+    assert actors["a"].handled == list(range(200))
+    assert log[0] == ("a", "activate")
+    assert registry.statistics().spawned == 1
+
+
+async def test_one_hanging_actor_does_not_delay_others(nursery: trio.Nursery) -> None:
+    registry, actors, _, release = make_registry()
+    await nursery.start(registry.run)
+    registry.deliver("slow", "hang")
+    for i in range(100):
+        registry.deliver(f"k{i}", "hello")
+    await wait_until(lambda: all(f"k{i}" in actors and actors[f"k{i}"].handled == ["hello"] for i in range(100)))
+    assert actors["slow"].handled == []
+    assert registry.actor_statistics("slow").status == "running"
+    release.set()
+    await wait_until(lambda: actors["slow"].handled == ["hang"])
+
+
+async def test_full_mailbox_refuses(nursery: trio.Nursery) -> None:
+    registry, actors, _, release = make_registry(mailbox_size=3)
+    await nursery.start(registry.run)
+    registry.deliver("a", "hang")           # taken by the running task
+    await wait_until(lambda: registry.actor_statistics("a").mailbox_depth == 0)
+    for i in range(3):
+        registry.deliver("a", i)
+    assert not registry.has_room("a")
+    with pytest.raises(MailboxFull):
+        registry.deliver("a", 99)
+    release.set()
+    await wait_until(lambda: actors["a"].handled == ["hang", 0, 1, 2])
+
+
+async def test_crash_is_answered_and_actor_keeps_going(nursery: trio.Nursery) -> None:
+    registry, actors, _, _ = make_registry(intensity=3, period=60.0)
+    await nursery.start(registry.run)
+    for message in (1, "crash", 2):
+        registry.deliver("a", message)
+    registry.deliver("b", "x")
+    await wait_until(lambda: actors["a"].handled == [1, 2] and actors["b"].handled == ["x"])
+    assert actors["a"].crashed == ["crash"]
+    stats = registry.actor_statistics("a")
+    assert stats.crashes == 1 and stats.status == "idle" and "boom" in stats.last_error
+
+
+async def test_crash_loop_stops_at_intensity(nursery: trio.Nursery) -> None:
+    registry, actors, _, _ = make_registry(intensity=2, period=60.0)
+    await nursery.start(registry.run)
+    for _ in range(5):
+        registry.deliver("a", "crash")
+    registry.deliver("a", "after")
+    await wait_until(lambda: len(actors["a"].crashed) == 6)
+    # 3 crashes stop the actor (more than 2 in 60 s); the rest is answered without running the turn.
+    assert registry.actor_statistics("a").crashes == 3
+    assert registry.actor_statistics("a").status == "failed"
+    assert actors["a"].handled == []
+    assert registry.statistics().failed_actors == 1
+
+
+async def test_failed_actor_restarts_after_period(autojump_clock: trio.testing.MockClock) -> None:
+    registry, actors, _, _ = make_registry(intensity=0, period=10.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(registry.run)
+        registry.deliver("a", "crash")
+        await wait_until(lambda: actors["a"].crashed == ["crash"])
+        assert registry.actor_statistics("a").status == "failed"
+        await trio.sleep(11)
+        registry.deliver("a", "ok")
+        await wait_until(lambda: actors["a"].handled == ["ok"])
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(("idle", "gone"), [(24 * 3600, True), (24 * 3600 - 60, False)])
+async def test_idle_expiry_under_mock_clock(idle: float, gone: bool, autojump_clock: trio.testing.MockClock) -> None:
+    registry, actors, _, _ = make_registry(idle_ttl=86400.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(registry.run)
+        registry.deliver("a", "hi")
+        await wait_until(lambda: actors["a"].handled == ["hi"])
+        await trio.sleep(idle)
+        await registry.sweep()
+        assert ("a" not in registry) is gone
+        assert actors["a"].expired is gone
+        nursery.cancel_scope.cancel()
+
+
+async def test_message_in_between_resets_the_idle_clock(autojump_clock: trio.testing.MockClock) -> None:
+    registry, actors, _, _ = make_registry(idle_ttl=86400.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(registry.run)
+        registry.deliver("a", 1)
+        await trio.sleep(20 * 3600)
+        registry.deliver("a", 2)
+        await trio.sleep(20 * 3600)       # 40 h since the first message, 20 h since the last
+        assert "a" in registry            # the sweeper ran many times meanwhile (every 60 s)
+        await trio.sleep(4 * 3600 + 61)   # now over 24 h idle: the sweeper finds it within a minute
+        assert "a" not in registry
+        assert actors["a"].handled == [1, 2]
+        nursery.cancel_scope.cancel()
+
+
+async def test_drain_stops_intake_and_waits_for_turns(nursery: trio.Nursery) -> None:
+    registry, actors, _, release = make_registry()
+    await nursery.start(registry.run)
+    registry.deliver("a", "hang")
+    registry.deliver("a", "next")
+    drained = trio.Event()
+
+    async def drain() -> None:
+        await registry.drain()
+        drained.set()
+
+    nursery.start_soon(drain)
+    await wait_until(lambda: not registry.has_room("b"))
+    with pytest.raises(ShuttingDown):
+        registry.deliver("b", "x")
+    assert not drained.is_set()
+    release.set()
+    await drained.wait()
+    assert actors["a"].handled == ["hang", "next"]
