@@ -7,6 +7,7 @@ Secrets (``metadata={"secret": True}``) are never read from ``config.toml`` and 
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Mapping
@@ -149,6 +150,10 @@ class Settings:
         return view
 
 
+# An unquoted value's comment: a "#" at its start or after a space, followed by a space or the end.
+_INLINE_COMMENT = re.compile(r"(?:^|\s)#(?:\s.*)?$")
+
+
 def read_dotenv(path: Path) -> dict[str, str]:
     """Parse a ``.env`` file: ``KEY=value`` lines, ``#`` comments, optional quotes, ``export``."""
     values: dict[str, str] = {}
@@ -163,10 +168,10 @@ def read_dotenv(path: Path) -> dict[str, str]:
         if not sep or not key.isidentifier():
             raise ConfigError(f"{path}:{number}: expected KEY=value")
         value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
-            value = value[1:-1]
-        elif " #" in value:
-            value = value.split(" #", 1)[0].rstrip()
+        if value[:1] in ("'", '"') and value.find(value[0], 1) > 0:
+            value = value[1 : value.find(value[0], 1)]
+        else:
+            value = _INLINE_COMMENT.sub("", value).strip()
         values[key] = value
     return values
 

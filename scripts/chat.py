@@ -1,0 +1,111 @@
+#!/usr/bin/env python3
+"""Talk to the running service as a WhatsApp customer, in the terminal.
+
+Each line you type is POSTed to /webhook as a real Evolution API ``messages.upsert`` payload;
+the bot's replies are read back from the local outbox (``/outbox``, the embedded default when
+EVOLUTION_API_URL is unset). Commands: ``/state`` shows the conversation state, ``/quit`` exits.
+
+    python scripts/chat.py [--url http://127.0.0.1:5000] [--phone 5491131376731] [--name Juan]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import httpx
+
+
+def payload(jid: str, text: str, name: str, message_id: str) -> dict[str, Any]:
+    return {
+        "event": "messages.upsert",
+        "instance": "chat-console",
+        "data": {
+            "key": {"remoteJid": jid, "fromMe": False, "id": message_id},
+            "pushName": name,
+            "message": {"conversation": text},
+            "messageType": "conversation",
+            "messageTimestamp": int(time.time()),
+        },
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default=os.environ.get("AGENT_URL", f"http://127.0.0.1:{os.environ.get('PORT', '5000')}"))
+    parser.add_argument("--phone", default="5491131376731", help="the customer's phone digits")
+    parser.add_argument("--name", default="Juan", help="the customer's WhatsApp name (pushName)")
+    parser.add_argument("--wait", type=float, default=30.0, help="seconds to wait for a turn to finish")
+    args = parser.parse_args()
+
+    jid = f"{args.phone}@s.whatsapp.net"
+    headers = {"Authorization": f"Bearer {os.environ['ADMIN_TOKEN']}"} if os.environ.get("ADMIN_TOKEN") else {}
+    if os.environ.get("WEBHOOK_SECRET"):
+        headers["x-webhook-token"] = os.environ["WEBHOOK_SECRET"]
+    client = httpx.Client(base_url=args.url, headers=headers, timeout=10.0)
+    try:
+        client.get("/health").raise_for_status()
+    except httpx.HTTPError as exc:
+        print(f"The service is not reachable at {args.url}: {exc}", file=sys.stderr)
+        return 1
+
+    def counters() -> tuple[int, int]:
+        """(messages handled, replies sent) of this chat's conversation."""
+        response = client.get(f"/actors/{jid}")
+        if response.status_code == 404:
+            return 0, 0
+        response.raise_for_status()
+        state = response.json()["state"]
+        return int(state["messages_in"]), int(state["replies_out"])
+
+    def outbox_after(seq: int) -> list[dict[str, Any]]:
+        response = client.get("/outbox", params={"jid": jid, "after": seq})
+        response.raise_for_status()
+        return response.json()
+
+    last_seq = max((e["seq"] for e in outbox_after(0)), default=0)
+    ids = (f"CHAT{int(time.time())}{n:06d}" for n in itertools.count())
+    print(f"Chatting as {args.name} ({jid}) with {args.url}. /state shows the conversation, /quit exits.")
+    while True:
+        try:
+            text = input("tú> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if not text:
+            continue
+        if text == "/quit":
+            return 0
+        if text == "/state":
+            print(json.dumps(client.get(f"/actors/{jid}").json(), ensure_ascii=False, indent=2))
+            continue
+        handled, replied = counters()
+        response = client.post("/webhook", json=payload(jid, text, args.name, next(ids)))
+        if response.status_code != 200 or response.json().get("status") != "accepted":
+            print(f"[webhook answered {response.status_code}: {response.text}]")
+            continue
+        deadline = time.monotonic() + args.wait
+        while (now := counters())[0] <= handled and time.monotonic() < deadline:
+            time.sleep(0.1)
+        expected = now[1] - replied
+        entries: list[dict[str, Any]] = []
+        while len(entries) < expected and time.monotonic() < deadline:
+            entries = outbox_after(last_seq)
+            if len(entries) < expected:
+                time.sleep(0.1)
+        for entry in entries:
+            print(f"bot> {entry['text']}")
+            last_seq = entry["seq"]
+        if now[0] <= handled:
+            print(f"[no answer within {args.wait:.0f}s]")
+        elif not expected:
+            print("[no reply: the conversation is finished after the booking link (a generic message)]")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
