@@ -66,7 +66,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
         configure_logging(
             log_dir=settings.log_dir, log_file=settings.log_file, level=settings.log_level,
             max_bytes=settings.log_max_bytes, backup_count=settings.log_backup_count,
-            json_lines=settings.log_json, secrets=settings.secret_values(),
+            json_lines=settings.log_json, secrets=settings.secret_values(), stderr=settings.log_stderr,
         )
         await app.nursery.start(svc.run)
 

@@ -47,6 +47,7 @@ class Settings:
     log_max_bytes: int
     log_backup_count: int
     log_json: bool
+    log_stderr: bool
     # conversation
     max_messages: int
     mailbox_size: int
@@ -263,7 +264,10 @@ def load_settings(
             defaults.update(value)
         else:
             defaults[key] = value
-    dotenv = read_dotenv(dotenv_file) if dotenv_file is not None and dotenv_file.exists() else {}
+    try:
+        dotenv = read_dotenv(dotenv_file) if dotenv_file is not None and dotenv_file.exists() else {}
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f".env file {dotenv_file}: cannot be read ({exc.__class__.__name__})") from None
 
     fields = {f.name: f for f in attrs.fields(Settings)}
     for key in defaults:
