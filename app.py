@@ -21,7 +21,8 @@ from actors.jid import is_chat_jid
 from actors.service import Service
 from actors.settings import ConfigError, Settings, load_settings
 from actors.state import seed_messages
-from runtime.logs import add_secret, configure_logging
+from runtime.logs import configure_logging
+from runtime.registry import MailboxFull, ShuttingDown
 
 LOOPBACK = {"127.0.0.1", "::1", "localhost", "<local>"}
 MAX_JSON_DEPTH = 32
@@ -194,6 +195,26 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
             "window_size": len(state.get("window", [])),
             "messages": seed_messages(state.get("window", [])),
         }})
+
+    @app.post("/actors/<path:jid>/<command>")
+    @admin
+    async def actor_command(jid: str, command: str) -> Response:
+        if command not in ("pause", "resume", "reset"):
+            return _error(404, "unknown command (pause, resume or reset)")
+        if (bad := chat_jid(jid)) is not None:
+            return bad
+        if await svc.conversation_state(jid) is None:
+            return _error(404, "no conversation for this JID")
+        try:
+            applied = await svc.control(jid, command)
+        except (MailboxFull, ShuttingDown):
+            return _error(503, "the chat's mailbox is full or the service is stopping", **{"Retry-After": "5"})
+        if not applied:
+            return _json({"status": "queued", "command": command}, 202)
+        found = await svc.conversation_state(jid)
+        state = found[0] if found is not None else {}
+        return _json({"status": "applied", "command": command, "paused_until": state.get("paused_until"),
+                      "window_size": len(state.get("window", [])), "booking_sent": state.get("booking_sent")})
 
     @app.get("/supervisors")
     @admin

@@ -1,8 +1,9 @@
-"""The conversation actor: one per chat JID, owning its window, booking flag and lead info.
+"""The conversation actor: one per chat, owning its window, booking flag, lead info and pause state.
 
 One turn (SPEC §1.4): window += user message → finished-conversation rule → prompt →
 ProviderChain.ask → booking JSON or text → outbound (per-JID FIFO) → window += reply →
-truncate → one store commit that saves the state, acks the inbox row and writes the outbox rows.
+truncate → one store commit that saves the state, acks the inbox rows and writes the outbox rows.
+Replies are handed to the outbound supervisor only after that commit, in turn order.
 """
 
 from __future__ import annotations
@@ -11,13 +12,14 @@ import logging
 from typing import Any, Protocol, Sequence
 
 import attrs
+import trio
 
 from runtime.clock import Clock
 from runtime.store import Store
 
 from .booking import BookingAction, parse_answer
 from .crm import LeadRequest
-from .generic import is_generic_message
+from .generic import is_generic_message, normalise
 from .inbound import InboundMessage
 from .jid import phone_of
 from .llm.base import ChatMessage, Prompt
@@ -28,14 +30,27 @@ from .settings import Settings
 from .state import ASSISTANT, USER, ConversationState, LeadInfo, WindowEntry, seed_messages
 
 log = logging.getLogger("python-agent")
+SENT_IDS_KEPT = 50
 
 
 @attrs.frozen
 class Accepted:
-    """A message the store accepted (``seq`` is its inbox row) on its way to the actor."""
+    """A message the store accepted (``seq`` is its inbox row); ``arrived`` is trio time at intake."""
 
     seq: int
     message: InboundMessage
+    arrived: float = 0.0
+
+
+@attrs.define
+class Control:
+    """An admin command (pause | resume | reset), ordered with the chat's messages in its mailbox."""
+
+    command: str
+    done: trio.Event = attrs.Factory(trio.Event)
+
+
+Mail = Accepted | Control
 
 
 class Asker(Protocol):
@@ -72,12 +87,12 @@ class ConversationSnapshot:
     jid: str
     window_size: int
     booking_sent: bool
+    paused_until: float
     lead: dict[str, Any]
     messages_in: int
     replies_out: int
     ignored: int
     crashes: int
-    paused_until: float
     messages: list[dict[str, Any]]
 
 
@@ -86,12 +101,18 @@ def _trim(text: str, limit: int = 200) -> str:
 
 
 class ConversationActor:
-    """Handles one chat's messages strictly in order (the runtime guarantees one turn at a time)."""
+    """Handles one chat's mail strictly in order (the runtime guarantees one batch at a time)."""
 
     def __init__(self, jid: str, context: ConversationContext) -> None:
         self.jid = jid
         self._ctx = context
         self.state = ConversationState()
+        self._outbox: list[tuple[str, dict[str, Any]]] = []
+        self._acked: list[int] = []
+        self._crm: LeadRequest | None = None
+        self._unit: list[Mail] | None = None         # the unit (turn or control) being handled
+        self._unreached: list[Mail] = []             # the rest of the batch, for a crash
+        self._before: ConversationState | None = None  # the state before the unit, for a crash
 
     # -- runtime hooks -------------------------------------------------------------------------
 
@@ -103,27 +124,83 @@ class ConversationActor:
         else:
             log.debug("get_memory called for user_id=%s (new conversation)", self.jid)
 
-    def batch_delay(self, first: Accepted) -> float:
-        return 0.0
+    def batch_delay(self, first: Mail) -> float:
+        """Hold a customer message until DEBOUNCE_SECONDS (or the reorder delay) after it arrived."""
+        if not isinstance(first, Accepted) or first.message.from_me:
+            return 0.0
+        settings = self._ctx.settings
+        hold = settings.debounce_seconds or settings.reorder_delay_seconds
+        return max(0.0, first.arrived + hold - trio.current_time()) if hold else 0.0
 
-    async def handle(self, batch: Sequence[Accepted]) -> None:
-        for item in sorted(batch, key=lambda a: (a.message.timestamp, a.seq)):
-            await self._turn(item)
+    async def handle(self, batch: Sequence[Mail]) -> None:
+        """Work through the batch unit by unit (a turn or a control), each committed on its own.
 
-    async def on_crash(self, batch: Sequence[Accepted], error: BaseException) -> None:
-        """Answer each message of a failed turn with the polite text; the window keeps the exchange."""
+        Customer messages are ordered by messageTimestamp (then arrival); with DEBOUNCE_SECONDS a
+        run of them is one merged turn; controls keep their place.
+        """
+        units: list[list[Mail]] = []
+        run: list[Accepted] = []
+        for item in [*batch, None]:
+            if isinstance(item, Accepted):
+                run.append(item)
+                continue
+            if run:
+                run.sort(key=lambda a: (a.message.timestamp, a.seq))
+                merge = self._ctx.settings.debounce_seconds > 0
+                units.extend([list(run)] if merge else [[m] for m in run])
+                run = []
+            if isinstance(item, Control):
+                units.append([item])
+        for index, unit in enumerate(units):
+            self._unit = unit
+            self._unreached = [m for later in units[index + 1:] for m in later]
+            self._before = self.state.copy()
+            await self._handle_unit(unit)
+        self._unit, self._unreached, self._before = None, [], None
+
+    async def _handle_unit(self, unit: list[Mail]) -> None:
+        self._outbox, self._acked, self._crm = [], [], None
+        first = unit[0]
+        if isinstance(first, Control):
+            await self._control(first)
+            return
+        items = [m for m in unit if isinstance(m, Accepted)]
+        customer = []
+        for item in items:
+            if item.message.from_me:
+                self._operator_message(item)
+            else:
+                customer.append(item)
+        if customer:
+            await self._turn(customer)
+        await self._commit()
+
+    async def on_crash(self, batch: Sequence[Mail], error: BaseException) -> Sequence[Mail]:
+        """Roll the state back to before the failing turn, answer its messages with the polite text,
+        and hand back the messages of the batch it never reached (the runtime re-queues them)."""
+        failing = self._unit if self._unit is not None else list(batch)
+        unreached = self._unreached if self._unit is not None else []
+        if self._before is not None:
+            self.state = self._before
+        self._unit, self._unreached, self._before = None, [], None
+        self._outbox, self._acked, self._crm = [], [], None
         state = self.state
         state.crashes += 1
         state.last_activity = self._ctx.clock.now()
-        outbox = []
-        for item in batch:
-            now = self._ctx.clock.now()
-            state.window.append(WindowEntry(USER, item.message.text, now))
-            state.window.append(WindowEntry(ASSISTANT, self._ctx.texts.polite_error, now))
-            outbox.append(self._reply_row(item.message, self._ctx.texts.polite_error))
+        for item in failing:
+            if isinstance(item, Control):
+                item.done.set()
+                continue
+            message = item.message
+            self._acked.append(item.seq)
+            if message.from_me:
+                continue
+            state.messages_in += 1
+            state.window.append(WindowEntry(USER, message.text, state.last_activity))
+            self._reply(message, self._ctx.texts.polite_error)
             log.info("[RESPUESTA]: %s", self._ctx.texts.polite_error)
-        self._truncate()
-        await self._commit([item.seq for item in batch], outbox, [item.message for item in batch])
+        await self._commit()
+        return unreached
 
     async def on_expire(self) -> None:
         await self._ctx.store.delete(self.jid)
@@ -134,72 +211,153 @@ class ConversationActor:
             jid=self.jid,
             window_size=len(s.window),
             booking_sent=s.booking_sent,
+            paused_until=s.paused_until,
             lead=attrs.asdict(s.lead),
             messages_in=s.messages_in,
             replies_out=s.replies_out,
             ignored=s.ignored,
             crashes=s.crashes,
-            paused_until=s.paused_until,
-            messages=[dict(m, at=e.at) for m, e in zip(seed_messages(s.window), s.window)],
+            messages=[dict(m, at=e.at, human=e.human) for m, e in zip(seed_messages(s.window), s.window)],
         )
 
-    # -- the turn ------------------------------------------------------------------------------
+    # -- callbacks from the supervisors ----------------------------------------------------------
 
-    async def _turn(self, item: Accepted) -> None:
-        message = item.message
-        ctx = self._ctx
-        state = self.state
-        text = message.text
-        log.info("Processing message from %s: %s", self.jid, _trim(text))
-        self._remember_customer(message)
+    def set_lead_id(self, lead_id: int) -> None:
+        """Record the CRM lead created for this chat."""
+        self.state.lead.lead_id = lead_id
 
+    def note_sent(self, message_id: str) -> None:
+        """Remember the id Evolution gave one of our sends (a later fromMe echo is not a human)."""
+        ids = self.state.sent_ids
+        ids.append(message_id)
+        del ids[:-SENT_IDS_KEPT]
+
+    # -- one batch -------------------------------------------------------------------------------
+
+    def _operator_message(self, item: Accepted) -> None:
+        """A fromMe message: our own echo (ignored), the hand-back keyword, or a human taking over."""
+        ctx, state, message = self._ctx, self.state, item.message
+        self._acked.append(item.seq)
+        if message.message_id in state.sent_ids:
+            return
+        now = ctx.clock.now()
+        if message.text.strip().lower() == ctx.settings.takeover_keyword.lower():
+            state.paused_until = 0.0
+            log.info("[TAKEOVER] Operator handed %s back to the bot", self.jid)
+            return
+        state.paused_until = now + ctx.settings.human_takeover_minutes * 60
+        state.last_activity = now
+        if message.text:
+            state.window.append(WindowEntry(ASSISTANT, message.text, now, human=True))
+            self._truncate()
+        log.info("[TAKEOVER] A person answered %s from the phone: the bot is silent for %.0f min",
+                 self.jid, ctx.settings.human_takeover_minutes)
+
+    async def _turn(self, items: list[Accepted]) -> None:
+        ctx, state = self._ctx, self.state
+        now = ctx.clock.now()
+        for item in items:
+            message = item.message
+            log.info("Processing message from %s: %s", self.jid, _trim(message.text))
+            self._remember_customer(message)
+            self._acked.append(item.seq)
+            state.messages_in += 1
+            state.last_activity = now
+            state.window.append(WindowEntry(USER, message.text, now))
+        last = items[-1].message
+        text = "\n".join(i.message.text for i in items)
+
+        if state.paused_until > now:
+            log.info("[TAKEOVER] %s is handled by a person: no reply", self.jid)
+            return self._silent(len(items))
+        if self._is_reset(text):
+            state.window.clear()
+            state.booking_sent = False
+            log.info("Conversation reset by the customer: %s", self.jid)
+            return self._reply(last, ctx.texts.reset_done)
+        if all(i.message.kind == "media" for i in items):
+            reply = self._unknown_message_text()
+            return self._reply(last, reply) if reply else self._silent(len(items))
         if state.booking_sent:
             if is_generic_message(text):
                 log.info("[BOOKING] Conversación finalizada. Mensaje genérico ignorado: %s", _trim(text))
                 log.info("[BOOKING] No se envía respuesta - conversación finalizada")
-                state.messages_in += 1
-                state.ignored += 1
-                state.last_activity = ctx.clock.now()
-                state.window.append(WindowEntry(USER, text, state.last_activity))
-                self._truncate()
-                await self._commit([item.seq], [], [])
-                return
+                return self._silent(len(items))
             log.info("[BOOKING] Nueva pregunta después del link, continuando conversación: %s", _trim(text))
+            state.booking_sent = False
+        if self._flooded(now):
+            return self._silent(len(items))
 
-        history = [ChatMessage(e.role, e.content) for e in state.window[-(ctx.settings.max_messages - 1):]]
-        history.append(ChatMessage(USER, self._model_text(message)))
-        prompt = Prompt(system=ctx.texts.agent_instruction, messages=tuple(history))
-        answer = await ctx.chain.ask(prompt)
+        answer = await self._ask(items)
         log.info("[RESPUESTA DEL LLM]: %s", _trim(answer.text))
-
         action = parse_answer(answer.text) if not answer.failed else answer.text
-        booking = isinstance(action, BookingAction)
-        reply = self._booking_reply(action) if isinstance(action, BookingAction) else action
+        if isinstance(action, BookingAction):
+            self._reply(last, self._booking_reply(action))
+            if ctx.settings.google_booking_url:
+                state.booking_sent = True
+                log.info("[BOOKING] Conversación marcada como completada para user_id=%s", self.jid)
+                self._crm = self._lead_request(action)
+        else:
+            self._reply(last, action)
 
-        # Everything below mutates the state with no await in between, then commits it whole.
-        now = ctx.clock.now()
-        state.messages_in += 1
-        state.replies_out += 1
-        state.last_activity = now
-        state.booking_sent = booking and bool(ctx.settings.google_booking_url)
-        state.window.append(WindowEntry(USER, text, now))
-        state.window.append(WindowEntry(ASSISTANT, reply, now))
+    async def _ask(self, items: list[Accepted]) -> Answer:
+        """The prompt holds at most MAX_MESSAGES history messages; the new text is last, verbatim."""
+        ctx = self._ctx
+        limit = ctx.settings.max_messages
+        history = [ChatMessage(e.role, e.content) for e in self.state.window[-limit:]]
+        history[-1] = ChatMessage(USER, self._model_text(items))
+        for index in range(len(items) - 1):  # merged turn: the earlier texts are one user message
+            history.pop(-2)
+        history = history[-limit:]
+        prompt = Prompt(system=ctx.texts.agent_instruction, messages=tuple(history))
+        last = items[-1].message
+        if ctx.settings.typing_presence:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ctx.outbound.typing, last.jid, last.instances)
+                answer = await ctx.chain.ask(prompt)
+            return answer
+        return await ctx.chain.ask(prompt)
+
+    def _model_text(self, items: list[Accepted]) -> str:
+        """The customers' text(s) verbatim; a quoted message or a group sender's name as context."""
+        parts = []
+        for item in items:
+            message = item.message
+            text = message.text
+            if message.jid.endswith("@g.us") and message.push_name:
+                text = f"{message.push_name}: {text}"
+            if message.quoted_text:
+                text = f"[En respuesta a: \"{_trim(message.quoted_text, 500)}\"]\n{text}"
+            parts.append(text)
+        return "\n".join(parts)
+
+    def _is_reset(self, text: str) -> bool:
+        normal = normalise(text)
+        return bool(normal) and normal in {normalise(k) for k in self._ctx.settings.reset_keywords}
+
+    def _unknown_message_text(self) -> str:
+        configured = self._ctx.settings.unknown_message_text
+        return self._ctx.texts.unknown_message if configured == "default" else configured
+
+    def _flooded(self, now: float) -> bool:
+        """At most FLOOD_MAX_PER_MINUTE LLM calls per minute; one notice per minute beyond that."""
+        limit = self._ctx.settings.flood_max_per_minute
+        if not limit:
+            return False
+        calls = self.state.llm_calls
+        calls[:] = [t for t in calls if now - t < 60.0]
+        if len(calls) < limit:
+            calls.append(now)
+            return False
+        log.warning("Flood control: %s sent more than %d messages in a minute; not sent to the LLM", self.jid, limit)
+        if now - self.state.flood_noticed_at >= 60.0:
+            self.state.flood_noticed_at = now
+            self._reply_text(self._ctx.texts.flood_notice, self.jid, ())
+        return True
+
+    def _silent(self, count: int) -> None:
+        self.state.ignored += count
         self._truncate()
-        outbox = [self._reply_row(message, reply)]
-        crm_request = self._lead_request(action) if booking else None
-        if crm_request is not None:
-            outbox.append(("crm", _lead_payload(crm_request)))
-        if state.booking_sent:
-            log.info("[BOOKING] Conversación marcada como completada para user_id=%s", self.jid)
-        ids = await self._commit([item.seq], outbox, [message])
-        if crm_request is not None and ctx.crm is not None:
-            ctx.crm.submit(attrs.evolve(crm_request, job_id=ids[-1]))
-
-    def _model_text(self, message: InboundMessage) -> str:
-        """The customer's text verbatim; a quoted message is given as context before it."""
-        if message.quoted_text:
-            return f"[En respuesta a: \"{_trim(message.quoted_text, 500)}\"]\n{message.text}"
-        return message.text
 
     def _booking_reply(self, action: BookingAction) -> str:
         ctx = self._ctx
@@ -227,18 +385,41 @@ class ConversationActor:
 
     def _remember_customer(self, message: InboundMessage) -> None:
         lead: LeadInfo = self.state.lead
-        if message.push_name and not lead.nombre:
+        if message.push_name and not lead.nombre and not message.jid.endswith("@g.us"):
             lead.nombre = message.push_name
         if not lead.telefono:
-            lead.telefono = phone_of(self.jid) or phone_of(message.alt_jid) or ""
+            lead.telefono = phone_of(message.jid) or phone_of(message.alt_jid) or ""
         if message.alt_jid and not lead.alt_jid:
             lead.alt_jid = message.alt_jid
 
-    def set_lead_id(self, lead_id: int) -> None:
-        """Record the CRM lead created for this chat (called by the CRM supervisor's callback)."""
-        self.state.lead.lead_id = lead_id
+    # -- control -----------------------------------------------------------------------------------
 
-    # -- helpers -------------------------------------------------------------------------------
+    async def _control(self, control: Control) -> None:
+        state = self.state
+        if control.command == "pause":
+            state.paused_until = self._ctx.clock.now() + self._ctx.settings.human_takeover_minutes * 60
+        elif control.command == "resume":
+            state.paused_until = 0.0
+        elif control.command == "reset":
+            state.window.clear()
+            state.booking_sent = False
+            state.paused_until = 0.0
+        else:
+            raise ValueError(f"unknown control command {control.command!r}")
+        log.info("Admin %s for %s", control.command, self.jid)
+        await self._commit()
+        control.done.set()
+
+    # -- effects -----------------------------------------------------------------------------------
+
+    def _reply(self, message: InboundMessage, text: str) -> None:
+        self.state.replies_out += 1
+        self.state.window.append(WindowEntry(ASSISTANT, text, self._ctx.clock.now()))
+        self._truncate()
+        self._reply_text(text, message.jid, message.instances)
+
+    def _reply_text(self, text: str, jid: str, instances: tuple[str, ...]) -> None:
+        self._outbox.append(("reply", {"jid": jid, "text": text, "instances": list(instances)}))
 
     def _truncate(self) -> None:
         window = self.state.window
@@ -248,23 +429,19 @@ class ConversationActor:
             del window[: before - limit]
             log.info("Truncated memory: %d → %d messages", before, limit)
 
-    def _reply_row(self, message: InboundMessage, text: str) -> tuple[str, dict[str, Any]]:
-        return "reply", {"jid": self.jid, "text": text, "instances": list(message.instances)}
-
-    async def _commit(
-        self,
-        acked: list[int],
-        outbox: list[tuple[str, dict[str, Any]]],
-        messages: list[InboundMessage],
-    ) -> list[int]:
-        ids = await self._ctx.store.commit(self.jid, self.state.to_dict(), acked=acked, outbox=outbox)
+    async def _commit(self) -> None:
+        """One store transaction for the batch; then the replies (in order) and the CRM job go out."""
+        ctx = self._ctx
+        outbox = list(self._outbox)
+        crm = self._crm
+        if crm is not None:
+            outbox.append(("crm", attrs.asdict(crm)))
+        ids = await ctx.store.commit(self.jid, self.state.to_dict(), acked=self._acked, outbox=outbox)
+        self._outbox, self._acked, self._crm = [], [], None
         for (kind, payload), row_id in zip(outbox, ids):
             if kind == "reply":
-                self._ctx.outbound.submit(OutboundMessage(
+                ctx.outbound.submit(OutboundMessage(
                     jid=payload["jid"], text=payload["text"], instances=tuple(payload["instances"]), outbox_id=row_id,
                 ))
-        return ids
-
-
-def _lead_payload(request: LeadRequest) -> dict[str, Any]:
-    return attrs.asdict(request)
+            elif kind == "crm" and crm is not None and ctx.crm is not None:
+                ctx.crm.submit(attrs.evolve(crm, job_id=row_id))

@@ -147,7 +147,8 @@ class KrayinClient:
         return await self._request("POST", "/leads", json=payload)
 
     async def update_stage(self, lead_id: int, stage_id: int) -> dict[str, Any]:
-        return await self._request("PUT", f"/leads/stage/edit/{int(lead_id)}", json={"lead_pipeline_stage_id": stage_id})
+        return await self._request("PUT", f"/leads/stage/edit/{int(lead_id)}",
+                                   json={"lead_pipeline_stage_id": stage_id})
 
     async def add_note(self, lead_id: int, comment: str) -> dict[str, Any]:
         return await self._request("POST", "/activities", json={"type": "note", "comment": comment, "lead_id": lead_id})
@@ -169,7 +170,8 @@ class KrayinClient:
         except ValueError:
             body = response.text[:300]
         if not 200 <= response.status_code < 300:
-            raise KrayinError(response.status_code, f"{method} {path}: status={response.status_code}, error={_short(body)}",
+            raise KrayinError(response.status_code,
+                              f"{method} {path}: status={response.status_code}, error={_short(body)}",
                               body=body, retry_after=_retry_after(response))
         if not isinstance(body, dict):
             raise KrayinError(502, f"{method} {path}: unexpected answer {_short(body)}", body=body)
@@ -528,7 +530,7 @@ class CrmSupervisor:
         assert self._client is not None
         phone = self._phone(request)
         if phone:
-            person_id = await self._find_person(request, phone)
+            person_id = await self._find_person(request, phone, by_email=False)
             if person_id is not None:
                 log.info("[CRM] Persona existente encontrada - person_id=%s", person_id)
                 return person_id
@@ -551,14 +553,16 @@ class CrmSupervisor:
         log.info("[CRM] Persona creada exitosamente - person_id=%s", person_id)
         return person_id
 
-    async def _find_person(self, request: LeadRequest, phone: str | None) -> int | None:
-        """An existing person whose phone has exactly these digits, else whose email is ours."""
+    async def _find_person(self, request: LeadRequest, phone: str | None, *, by_email: bool = True) -> int | None:
+        """An existing person whose phone has exactly these digits, else (``by_email``) whose email is ours."""
         assert self._client is not None
         if phone:
             for person in await self._client.search_persons(phone, "contact_numbers"):
                 numbers = person.get("contact_numbers") or []
                 if any(isinstance(n, dict) and _digits(str(n.get("value", ""))) == phone for n in numbers):
                     return _id_of(person, "person")
+        if not by_email:
+            return None
         email = self._email(request, phone)
         for person in await self._client.search_persons(email, "emails"):
             emails = person.get("emails") or []

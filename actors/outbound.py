@@ -242,7 +242,6 @@ class OutboundSender:
     ) -> None:
         self._settings = settings
         self._local = not settings.evolution_api_url
-        self._http = http
         self._client: EvolutionClient | None = None
         if http is not None and not self._local:
             self._client = self._make_client(http)

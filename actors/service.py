@@ -17,7 +17,7 @@ from runtime.clock import Clock
 from runtime.registry import MailboxFull, Registry, ShuttingDown
 from runtime.store import MemoryStore, Store
 
-from .conversation import Accepted, ConversationActor, ConversationContext
+from .conversation import Accepted, Control, ConversationActor, ConversationContext
 from .crm import CrmSupervisor, LeadRequest
 from .evolution import Ignored, parse_webhook
 from .inbound import InboundMessage
@@ -65,6 +65,7 @@ class Service:
         self._cancel: trio.CancelScope | None = None
         self.received = 0
         self.ignored: dict[str, int] = {}
+        self._aliases: dict[str, str] = {}   # @lid ↔ phone JID of one chat → its actor key
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -135,7 +136,8 @@ class Service:
             elif row.kind == "crm":
                 self.crm.submit(attrs.evolve(LeadRequest(**row.payload), job_id=row.id))
         for irow in inbox:
-            self.registry.deliver(irow.key, Accepted(irow.seq, InboundMessage(**irow.payload)))
+            message = InboundMessage(**irow.payload)
+            self.registry.deliver(irow.key, Accepted(irow.seq, message, trio.current_time()), force=True)
         if outbox or inbox:
             log.info("Recovery: %d pending replies/jobs re-sent, %d accepted messages re-delivered", len(outbox), len(inbox))
 
@@ -147,30 +149,63 @@ class Service:
         if isinstance(message, Ignored):
             return self._ignore(message.reason)
         self.received += 1
-        if message.from_me:
-            return self._ignore("fromMe")
-        if message.kind == "media":
-            return self._ignore("no text")
+        if (reason := self._screen(message)) is not None:
+            return self._ignore(reason)
         registry = self.registry
         if registry is None or not self.ready:
             return IntakeResult(503, {"error": "starting up"}, retry_after=5)
+        key = self._actor_key(message)
         try:
-            registry.reserve(message.jid)
+            registry.reserve(key)
         except MailboxFull:
-            log.warning("Mailbox full for %s: answering 503", message.jid)
+            log.warning("Mailbox full for %s: answering 503", key)
             return IntakeResult(503, {"error": "mailbox full"}, retry_after=5)
         except ShuttingDown:
             return IntakeResult(503, {"error": "shutting down"}, retry_after=10)
         try:
-            seq = await self.store.accept(message.jid, f"{message.instance}:{message.message_id}", attrs.asdict(message))
+            seq = await self.store.accept(key, f"{message.instance}:{message.message_id}", attrs.asdict(message))
         except BaseException:
-            registry.release(message.jid)
+            registry.release(key)
             raise
         if seq is None:
-            registry.release(message.jid)
+            registry.release(key)
             return self._ignore("duplicate")
-        registry.deliver(message.jid, Accepted(seq, message), reserved=True)
-        return IntakeResult(200, {"status": "accepted", "jid": message.jid})
+        registry.deliver(key, Accepted(seq, message, trio.current_time()), reserved=True)
+        return IntakeResult(200, {"status": "accepted", "jid": key})
+
+    def _screen(self, message: InboundMessage) -> str | None:
+        """Why a well-formed message is not for the bot (ignore/allow lists, unreadable media), or None."""
+        settings = self.settings
+        names = {message.jid, message.alt_jid} - {""}
+        kinds = {"@" + message.jid.split("@", 1)[1]}
+        if names & set(settings.ignore_jids) or kinds & set(settings.ignore_jids):
+            return "ignore list"
+        if settings.allow_jids and not names & set(settings.allow_jids):
+            return "not in allow list"
+        if message.kind == "media" and not settings.unknown_message_text and not message.from_me:
+            return "no text"
+        return None
+
+    def _actor_key(self, message: InboundMessage) -> str:
+        """One actor per chat, whichever of its two forms (@lid or phone JID) a message uses."""
+        key = self._aliases.get(message.jid, message.jid)
+        if message.alt_jid and message.alt_jid != key:
+            known = self._aliases.get(message.alt_jid, message.alt_jid)
+            if self.registry is not None and known in self.registry:
+                key = known
+            self._aliases[message.jid] = key
+            self._aliases[message.alt_jid] = key
+        return key
+
+    async def control(self, jid: str, command: str, *, wait: float = 5.0) -> bool:
+        """Queue an admin command (pause | resume | reset) in the chat's mailbox, in order with its
+        messages; True once the actor applied it within ``wait`` seconds. Raises MailboxFull/ShuttingDown."""
+        assert self.registry is not None
+        order = Control(command)
+        self.registry.deliver(self._aliases.get(jid, jid), order)
+        with trio.move_on_after(wait):
+            await order.done.wait()
+        return order.done.is_set()
 
     def _ignore(self, reason: str) -> IntakeResult:
         self.ignored[reason] = self.ignored.get(reason, 0) + 1
@@ -179,6 +214,11 @@ class Service:
     # -- supervisor callbacks ----------------------------------------------------------------
 
     async def _reply_settled(self, message: OutboundMessage, delivery: Delivery) -> None:
+        if delivery.message_ids and self.registry is not None:
+            actor = self.registry.actor(self._aliases.get(message.jid, message.jid))
+            if isinstance(actor, ConversationActor):
+                for message_id in delivery.message_ids:
+                    actor.note_sent(message_id)
         if message.outbox_id is not None:
             await self.store.settle(message.outbox_id)
 

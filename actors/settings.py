@@ -64,6 +64,7 @@ class Settings:
     human_takeover_minutes: float
     takeover_keyword: str
     reset_keywords: tuple[str, ...]
+    unknown_message_text: str
     google_booking_url: str
     language: str
     agent_instruction: str

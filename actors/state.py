@@ -53,6 +53,11 @@ class ConversationState:
     flood_noticed_at: float = 0.0
     sent_ids: list[str] = attrs.Factory(list)     # ids of our own recent sends (takeover detection)
 
+    def copy(self) -> "ConversationState":
+        """A copy that later mutations of this state do not touch (window entries are immutable)."""
+        return attrs.evolve(self, window=list(self.window), lead=attrs.evolve(self.lead),
+                            llm_calls=list(self.llm_calls), sent_ids=list(self.sent_ids))
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "window": [[e.role, e.content, e.at, e.human] for e in self.window],

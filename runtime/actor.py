@@ -26,8 +26,12 @@ class Actor(Protocol[M]):
     async def handle(self, batch: Sequence[M]) -> None:
         """Handle one batch (usually one message). An exception is a crash."""
 
-    async def on_crash(self, batch: Sequence[M], error: BaseException) -> None:
-        """Answer a batch whose turn raised (or that arrived while the actor is failed)."""
+    async def on_crash(self, batch: Sequence[M], error: BaseException) -> Sequence[M]:
+        """Answer the messages whose turn raised (or the whole batch while the actor is failed).
+
+        Returns the messages of ``batch`` that were not reached: the runtime puts them back at
+        the front of the mailbox.
+        """
 
     async def on_expire(self) -> None:
         """The actor was idle past its TTL: drop its state."""

@@ -75,6 +75,16 @@ class Mailbox(Generic[T]):
     def has_room(self) -> bool:
         return not self._closed and len(self._items) + self._reserved < self._capacity
 
+    def requeue(self, items: list[T]) -> None:
+        """Put ``items`` back at the front, in order (they were already counted; capacity is not checked)."""
+        self._items.extendleft(reversed(items))
+
+    def requeue_back(self, item: T) -> None:
+        """Append ``item`` without checking capacity (messages accepted before a restart)."""
+        if self._closed:
+            raise MailboxClosed()
+        self._items.append(item)
+
     def take(self) -> T | None:
         """The oldest item, or None when empty."""
         return self._items.popleft() if self._items else None

@@ -131,17 +131,21 @@ class Registry(Generic[M]):
         if cell is not None:
             cell.mailbox.release()
 
-    def deliver(self, key: str, message: M, *, reserved: bool = False) -> None:
+    def deliver(self, key: str, message: M, *, reserved: bool = False, force: bool = False) -> None:
         """Queue ``message`` for the actor ``key``, spawning it on first use. Never blocks.
 
         Raises MailboxFull when its mailbox is at capacity and ShuttingDown during shutdown
         (a reserved slot is delivered even during shutdown: it was accepted before).
+        ``force`` ignores the capacity: for re-delivering messages accepted before a restart.
         """
         if reserved:
             cell = self._cells[key]
         else:
             cell = self._cell(key)
-        cell.mailbox.put_nowait(message, reserved=reserved)
+        if force:
+            cell.mailbox.requeue_back(message)
+        else:
+            cell.mailbox.put_nowait(message, reserved=reserved)
         cell.last_activity = trio.current_time()
         if not cell.running:
             cell.running = True
@@ -200,9 +204,12 @@ class Registry(Generic[M]):
 
     async def _answer_failed(self, cell: ActorCell[M], batch: list[M], error: BaseException) -> None:
         try:
-            await cell.actor.on_crash(batch, error)
+            unreached = await cell.actor.on_crash(batch, error)
         except Exception as exc:
             log.exception("Actor %s could not answer a failed turn: %s", cell.key, exc)
+            return
+        if unreached:
+            cell.mailbox.requeue(list(unreached))
 
     # -- expiry ------------------------------------------------------------------------------
 

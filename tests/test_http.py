@@ -104,11 +104,11 @@ async def test_body_over_limit_is_413(tmp_path) -> None:  # type: ignore[no-unty
 async def test_ignored_payloads_answer_200_with_reason(tmp_path) -> None:  # type: ignore[no-untyped-def]
     async with client_for(tmp_path) as (app, client):
         cases = {
-            "fromMe": upsert(from_me=True),
             "group": upsert(jid="120363025246125486@g.us", participant=JID),
             "broadcast": upsert(jid="status@broadcast"),
+            "newsletter": upsert(jid="120363111111111111@newsletter"),
             "event connection.update": {**upsert(), "event": "connection.update"},
-            "no text": upsert(None, message={"stickerMessage": {}}),
+            "no text (reaction, edit or protocol message)": upsert(None, message={"reactionMessage": {"text": "👍"}}),
         }
         for reason, payload in cases.items():
             response = await client.post("/webhook", json=payload)

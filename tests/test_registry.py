@@ -40,8 +40,9 @@ class Recorder:
             self.handled.append(message)
             self.log.append((self.key, message))
 
-    async def on_crash(self, batch: Sequence[Any], error: BaseException) -> None:
+    async def on_crash(self, batch: Sequence[Any], error: BaseException) -> Sequence[Any]:
         self.crashed.extend(batch)
+        return ()
 
     async def on_expire(self) -> None:
         self.expired = True

@@ -113,7 +113,7 @@ def status_error(status: int, code: Any = None, headers: Mapping[str, str] | Non
 def transport_error(exc: BaseException, timeout: float) -> ProviderError:
     """A ProviderError for a network-level failure (timeouts first: they are transport errors too)."""
     if isinstance(exc, (httpx2.TimeoutException, TimeoutError)):
-        return ProviderError(ErrorKind.TIMEOUT, f"timeout after {timeout:g}s ({type(exc).__name__})")
+        return ProviderError(ErrorKind.TIMEOUT, f"timeout after {timeout:g}s")
     return ProviderError(ErrorKind.CONNECTION, f"connection error ({type(exc).__name__})")
 
 
