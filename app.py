@@ -12,6 +12,7 @@ from functools import wraps
 from typing import Any, Awaitable, Callable
 
 import attrs
+from prometheus_client import CONTENT_TYPE_LATEST
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
@@ -230,6 +231,11 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
             body["crm"] = attrs.asdict(svc.crm.statistics())
         body["intake"] = {"received": svc.received, "ignored": dict(svc.ignored)}
         return _json(body)
+
+    @app.get("/metrics")
+    @admin
+    async def metrics() -> Response:
+        return Response(svc.metrics.render(), status=200, content_type=CONTENT_TYPE_LATEST)
 
     @app.get("/outbox")
     @admin

@@ -9,7 +9,7 @@ Replies are handed to the outbound supervisor only after that commit, in turn or
 from __future__ import annotations
 
 import logging
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import attrs
 import trio
@@ -78,6 +78,7 @@ class ConversationContext:
     store: Store
     clock: Clock
     crm: LeadRegistrar | None = None
+    observe_turn: Callable[[float], None] | None = None   # seconds from arrival to committed reply
 
 
 @attrs.frozen
@@ -174,6 +175,8 @@ class ConversationActor:
         if customer:
             await self._turn(customer)
         await self._commit()
+        if customer and self._ctx.observe_turn is not None:
+            self._ctx.observe_turn(trio.current_time() - customer[0].arrived)
 
     async def on_crash(self, batch: Sequence[Mail], error: BaseException) -> Sequence[Mail]:
         """Roll the state back to before the failing turn, answer its messages with the polite text,

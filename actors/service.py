@@ -22,6 +22,7 @@ from .crm import CrmSupervisor, LeadRequest
 from .evolution import Ignored, parse_webhook
 from .inbound import InboundMessage
 from .llm.chain import ProviderChain, build_chain
+from .metrics import Metrics
 from .outbound import Delivery, OutboundMessage, OutboundSender
 from .prompts import texts_for
 from .settings import Settings
@@ -66,6 +67,7 @@ class Service:
         self.received = 0
         self.ignored: dict[str, int] = {}
         self._aliases: dict[str, str] = {}   # @lid ↔ phone JID of one chat → its actor key
+        self.metrics = Metrics(self)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -85,6 +87,7 @@ class Service:
                 context = ConversationContext(
                     settings=settings, texts=self.texts, chain=self.chain, outbound=self.outbound,
                     store=self.store, clock=self.clock, crm=self.crm if settings.crm_enabled else None,
+                    observe_turn=self.metrics.turn_seconds.observe,
                 )
                 self.registry = Registry(
                     lambda jid: ConversationActor(jid, context),

@@ -162,3 +162,29 @@ async def test_webhook_secret_header_or_query(tmp_path) -> None:  # type: ignore
         assert (await client.post("/webhook", json=upsert("d"), headers={"x-webhook-token": "hook-secret-123"})).status_code == 200
         assert (await client.post("/webhook", json=upsert("e"), query_string={"token": "hook-secret-123"})).status_code == 200
         await wait_for(lambda: len(app.extensions["service"].outbound.outbox_entries(jid=JID)) == 2)
+
+
+async def test_metrics_parse_and_count_this_traffic(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with client_for(tmp_path) as (app, client):
+        for i in range(3):
+            await client.post("/webhook", json=upsert(f"hola {i}"))
+        await client.post("/webhook", json=upsert(jid="status@broadcast"))
+        await client.post("/webhook", json=upsert("dup", message_id="D1"))
+        await client.post("/webhook", json=upsert("dup", message_id="D1"))
+        await wait_for(lambda: len(app.extensions["service"].outbound.outbox_entries(jid=JID)) == 4)
+        response = await client.get("/metrics")
+        assert response.status_code == 200
+        text = await response.get_data(as_text=True)
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for family in text_string_to_metric_families(text) for s in family.samples}
+        assert samples[("agent_messages_received_total", ())] == 5
+        assert samples[("agent_messages_ignored_total", (("reason", "broadcast"),))] == 1
+        assert samples[("agent_messages_ignored_total", (("reason", "duplicate"),))] == 1
+        assert samples[("agent_live_actors", ())] == 1
+        assert samples[("agent_llm_calls_total", (("outcome", "success"), ("provider", "offline")))] == 4
+        assert samples[("agent_llm_circuit_state", (("provider", "offline"), ("state", "closed")))] == 1
+        assert samples[("agent_turn_seconds_count", ())] == 4
+        assert samples[("agent_outbound_messages_total", (("outcome", "sent"),))] == 4
+        assert (await client.get("/metrics", scope_base={"client": ("203.0.113.9", 1)})).status_code == 403
