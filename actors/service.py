@@ -137,7 +137,12 @@ class Service:
                 self.outbound.submit(OutboundMessage(jid=p["jid"], text=p["text"], instances=tuple(p["instances"]),
                                                      outbox_id=row.id))
             elif row.kind == "crm":
-                self.crm.submit(attrs.evolve(LeadRequest(**row.payload), job_id=row.id))
+                request = attrs.evolve(LeadRequest(**row.payload), job_id=row.id)
+                saved = await self.store.load(row.key)
+                lead_id = (saved or {}).get("lead", {}).get("lead_id")
+                if lead_id is not None and request.lead_id is None:
+                    request = attrs.evolve(request, lead_id=lead_id)   # created before the restart: a note, not a 2nd lead
+                self.crm.submit(request)
         for irow in inbox:
             message = InboundMessage(**irow.payload)
             self.registry.deliver(irow.key, Accepted(irow.seq, message, trio.current_time()), force=True)

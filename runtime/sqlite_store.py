@@ -1,0 +1,448 @@
+"""The Store contract on SQLite (stdlib ``sqlite3``), durable across process restarts.
+
+Durability
+    The database runs in WAL mode with ``synchronous=FULL`` by default: every committed
+    transaction is fsync'ed to the WAL before ``commit`` returns, so a result handed back by
+    ``accept``/``commit``/``settle`` survives a process crash (SIGKILL, OOM kill) *and* an OS
+    crash or power loss. ``synchronous="NORMAL"`` skips that fsync (the WAL is synced only at
+    checkpoints): still durable across a process crash, but the last transactions may roll back
+    after a power loss. The product promise ("a 2xx means not lost even if the process dies") is
+    kept by both; FULL is the default so it also holds when the machine dies.
+
+Group commit
+    All SQLite work runs on ONE connection, in a worker thread (``trio.to_thread.run_sync`` with
+    a private limiter of 1), one transaction at a time. Callers put a request in a FIFO queue and
+    wait on their own event. The first caller that finds no transaction in progress becomes the
+    *leader*: it takes everything queued (up to ``batch_max``), runs it as one transaction (one
+    fsync) in the worker thread, hands each request its own result, and, if more requests
+    arrived meanwhile, wakes the oldest one to lead the next transaction. No background task is
+    needed, so ``open()``/``close()`` are enough. If one operation fails, the transaction is
+    rolled back and rerun with a SAVEPOINT around each operation, so the failing one gets its error
+    and the others still commit.
+
+    Cancellation: a request cancelled while still queued is withdrawn (it never happens); once
+    its transaction has started it completes, and the caller gets its result (the cancellation is
+    delivered at the caller's next checkpoint). A leader shields the transaction it runs, so a
+    cancelled leader never strands the others.
+
+Opening
+    ``open()`` takes an exclusive lock on the file (``locking_mode=EXCLUSIVE``, held until
+    ``close()``), runs ``PRAGMA quick_check`` and migrates the schema (``schema_version`` table).
+    A file that is not a database or is malformed, a file locked by another running process, a
+    SQLite file that is not an agent store, or a newer schema version raises ``StoreError`` with
+    one line naming the file. Nothing is ever reset silently.
+
+Dedupe ids are kept for at least ``dedupe_ttl`` seconds; older ones are pruned at open and then
+at most once a minute, inside a regular transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, Callable, Collection, Literal, Sequence
+
+import trio
+
+from .store import InboxRow, OutboxRow, StoreError
+
+SCHEMA_VERSION = 1
+
+# MIGRATIONS[n] brings a database from version n-1 to version n.
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        "CREATE TABLE states (key TEXT PRIMARY KEY, data TEXT NOT NULL, last_activity REAL NOT NULL)",
+        "CREATE INDEX states_last_activity ON states (last_activity)",
+        "CREATE TABLE seqs (key TEXT PRIMARY KEY, last INTEGER NOT NULL)",
+        "CREATE TABLE inbox (key TEXT NOT NULL, seq INTEGER NOT NULL, payload TEXT NOT NULL,"
+        " PRIMARY KEY (key, seq))",
+        "CREATE TABLE seen (dedupe_id TEXT PRIMARY KEY, at REAL NOT NULL)",
+        "CREATE INDEX seen_at ON seen (at)",
+        "CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL,"
+        " kind TEXT NOT NULL, payload TEXT NOT NULL)",
+        "CREATE INDEX outbox_key ON outbox (key)",
+    ),
+}
+
+PRUNE_INTERVAL = 60.0
+BUSY_TIMEOUT = 0.2
+
+Synchronous = Literal["FULL", "NORMAL"]
+Op = Callable[[sqlite3.Connection], Any]
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _last_activity(state: dict[str, Any]) -> float:
+    value = state.get("last_activity", 0)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
+
+
+class _Request:
+    """One queued operation, its result slot, and the event its caller waits on."""
+
+    __slots__ = ("op", "taken", "done", "value", "error", "wake")
+
+    def __init__(self, op: Op) -> None:
+        self.op = op
+        self.taken = False
+        self.done = False
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.wake = trio.Event()
+
+    def finish(self, value: Any = None, error: BaseException | None = None) -> None:
+        self.value, self.error, self.done = value, error, True
+        self.wake.set()
+
+
+class _OpFailed(Exception):
+    """An operation failed on the fast path; the batch is rerun with a savepoint per operation."""
+
+
+class _BatchAborted(Exception):
+    """SQLite rolled the whole transaction back (I/O error, disk full): every request fails."""
+
+
+class SqliteStore:
+    """The Store contract in a SQLite file, with group commit (see the module docstring)."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        dedupe_ttl: float = 86400.0,
+        batch_max: int = 256,
+        synchronous: Synchronous = "FULL",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if synchronous not in ("FULL", "NORMAL"):
+            raise ValueError("synchronous must be 'FULL' or 'NORMAL'")
+        if batch_max < 1:
+            raise ValueError("batch_max must be at least 1")
+        self.path = Path(path)
+        self.dedupe_ttl = dedupe_ttl
+        self.batch_max = batch_max
+        self.synchronous: Synchronous = synchronous
+        self.transactions = 0
+        """Transactions run so far (one per group commit)."""
+        self._clock = clock
+        self._conn: sqlite3.Connection | None = None
+        self._closing = False
+        self._queue: deque[_Request] = deque()
+        self._busy = False
+        self._limiter = trio.CapacityLimiter(1)
+        self._next_prune = 0.0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Create or migrate the database and take its exclusive lock; StoreError if unusable."""
+        if self._conn is not None:
+            return
+        with trio.CancelScope(shield=True):
+            self._conn = await trio.to_thread.run_sync(self._open_sync, limiter=self._limiter)
+        self._closing = False
+        self._next_prune = self._clock() + PRUNE_INTERVAL
+
+    async def close(self) -> None:
+        """Finish every queued and in-flight request, then close the connection (idempotent)."""
+        if self._conn is None or self._closing:
+            return
+        self._closing = True  # new requests fail from now on
+        with trio.CancelScope(shield=True):
+            await self._submit(lambda conn: None)  # a barrier: FIFO, so everything before it is done
+            conn, self._conn = self._conn, None
+            await trio.to_thread.run_sync(conn.close, limiter=self._limiter)
+
+    # -- the contract ------------------------------------------------------------------------
+
+    async def accept(self, key: str, dedupe_id: str, payload: dict[str, Any]) -> int | None:
+        """Record an inbound message durably; its inbox sequence number, or None for a duplicate."""
+        data, at = _dumps(payload), self._clock()
+
+        def op(conn: sqlite3.Connection) -> int | None:
+            cur = conn.execute("INSERT OR IGNORE INTO seen (dedupe_id, at) VALUES (?, ?)", (dedupe_id, at))
+            if cur.rowcount == 0:
+                return None
+            (seq,) = conn.execute(
+                "INSERT INTO seqs (key, last) VALUES (?, 1)"
+                " ON CONFLICT (key) DO UPDATE SET last = last + 1 RETURNING last", (key,)).fetchone()
+            conn.execute("INSERT INTO inbox (key, seq, payload) VALUES (?, ?, ?)", (key, seq, data))
+            return int(seq)
+
+        return await self._call(op)  # type: ignore[no-any-return]
+
+    async def load(self, key: str) -> dict[str, Any] | None:
+        """The actor's saved state, or None."""
+
+        def op(conn: sqlite3.Connection) -> dict[str, Any] | None:
+            row = conn.execute("SELECT data FROM states WHERE key = ?", (key,)).fetchone()
+            return json.loads(row[0]) if row is not None else None
+
+        return await self._call(op)  # type: ignore[no-any-return]
+
+    async def commit(
+        self,
+        key: str,
+        state: dict[str, Any],
+        *,
+        acked: Sequence[int] = (),
+        outbox: Sequence[tuple[str, dict[str, Any]]] = (),
+    ) -> list[int]:
+        """Atomically save ``state``, ack the inbox rows ``acked`` and add ``outbox`` rows; their ids."""
+        data, last = _dumps(state), _last_activity(state)
+        acks = [(key, int(seq)) for seq in acked]
+        jobs = [(key, kind, _dumps(payload)) for kind, payload in outbox]
+
+        def op(conn: sqlite3.Connection) -> list[int]:
+            conn.execute(
+                "INSERT INTO states (key, data, last_activity) VALUES (?, ?, ?) ON CONFLICT (key)"
+                " DO UPDATE SET data = excluded.data, last_activity = excluded.last_activity",
+                (key, data, last))
+            conn.executemany("DELETE FROM inbox WHERE key = ? AND seq = ?", acks)
+            ids: list[int] = []
+            for job in jobs:
+                cur = conn.execute("INSERT INTO outbox (key, kind, payload) VALUES (?, ?, ?)", job)
+                assert cur.lastrowid is not None
+                ids.append(cur.lastrowid)
+            return ids
+
+        return await self._call(op)  # type: ignore[no-any-return]
+
+    async def settle(self, outbox_id: int) -> None:
+        """Delete a performed (or given up) outbox row."""
+        await self._call(lambda conn: conn.execute("DELETE FROM outbox WHERE id = ?", (outbox_id,)))
+
+    async def pending_inbox(self) -> list[InboxRow]:
+        """Accepted but unacknowledged messages, per key in sequence order."""
+
+        def op(conn: sqlite3.Connection) -> list[InboxRow]:
+            rows = conn.execute("SELECT key, seq, payload FROM inbox ORDER BY key, seq")
+            return [InboxRow(key, seq, json.loads(payload)) for key, seq, payload in rows]
+
+        return await self._call(op)  # type: ignore[no-any-return]
+
+    async def pending_outbox(self) -> list[OutboxRow]:
+        """Unsettled jobs in the order they were written."""
+
+        def op(conn: sqlite3.Connection) -> list[OutboxRow]:
+            rows = conn.execute("SELECT id, key, kind, payload FROM outbox ORDER BY id")
+            return [OutboxRow(id, key, kind, json.loads(payload)) for id, key, kind, payload in rows]
+
+        return await self._call(op)  # type: ignore[no-any-return]
+
+    async def delete(self, key: str) -> None:
+        """Forget an actor: its state, sequence, inbox and outbox rows."""
+        await self._call(lambda conn: self._delete_key(conn, key))
+
+    async def expire(self, idle_before: float, keep: Collection[str] = ()) -> list[str]:
+        """Delete every actor whose state's ``last_activity`` is before ``idle_before``, except ``keep``."""
+        kept = set(keep)
+
+        def op(conn: sqlite3.Connection) -> list[str]:
+            rows = conn.execute("SELECT key FROM states WHERE last_activity < ? ORDER BY key", (idle_before,))
+            gone = [key for (key,) in rows.fetchall() if key not in kept]
+            for key in gone:
+                self._delete_key(conn, key)
+            return gone
+
+        return await self._call(op)  # type: ignore[no-any-return]
+
+    async def states(self) -> dict[str, dict[str, Any]]:
+        """Every saved state (admin listing)."""
+
+        def op(conn: sqlite3.Connection) -> dict[str, dict[str, Any]]:
+            return {key: json.loads(data) for key, data in conn.execute("SELECT key, data FROM states ORDER BY key")}
+
+        return await self._call(op)  # type: ignore[no-any-return]
+
+    # -- group commit ------------------------------------------------------------------------
+
+    async def _call(self, op: Op) -> Any:
+        """Run ``op`` in the next group commit and return its result (StoreError when not open)."""
+        if self._conn is None or self._closing:
+            raise StoreError(f"{self.path}: store is not open")
+        return await self._submit(op)
+
+    async def _submit(self, op: Op) -> Any:
+        """Queue ``op``, lead or wait for the transaction that runs it, and return its result."""
+        request = _Request(op)
+        self._queue.append(request)
+        while not request.done:
+            if not self._busy:
+                await self._lead()
+                continue
+            try:
+                await request.wake.wait()
+            except trio.Cancelled:
+                if not request.taken:  # still queued: withdraw it, pass the lead on if it was ours
+                    self._queue.remove(request)
+                    self._kick()
+                    raise
+                with trio.CancelScope(shield=True):  # its transaction runs: wait for its result
+                    while not request.done:
+                        await request.wake.wait()
+                        request.wake = trio.Event()
+                break
+            if not request.done:
+                request.wake = trio.Event()
+        if request.error is not None:
+            raise request.error
+        return request.value
+
+    def _kick(self) -> None:
+        """Wake the oldest queued request to lead the next transaction, if nobody leads."""
+        if not self._busy and self._queue:
+            self._queue[0].wake.set()
+
+    async def _lead(self) -> None:
+        """Run the queued requests (up to ``batch_max``) as one transaction and hand out results."""
+        count = min(len(self._queue), self.batch_max)
+        batch = [self._queue.popleft() for _ in range(count)]
+        for request in batch:
+            request.taken = True
+        self._busy = True
+        now = self._clock()
+        prune = now >= self._next_prune
+        if prune:
+            self._next_prune = now + PRUNE_INTERVAL
+        failure: BaseException | None = None
+        try:
+            with trio.CancelScope(shield=True):
+                results = await trio.to_thread.run_sync(
+                    self._run_batch, [r.op for r in batch], now if prune else None, limiter=self._limiter)
+        except BaseException as exc:  # the worker itself failed: the whole batch fails
+            failure = exc
+            reason = self._describe(exc) if isinstance(exc, Exception) else f"{self.path}: interrupted"
+            results = [(None, StoreError(reason)) for _ in batch]
+        self._busy = False
+        for request, (value, error) in zip(batch, results):
+            request.finish(value, error)
+        self._kick()
+        if failure is not None and not isinstance(failure, Exception):
+            raise failure  # KeyboardInterrupt and friends are never swallowed
+
+    def _run_batch(self, ops: list[Op], prune_now: float | None) -> list[tuple[Any, BaseException | None]]:
+        """Worker thread: run ``ops`` in one transaction; each gets its own result or error."""
+        conn = self._conn
+        assert conn is not None
+        try:
+            try:
+                return self._transaction(conn, ops, prune_now, careful=False)
+            except _OpFailed:  # rare: roll back and rerun with a savepoint around each op
+                if conn.in_transaction:
+                    conn.rollback()
+                return self._transaction(conn, ops, prune_now, careful=True)
+        except (sqlite3.Error, _BatchAborted) as exc:
+            if conn.in_transaction:
+                conn.rollback()
+            reason = str(exc) if isinstance(exc, _BatchAborted) else self._describe(exc)
+            return [(None, StoreError(reason)) for _ in ops]
+
+    def _transaction(
+        self, conn: sqlite3.Connection, ops: list[Op], prune_now: float | None, *, careful: bool,
+    ) -> list[tuple[Any, BaseException | None]]:
+        """One transaction. Fast path: any failing op raises _OpFailed. Careful path: a failing op
+        is rolled back to its savepoint and its error becomes its result."""
+        results: list[tuple[Any, BaseException | None]] = []
+        conn.execute("BEGIN IMMEDIATE")
+        for op in ops:
+            if not careful:
+                try:
+                    results.append((op(conn), None))
+                except Exception as exc:
+                    raise _OpFailed() from exc
+                continue
+            conn.execute("SAVEPOINT op")
+            try:
+                value = op(conn)
+            except Exception as exc:  # noqa: BLE001 - handed to its caller
+                if not conn.in_transaction:  # SQLite rolled everything back (disk full, I/O error)
+                    raise _BatchAborted(self._describe(exc)) from exc
+                conn.execute("ROLLBACK TO op")
+                results.append((None, StoreError(self._describe(exc)) if isinstance(exc, sqlite3.Error) else exc))
+            else:
+                results.append((value, None))
+            conn.execute("RELEASE op")
+        if prune_now is not None:
+            conn.execute("DELETE FROM seen WHERE at < ?", (prune_now - self.dedupe_ttl,))
+        conn.execute("COMMIT")
+        self.transactions += 1
+        return results
+
+    # -- SQLite details ----------------------------------------------------------------------
+
+    @staticmethod
+    def _delete_key(conn: sqlite3.Connection, key: str) -> None:
+        for table in ("states", "seqs", "inbox", "outbox"):
+            conn.execute(f"DELETE FROM {table} WHERE key = ?", (key,))
+
+    def _describe(self, exc: BaseException) -> str:
+        """One line naming the file and what is wrong with it."""
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        lowered = text.lower()
+        if "locked" in lowered or "busy" in lowered:
+            return f"{self.path}: database is locked by another running process"
+        if "not a database" in lowered or "malformed" in lowered or "corrupt" in lowered:
+            return f"{self.path}: file is corrupt or not a database ({text})"
+        return f"{self.path}: {text}"
+
+    def _open_sync(self) -> sqlite3.Connection:
+        """Worker thread: connect, lock, check and migrate. Raises StoreError with one line."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"{self.path}: cannot create its directory ({exc.strerror})") from None
+        try:
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise StoreError(self._describe(exc)) from None
+        try:
+            conn.execute("PRAGMA locking_mode = EXCLUSIVE")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StoreError(f"{self.path}: cannot use WAL journal mode (got {mode})")
+            conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+            conn.execute("BEGIN IMMEDIATE")  # takes (and, in EXCLUSIVE mode, keeps) the write lock
+            problems = [row[0] for row in conn.execute("PRAGMA quick_check(3)")]
+            if problems != ["ok"]:
+                raise StoreError(f"{self.path}: file is corrupt ({'; '.join(map(str, problems))})")
+            self._migrate(conn)
+            conn.execute("DELETE FROM seen WHERE at < ?", (self._clock() - self.dedupe_ttl,))
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            conn.close()
+            if isinstance(exc, StoreError):
+                raise
+            if isinstance(exc, sqlite3.Error):
+                raise StoreError(self._describe(exc)) from None
+            raise
+        return conn
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        """Bring the schema to SCHEMA_VERSION (inside the caller's transaction)."""
+        tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "schema_version" in tables:
+            row = conn.execute("SELECT version FROM schema_version").fetchone()
+            if row is None:
+                raise StoreError(f"{self.path}: schema_version table is empty")
+            version = int(row[0])
+        elif tables - {"sqlite_sequence"}:
+            raise StoreError(f"{self.path}: not an agent store (no schema_version table)")
+        else:
+            conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+            conn.execute("INSERT INTO schema_version (version) VALUES (0)")
+            version = 0
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path}: schema version {version} is newer than this code supports ({SCHEMA_VERSION})")
+        for step in range(version + 1, SCHEMA_VERSION + 1):
+            for statement in MIGRATIONS[step]:
+                conn.execute(statement)
+            conn.execute("UPDATE schema_version SET version = ?", (step,))

@@ -1,0 +1,334 @@
+"""actors.outbound: the Evolution API sender, against a fake Evolution over real HTTP on 127.0.0.1."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections import defaultdict
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+import attrs
+import pytest
+import trio
+
+from actors.outbound import Delivery, OutboundMessage, OutboundSender
+from actors.settings import Settings, load_settings
+from tests.fakes.evolution import FakeEvolution
+from tests.fakes.server import running_server
+
+KEY = "evo-secret-key-4711"
+INSTANCE = "prueba-py-agent"
+JID = "5491131376731@s.whatsapp.net"
+
+
+def make_settings(url: str, **env: str) -> Settings:
+    values = {
+        "EVOLUTION_API_URL": url,
+        "EVOLUTION_API_KEY": KEY,
+        "EVOLUTION_INSTANCE": INSTANCE,
+        "OUTBOUND_MIN_GAP_SECONDS": "0",
+        "OUTBOUND_RATE_PER_INSTANCE": "0",
+        "HTTP_TIMEOUT": "5",
+    }
+    values.update(env)
+    return load_settings(values, dotenv_file=None)
+
+
+class Settled:
+    """The on_settled callback: records (message, delivery) and lets a test wait for a count."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[OutboundMessage, Delivery]] = []
+        self._changed = trio.Event()
+
+    async def __call__(self, message: OutboundMessage, delivery: Delivery) -> None:
+        self.items.append((message, delivery))
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_for(self, count: int, timeout: float = 120) -> None:
+        with trio.fail_after(timeout):
+            while len(self.items) < count:
+                await self._changed.wait()
+
+
+@asynccontextmanager
+async def sender_for(settings: Settings) -> AsyncIterator[tuple[OutboundSender, Settled]]:
+    settled = Settled()
+    sender = OutboundSender(settings, on_settled=settled)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sender.run)
+        yield sender, settled
+        nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def evolution(fake: FakeEvolution, **env: str) -> AsyncIterator[tuple[OutboundSender, Settled]]:
+    async with running_server(fake) as url:
+        async with sender_for(make_settings(url, **env)) as pair:
+            yield pair
+
+
+async def test_send_text_wire_format_and_delivery(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="python-agent")
+    fake = FakeEvolution(api_key=KEY, instances={INSTANCE})
+    async with evolution(fake) as (sender, settled):
+        sender.submit(OutboundMessage(JID, "Hola, ¿en qué te ayudo?", instances=(), outbox_id=7))
+        await settled.wait_for(1)
+    [call] = fake.calls("/message/")
+    assert call.method == "POST"
+    assert call.path == f"/message/sendText/{INSTANCE}"
+    assert call.headers["apikey"] == KEY
+    assert call.headers["content-type"] == "application/json"
+    assert call.json == {"number": JID, "text": "Hola, ¿en qué te ayudo?"}
+    message, delivery = settled.items[0]
+    assert message.outbox_id == 7
+    assert delivery.status == "sent"
+    assert delivery.candidate == INSTANCE
+    assert delivery.attempts == 1
+    assert delivery.message_id == fake.sent[0].message_id != ""
+    assert f"Tried sendText with candidate={INSTANCE} status=201" in caplog.text
+    assert KEY not in caplog.text
+    stats = sender.statistics()
+    assert (stats.mode, stats.sent, stats.failed, stats.queued, stats.active_jids) == ("evolution", 1, 0, 0, 0)
+
+
+async def test_typing_sends_presence_without_delaying_the_reply(autojump_clock: trio.testing.MockClock) -> None:
+    fake = FakeEvolution(api_key=KEY, instances={INSTANCE})  # sendPresence blocks for its delay, like Evolution
+    async with evolution(fake) as (sender, settled):
+        before = trio.current_time()
+        await sender.typing(JID, ())
+        assert trio.current_time() == before  # returned at once: the call runs in the supervisor's nursery
+        sender.submit(OutboundMessage(JID, "respuesta"))
+        await settled.wait_for(1)
+        sent_at = trio.current_time()
+        with trio.fail_after(10):
+            while sender.statistics().typing_in_flight:
+                await trio.sleep(0.01)
+    [presence] = fake.calls("/chat/sendPresence/")
+    assert presence.path == f"/chat/sendPresence/{INSTANCE}"
+    assert presence.headers["apikey"] == KEY
+    assert presence.json == {"number": JID, "presence": "composing", "delay": 3000}
+    assert settled.items[0][1].status == "sent"
+    assert sent_at - before < 1.0  # the reply did not wait for the 3 s presence call
+
+
+async def test_typing_is_off_when_disabled() -> None:
+    fake = FakeEvolution(api_key=KEY, instances={INSTANCE})
+    async with evolution(fake, TYPING_PRESENCE="false") as (sender, settled):
+        await sender.typing(JID, ())
+        sender.submit(OutboundMessage(JID, "hola"))
+        await settled.wait_for(1)
+    assert fake.calls("/chat/") == []
+    assert len(fake.sent) == 1
+
+
+async def test_candidates_order_without_duplicates_or_empties() -> None:
+    settings = make_settings("http://127.0.0.1:9", EVOLUTION_INSTANCE_ID="uuid-1", EVOLUTION_INSTANCE="name-1")
+    sender = OutboundSender(settings)
+    message = OutboundMessage(JID, "x", instances=("uuid-webhook", "", "name-1"))
+    assert sender.candidates(message) == ["uuid-webhook", "name-1", "uuid-1"]
+
+
+async def test_candidate_fallback_then_preferred_first(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="python-agent")
+    fake = FakeEvolution(api_key=KEY, instances={"good-name"})
+    instances = ("bad-id", "good-name")
+    async with evolution(fake) as (sender, settled):
+        sender.submit(OutboundMessage(JID, "uno", instances=instances))
+        await settled.wait_for(1)
+        first_round = [(c.path, c.status) for c in fake.calls("/message/")]
+        sender.submit(OutboundMessage(JID, "dos", instances=instances))
+        await settled.wait_for(2)
+    assert first_round == [("/message/sendText/bad-id", 404), ("/message/sendText/good-name", 201)]
+    assert [(c.path, c.status) for c in fake.calls("/message/")][2:] == [("/message/sendText/good-name", 201)]
+    assert fake.texts() == [("good-name", JID, "uno"), ("good-name", JID, "dos")]
+    assert [d.candidate for _, d in settled.items] == ["good-name", "good-name"]
+    assert sender.statistics().preferred_candidates == {"bad-id": "good-name"}
+    assert "Tried sendText with candidate=bad-id status=404" in caplog.text
+
+
+async def test_per_jid_order_under_retries(autojump_clock: trio.testing.MockClock) -> None:
+    fake = FakeEvolution(api_key=KEY, instances={INSTANCE}, fail_every=3)
+    jids = [f"54911000000{i}@s.whatsapp.net" for i in range(5)]
+    async with evolution(fake) as (sender, settled):
+        for n in range(20):
+            for jid in jids:
+                sender.submit(OutboundMessage(jid, f"{jid} #{n}"))
+        assert sender.statistics().queued + sender.statistics().in_flight == 100
+        await settled.wait_for(100)
+        stats = sender.statistics()
+    per_jid: dict[str, list[str]] = defaultdict(list)
+    for _, number, text in fake.texts():
+        per_jid[number].append(text)
+    for jid in jids:
+        assert per_jid[jid] == [f"{jid} #{n}" for n in range(20)]  # in order, each exactly once
+    assert all(d.status == "sent" for _, d in settled.items)
+    assert stats.retried >= 30  # a third of the requests failed and were retried
+    assert (stats.sent, stats.failed, stats.queued, stats.in_flight, stats.active_jids) == (100, 0, 0, 0, 0)
+    assert len(fake.calls("/message/")) == 100 + stats.retried
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_evolution_down_then_up_delivers_everything_in_order(autojump_clock: trio.testing.MockClock) -> None:
+    port = _free_port()
+    fake = FakeEvolution(api_key=KEY, instances={INSTANCE})
+    jids = ["5491100000001@s.whatsapp.net", "5491100000002@s.whatsapp.net"]
+    async with sender_for(make_settings(f"http://127.0.0.1:{port}")) as (sender, settled):
+        start = trio.current_time()
+        for n in range(5):
+            for jid in jids:
+                sender.submit(OutboundMessage(jid, f"{jid} #{n}"))
+        await trio.sleep(10)  # nothing listens: connection refused, retried with backoff
+        assert settled.items == [] and sender.statistics().retried >= 2
+        async with running_server(fake, bind=f"127.0.0.1:{port}"):
+            await settled.wait_for(10)
+    assert all(d.status == "sent" for _, d in settled.items)
+    assert min(r.at for r in fake.sent) >= start + 10
+    for jid in jids:
+        assert [t for _, n, t in fake.texts() if n == jid] == [f"{jid} #{n}" for n in range(5)]
+
+
+async def test_server_errors_end_in_a_dead_letter(autojump_clock: trio.testing.MockClock,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    fake = FakeEvolution(api_key=KEY, instances={INSTANCE}, statuses={INSTANCE: 500})
+    async with evolution(fake, OUTBOUND_MAX_ATTEMPTS="3") as (sender, settled):
+        started = trio.current_time()
+        sender.submit(OutboundMessage(JID, "se pierde", outbox_id=1))
+        sender.submit(OutboundMessage(JID, "llega"))
+        await settled.wait_for(1)
+        assert trio.current_time() - started <= 1 + 2 + 0.1  # two backoffs, each capped by its ceiling
+        fake.statuses.clear()
+        await settled.wait_for(2)
+        stats = sender.statistics()
+    dead, ok = settled.items[0][1], settled.items[1][1]
+    assert (dead.status, dead.attempts) == ("dead", 3)
+    assert "500" in dead.error
+    assert ok.status == "sent"
+    assert len(fake.calls("/message/")) == 3 + 1
+    assert fake.texts() == [(INSTANCE, JID, "llega")]
+    assert stats.failed == 1 and stats.retried == 2
+    [letter] = stats.dead_letters
+    assert (letter.jid, letter.attempts, letter.text_length, letter.outbox_id) == (JID, 3, len("se pierde"), 1)
+    assert KEY not in repr(stats) and KEY not in caplog.text
+    assert any(r.levelno == logging.ERROR and "dead letter" in r.getMessage() for r in caplog.records)
+
+
+async def test_retry_window_bounds_the_attempts(autojump_clock: trio.testing.MockClock) -> None:
+    fake = FakeEvolution(api_key=KEY, instances={INSTANCE}, statuses={INSTANCE: 503})
+    async with evolution(fake, OUTBOUND_MAX_ATTEMPTS="100", OUTBOUND_MAX_RETRY_SECONDS="20") as (sender, settled):
+        started = trio.current_time()
+        sender.submit(OutboundMessage(JID, "x"))
+        await settled.wait_for(1)
+        elapsed = trio.current_time() - started
+    delivery = settled.items[0][1]
+    assert delivery.status == "dead"
+    assert elapsed <= 20
+    assert 3 <= delivery.attempts < 10
+
+
+async def test_all_candidates_rejected_is_dead_at_once() -> None:
+    fake = FakeEvolution(api_key="another-key", instances={INSTANCE})
+    async with evolution(fake, EVOLUTION_INSTANCE_ID="uuid-x") as (sender, settled):
+        sender.submit(OutboundMessage(JID, "hola", instances=("uuid-webhook",)))
+        await settled.wait_for(1)
+        stats = sender.statistics()
+    delivery = settled.items[0][1]
+    assert delivery.status == "dead"
+    assert [c.status for c in fake.calls("/message/")] == [401, 401, 401]  # each candidate once, no retry
+    assert stats.retried == 0 and stats.failed == 1
+    assert "all candidates rejected" in delivery.error
+
+
+async def test_long_reply_is_split_into_ordered_parts() -> None:
+    fake = FakeEvolution(api_key=KEY, instances={INSTANCE})
+    paragraphs = [(f"Párrafo {i:02d}: " + "palabra " * 70)[:497] + "." for i in range(18)]
+    text = "\n\n".join(paragraphs) + "!!"
+    assert len(text) == 9000
+    async with evolution(fake) as (sender, settled):
+        sender.submit(OutboundMessage(JID, text))
+        sender.submit(OutboundMessage(JID, "corto"))
+        await settled.wait_for(2)
+    texts = [t for _, _, t in fake.texts()]
+    assert len(texts) == 4 and texts[-1] == "corto"
+    assert all(len(t) <= 4000 for t in texts[:3])
+    assert "\n\n".join(texts[:3]) == text
+    delivery = settled.items[0][1]
+    assert (delivery.status, delivery.parts) == ("sent", 3)
+    assert list(delivery.message_ids) == [r.message_id for r in fake.sent[:3]]
+
+
+async def test_instance_rate_holds_under_a_burst(autojump_clock: trio.testing.MockClock) -> None:
+    fake = FakeEvolution(api_key=KEY, instances={INSTANCE})
+    async with evolution(fake, OUTBOUND_RATE_PER_INSTANCE="20") as (sender, settled):
+        for i in range(40):
+            sender.submit(OutboundMessage(f"54911{i:08d}@s.whatsapp.net", "promo"))
+        await settled.wait_for(40)
+    arrivals = sorted(r.at for r in fake.sent)
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+    assert min(gaps) >= 0.05 - 1e-6
+    assert arrivals[-1] - arrivals[0] == pytest.approx(39 / 20, abs=0.05)
+
+
+async def test_min_gap_per_jid_does_not_hold_back_other_chats(autojump_clock: trio.testing.MockClock) -> None:
+    fake = FakeEvolution(api_key=KEY, instances={INSTANCE})
+    a, b = "5491100000001@s.whatsapp.net", "5491100000002@s.whatsapp.net"
+    async with evolution(fake, OUTBOUND_MIN_GAP_SECONDS="1") as (sender, settled):
+        for n in range(4):
+            sender.submit(OutboundMessage(a, f"a{n}"))
+        sender.submit(OutboundMessage(b, "b0"))
+        await settled.wait_for(5)
+    times = {r.json["text"]: r.at for r in fake.sent}
+    gaps = [times[f"a{n + 1}"] - times[f"a{n}"] for n in range(3)]
+    assert all(gap >= 1.0 - 1e-6 for gap in gaps)
+    assert times["b0"] < times["a1"]
+
+
+async def test_submit_before_run_is_delivered_once_running() -> None:
+    fake = FakeEvolution(api_key=KEY, instances={INSTANCE})
+    async with running_server(fake) as url:
+        settled = Settled()
+        sender = OutboundSender(make_settings(url), on_settled=settled)
+        sender.submit(OutboundMessage(JID, "temprano"))
+        assert sender.statistics().queued == 1
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sender.run)
+            await settled.wait_for(1)
+            nursery.cancel_scope.cancel()
+    assert fake.texts() == [(INSTANCE, JID, "temprano")]
+
+
+async def test_local_mode_outbox(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="python-agent")
+    settings = load_settings({"EVOLUTION_API_URL": "", "OUTBOUND_MIN_GAP_SECONDS": "5"}, dotenv_file=None)
+    other = "5491100000009@s.whatsapp.net"
+    async with sender_for(settings) as (sender, settled):
+        await sender.typing(JID, ())  # a no-op without Evolution
+        sender.submit(OutboundMessage(JID, "hola"))
+        sender.submit(OutboundMessage(other, "buenas"))
+        sender.submit(OutboundMessage(JID, "¿algo más?"))
+        sender.submit(OutboundMessage(JID, "x " * 2500))  # 5000 characters: two entries
+        with trio.fail_after(1):  # no pacing in local mode despite the 5 s gap
+            await settled.wait_for(4)
+        stats = sender.statistics()
+    entries = sender.outbox_entries()
+    assert [e.seq for e in entries] == [1, 2, 3, 4, 5]
+    mine = sender.outbox_entries(jid=JID)
+    assert [e.text for e in mine[:2]] == ["hola", "¿algo más?"]  # per-chat order (chats run concurrently)
+    assert " ".join(e.text for e in mine[2:]).split() == ["x"] * 2500
+    assert all(len(e.text) <= 4000 for e in entries)
+    assert [(e.jid, e.text) for e in sender.outbox_entries(jid=other)] == [(other, "buenas")]
+    assert sender.outbox_entries(jid=JID, after=mine[0].seq, limit=2) == mine[1:3]
+    assert sender.outbox_entries(after=5) == []
+    assert all(isinstance(e.at, float) and e.at > 1.7e9 for e in entries)
+    assert [d.status for _, d in settled.items] == ["sent"] * 4
+    assert (stats.mode, stats.sent, stats.outbox_size, stats.typing_in_flight) == ("local", 4, 5, 0)
+    assert f"[OUTBOX] -> {JID}: hola" in caplog.text
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        entries[0].text = "changed"  # type: ignore[misc]

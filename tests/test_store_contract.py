@@ -1,0 +1,400 @@
+"""The Store contract, run against MemoryStore and SqliteStore; then SQLite-only durability,
+group commit, locking, corruption, schema versions and a real SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
+
+import pytest
+import trio
+import trio.testing
+
+from runtime.sqlite_store import SCHEMA_VERSION, SqliteStore
+from runtime.store import InboxRow, MemoryStore, Store, StoreError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    """An opened store of each kind, closed after the test."""
+    s: Store = MemoryStore() if request.param == "memory" else SqliteStore(tmp_path / "db" / "agent.sqlite3")
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+def state(last_activity: float, **extra: Any) -> dict[str, Any]:
+    window = [{"role": "user", "content": f"mensaje {i} ¿sí? 🙏", "timestamp": 1.5 * i} for i in range(50)]
+    return {"last_activity": last_activity, "window": window, "booking_sent": False, **extra}
+
+
+# -- the contract (both stores) ----------------------------------------------------------------
+
+
+async def test_accept_numbers_each_key_and_drops_duplicates(store: Store) -> None:
+    assert await store.accept("a@s", "i:1", {"text": "hola"}) == 1
+    assert await store.accept("a@s", "i:2", {"text": "dos"}) == 2
+    assert await store.accept("b@s", "i:3", {"text": "otro"}) == 1
+    assert await store.accept("a@s", "i:1", {"text": "hola otra vez"}) is None
+    assert await store.accept("b@s", "i:2", {"text": "same id, other key"}) is None
+    assert await store.accept("a@s", "i:4", {"text": "tres"}) == 3
+    rows = await store.pending_inbox()
+    assert [(r.key, r.seq, r.payload["text"]) for r in rows] == [
+        ("a@s", 1, "hola"), ("a@s", 2, "dos"), ("a@s", 3, "tres"), ("b@s", 1, "otro")]
+
+
+async def test_commit_saves_state_acks_and_returns_outbox_ids_in_order(store: Store) -> None:
+    for i in range(1, 4):
+        await store.accept("a@s", f"i:{i}", {"n": i})
+    assert await store.load("a@s") is None
+    saved = state(100.0, lead={"nombre": "Ana", "lead_id": 7})
+    ids = await store.commit("a@s", saved, acked=[1, 2],
+                             outbox=[("reply", {"text": "uno"}), ("crm", {"jid": "a@s"}), ("reply", {"text": "dos"})])
+    assert len(ids) == 3 and ids == sorted(ids) and len(set(ids)) == 3
+    assert await store.load("a@s") == saved
+    assert [r.seq for r in await store.pending_inbox()] == [3]
+    pending = await store.pending_outbox()
+    assert [(r.id, r.key, r.kind, r.payload) for r in pending] == [
+        (ids[0], "a@s", "reply", {"text": "uno"}), (ids[1], "a@s", "crm", {"jid": "a@s"}),
+        (ids[2], "a@s", "reply", {"text": "dos"})]
+    assert await store.commit("a@s", state(101.0), acked=[3, 99]) == []
+    assert await store.pending_inbox() == []
+    assert (await store.load("a@s"))["last_activity"] == 101.0  # type: ignore[index]
+
+
+async def test_sequence_keeps_increasing_after_ack(store: Store) -> None:
+    assert await store.accept("a@s", "i:1", {}) == 1
+    await store.commit("a@s", state(1.0), acked=[1])
+    assert await store.accept("a@s", "i:2", {}) == 2
+
+
+async def test_settle_removes_only_that_job(store: Store) -> None:
+    first, second = await store.commit("a@s", state(1.0), outbox=[("reply", {"n": 1}), ("reply", {"n": 2})])
+    await store.settle(first)
+    await store.settle(first)  # settling twice is harmless
+    await store.settle(123456)  # so is an unknown id
+    assert [r.id for r in await store.pending_outbox()] == [second]
+
+
+async def test_pending_inbox_is_per_key_in_sequence_order(store: Store) -> None:
+    keys = ["c@s", "a@s", "b@s"]
+    for i in range(12):
+        await store.accept(keys[i % 3], f"i:{i}", {"i": i})
+    rows = await store.pending_inbox()
+    assert len(rows) == 12
+    for key in keys:
+        mine = [r for r in rows if r.key == key]
+        assert [r.seq for r in mine] == [1, 2, 3, 4]
+        assert [r.payload["i"] for r in mine] == sorted(r.payload["i"] for r in mine)
+    order = [r.key for r in rows]
+    assert order == sorted(order, key=order.index)  # each key's rows are contiguous
+
+
+async def test_pending_outbox_is_in_write_order_across_keys(store: Store) -> None:
+    written: list[tuple[str, int]] = []
+    for i in range(6):
+        key = ["b@s", "a@s"][i % 2]
+        await store.commit(key, state(1.0), outbox=[("reply", {"i": i})])
+        written.append((key, i))
+    assert [(r.key, r.payload["i"]) for r in await store.pending_outbox()] == written
+
+
+async def test_delete_removes_every_row_of_a_key(store: Store) -> None:
+    for key in ("a@s", "b@s"):
+        await store.accept(key, f"{key}:1", {"k": key})
+        await store.accept(key, f"{key}:2", {"k": key})
+        await store.commit(key, state(1.0), acked=[1], outbox=[("reply", {"k": key})])
+    await store.delete("a@s")
+    assert await store.load("a@s") is None
+    assert [r.key for r in await store.pending_inbox()] == ["b@s"]
+    assert [r.key for r in await store.pending_outbox()] == ["b@s"]
+    assert list(await store.states()) == ["b@s"]
+    assert await store.accept("a@s", "a@s:3", {}) == 1  # a deleted key starts afresh
+    assert await store.accept("a@s", "a@s:1", {}) is None  # dedupe ids outlive the key
+
+
+async def test_expire_respects_idle_before_and_keep(store: Store) -> None:
+    await store.commit("old@s", state(100.0), outbox=[("crm", {})])
+    await store.accept("old@s", "o:1", {})
+    await store.commit("live@s", state(100.0))
+    await store.commit("edge@s", state(500.0))
+    await store.commit("new@s", state(900.0))
+    gone = await store.expire(500.0, keep={"live@s"})
+    assert sorted(gone) == ["old@s"]
+    assert sorted(await store.states()) == ["edge@s", "live@s", "new@s"]
+    assert await store.pending_inbox() == [] and await store.pending_outbox() == []
+    assert sorted(await store.expire(1000.0)) == ["edge@s", "live@s", "new@s"]
+    assert await store.states() == {}
+
+
+async def test_states_lists_every_saved_state(store: Store) -> None:
+    assert await store.states() == {}
+    a, b = state(1.0, n="a"), state(2.0, n="b")
+    await store.commit("a@s", a)
+    await store.commit("b@s", b)
+    await store.commit("a@s", state(3.0, n="a2"))
+    listed = await store.states()
+    assert listed == {"a@s": state(3.0, n="a2"), "b@s": b}
+
+
+# -- SQLite only -------------------------------------------------------------------------------
+
+
+async def test_everything_survives_close_and_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "agent.sqlite3"
+    first = SqliteStore(path)
+    await first.open()
+    for i in range(1, 4):
+        await first.accept("a@s", f"i:{i}", {"text": f"m{i}", "emoji": "📅"})
+    saved = state(42.0, lead={"lead_id": 9})
+    ids = await first.commit("a@s", saved, acked=[1], outbox=[("reply", {"text": "r"}), ("crm", {"c": 1})])
+    await first.settle(ids[0])
+    await first.close()
+
+    second = SqliteStore(path)
+    await second.open()
+    try:
+        assert await second.load("a@s") == saved
+        assert await second.pending_inbox() == [InboxRow("a@s", 2, {"text": "m2", "emoji": "📅"}),
+                                                InboxRow("a@s", 3, {"text": "m3", "emoji": "📅"})]
+        assert [(r.id, r.kind) for r in await second.pending_outbox()] == [(ids[1], "crm")]
+        assert await second.accept("a@s", "i:2", {}) is None  # dedupe ids survive
+        assert await second.accept("a@s", "i:9", {}) == 4  # and so does the sequence
+        new_id, = await second.commit("a@s", saved, outbox=[("reply", {})])
+        assert new_id > ids[1]  # outbox ids are never reused
+    finally:
+        await second.close()
+
+
+async def test_concurrent_accepts_are_group_committed(tmp_path: Path) -> None:
+    s = SqliteStore(tmp_path / "agent.sqlite3")
+    await s.open()
+    before = s.transactions
+    got: dict[tuple[str, int], int | None] = {}
+
+    async def one(i: int) -> None:
+        got[(f"k{i % 20}@s", i)] = await s.accept(f"k{i % 20}@s", f"id:{i}", {"i": i})
+
+    async with trio.open_nursery() as nursery:
+        for i in range(200):
+            nursery.start_soon(one, i)
+    used = s.transactions - before
+    assert 1 <= used <= 10, used
+    inbox = {(r.key, r.seq): r.payload["i"] for r in await s.pending_inbox()}
+    assert len(inbox) == 200
+    for (key, i), seq in got.items():
+        assert seq is not None and inbox[(key, seq)] == i  # each caller got its own row's seq
+    for k in range(20):
+        assert sorted(seq for (key, _), seq in got.items() if key == f"k{k}@s") == list(range(1, 11))  # type: ignore[type-var]
+    await s.close()
+
+
+async def test_batch_max_bounds_a_transaction(tmp_path: Path) -> None:
+    s = SqliteStore(tmp_path / "agent.sqlite3", batch_max=16)
+    await s.open()
+    before = s.transactions
+    async with trio.open_nursery() as nursery:
+        for i in range(200):
+            nursery.start_soon(s.accept, "a@s", f"id:{i}", {})
+    assert s.transactions - before >= 200 // 16
+    assert [r.seq for r in await s.pending_inbox()] == list(range(1, 201))
+    await s.close()
+
+
+async def test_cancelled_queued_request_is_withdrawn_and_the_rest_complete(tmp_path: Path) -> None:
+    s = SqliteStore(tmp_path / "agent.sqlite3")
+    await s.open()
+    gate = threading.Event()
+    results: dict[str, int | None] = {}
+
+    async def accept(name: str) -> None:
+        results[name] = await s.accept("a@s", name, {"name": name})
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(s._call, lambda conn: gate.wait(10))  # a transaction in flight
+        await trio.testing.wait_all_tasks_blocked()
+        doomed = trio.CancelScope()
+
+        async def cancelled_accept() -> None:
+            with doomed:
+                await accept("doomed")
+
+        nursery.start_soon(cancelled_accept)  # queued first: it would lead the next transaction
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(accept, "kept1")
+        nursery.start_soon(accept, "kept2")
+        await trio.testing.wait_all_tasks_blocked()
+        doomed.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        gate.set()
+    assert "doomed" not in results
+    assert results == {"kept1": 1, "kept2": 2}
+    assert [r.payload["name"] for r in await s.pending_inbox()] == ["kept1", "kept2"]
+    await s.close()
+
+
+async def test_close_finishes_queued_work_and_then_refuses(tmp_path: Path) -> None:
+    path = tmp_path / "agent.sqlite3"
+    s = SqliteStore(path)
+    await s.open()
+    gate = threading.Event()
+    seqs: list[int | None] = []
+    closed = trio.Event()
+
+    async def accept(i: int) -> None:
+        seqs.append(await s.accept("a@s", f"id:{i}", {}))
+
+    async def close() -> None:
+        await s.close()
+        closed.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(s._call, lambda conn: gate.wait(10))  # a transaction in flight
+        await trio.testing.wait_all_tasks_blocked()
+        for i in range(20):
+            nursery.start_soon(accept, i)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(close)
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(StoreError, match="not open"):  # closing: new work is refused at once
+            await s.accept("a@s", "late", {})
+        assert not closed.is_set() and seqs == []
+        gate.set()
+    assert closed.is_set()
+    assert sorted(seqs) == list(range(1, 21))  # type: ignore[type-var]
+    again = SqliteStore(path)
+    await again.open()
+    assert len(await again.pending_inbox()) == 20
+    await again.close()
+
+
+async def test_old_dedupe_ids_are_pruned_after_the_ttl(tmp_path: Path) -> None:
+    now = [1_000_000.0]
+    s = SqliteStore(tmp_path / "agent.sqlite3", dedupe_ttl=3600.0, clock=lambda: now[0])
+    await s.open()
+    assert await s.accept("a@s", "i:1", {}) == 1
+    now[0] += 3000.0
+    assert await s.accept("a@s", "i:1", {}) is None  # within the ttl
+    now[0] += 3600.0
+    await s.accept("a@s", "i:2", {})  # a later transaction prunes ids older than the ttl
+    assert await s.accept("a@s", "i:1", {}) == 3
+    await s.close()
+
+
+async def test_second_store_on_the_same_file_fails_fast_as_locked(tmp_path: Path) -> None:
+    path = tmp_path / "agent.sqlite3"
+    first = SqliteStore(path)
+    await first.open()
+    second = SqliteStore(path)
+    with trio.fail_after(5):
+        with pytest.raises(StoreError, match="locked") as info:
+            await second.open()
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+    assert await first.accept("a@s", "i:1", {}) == 1  # the first one is unaffected
+    await first.close()
+    await second.open()  # the lock goes with the first store
+    assert [r.seq for r in await second.pending_inbox()] == [1]
+    await second.close()
+
+
+async def test_garbage_file_is_reported_as_corrupt_and_left_alone(tmp_path: Path) -> None:
+    path = tmp_path / "agent.sqlite3"
+    garbage = bytes(range(256)) * 64
+    path.write_bytes(garbage)
+    with pytest.raises(StoreError, match="corrupt or not a database") as info:
+        await SqliteStore(path).open()
+    assert "\n" not in str(info.value)
+    assert path.read_bytes() == garbage  # never a silent reset
+
+
+async def test_foreign_sqlite_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "other.sqlite3"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE customers (id INTEGER)")
+    conn.close()
+    with pytest.raises(StoreError, match="not an agent store"):
+        await SqliteStore(path).open()
+
+
+async def test_newer_schema_version_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "agent.sqlite3"
+    s = SqliteStore(path)
+    await s.open()
+    await s.close()
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION + 1,))
+    conn.close()
+    with pytest.raises(StoreError, match=f"schema version {SCHEMA_VERSION + 1} is newer"):
+        await SqliteStore(path).open()
+
+
+CHILD = """
+import sys, trio
+from pathlib import Path
+from runtime.sqlite_store import SqliteStore
+
+async def main() -> None:
+    store = SqliteStore(Path(sys.argv[1]))
+    await store.open()
+    print("open", flush=True)
+
+    async def writer(w: int) -> None:
+        for i in range(100_000):
+            seq = await store.accept(f"k{w}@s", f"{w}:{i}", {"w": w, "i": i})
+            print(f"k{w}@s {seq} {i}", flush=True)
+
+    async with trio.open_nursery() as nursery:
+        for w in range(8):
+            nursery.start_soon(writer, w)
+
+trio.run(main)
+"""
+
+
+@pytest.mark.slow
+async def test_every_acknowledged_accept_survives_sigkill(tmp_path: Path) -> None:
+    path = tmp_path / "agent.sqlite3"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = await trio.lowlevel.open_process([sys.executable, "-c", CHILD, str(path)], cwd=ROOT, env=env,
+                                            stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    output = b""
+    try:
+        with trio.fail_after(30):
+            while output.count(b"\n") < 300:
+                chunk = await proc.stdout.receive_some()
+                assert chunk, "child exited early"
+                output += chunk
+            with pytest.raises(StoreError, match="locked"):  # a live process holds the file
+                await SqliteStore(path).open()
+            proc.send_signal(signal.SIGKILL)
+            await proc.wait()
+            while chunk := await proc.stdout.receive_some():
+                output += chunk
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await proc.stdout.aclose()
+    assert proc.returncode == -signal.SIGKILL
+    lines = output.split(b"\n")[1:-1]  # skip "open"; the last piece may be a partial line
+    printed = {(key, int(seq)): int(i) for key, seq, i in (line.decode().split() for line in lines)}
+    assert len(printed) >= 299
+
+    store = SqliteStore(path)
+    await store.open()
+    inbox = {(r.key, r.seq): r.payload["i"] for r in await store.pending_inbox()}
+    await store.close()
+    missing = {k: v for k, v in printed.items() if inbox.get(k) != v}
+    assert not missing, f"{len(missing)} acknowledged accepts lost, e.g. {list(missing.items())[:3]}"
