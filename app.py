@@ -6,6 +6,8 @@ Run with ``hypercorn --worker-class trio --bind 127.0.0.1:5000 app:app``.
 from __future__ import annotations
 
 import hmac
+import logging
+import os
 import json
 import sys
 from functools import wraps
@@ -24,6 +26,7 @@ from actors.settings import ConfigError, Settings, load_settings
 from actors.state import seed_messages
 from runtime.logs import configure_logging
 from runtime.registry import MailboxFull, ShuttingDown
+from runtime.store import StoreError
 
 LOOPBACK = {"127.0.0.1", "::1", "localhost", "<local>"}
 MAX_JSON_DEPTH = 32
@@ -70,6 +73,14 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
             max_bytes=settings.log_max_bytes, backup_count=settings.log_backup_count,
             json_lines=settings.log_json, secrets=settings.secret_values(), stderr=settings.log_stderr,
         )
+        try:
+            await svc.store.open()
+        except StoreError as exc:
+            # One clear line, then stop the worker at once: raising here would make hypercorn print a
+            # traceback, and SystemExit would make it carry on serving without lifespan support.
+            print(f"Store error: {exc}", file=sys.stderr, flush=True)
+            logging.shutdown()
+            os._exit(3)
         await app.nursery.start(svc.run)
 
     @app.after_serving

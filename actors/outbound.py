@@ -258,6 +258,7 @@ class OutboundSender:
         self._outbox: Deque[OutboxEntry] = collections.deque(maxlen=OUTBOX_KEPT)
         self._outbox_seq = 0
         self._typing: set[str] = set()
+        self._drained: trio.Event | None = None
         self._queued = 0
         self._in_flight = 0
         self._sent = 0
@@ -309,6 +310,12 @@ class OutboundSender:
         self._queued += 1
         if self._nursery is not None:
             self._nursery.start_soon(self._worker, message.jid)
+
+    async def drain(self) -> None:
+        """Wait until every queued reply was sent or given up (the caller bounds it with a cancel scope)."""
+        while self._queues:
+            self._drained = trio.Event()
+            await self._drained.wait()
 
     async def typing(self, jid: str, instances: Iterable[str] = ()) -> None:
         """Show "typing…" in the chat, best effort: returns at once (the call runs in the supervisor's
@@ -371,6 +378,8 @@ class OutboundSender:
                 except Exception:
                     log.exception("Outbound: on_settled callback failed for %s", jid)
         del self._queues[jid]  # no checkpoint since the emptiness check: submit() cannot slip in between
+        if not self._queues and self._drained is not None:
+            self._drained.set()
         self._prune_last_sent()
 
     async def _deliver(self, message: OutboundMessage) -> Delivery:

@@ -75,7 +75,7 @@ class Service:
         """Open the store, start every supervisor and the registry, recover pending work, serve."""
         settings = self.settings
         self.clock = Clock()
-        await self.store.open()
+        await self.store.open()   # idempotent: app.py opens it first to report a bad database in one line
         limits = httpx.Limits(max_connections=200, max_keepalive_connections=50)
         timeout = httpx.Timeout(settings.http_timeout)
         try:
@@ -117,12 +117,18 @@ class Service:
                 await self.store.close()
 
     async def shutdown(self, grace: float) -> None:
-        """Stop accepting, let turns in flight finish for up to ``grace`` seconds, then stop everything."""
-        if self.registry is not None:
-            with trio.move_on_after(grace) as scope:
+        """Stop accepting, let turns in flight finish and their replies go out for up to ``grace``
+        seconds, then stop everything. What is unfinished stays in the store for the next start."""
+        log.info("Shutdown: no longer accepting messages; finishing turns in flight (up to %.0fs)", grace)
+        with trio.move_on_after(grace) as scope:
+            if self.registry is not None:
                 await self.registry.drain()
-            if scope.cancelled_caught:
-                log.warning("Shutdown: turns still running after %.0fs; they stay in the inbox for the next start", grace)
+            if self.outbound is not None:
+                await self.outbound.drain()
+        if scope.cancelled_caught:
+            log.warning("Shutdown: work still in flight after %.0fs; it stays in the store for the next start", grace)
+        else:
+            log.info("Shutdown: every turn finished and every reply was handed over")
         if self._cancel is not None:
             self._cancel.cancel()
 

@@ -27,7 +27,8 @@ Group commit
 
 Opening
     ``open()`` takes an exclusive lock on the file (``locking_mode=EXCLUSIVE``, held until
-    ``close()``), runs ``PRAGMA quick_check`` and migrates the schema (``schema_version`` table).
+    ``close()``; no other connection, not even the ``sqlite3`` shell, may hold the file open
+    meanwhile), runs ``PRAGMA quick_check`` and migrates the schema (``schema_version`` table).
     A file that is not a database or is malformed, a file locked by another running process, a
     SQLite file that is not an agent store, or a newer schema version raises ``StoreError`` with
     one line naming the file. Nothing is ever reset silently.

@@ -44,6 +44,8 @@ async def test_flooder_is_capped_and_others_unaffected(tmp_path) -> None:  # typ
         await wait_for(lambda: actor.state.messages_in == 200)  # type: ignore[union-attr]
         flooder_prompts = [p for p in provider.prompts if p.messages[-1].content.startswith("spam")]
         assert len(flooder_prompts) == 20
+        await wait_for(lambda: len(service.outbound.outbox_entries(jid=FLOODER, limit=1000)) >= 21)  # type: ignore[union-attr]
+        await trio.sleep(0.05)
         texts = [e.text for e in service.outbound.outbox_entries(jid=FLOODER, limit=1000)]
         assert texts.count(service.texts.flood_notice) == 1          # one notice per minute at most
         assert len(texts) == 21

@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+from functools import partial
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
@@ -232,6 +233,7 @@ async def test_cancelled_queued_request_is_withdrawn_and_the_rest_complete(tmp_p
         nursery.start_soon(cancelled_accept)  # queued first: it would lead the next transaction
         await trio.testing.wait_all_tasks_blocked()
         nursery.start_soon(accept, "kept1")
+        await trio.testing.wait_all_tasks_blocked()
         nursery.start_soon(accept, "kept2")
         await trio.testing.wait_all_tasks_blocked()
         doomed.cancel()
@@ -240,6 +242,65 @@ async def test_cancelled_queued_request_is_withdrawn_and_the_rest_complete(tmp_p
     assert "doomed" not in results
     assert results == {"kept1": 1, "kept2": 2}
     assert [r.payload["name"] for r in await s.pending_inbox()] == ["kept1", "kept2"]
+    await s.close()
+
+
+async def test_cancelled_request_already_in_a_transaction_gets_its_result(tmp_path: Path) -> None:
+    s = SqliteStore(tmp_path / "agent.sqlite3")
+    await s.open()
+    first, second, entered = threading.Event(), threading.Event(), threading.Event()
+    results: dict[str, int | None] = {}
+    scope = trio.CancelScope()
+
+    async def accept_then_get_cancelled() -> None:
+        with scope:
+            results["x"] = await s.accept("a@s", "x", {})
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(s._call, lambda conn: first.wait(10))
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(s._call, lambda conn: (entered.set(), second.wait(10)))  # leads the next one...
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(accept_then_get_cancelled)  # ...which also takes this accept
+        await trio.testing.wait_all_tasks_blocked()
+        first.set()
+        await trio.to_thread.run_sync(entered.wait, 10)  # the second transaction (with the accept) runs
+        scope.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        second.set()
+    assert results == {"x": 1}
+    assert [r.seq for r in await s.pending_inbox()] == [1]
+    await s.close()
+
+
+async def test_a_failing_operation_fails_only_its_caller(tmp_path: Path) -> None:
+    s = SqliteStore(tmp_path / "agent.sqlite3")
+    await s.open()
+    gate = threading.Event()
+    seqs: list[int | None] = []
+    errors: list[StoreError] = []
+
+    async def accept(i: int) -> None:
+        seqs.append(await s.accept("a@s", f"id:{i}", {"i": i}))
+
+    async def broken() -> None:
+        try:
+            await s._call(lambda conn: conn.execute("INSERT INTO no_such_table VALUES (1)"))
+        except StoreError as exc:
+            errors.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(s._call, lambda conn: gate.wait(10))
+        await trio.testing.wait_all_tasks_blocked()
+        before = s.transactions
+        for start in (partial(accept, 1), broken, partial(accept, 2)):  # queued in this order,
+            nursery.start_soon(start)  # so they share the next transaction
+            await trio.testing.wait_all_tasks_blocked()
+        gate.set()
+    assert len(errors) == 1 and "no such table" in str(errors[0])
+    assert sorted(seqs) == [1, 2]  # type: ignore[type-var]
+    assert s.transactions - before == 2  # the gate's transaction, then the accepts' (rerun once)
+    assert [r.payload["i"] for r in await s.pending_inbox()] == [1, 2]
     await s.close()
 
 

@@ -1,0 +1,361 @@
+"""The fallback supervisor with real SDK providers against local fakes.
+
+Tests that wait on timeouts, cool-downs or Retry-After run on trio's MockClock (the ``clock``
+fixture): it jumps to the next deadline once every task has been blocked for 50 real milliseconds,
+so a 20 s timeout costs no real time. (Not a zero threshold: the openai and anthropic SDKs detect the
+platform in a worker thread on a client's first request, and a jump while that thread runs would fire
+a timeout the test did not mean.)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import AsyncIterator
+
+import attrs
+import pytest
+import trio
+from trio.testing import MockClock
+
+from actors.llm.base import ChatMessage, Prompt
+from actors.llm.chain import ProviderChain, build_chain
+from actors.settings import Settings, load_settings
+from tests.fakes.llm import (
+    GEMINI_BAD_KEY_BODY,
+    AnthropicFake,
+    Fail,
+    FakeAPI,
+    GeminiFake,
+    Hang,
+    HuggingFaceFake,
+    OpenAIFake,
+    Reply,
+    refused_url,
+)
+from tests.fakes.server import running_server
+
+POLITE = "Gracias por contactarnos. En este momento estamos experimentando dificultades técnicas..."
+CUSTOMER_TEXT = "Hola, mi cédula es 30111222 y quiero agendar una cita"
+PROMPT = Prompt("Eres el asistente.", (ChatMessage("user", CUSTOMER_TEXT),))
+LOGGER = "python-agent"
+
+FAKES = {"openai": OpenAIFake, "ollama": OpenAIFake, "anthropic": AnthropicFake, "gemini": GeminiFake,
+         "huggingface": HuggingFaceFake}
+KEYS = {"openai": "sk-openai-SECRET-1111", "anthropic": "sk-ant-SECRET-2222", "gemini": "AIzaSECRET3333",
+        "huggingface": "hf_SECRET4444", "ollama": "ollama-SECRET-5555"}
+
+
+@pytest.fixture
+def clock() -> MockClock:
+    return MockClock(autojump_threshold=0.05)
+
+
+def provider_env(name: str, url: str) -> dict[str, str]:
+    prefix = {"huggingface": "HF"}.get(name, name.upper())
+    key_var = "HUGGINGFACE_API_KEY" if name == "huggingface" else f"{name.upper()}_API_KEY"
+    base = f"{url}/v1" if name == "ollama" else url
+    return {key_var: KEYS[name], f"{prefix}_BASE_URL": base, f"{prefix}_MODEL": f"{name}-model"}
+
+
+def settings(order: list[str], urls: dict[str, str], **env: str) -> Settings:
+    values = {"LLM_PROVIDER": order[0], "LLM_PROVIDER_FALLBACK": ",".join(order[1:]), **env}
+    for name, url in urls.items():
+        values.update(provider_env(name, url))
+    return load_settings(values, dotenv_file=None)
+
+
+@asynccontextmanager
+async def chain_with(order: list[str], *, refused: tuple[str, ...] = (), **env: str
+                     ) -> AsyncIterator[tuple[ProviderChain, dict[str, FakeAPI]]]:
+    """Serve a fake per provider in ``order`` (except ``refused``: a closed port) and build the chain."""
+    fakes: dict[str, FakeAPI] = {}
+    urls: dict[str, str] = {}
+    async with AsyncExitStack() as stack:
+        for name in order:
+            if name in refused:
+                urls[name] = refused_url()
+            else:
+                fakes[name] = FAKES[name]()
+                urls[name] = await stack.enter_async_context(running_server(fakes[name]))
+        chain = build_chain(settings(order, urls, **env), POLITE)
+        try:
+            yield chain, fakes
+        finally:
+            for fake in fakes.values():
+                fake.release()
+            await chain.aclose()
+
+
+def records(caplog: pytest.LogCaptureFixture) -> list[tuple[str, int, str]]:
+    return [(r.name, r.levelno, r.getMessage()) for r in caplog.records if r.name == LOGGER]
+
+
+def stats_of(chain: ProviderChain, name: str):
+    return next(p for p in chain.statistics().providers if p.name == name)
+
+
+# -- fallback ------------------------------------------------------------------------------
+FAILURES = {
+    # case: (primary, how it fails, the safe reason logged)
+    "429": ("gemini", Fail(429), "429 RESOURCE_EXHAUSTED"),
+    "500": ("anthropic", Fail(500), "500 api_error"),
+    "timeout": ("ollama", Hang(), "timeout after 20s"),
+    "refused": ("huggingface", None, "connection error (ConnectError)"),
+}
+
+
+@pytest.mark.parametrize("case", list(FAILURES))
+async def test_fallback_when_the_primary_fails(case: str, clock, caplog) -> None:
+    caplog.set_level(logging.INFO)
+    primary, behaviour, reason = FAILURES[case]
+    async with chain_with([primary, "openai"], refused=(primary,) if behaviour is None else ()) as (chain, fakes):
+        if behaviour is not None:
+            fakes[primary].script(behaviour)
+        fakes["openai"].script(Reply("respuesta de respaldo"))
+        answer = await chain.ask(PROMPT)
+        stats = chain.statistics()
+
+    assert (answer.text, answer.provider, answer.fallback_used) == ("respuesta de respaldo", "openai", True)
+    assert records(caplog) == [
+        (LOGGER, logging.INFO, f"LLM providers in order: {primary}, openai"),
+        (LOGGER, logging.ERROR, f"Error con LLM provider principal ({primary}): {reason}"),
+        (LOGGER, logging.WARNING, "⚠️ Intentando con proveedor de respaldo: openai"),
+        (LOGGER, logging.INFO, "✅ Respuesta exitosa con proveedor de respaldo: openai"),
+    ]
+    assert fakes["openai"].requests[0].json["messages"][-1] == {"role": "user", "content": CUSTOMER_TEXT}
+    assert (stats.asks, stats.fallbacks_used, stats.polite_answers) == (1, 1, 0)
+    primary_stats = next(p for p in stats.providers if p.name == primary)
+    assert sum(primary_stats.failures.values()) == 1 and primary_stats.last_error == reason
+
+
+async def test_all_failing_gives_the_polite_text(caplog) -> None:
+    caplog.set_level(logging.INFO)
+    async with chain_with(["openai", "anthropic"]) as (chain, fakes):
+        fakes["openai"].script(Fail(500))
+        fakes["anthropic"].script(Fail(500))
+        answer = await chain.ask(PROMPT)
+        stats = chain.statistics()
+    assert (answer.text, answer.provider, answer.failed) == (POLITE, None, True)
+    assert (LOGGER, logging.ERROR, "❌ Error también con proveedor de respaldo (anthropic): 500 api_error") in records(caplog)
+    assert (stats.asks, stats.fallbacks_used, stats.polite_answers) == (1, 0, 1)
+
+
+async def test_three_providers_are_tried_in_order(caplog) -> None:
+    caplog.set_level(logging.INFO)
+    async with chain_with(["gemini", "anthropic", "openai"]) as (chain, fakes):
+        fakes["gemini"].script(Fail(429))
+        fakes["anthropic"].script(Fail(500))
+        fakes["openai"].script(Reply("tercero"))
+        answer = await chain.ask(PROMPT)
+    assert (answer.text, answer.provider) == ("tercero", "openai")
+    assert [f.calls for f in fakes.values()] == [1, 1, 1]
+    assert [m for _, _, m in records(caplog)][1:] == [
+        "Error con LLM provider principal (gemini): 429 RESOURCE_EXHAUSTED",
+        "⚠️ Intentando con proveedor de respaldo: anthropic",
+        "❌ Error también con proveedor de respaldo (anthropic): 500 api_error",
+        "⚠️ Intentando con proveedor de respaldo: openai",
+        "✅ Respuesta exitosa con proveedor de respaldo: openai",
+    ]
+
+
+async def test_a_provider_listed_twice_is_tried_once() -> None:
+    async with chain_with(["openai", "anthropic"], LLM_PROVIDER_FALLBACK="openai,anthropic,openai") as (chain, fakes):
+        fakes["openai"].script(Fail(500))
+        fakes["anthropic"].script(Fail(500))
+        answer = await chain.ask(PROMPT)
+    assert answer.failed
+    assert [p.name for p in chain.statistics().providers] == ["openai", "anthropic"]
+    assert fakes["openai"].calls == 1
+
+
+async def test_unavailable_provider_is_skipped_and_logged_once(caplog) -> None:
+    caplog.set_level(logging.INFO)
+    async with chain_with(["openai"], LLM_PROVIDER_FALLBACK="anthropic,openai") as (chain, fakes):
+        fakes["openai"].default = Fail(500)
+        for _ in range(3):
+            assert (await chain.ask(PROMPT)).failed
+        stats = stats_of(chain, "anthropic")
+    unavailable = [m for _, level, m in records(caplog) if "unavailable" in m]
+    assert unavailable == ["LLM provider anthropic is unavailable (no API key configured): it will be skipped"]
+    assert (stats.configured, stats.available, stats.calls) == (False, False, 0)
+
+
+# -- circuit breaker -----------------------------------------------------------------------
+async def test_hanging_primary_opens_the_circuit(clock) -> None:
+    async with chain_with(["openai", "anthropic"]) as (chain, fakes):
+        fakes["openai"].default = Hang()
+        start = trio.current_time()
+        answers = []
+        for _ in range(50):
+            answers.append(await chain.ask(PROMPT))
+            await trio.sleep(1)  # messages arrive one second apart
+        elapsed = trio.current_time() - start
+        stats = stats_of(chain, "openai")
+
+    threshold, timeout = 3, 20.0  # config.toml defaults
+    assert all(a.provider == "anthropic" for a in answers)
+    # three timeouts open the circuit; after the 30 s cool-down one probe times out and reopens it
+    assert fakes["openai"].calls == threshold + 1
+    assert elapsed < 50 * timeout / 5
+    assert stats.circuit == "open" and 0 < stats.reopens_in_seconds <= 30
+    assert stats.failures == {"timeout": threshold + 1}
+    assert not stats.available
+
+
+async def test_half_open_sends_exactly_one_probe_and_its_success_closes(clock) -> None:
+    async with chain_with(["openai", "anthropic"], CIRCUIT_COOLDOWN_SECONDS="30") as (chain, fakes):
+        fakes["openai"].script(Fail(500), Fail(500), Fail(500), Reply("sondeo", delay=5.0))
+        for _ in range(4):  # three failures open the circuit; the fourth ask does not reach openai
+            assert (await chain.ask(PROMPT)).provider == "anthropic"
+        assert fakes["openai"].calls == 3
+        assert stats_of(chain, "openai").circuit == "open"
+
+        await trio.sleep(30)
+        assert stats_of(chain, "openai").circuit == "half_open"
+        answers: list = []
+
+        async def ask() -> None:
+            answers.append(await chain.ask(PROMPT))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(5):
+                nursery.start_soon(ask)
+        assert fakes["openai"].calls == 4  # one probe among five concurrent asks
+        assert sorted(a.provider for a in answers) == ["anthropic"] * 4 + ["openai"]
+        assert stats_of(chain, "openai").circuit == "closed"
+        assert (await chain.ask(PROMPT)).provider == "openai"
+
+
+async def test_auth_failure_opens_the_circuit_at_once(caplog) -> None:
+    async with chain_with(["openai", "anthropic"]) as (chain, fakes):
+        fakes["openai"].default = Fail(401)
+        assert (await chain.ask(PROMPT)).provider == "anthropic"
+        assert (await chain.ask(PROMPT)).provider == "anthropic"
+        stats = stats_of(chain, "openai")
+    assert fakes["openai"].calls == 1
+    assert (stats.circuit, stats.failures, stats.last_error) == ("open", {"auth": 1}, "401 invalid_api_key")
+
+
+# -- Retry-After ---------------------------------------------------------------------------
+async def test_retry_after_within_budget_retries_the_same_provider(clock) -> None:
+    async with chain_with(["openai", "anthropic"], LLM_RETRY_AFTER_BUDGET="2") as (chain, fakes):
+        fakes["openai"].script(Fail(429, retry_after="1.5"), Reply("tras esperar"))
+        start = trio.current_time()
+        answer = await chain.ask(PROMPT)
+        elapsed = trio.current_time() - start
+    assert (answer.text, answer.provider, answer.fallback_used) == ("tras esperar", "openai", False)
+    assert (fakes["openai"].calls, fakes["anthropic"].calls) == (2, 0)
+    assert 1.5 <= elapsed < 2.5
+
+
+async def test_retry_after_is_honoured_only_once(clock) -> None:
+    async with chain_with(["openai", "anthropic"]) as (chain, fakes):
+        fakes["openai"].script(Fail(429, retry_after="1"), Fail(429, retry_after="1"))
+        answer = await chain.ask(PROMPT)
+    assert answer.provider == "anthropic"
+    assert fakes["openai"].calls == 2
+
+
+async def test_retry_after_beyond_budget_moves_on_at_once(clock) -> None:
+    async with chain_with(["openai", "anthropic"], LLM_RETRY_AFTER_BUDGET="2") as (chain, fakes):
+        fakes["openai"].script(Fail(429, retry_after="30"))
+        start = trio.current_time()
+        answer = await chain.ask(PROMPT)
+        elapsed = trio.current_time() - start
+    assert answer.provider == "anthropic"
+    assert (fakes["openai"].calls, fakes["anthropic"].calls) == (1, 1)
+    assert elapsed < 1
+
+
+# -- concurrency and deadlines --------------------------------------------------------------
+async def test_concurrency_per_provider_is_bounded(clock) -> None:
+    async with chain_with(["openai"], LLM_CONCURRENCY="4") as (chain, fakes):
+        fakes["openai"].default = Reply("lento", delay=0.5)
+        answers: list = []
+        peak_waiting = 0
+
+        async def ask() -> None:
+            answers.append(await chain.ask(PROMPT))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(100):
+                nursery.start_soon(ask)
+            await trio.sleep(0.25)
+            peak_waiting = stats_of(chain, "openai").waiting
+        stats = stats_of(chain, "openai")
+    assert len(answers) == 100 and all(a.provider == "openai" for a in answers)
+    assert fakes["openai"].max_in_flight == 4
+    assert peak_waiting == 96
+    assert (stats.in_flight, stats.waiting, stats.calls, stats.successes) == (0, 0, 100, 100)
+
+
+async def test_turn_deadline_answers_the_polite_text(clock, caplog) -> None:
+    caplog.set_level(logging.INFO)
+    async with chain_with(["openai", "anthropic"], TURN_DEADLINE_SECONDS="25") as (chain, fakes):
+        fakes["openai"].default = Hang()
+        fakes["anthropic"].default = Hang()
+        start = trio.current_time()
+        answer = await chain.ask(PROMPT)
+        elapsed = trio.current_time() - start
+        stats = chain.statistics()
+    assert answer.text == POLITE and answer.failed
+    assert 25 <= elapsed < 26
+    assert (stats.polite_answers, stats.deadline_exceeded) == (1, 1)
+    # openai timed out (a failure); anthropic was cut by the deadline (not its fault)
+    assert [sum(p.failures.values()) for p in stats.providers] == [1, 0]
+    assert (LOGGER, logging.ERROR, "LLM turn deadline of 25s exceeded: answering with the polite text") in records(caplog)
+
+
+# -- statistics and logs -------------------------------------------------------------------
+async def test_statistics_snapshot_is_frozen_and_json_serialisable() -> None:
+    async with chain_with(["openai", "anthropic"]) as (chain, fakes):
+        fakes["openai"].script(Reply("a"), Fail(500), Reply("b"))
+        for _ in range(3):
+            await chain.ask(PROMPT)
+        stats = chain.statistics()
+    document = json.loads(json.dumps(attrs.asdict(stats)))
+    openai_stats = document["providers"][0]
+    assert openai_stats["name"] == "openai" and openai_stats["circuit"] == "closed"
+    assert (openai_stats["calls"], openai_stats["successes"], openai_stats["failures"]) == (3, 2, {"server": 1})
+    assert openai_stats["latency_p50_ms"] is not None and openai_stats["latency_p95_ms"] >= openai_stats["latency_p50_ms"]
+    assert (document["asks"], document["fallbacks_used"], document["polite_answers"]) == (3, 1, 0)
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        stats.asks = 0  # type: ignore[misc]
+
+
+async def test_no_secret_or_prompt_in_logs(caplog) -> None:
+    caplog.set_level(logging.DEBUG)
+    order = ["gemini", "anthropic", "huggingface", "openai", "ollama"]
+    async with chain_with(order, OLLAMA_API_KEY=KEYS["ollama"]) as (chain, fakes):
+        fakes["gemini"].script(Fail(429), Fail(400, body=GEMINI_BAD_KEY_BODY))
+        fakes["anthropic"].script(Fail(401), Fail(401))
+        fakes["huggingface"].script(Fail(401), Fail(403))
+        fakes["openai"].script(Fail(401), Fail(401))
+        fakes["ollama"].script(Reply("ok"), Fail(500))
+        first = await chain.ask(PROMPT)
+        second = await chain.ask(PROMPT)
+    assert first.provider == "ollama" and second.failed
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("401" in line for line in lines)
+    for key in KEYS.values():
+        assert not [line for line in lines if key in line], key
+    loud = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert not [line for line in loud if CUSTOMER_TEXT in line or "30111222" in line]
+
+
+async def test_build_chain_follows_the_provider_order() -> None:
+    chain = build_chain(
+        load_settings({"LLM_PROVIDER": "gemini", "LLM_PROVIDER_FALLBACK": "openai,gemini,offline",
+                       "OPENAI_API_KEY": "sk-x", "OPENAI_BASE_URL": refused_url()}, dotenv_file=None),
+        POLITE,
+    )
+    try:
+        stats = chain.statistics()
+        assert [(p.name, p.configured) for p in stats.providers] == [("gemini", False), ("openai", True), ("offline", True)]
+        answer = await chain.ask(Prompt("", (ChatMessage("user", "quiero reservar un turno"),)))
+    finally:
+        await chain.aclose()
+    # gemini has no key and is skipped; openai's connection is refused; offline answers with the booking JSON
+    assert answer.provider == "offline" and '"accion": "reserva"' in answer.text
