@@ -110,18 +110,21 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
 
     @app.errorhandler(HTTPException)
     async def http_error(error: HTTPException) -> Response:
-        return _error(error.code or 500, error.description or error.name)
+        # The request body may be unread (e.g. 413): close the connection rather than reuse it.
+        return _error(error.code or 500, error.description or error.name, Connection="close")
 
     # -- webhook -----------------------------------------------------------------------------
 
     @app.post("/webhook")
     @app.post("/webhook/<path:event>")
     async def webhook(event: str = "") -> Response:
+        # Read the (size-limited) body first, even for a request about to be refused: answering
+        # with the body unread leaves the keep-alive connection stuck for the client's next request.
+        raw = await request.get_data(as_text=False)
         if settings.webhook_secret:
             supplied = request.headers.get("x-webhook-token") or request.args.get("token") or ""
             if not hmac.compare_digest(supplied.encode(), settings.webhook_secret.encode()):
                 return _error(401, "webhook token missing or wrong")
-        raw = await request.get_data(as_text=False)
         try:
             payload = json.loads(raw)
         except (ValueError, RecursionError):

@@ -309,16 +309,12 @@ class ConversationActor:
         limit = ctx.settings.max_messages
         history = [ChatMessage(e.role, e.content) for e in self.state.window[-limit:]]
         history[-1] = ChatMessage(USER, self._model_text(items))
-        for index in range(len(items) - 1):  # merged turn: the earlier texts are one user message
+        for _ in range(min(len(items), len(history)) - 1):  # merged turn: one user message for all
             history.pop(-2)
         history = history[-limit:]
         prompt = Prompt(system=ctx.texts.agent_instruction, messages=tuple(history))
         last = items[-1].message
-        if ctx.settings.typing_presence:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(ctx.outbound.typing, last.jid, last.instances)
-                answer = await ctx.chain.ask(prompt)
-            return answer
+        await ctx.outbound.typing(last.jid, last.instances)   # returns at once; best effort
         return await ctx.chain.ask(prompt)
 
     def _model_text(self, items: list[Accepted]) -> str:
