@@ -255,6 +255,7 @@ class Service:
     async def _expire_stored(self, idle_before: float) -> None:
         live = set(self.registry.keys()) if self.registry is not None else set()
         gone = await self.store.expire(idle_before, keep=live)
+        self._aliases = {alias: key for alias, key in self._aliases.items() if key in live}
         if gone:
             log.info("Expired %d stored conversations idle for over %.0fs", len(gone), self.settings.actor_idle_ttl)
 

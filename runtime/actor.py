@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from contextvars import ContextVar
 from collections import deque
 from typing import Any, Generic, Protocol, Sequence, TypeVar
 
@@ -12,6 +13,10 @@ from .mailbox import Mailbox
 
 M = TypeVar("M")
 log = logging.getLogger("python-agent")
+
+#: The key of the actor whose task is running (None outside actors). Tasks spawned from an actor's
+#: task (e.g. its outbound deliveries) inherit it; the log setup stamps it on every record.
+current_actor: ContextVar[str | None] = ContextVar("current_actor", default=None)
 
 
 class Actor(Protocol[M]):

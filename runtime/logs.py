@@ -39,6 +39,8 @@ from pathlib import Path
 from typing import Iterable
 from urllib.parse import quote
 
+from .actor import current_actor
+
 __all__ = ["configure_logging", "add_secret", "redact", "RedactionFilter", "GzipRotatingFileHandler"]
 
 REDACTED = "[REDACTED]"
@@ -129,6 +131,27 @@ class RedactionFilter(logging.Filter):
             record.stack_info = redact(record.stack_info)
         record._redacted = True
         return True
+
+
+class ActorContextFilter(logging.Filter):
+    """Stamps ``record.jid`` with the key of the actor whose task logged it (unless already set)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "jid", None) is None:
+            record.jid = current_actor.get()
+        return True
+
+
+class LineFormatter(logging.Formatter):
+    """The seed's line format; a record about a conversation ends with ``[jid]`` unless its text names it."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        jid = getattr(record, "jid", None)
+        if jid and jid not in record.getMessage():
+            first, newline, rest = text.partition("\n")
+            text = f"{first} [{jid}]{newline}{rest}"
+        return text
 
 
 class JsonLinesFormatter(logging.Formatter):
@@ -231,8 +254,9 @@ def configure_logging(
 
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
-    formatter = JsonLinesFormatter() if json_lines else logging.Formatter(LINE_FORMAT, DATE_FORMAT)
+    formatter = JsonLinesFormatter() if json_lines else LineFormatter(LINE_FORMAT, DATE_FORMAT)
     redaction = RedactionFilter()
+    context = ActorContextFilter()
     handlers: list[logging.Handler] = [
         GzipRotatingFileHandler(log_dir / log_file, max_bytes=max_bytes, backup_count=backup_count)
     ]
@@ -246,6 +270,7 @@ def configure_logging(
     for handler in handlers:
         setattr(handler, _OWNED, True)
         handler.setFormatter(formatter)
+        handler.addFilter(context)
         handler.addFilter(redaction)
         root.addHandler(handler)
     root.setLevel(numeric_level)

@@ -16,7 +16,7 @@ from typing import Awaitable, Callable, Generic, Iterator, TypeVar
 import attrs
 import trio
 
-from .actor import Actor, ActorCell, ActorStatistics
+from .actor import Actor, ActorCell, ActorStatistics, current_actor
 from .clock import Clock
 from .mailbox import Mailbox, MailboxClosed, MailboxFull
 
@@ -153,6 +153,7 @@ class Registry(Generic[M]):
             self._nursery.start_soon(self._run_cell, cell, name=f"actor:{key}")
 
     async def _run_cell(self, cell: ActorCell[M]) -> None:
+        current_actor.set(cell.key)  # this task's own context: log lines carry the actor's key
         try:
             while (first := cell.mailbox.take()) is not None:
                 batch = [first]

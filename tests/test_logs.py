@@ -185,3 +185,26 @@ def test_rejects_bad_arguments(tmp_path: Path) -> None:
         configure_logging(log_dir=tmp_path, level="LOUD")
     with pytest.raises(ValueError):
         configure_logging(log_dir=tmp_path, max_bytes=0)
+
+
+async def test_lines_about_a_conversation_carry_the_jid(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Whatever an actor's task logs (or a task it spawned) names the actor's JID, in both formats."""
+    import trio
+
+    from runtime.actor import current_actor
+
+    configure_logging(log_dir=tmp_path, json_lines=False, stderr=False)
+    log = logging.getLogger("python-agent")
+
+    async def actor_task() -> None:
+        current_actor.set("5491131376731@s.whatsapp.net")
+        log.info("[RESPUESTA DEL LLM]: hola")
+        log.info("Processing message from 5491131376731@s.whatsapp.net: hola")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(actor_task)
+    log.info("not about a conversation")
+    lines = (tmp_path / "agent.log").read_text().splitlines()
+    assert lines[0].endswith("python-agent: [RESPUESTA DEL LLM]: hola [5491131376731@s.whatsapp.net]")
+    assert lines[1].endswith("Processing message from 5491131376731@s.whatsapp.net: hola")
+    assert lines[2].endswith("python-agent: not about a conversation")
