@@ -244,6 +244,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
         if svc.crm is not None:
             body["crm"] = attrs.asdict(svc.crm.statistics())
         body["intake"] = {"received": svc.received, "ignored": dict(svc.ignored)}
+        body["dead_letters"] = [attrs.asdict(row) for row in await svc.store.dead_letters(20)]
         return _json(body)
 
     @app.get("/metrics")

@@ -233,11 +233,19 @@ class Service:
             if isinstance(actor, ConversationActor):
                 for message_id in delivery.message_ids:
                     actor.note_sent(message_id)
-        if message.outbox_id is not None:
+        if message.outbox_id is None:
+            return
+        if delivery.status == "sent":
             await self.store.settle(message.outbox_id)
+        else:
+            await self.store.bury(message.outbox_id, delivery.error or "not delivered")
 
     async def _crm_done(self, request: LeadRequest, outcome: str) -> None:
-        if request.job_id is not None:
+        if request.job_id is None:
+            return
+        if outcome == "failed":
+            await self.store.bury(request.job_id, "CRM registration given up (see the [CRM] log lines)")
+        else:
             await self.store.settle(request.job_id)
 
     async def _lead_created(self, jid: str, lead_id: int) -> None:

@@ -48,9 +48,10 @@ from typing import Any, Callable, Collection, Literal, Sequence
 
 import trio
 
-from .store import InboxRow, OutboxRow, StoreError
+from .store import DeadLetterRow, InboxRow, OutboxRow, StoreError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+DEAD_LETTERS_KEPT = 1000
 
 # MIGRATIONS[n] brings a database from version n-1 to version n.
 MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -65,6 +66,10 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL,"
         " kind TEXT NOT NULL, payload TEXT NOT NULL)",
         "CREATE INDEX outbox_key ON outbox (key)",
+    ),
+    2: (
+        "CREATE TABLE dead_letters (id INTEGER PRIMARY KEY, key TEXT NOT NULL, kind TEXT NOT NULL,"
+        " payload TEXT NOT NULL, reason TEXT NOT NULL, at REAL NOT NULL)",
     ),
 }
 
@@ -219,6 +224,29 @@ class SqliteStore:
     async def settle(self, outbox_id: int) -> None:
         """Delete a performed (or given up) outbox row."""
         await self._call(lambda conn: conn.execute("DELETE FROM outbox WHERE id = ?", (outbox_id,)))
+
+    async def bury(self, outbox_id: int, reason: str) -> None:
+        """Move a job that was given up from the outbox to the dead letters (the newest 1,000 are kept)."""
+        now = self._clock()
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT OR REPLACE INTO dead_letters (id, key, kind, payload, reason, at)"
+                         " SELECT id, key, kind, payload, ?, ? FROM outbox WHERE id = ?", (reason[:500], now, outbox_id))
+            conn.execute("DELETE FROM outbox WHERE id = ?", (outbox_id,))
+            conn.execute("DELETE FROM dead_letters WHERE id NOT IN"
+                         " (SELECT id FROM dead_letters ORDER BY at DESC, id DESC LIMIT ?)", (DEAD_LETTERS_KEPT,))
+
+        await self._call(op)
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetterRow]:
+        """The newest dead letters, newest first."""
+
+        def op(conn: sqlite3.Connection) -> list[DeadLetterRow]:
+            rows = conn.execute("SELECT id, key, kind, payload, reason, at FROM dead_letters"
+                                " ORDER BY at DESC, id DESC LIMIT ?", (limit,))
+            return [DeadLetterRow(i, k, kind, json.loads(p), r, at) for i, k, kind, p, r, at in rows]
+
+        return await self._call(op)  # type: ignore[no-any-return]
 
     async def pending_inbox(self) -> list[InboxRow]:
         """Accepted but unacknowledged messages, per key in sequence order."""

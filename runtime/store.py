@@ -7,6 +7,8 @@ Keys are actor keys; payloads and states are JSON-able dicts. The SQLite impleme
 from __future__ import annotations
 
 import itertools
+import time
+from collections import deque
 from typing import Any, Collection, Protocol, Sequence
 
 import attrs
@@ -29,6 +31,18 @@ class OutboxRow:
     key: str
     kind: str
     payload: dict[str, Any]
+
+
+@attrs.frozen
+class DeadLetterRow:
+    """A job that was given up (e.g. a reply Evolution never accepted), kept for the operator."""
+
+    id: int
+    key: str
+    kind: str
+    payload: dict[str, Any]
+    reason: str
+    at: float
 
 
 class Store(Protocol):
@@ -61,6 +75,12 @@ class Store(Protocol):
     async def settle(self, outbox_id: int) -> None:
         """Delete a performed (or given up) outbox row."""
 
+    async def bury(self, outbox_id: int, reason: str) -> None:
+        """Move a given-up outbox row to the dead letters (bounded: the newest 1,000)."""
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetterRow]:
+        """The newest dead letters, newest first."""
+
     async def pending_inbox(self) -> list[InboxRow]:
         """Accepted but unacknowledged messages, per key in sequence order."""
 
@@ -92,6 +112,7 @@ class MemoryStore:
         self._seen: dict[str, None] = {}
         self._seq: dict[str, int] = {}
         self._ids = itertools.count(1)
+        self._dead: deque[DeadLetterRow] = deque(maxlen=1000)
         self._dedupe_limit = 200_000
 
     async def open(self) -> None:
@@ -127,6 +148,14 @@ class MemoryStore:
 
     async def settle(self, outbox_id: int) -> None:
         self._outbox.pop(outbox_id, None)
+
+    async def bury(self, outbox_id: int, reason: str) -> None:
+        row = self._outbox.pop(outbox_id, None)
+        if row is not None:
+            self._dead.appendleft(DeadLetterRow(row.id, row.key, row.kind, row.payload, reason[:500], time.time()))
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetterRow]:
+        return list(self._dead)[:limit]
 
     async def pending_inbox(self) -> list[InboxRow]:
         return [InboxRow(key, seq, payload) for (key, seq), payload in sorted(self._inbox.items())]

@@ -43,3 +43,20 @@ async def test_stored_conversations_expire_even_if_never_reactivated(tmp_path) -
         with trio.fail_after(5):
             while await store.load(JID) is not None:
                 await trio.sleep(0.1)
+
+
+async def test_undeliverable_reply_is_a_persisted_dead_letter(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from tests.fakes.evolution import FakeEvolution
+    from tests.fakes.server import running_server
+
+    evolution = FakeEvolution(api_key="the-right-key", instances={"prueba-py-agent"})
+    async with running_server(evolution) as evo_url:
+        settings = make_settings(tmp_path, STORE="sqlite", EVOLUTION_API_URL=evo_url, EVOLUTION_API_KEY="a-wrong-key")
+        async with running_service(settings, ScriptedProvider()) as service:
+            await service.intake(upsert("hola"))
+            await wait_for(lambda: service.outbound.statistics().failed == 1)  # type: ignore[union-attr]
+        async with running_service(settings, ScriptedProvider()) as service:   # after a restart
+            dead = await service.store.dead_letters()
+            assert len(dead) == 1 and dead[0].key == JID and dead[0].payload["text"] == "re: hola"
+            assert "401" in dead[0].reason
+            assert await service.store.pending_outbox() == []                  # not re-sent at start-up

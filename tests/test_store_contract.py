@@ -87,6 +87,19 @@ async def test_settle_removes_only_that_job(store: Store) -> None:
     assert [r.id for r in await store.pending_outbox()] == [second]
 
 
+async def test_bury_moves_a_job_to_the_dead_letters(store: Store) -> None:
+    first, second = await store.commit("a", state(1.0), outbox=[("reply", {"text": "uno"}), ("reply", {"text": "dos"})])
+    await store.bury(first, "all candidates rejected (401)")
+    assert [row.id for row in await store.pending_outbox()] == [second]
+    dead = await store.dead_letters()
+    assert [(d.id, d.key, d.kind, d.payload, d.reason) for d in dead] == [
+        (first, "a", "reply", {"text": "uno"}, "all candidates rejected (401)")]
+    await store.bury(second, "x" * 2000)
+    assert [d.id for d in await store.dead_letters()] == [second, first]    # newest first
+    assert len((await store.dead_letters())[0].reason) == 500
+    assert await store.dead_letters(limit=1) == (await store.dead_letters())[:1]
+
+
 async def test_pending_inbox_is_per_key_in_sequence_order(store: Store) -> None:
     keys = ["c@s", "a@s", "b@s"]
     for i in range(12):
@@ -459,3 +472,29 @@ async def test_every_acknowledged_accept_survives_sigkill(tmp_path: Path) -> Non
     await store.close()
     missing = {k: v for k, v in printed.items() if inbox.get(k) != v}
     assert not missing, f"{len(missing)} acknowledged accepts lost, e.g. {list(missing.items())[:3]}"
+
+
+async def test_a_version_1_database_is_migrated_in_place(tmp_path: Path) -> None:
+    import sqlite3
+
+    from runtime.sqlite_store import MIGRATIONS, SCHEMA_VERSION
+
+    path = tmp_path / "agent.sqlite3"
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        conn.execute("INSERT INTO schema_version (version) VALUES (1)")
+        for statement in MIGRATIONS[1]:
+            conn.execute(statement)
+        conn.execute("INSERT INTO states (key, data, last_activity) VALUES ('a', '{\"window\": []}', 5.0)")
+    conn.close()
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        assert await store.load("a") == {"window": []}
+        assert await store.dead_letters() == []
+    finally:
+        await store.close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT version FROM schema_version").fetchone() == (SCHEMA_VERSION,)
+    conn.close()
