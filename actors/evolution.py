@@ -135,7 +135,7 @@ def parse_webhook(payload: Any, *, groups_enabled: bool = False) -> InboundMessa
     if isinstance(alt, str) and alt:
         try:
             alt_kind, alt_norm = classify(alt)
-            alt_jid = alt_norm if alt_kind == "user" else ""
+            alt_jid = alt_norm if alt_kind in ("user", "lid") else ""
         except InvalidJid:
             alt_jid = ""
     if kind in ("broadcast", "newsletter"):

@@ -16,7 +16,7 @@ class InboundMessage:
     instance_id: str = ""         # the webhook's instance id (uuid)
     push_name: str = ""
     timestamp: int = 0            # messageTimestamp, seconds
-    alt_jid: str = ""             # remoteJidAlt (the phone-number JID of an @lid chat), when known
+    alt_jid: str = ""             # remoteJidAlt: the chat's other form (phone JID ↔ @lid), when known
     quoted_text: str = ""         # text of the quoted message, when the customer replied to one
     from_me: bool = False         # typed on the business phone (human takeover)
     kind: str = "text"            # text | media (no readable text) | audio_transcript

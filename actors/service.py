@@ -168,7 +168,7 @@ class Service:
         registry = self.registry
         if registry is None or not self.ready:
             return IntakeResult(503, {"error": "starting up"}, retry_after=5)
-        key = self._actor_key(message)
+        key = await self._actor_key(message)
         try:
             registry.reserve(key)
         except MailboxFull:
@@ -200,15 +200,21 @@ class Service:
             return "no text"
         return None
 
-    def _actor_key(self, message: InboundMessage) -> str:
-        """One actor per chat, whichever of its two forms (@lid or phone JID) a message uses."""
-        key = self._aliases.get(message.jid, message.jid)
-        if message.alt_jid and message.alt_jid != key:
-            known = self._aliases.get(message.alt_jid, message.alt_jid)
-            if self.registry is not None and known in self.registry:
-                key = known
-            self._aliases[message.jid] = key
-            self._aliases[message.alt_jid] = key
+    async def _actor_key(self, message: InboundMessage) -> str:
+        """One actor per chat, whichever of its two forms (@lid or phone JID) a message uses: once a
+        message names both, the form that already has a conversation (live or stored) keeps it."""
+        key = self._aliases.get(message.jid)
+        if key is not None or not message.alt_jid:
+            return key or message.jid
+        alt = self._aliases.get(message.alt_jid, message.alt_jid)
+        mine_exists = self.registry is not None and message.jid in self.registry
+        alt_exists = self.registry is not None and alt in self.registry
+        if not mine_exists and not alt_exists:
+            mine_exists = await self.store.load(message.jid) is not None
+            alt_exists = not mine_exists and await self.store.load(alt) is not None
+        key = alt if alt_exists and not mine_exists else message.jid
+        self._aliases[message.jid] = key
+        self._aliases[message.alt_jid] = key
         return key
 
     async def control(self, jid: str, command: str, *, wait: float = 5.0) -> bool:
@@ -263,7 +269,7 @@ class Service:
     async def _expire_stored(self, idle_before: float) -> None:
         live = set(self.registry.keys()) if self.registry is not None else set()
         gone = await self.store.expire(idle_before, keep=live)
-        self._aliases = {alias: key for alias, key in self._aliases.items() if key in live}
+        self._aliases = {alias: key for alias, key in self._aliases.items() if key in live}  # re-learnt on demand
         if gone:
             log.info("Expired %d stored conversations idle for over %.0fs", len(gone), self.settings.actor_idle_ttl)
 

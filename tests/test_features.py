@@ -176,6 +176,19 @@ async def test_lid_chat_keeps_one_actor_when_phone_jid_appears(tmp_path) -> None
         assert lead.alt_jid == JID and lead.telefono == "5491131376731"
 
 
+async def test_lid_mapping_survives_a_restart(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    lid = "123456789012345@lid"
+    settings = make_settings(tmp_path, STORE="sqlite")
+    async with running_service(settings, ScriptedProvider()) as service:
+        await post(service, upsert("hola", jid=lid, addressingMode="lid"))
+        await wait_for(lambda: len(replies(service, lid)) == 1)
+    async with running_service(settings, ScriptedProvider()) as service:
+        await post(service, upsert("desde el número", jid=JID, remoteJidAlt=lid))
+        await wait_for(lambda: len(replies(service, JID)) == 1)
+        assert list(service.registry.keys()) == [lid]  # type: ignore[union-attr]
+        assert [c for r, c in window(service, lid) if r == "user"] == ["hola", "desde el número"]
+
+
 async def test_quoted_message_is_given_to_the_model(tmp_path) -> None:  # type: ignore[no-untyped-def]
     provider = ScriptedProvider()
     async with running_service(make_settings(tmp_path), provider) as service:
