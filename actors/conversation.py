@@ -44,9 +44,11 @@ class Accepted:
 
 @attrs.define
 class Control:
-    """An admin command (pause | resume | reset), ordered with the chat's messages in its mailbox."""
+    """A command ordered with the chat's messages in its mailbox: pause | resume | reset (admin),
+    or lead (the CRM supervisor recording ``value``, the lead id)."""
 
     command: str
+    value: Any = None
     done: trio.Event = attrs.Factory(trio.Event)
 
 
@@ -225,10 +227,6 @@ class ConversationActor:
 
     # -- callbacks from the supervisors ----------------------------------------------------------
 
-    def set_lead_id(self, lead_id: int) -> None:
-        """Record the CRM lead created for this chat."""
-        self.state.lead.lead_id = lead_id
-
     def note_sent(self, message_id: str) -> None:
         """Remember the id Evolution gave one of our sends (a later fromMe echo is not a human)."""
         ids = self.state.sent_ids
@@ -403,9 +401,14 @@ class ConversationActor:
             state.window.clear()
             state.booking_sent = False
             state.paused_until = 0.0
+        elif control.command == "lead":
+            state.lead.lead_id = int(control.value)
         else:
             raise ValueError(f"unknown control command {control.command!r}")
-        log.info("Admin %s for %s", control.command, self.jid)
+        if control.command == "lead":
+            log.info("[CRM] lead_id=%s guardado para user_id=%s", control.value, self.jid)
+        else:
+            log.info("Admin %s for %s", control.command, self.jid)
         await self._commit()
         control.done.set()
 

@@ -255,11 +255,15 @@ class Service:
             await self.store.settle(request.job_id)
 
     async def _lead_created(self, jid: str, lead_id: int) -> None:
-        actor = self.registry.actor(jid) if self.registry is not None else None
-        if isinstance(actor, ConversationActor):
-            actor.set_lead_id(lead_id)
-            await self.store.commit(jid, actor.state.to_dict())
-            return
+        """Record the lead id through the chat's mailbox, so it is saved in order with its turns."""
+        order = Control("lead", lead_id)
+        if self.registry is not None:
+            try:
+                self.registry.deliver(jid, order, force=True)
+                await order.done.wait()
+                return
+            except ShuttingDown:
+                pass  # the actors no longer take mail: save it in the store directly
         saved = await self.store.load(jid)
         if saved is not None:
             state = ConversationState.from_dict(saved)
