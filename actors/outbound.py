@@ -30,6 +30,10 @@ OUTBOX_KEPT = 10_000
 TYPING_DELAY_MS = 3000          # how long Evolution shows "typing…" (its call blocks that long)
 TYPING_MAX_IN_FLIGHT = 64       # presence calls beyond this are skipped (best effort)
 HTTP_LIMITS = httpx.Limits(max_connections=64, max_keepalive_connections=32, keepalive_expiry=30.0)
+# Requests in flight to Evolution at once. Kept below the HTTP pool's size on purpose: httpcore's pool
+# scans every queued request against every connection on each event, so thousands of chats queueing
+# inside the pool cost O(queued × connections) CPU each; waiting here in FIFO order costs nothing.
+HTTP_CONCURRENCY = 48
 
 STATUS_NETWORK_ERROR = 0        # the pseudo status of a request that got no HTTP answer
 
@@ -128,6 +132,7 @@ class EvolutionClient:
         self._base = base_url.rstrip("/")
         self._headers = {"apikey": api_key, "Content-Type": "application/json", "Accept": "application/json"}
         self._timeout = timeout
+        self._limiter = trio.CapacityLimiter(HTTP_CONCURRENCY)
 
     async def send_text(self, candidate: str, number: str, text: str) -> SendOutcome:
         """``POST /message/sendText/{candidate}`` with the v2 body ``{"number", "text"}``."""
@@ -147,9 +152,10 @@ class EvolutionClient:
 
     async def _post(self, path: str, body: dict[str, Any], deadline: float) -> SendOutcome:
         try:
-            with trio.fail_after(deadline + 1):  # hard bound over httpx's per-phase timeouts
-                response = await self._http.post(self._base + path, json=body, headers=self._headers,
-                                                 timeout=httpx.Timeout(deadline))
+            async with self._limiter:  # waiting for a slot is not part of the request's timeout
+                with trio.fail_after(deadline + 1):  # hard bound over httpx's per-phase timeouts
+                    response = await self._http.post(self._base + path, json=body, headers=self._headers,
+                                                     timeout=httpx.Timeout(deadline))
         except trio.TooSlowError:
             return SendOutcome(STATUS_NETWORK_ERROR, error="timeout")
         except httpx.HTTPError as exc:

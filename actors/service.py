@@ -76,7 +76,9 @@ class Service:
         settings = self.settings
         self.clock = Clock()
         await self.store.open()   # idempotent: app.py opens it first to report a bad database in one line
-        limits = httpx.Limits(max_connections=200, max_keepalive_connections=50)
+        # Shared by the outbound (≤ 48 requests at once) and CRM (≤ 4) supervisors: larger than both
+        # together, so requests never queue inside httpcore's pool (see actors/outbound.py).
+        limits = httpx.Limits(max_connections=100, max_keepalive_connections=60)
         timeout = httpx.Timeout(settings.http_timeout)
         try:
             async with httpx.AsyncClient(timeout=timeout, limits=limits) as http:
