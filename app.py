@@ -19,6 +19,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from actors.conversation import ConversationActor
 from actors.evolution import WebhookError
 from actors.jid import is_chat_jid
 from actors.service import Service
@@ -200,7 +201,11 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
         registry = svc.registry
         stats = registry.actor_statistics(jid) if registry is not None else None
         if stats is not None:
-            return _json({"live": True, **attrs.asdict(stats)})
+            body = {"live": True, **attrs.asdict(stats)}
+            live_actor = registry.actor(jid) if registry is not None else None
+            if isinstance(live_actor, ConversationActor):
+                body["state"]["messages"] = live_actor.messages()
+            return _json(body)
         found = await svc.conversation_state(jid)
         if found is None:
             return _error(404, "no conversation for this JID")

@@ -96,7 +96,6 @@ class ConversationSnapshot:
     replies_out: int
     ignored: int
     crashes: int
-    messages: list[dict[str, Any]]
 
 
 def _trim(text: str, limit: int = 200) -> str:
@@ -222,8 +221,12 @@ class ConversationActor:
             replies_out=s.replies_out,
             ignored=s.ignored,
             crashes=s.crashes,
-            messages=[dict(m, at=e.at, human=e.human) for m, e in zip(seed_messages(s.window), s.window)],
         )
+
+    def messages(self) -> list[dict[str, Any]]:
+        """The window for ``/actors/{jid}``: seed roles plus time and whether a person wrote it."""
+        window = self.state.window
+        return [dict(m, at=e.at, human=e.human) for m, e in zip(seed_messages(window), window)]
 
     # -- callbacks from the supervisors ----------------------------------------------------------
 

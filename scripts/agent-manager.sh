@@ -399,19 +399,18 @@ cmd_status() {
         echo "health: FAILED (HTTP $HTTP_STATUS) $HTTP_BODY"
     fi
     [[ -n "$ADMIN_TOKEN_VALUE" ]] && auth="Authorization: Bearer $ADMIN_TOKEN_VALUE"
-    if http_get "$BASE_URL/actors" "$auth"; then
+    # /supervisors carries the registry's counters: cheap even with 100,000 live actors.
+    if http_get "$BASE_URL/supervisors" "$auth"; then
         if python="$(find_python)" && summary="$(printf '%s' "$HTTP_BODY" | "$python" -c '
 import json, sys
-data = json.load(sys.stdin)
-rows = data if isinstance(data, list) else data.get("actors", [])
-print(f"actors: {len(rows)} live")
-depths = [row["mailbox_depth"] for row in rows if isinstance(row, dict) and "mailbox_depth" in row]
-if depths:
-    print(f"mailbox backlog: {sum(depths)} queued (max {max(depths)} in one chat)")
+registry = json.load(sys.stdin)["registry"]
+live, total, deepest = registry["live_actors"], registry["mailbox_depth_total"], registry["mailbox_depth_max"]
+print(f"actors: {live} live")
+print(f"mailbox backlog: {total} queued (max {deepest} in one chat)")
 ' 2>/dev/null)"; then
             echo "$summary"
         else
-            echo "actors: unknown (could not parse /actors)"
+            echo "actors: unknown (could not parse /supervisors)"
         fi
     else
         if [[ -n "$auth" ]]; then
@@ -445,7 +444,7 @@ Settings (environment > .env > config.toml > default):
   LOG_DIR           log directory ([logging] log_dir; default logs); hypercorn output: LOG_DIR/hypercorn.out
   DATA_DIR          data directory ([storage] data_dir; default data); pid file: DATA_DIR/agent.pid
   PID_FILE          pid file override
-  ADMIN_TOKEN       bearer token for GET /actors in status
+  ADMIN_TOKEN       bearer token for GET /supervisors in status
   START_TIMEOUT     seconds to wait for a healthy start (default 20)
   STOP_TIMEOUT      seconds to wait for a graceful stop (default 30)
 The rest of the environment is passed to the service unchanged.

@@ -52,6 +52,7 @@ async def test_webhook_to_reply_and_seed_endpoints(tmp_path) -> None:  # type: i
         assert {"booking_sent", "mailbox_depth", "last_activity", "expires_at"} <= set(rows[0])
         actor = await (await client.get(f"/actors/{JID}")).get_json()
         assert actor["live"] is True and actor["state"]["window_size"] == 4
+        assert [m["content"] for m in actor["state"]["messages"]][0] == "Hola, necesito ayuda"
         supervisors = await (await client.get("/supervisors")).get_json()
         assert supervisors["llm"]["providers"][0]["name"] == "offline"
         assert supervisors["registry"]["live_actors"] == 1
