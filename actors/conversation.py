@@ -27,7 +27,7 @@ from .llm.chain import Answer
 from .outbound import OutboundMessage
 from .prompts import Texts
 from .settings import Settings
-from .state import ASSISTANT, USER, ConversationState, LeadInfo, WindowEntry, seed_messages
+from .state import ASSISTANT, OPERATOR, USER, ConversationState, LeadInfo, WindowEntry, seed_messages
 
 log = logging.getLogger("python-agent")
 SENT_IDS_KEPT = 50
@@ -105,15 +105,18 @@ def _trim(text: str, limit: int = 200) -> str:
 class ConversationActor:
     """Handles one chat's mail strictly in order (the runtime guarantees one batch at a time)."""
 
+    __slots__ = ("jid", "_ctx", "state", "_outbox", "_acked", "_crm", "_unit", "_unreached", "_before")
+
     def __init__(self, jid: str, context: ConversationContext) -> None:
         self.jid = jid
         self._ctx = context
         self.state = ConversationState()
-        self._outbox: list[tuple[str, dict[str, Any]]] = []
-        self._acked: list[int] = []
+        # Scratch of the unit being handled (empty tuples between units: an idle actor stays small).
+        self._outbox: list[tuple[str, dict[str, Any]]] | tuple[()] = ()
+        self._acked: list[int] | tuple[()] = ()
         self._crm: LeadRequest | None = None
         self._unit: list[Mail] | None = None         # the unit (turn or control) being handled
-        self._unreached: list[Mail] = []             # the rest of the batch, for a crash
+        self._unreached: list[Mail] | tuple[()] = ()  # the rest of the batch, for a crash
         self._before: ConversationState | None = None  # the state before the unit, for a crash
 
     # -- runtime hooks -------------------------------------------------------------------------
@@ -158,7 +161,7 @@ class ConversationActor:
             self._unreached = [m for later in units[index + 1:] for m in later]
             self._before = self.state.copy()
             await self._handle_unit(unit)
-        self._unit, self._unreached, self._before = None, [], None
+        self._unit, self._unreached, self._before = None, (), None
 
     async def _handle_unit(self, unit: list[Mail]) -> None:
         self._outbox, self._acked, self._crm = [], [], None
@@ -183,10 +186,10 @@ class ConversationActor:
         """Roll the state back to before the failing turn, answer its messages with the polite text,
         and hand back the messages of the batch it never reached (the runtime re-queues them)."""
         failing = self._unit if self._unit is not None else list(batch)
-        unreached = self._unreached if self._unit is not None else []
+        unreached = list(self._unreached) if self._unit is not None else []
         if self._before is not None:
             self.state = self._before
-        self._unit, self._unreached, self._before = None, [], None
+        self._unit, self._unreached, self._before = None, (), None
         self._outbox, self._acked, self._crm = [], [], None
         state = self.state
         state.crashes += 1
@@ -252,7 +255,7 @@ class ConversationActor:
         state.paused_until = now + ctx.settings.human_takeover_minutes * 60
         state.last_activity = now
         if message.text:
-            state.window.append(WindowEntry(ASSISTANT, message.text, now, human=True))
+            state.window.append(WindowEntry(OPERATOR, message.text, now))
             self._truncate()
         log.info("[TAKEOVER] A person answered %s from the phone: the bot is silent for %.0f min",
                  self.jid, ctx.settings.human_takeover_minutes)
@@ -308,7 +311,7 @@ class ConversationActor:
         """The prompt holds at most MAX_MESSAGES history messages; the new text is last, verbatim."""
         ctx = self._ctx
         limit = ctx.settings.max_messages
-        history = [ChatMessage(e.role, e.content) for e in self.state.window[-limit:]]
+        history = [ChatMessage(e.model_role, e.content) for e in self.state.window[-limit:]]
         history[-1] = ChatMessage(USER, self._model_text(items))
         for _ in range(min(len(items), len(history)) - 1):  # merged turn: one user message for all
             history.pop(-2)
@@ -419,7 +422,7 @@ class ConversationActor:
 
     def _reply(self, message: InboundMessage, text: str) -> None:
         self.state.replies_out += 1
-        self.state.window.append(WindowEntry(ASSISTANT, text, self._ctx.clock.now()))
+        self.state.window.append(WindowEntry(ASSISTANT, text, self.state.last_activity))
         self._truncate()
         self._reply_text(text, message.jid, message.instances)
 
@@ -441,8 +444,8 @@ class ConversationActor:
         crm = self._crm
         if crm is not None:
             outbox.append(("crm", attrs.asdict(crm)))
-        ids = await ctx.store.commit(self.jid, self.state.to_dict(), acked=self._acked, outbox=outbox)
-        self._outbox, self._acked, self._crm = [], [], None
+        ids = await ctx.store.commit(self.jid, self.state.to_dict(), acked=list(self._acked), outbox=outbox)
+        self._outbox, self._acked, self._crm = (), (), None
         for (kind, payload), row_id in zip(outbox, ids):
             if kind == "reply":
                 ctx.outbound.submit(OutboundMessage(

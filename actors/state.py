@@ -9,17 +9,29 @@ import attrs
 
 USER = sys.intern("user")
 ASSISTANT = sys.intern("assistant")
-SEED_ROLE = {USER: "HumanMessage", ASSISTANT: "AIMessage"}
+OPERATOR = sys.intern("operator")   # a business-side message typed by a person (human takeover)
+SEED_ROLE = {USER: "HumanMessage", ASSISTANT: "AIMessage", OPERATOR: "AIMessage"}
+MODEL_ROLE = {USER: USER, ASSISTANT: ASSISTANT, OPERATOR: ASSISTANT}
 
 
 @attrs.frozen(slots=True)
 class WindowEntry:
-    """One message of the window. ``human`` marks an assistant message typed by a person."""
+    """One message of the window (``role``: user | assistant | operator). Kept small: a full
+    window of 50 is most of an actor's memory, so the entries of one turn share their ``at``."""
 
     role: str
     content: str
     at: float
-    human: bool = False
+
+    @property
+    def human(self) -> bool:
+        """Typed by a person at the business phone, not by the bot."""
+        return self.role is OPERATOR
+
+    @property
+    def model_role(self) -> str:
+        """The role the model sees (an operator's words are the business's: assistant)."""
+        return MODEL_ROLE[self.role]
 
 
 @attrs.define(slots=True)
@@ -60,7 +72,7 @@ class ConversationState:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "window": [[e.role, e.content, e.at, e.human] for e in self.window],
+            "window": [[e.role, e.content, e.at] for e in self.window],
             "booking_sent": self.booking_sent,
             "lead": attrs.asdict(self.lead),
             "last_activity": self.last_activity,
@@ -78,7 +90,7 @@ class ConversationState:
     def from_dict(cls, data: dict[str, Any]) -> "ConversationState":
         lead_fields = {f.name for f in attrs.fields(LeadInfo)}
         return cls(
-            window=[WindowEntry(sys.intern(r), c, float(a), bool(h)) for r, c, a, h in data.get("window", [])],
+            window=[WindowEntry(sys.intern(row[0]), row[1], float(row[2])) for row in data.get("window", [])],
             booking_sent=bool(data.get("booking_sent", False)),
             lead=LeadInfo(**{k: v for k, v in data.get("lead", {}).items() if k in lead_fields}),
             last_activity=float(data.get("last_activity", 0.0)),

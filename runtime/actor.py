@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from contextvars import ContextVar
-from collections import deque
 from typing import Any, Generic, Protocol, Sequence, TypeVar
 
 import attrs
@@ -71,6 +70,6 @@ class ActorCell(Generic[M]):
     running: bool = False
     activated: bool = False
     failed_at: float | None = None     # trio time the actor was stopped for crashing too often
-    crash_times: deque[float] = attrs.Factory(deque)
+    crash_times: list[float] = attrs.Factory(list)   # recent crashes, within the restart period
     crashes: int = 0
     last_error: str | None = None

@@ -39,7 +39,7 @@ class Mailbox(Generic[T]):
     def __init__(self, capacity: int) -> None:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
-        self._items: deque[T] = deque()
+        self._items: deque[T] | None = None   # allocated while non-empty: an idle actor keeps no deque
         self._capacity = capacity
         self._closed = False
         self._reserved = 0
@@ -55,7 +55,7 @@ class Mailbox(Generic[T]):
             self._reserved -= 1
         elif not self.has_room():
             raise MailboxFull()
-        self._items.append(item)
+        self._queue().append(item)
 
     def reserve(self) -> None:
         """Hold one slot for a ``put_nowait(..., reserved=True)`` that will follow an await.
@@ -73,29 +73,39 @@ class Mailbox(Generic[T]):
         self._reserved -= 1
 
     def has_room(self) -> bool:
-        return not self._closed and len(self._items) + self._reserved < self._capacity
+        return not self._closed and len(self) + self._reserved < self._capacity
+
+    def _queue(self) -> deque[T]:
+        if self._items is None:
+            self._items = deque()
+        return self._items
 
     def requeue(self, items: list[T]) -> None:
         """Put ``items`` back at the front, in order (they were already counted; capacity is not checked)."""
-        self._items.extendleft(reversed(items))
+        self._queue().extendleft(reversed(items))
 
     def requeue_back(self, item: T) -> None:
         """Append ``item`` without checking capacity (messages accepted before a restart)."""
         if self._closed:
             raise MailboxClosed()
-        self._items.append(item)
+        self._queue().append(item)
 
     def take(self) -> T | None:
         """The oldest item, or None when empty."""
-        return self._items.popleft() if self._items else None
+        if not self._items:
+            return None
+        item = self._items.popleft()
+        if not self._items:
+            self._items = None
+        return item
 
     def peek(self) -> T | None:
         return self._items[0] if self._items else None
 
     def take_all(self) -> list[T]:
         """Every queued item, oldest first."""
-        items = list(self._items)
-        self._items.clear()
+        items = list(self._items) if self._items else []
+        self._items = None
         return items
 
     def close(self) -> list[T]:
@@ -104,7 +114,7 @@ class Mailbox(Generic[T]):
         return self.take_all()
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._items) if self._items is not None else 0
 
     @property
     def reserved(self) -> int:
@@ -115,4 +125,4 @@ class Mailbox(Generic[T]):
         return self._closed
 
     def statistics(self) -> MailboxStatistics:
-        return MailboxStatistics(depth=len(self._items), reserved=self._reserved, capacity=self._capacity, closed=self._closed)
+        return MailboxStatistics(depth=len(self), reserved=self._reserved, capacity=self._capacity, closed=self._closed)

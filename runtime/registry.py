@@ -194,8 +194,7 @@ class Registry(Generic[M]):
         cell.crashes += 1
         cell.last_error = f"{type(error).__name__}: {error}"[:300]
         cell.crash_times.append(now)
-        while cell.crash_times and now - cell.crash_times[0] > self._period:
-            cell.crash_times.popleft()
+        cell.crash_times[:] = [t for t in cell.crash_times if now - t <= self._period]
         log.error("Actor %s crashed handling a message (%d in %.0fs): %s", cell.key,
                   len(cell.crash_times), self._period, cell.last_error, exc_info=error)
         if len(cell.crash_times) > self._intensity:

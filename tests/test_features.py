@@ -85,13 +85,15 @@ async def test_human_takeover_silences_the_bot_until_timeout(tmp_path, autojump_
             await post(service, upsert(f"pregunta {i}"))
         await wait_for(lambda: handled(service) == 4)
         assert len(replies(service)) == 1 and len(provider.prompts) == 1
-        assert ("assistant", "Hola Juan, soy Ana de la tienda") in window(service)
+        assert ("operator", "Hola Juan, soy Ana de la tienda") in window(service)
         assert window(service)[-1] == ("user", "pregunta 2")
         assert service.registry.actor(JID).state.window[2].human is True  # type: ignore[union-attr]
         await trio.sleep(61 * 60)
         await post(service, upsert("¿siguen ahí?"))
         await wait_for(lambda: len(replies(service)) == 2)
         assert replies(service)[-1] == "re: ¿siguen ahí?"
+        # the model sees the person's words as the business's (assistant) turn
+        assert ("assistant", "Hola Juan, soy Ana de la tienda") in [(m.role, m.content) for m in provider.prompts[-1].messages]
 
 
 async def test_operator_hands_back_with_keyword(tmp_path) -> None:  # type: ignore[no-untyped-def]
