@@ -1,0 +1,262 @@
+"""CPU cost per HTTP call of the clients the service uses, against the echo LLM fake in its own process.
+
+    .venv/bin/python bench/client_cost.py [--calls 2000] [--concurrency 1,32] [--history 3,50]
+
+Measures, in this process (time.process_time), one chat-completion call made four ways:
+
+* ``openai-sdk``: ``AsyncOpenAI(...).chat.completions.create`` exactly as ``OpenAIProvider.complete`` does;
+* ``openai-post``: ``AsyncOpenAI.post("/chat/completions", body=..., cast_to=ChatCompletion)``: the SDK's
+  transport, error classes and response model, without ``create``'s per-message parameter transform;
+* ``httpx``: ``httpx.AsyncClient.post(json=body)`` + ``response.json()`` (what ``EvolutionClient`` uses);
+* ``httpx2``: the same with ``httpx2`` (the fork the openai SDK ships with; its pool is O(n), not O(n*m));
+* ``h11-raw``: a minimal keep-alive HTTP/1.1 client on trio sockets + h11 + json (the floor).
+
+and, with ``--server``, the server side: CPU per request of hypercorn (trio worker) serving a minimal
+QuartTrio app vs the same handler as a raw ASGI app (the cost of the Quart layer on /webhook).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import h11
+import trio
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+from run import cpu_seconds, free_port, read_listening_url, Proc, wait_http  # noqa: E402
+
+SYSTEM = "Eres el asistente virtual de WhatsApp de un negocio. " * 10
+
+
+def messages(history: int) -> list[dict[str, str]]:
+    out = [{"role": "system", "content": SYSTEM}]
+    for i in range(history):
+        role = "user" if i % 2 == 0 else "assistant"
+        out.append({"role": role, "content": f"m:{i}:0 " + "Hola, quisiera saber los horarios y precios. " * 3})
+    if out[-1]["role"] != "user":
+        out.append({"role": "user", "content": "m:1:1 Hola"})
+    return out
+
+
+class RawClient:
+    """A tiny HTTP/1.1 keep-alive client (one connection per concurrent caller)."""
+
+    def __init__(self, host: str, port: int, size: int) -> None:
+        self.host, self.port = host, port
+        self.free: list[tuple[trio.SocketStream, h11.Connection]] = []
+        self.slots = trio.Semaphore(size)
+
+    async def post_json(self, path: str, body: dict[str, Any]) -> Any:
+        async with self.slots:
+            if self.free:
+                stream, conn = self.free.pop()
+            else:
+                stream, conn = await trio.open_tcp_stream(self.host, self.port), h11.Connection(h11.CLIENT)
+            data = json.dumps(body).encode()
+            out = conn.send(h11.Request(method="POST", target=path, headers=[
+                ("Host", f"{self.host}:{self.port}"), ("Content-Type", "application/json"),
+                ("Content-Length", str(len(data)))]))
+            out += conn.send(h11.Data(data=data)) + conn.send(h11.EndOfMessage())
+            await stream.send_all(out)
+            chunks = []
+            status = 0
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(await stream.receive_some(65536))
+                    continue
+                if isinstance(event, h11.Response):
+                    status = event.status_code
+                elif isinstance(event, h11.Data):
+                    chunks.append(event.data)
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+            if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+                conn.start_next_cycle()
+                self.free.append((stream, conn))
+            else:  # the server closes after keep_alive_max_requests (hypercorn: 1000)
+                await stream.aclose()
+            assert status == 200, status
+            return json.loads(b"".join(chunks))
+
+
+async def measure(kind: str, url: str, calls: int, concurrency: int, history: int) -> float:
+    body = {"model": "gpt-4o", "messages": messages(history), "max_completion_tokens": 512}
+    call: Callable[[], Awaitable[None]]
+    closer: Callable[[], Awaitable[None]]
+    if kind == "openai-sdk":
+        import openai
+        client = openai.AsyncOpenAI(api_key="sk-bench", base_url=url + "/v1", timeout=20, max_retries=0)
+
+        async def call() -> None:
+            r = await client.chat.completions.create(model="gpt-4o", messages=body["messages"],  # type: ignore
+                                                     max_completion_tokens=512)
+            assert r.choices[0].message.content
+        closer = client.close
+    elif kind == "openai-post":
+        import openai
+        from openai.types.chat import ChatCompletion
+        client = openai.AsyncOpenAI(api_key="sk-bench", base_url=url + "/v1", timeout=20, max_retries=0)
+
+        async def call() -> None:  # the SDK's transport, errors and parsing, without its param transform
+            r = await client.post("/chat/completions", body=body, cast_to=ChatCompletion)
+            assert r.choices[0].message.content
+        closer = client.close
+    elif kind in ("httpx", "httpx2"):
+        lib = __import__(kind)
+        client = lib.AsyncClient(limits=lib.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
+                                 timeout=20)
+
+        async def call() -> None:
+            r = await client.post(url + "/v1/chat/completions", json=body,
+                                  headers={"Authorization": "Bearer sk-bench"})
+            assert r.json()["choices"][0]["message"]["content"]
+        closer = client.aclose
+    else:
+        host, port = url.rsplit("/", 1)[-1].split(":")
+        raw = RawClient(host, int(port), concurrency)
+
+        async def call() -> None:
+            r = await raw.post_json("/v1/chat/completions", body)
+            assert r["choices"][0]["message"]["content"]
+
+        async def closer() -> None:
+            for stream, _ in raw.free:
+                await stream.aclose()
+
+    async def worker(n: int) -> None:
+        for _ in range(n):
+            await call()
+
+    for _ in range(min(200, calls)):  # warm up: imports, connections, caches
+        await call()
+    started = time.process_time()
+    async with trio.open_nursery() as nursery:
+        for i in range(concurrency):
+            nursery.start_soon(worker, calls // concurrency)
+    spent = time.process_time() - started
+    await closer()
+    return 1000 * spent / (calls // concurrency * concurrency)
+
+
+# -- server side ----------------------------------------------------------------------------------
+
+QUART_APP = '''
+import json
+from quart import Response, request
+from quart_trio import QuartTrio
+app = QuartTrio(__name__)
+@app.post("/webhook")
+async def webhook():
+    payload = json.loads(await request.get_data(as_text=False))
+    return Response(json.dumps({"status": "accepted", "jid": payload["data"]["key"]["remoteJid"]}),
+                    status=200, content_type="application/json")
+'''
+
+RAW_APP = '''
+import json
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    payload = json.loads(body)
+    data = json.dumps({"status": "accepted", "jid": payload["data"]["key"]["remoteJid"]}).encode()
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    await send({"type": "http.response.body", "body": data})
+'''
+
+
+async def drive(port: int, calls: int, concurrency: int) -> None:
+    sys.path.insert(0, str(ROOT))
+    from loadgen import upsert  # noqa: E402
+    raw = RawClient("127.0.0.1", port, concurrency)
+    body = upsert("5491000000001@s.whatsapp.net", "m:1:1 Hola, quisiera saber los horarios", "ID1", "bench")
+
+    async def worker(n: int) -> None:
+        for _ in range(n):
+            await raw.post_json("/webhook", body)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(concurrency):
+            nursery.start_soon(worker, calls // concurrency)
+
+
+def server_cost(calls: int, concurrency: int) -> dict[str, float]:
+    results = {}
+    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"server-cost-{os.getpid()}"
+    tmp.mkdir(exist_ok=True)
+    for name, source in (("quart", QUART_APP), ("raw-asgi", RAW_APP)):
+        (tmp / f"{name.replace('-', '_')}_app.py").write_text(source)
+        port = free_port()
+        hypercorn = str(Path(sys.executable).parent / "hypercorn")
+        proc = Proc(name, [hypercorn, "--worker-class", "trio", "--workers", "0", "--bind", f"127.0.0.1:{port}",
+                           f"{name.replace('-', '_')}_app:app"], env={**os.environ, "PYTHONPATH": str(tmp)})
+        try:
+            time.sleep(0.3)
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    trio.run(drive, port, 20, 1)
+                    break
+                except (OSError, BaseExceptionGroup):
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
+            trio.run(drive, port, 200, concurrency)  # warm up
+            before = cpu_seconds(proc.pid)
+            trio.run(drive, port, calls, concurrency)
+            results[name] = 1000 * (cpu_seconds(proc.pid) - before) / (calls // concurrency * concurrency)
+        finally:
+            proc.stop()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--concurrency", default="1,32")
+    parser.add_argument("--history", default="3,50", help="messages in the prompt's history")
+    parser.add_argument("--server", action="store_true", help="also measure Quart vs raw ASGI under hypercorn")
+    args = parser.parse_args()
+    work = Path(os.environ.get("TMPDIR", "/tmp"))
+    fake = Proc("llm", [sys.executable, "bench/fake_llm.py", "--port", "0", "--latency", "fixed:0"],
+                stdout=subprocess.PIPE, log=work / "client_cost_fake.log")
+    try:
+        url = read_listening_url(fake)
+        print(f"client CPU ms per call ({args.calls} calls, after 200 warm-up calls), fake LLM at 0 latency:")
+        print(f"{'client':12}{'conc':>6}{'history':>9}{'ms/call':>10}")
+        for history in (int(h) for h in args.history.split(",")):
+            for concurrency in (int(c) for c in args.concurrency.split(",")):
+                for kind in ("openai-sdk", "openai-post", "httpx", "httpx2", "h11-raw"):
+                    ms = trio.run(measure, kind, url, args.calls, concurrency, history)
+                    print(f"{kind:12}{concurrency:>6}{history:>9}{ms:>10.3f}", flush=True)
+    finally:
+        fake.stop()
+    if args.server:
+        print("\nserver CPU ms per POST /webhook-like request (hypercorn trio worker, no store, no actor):")
+        for name, ms in server_cost(args.calls, 8).items():
+            print(f"  {name:10}{ms:8.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,579 @@
+"""End-to-end benchmark of the service (issue 8): fakes + service + load generator as separate processes.
+
+    .venv/bin/python bench/run.py [--scenarios crowd,rate,burst,hot,memory,outage] [--quick] [--json FILE]
+
+For every scenario it starts, on 127.0.0.1 and free ports, fresh processes:
+
+* the OpenAI fake in echo mode (``bench/fake_llm.py``; a second one as the ``ollama`` fallback for
+  ``outage``), and the Evolution fake (``python -m tests.fakes.evolution``);
+* the service exactly as deployed: ``hypercorn --worker-class trio --bind 127.0.0.1:PORT app:app``
+  from the repository root, configured only by environment variables, with a fresh DATA_DIR;
+* the load generator (``bench/loadgen.py``, trio + one httpx.AsyncClient) once everything is ready.
+
+It then prints one table (and, with ``--json``, writes every measurement). CPU seconds are
+utime+stime from ``/proc/<pid>/stat`` counted from "ready" to the end of the scenario; the service's
+figures are those of hypercorn's worker process (hypercorn runs a parent and one worker child; the
+parent's share is reported in the JSON). Peak RSS is ``VmHWM`` from ``/proc/<pid>/status``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+HYPERCORN = str(Path(PY).parent / "hypercorn")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+ALL = ("crowd", "rate", "burst", "hot", "memory", "outage")
+
+# Scenario sizes: full, then --quick.
+FULL: dict[str, dict[str, Any]] = {
+    "crowd": {"users": 2000, "messages": 4, "llm": "fixed:1.0", "stagger_s": 10.0, "connections": 512,
+              "max_s": 300},
+    "rate": {"rate": 80, "duration_s": 30, "users": 400, "llm": "fixed:1.0", "max_s": 120},
+    "burst": {"users": 500, "messages": 5, "llm": "uniform:0.2,1.0", "connections": 512, "max_s": 180},
+    "hot": {"hot_messages": 1000, "others": 100, "llm": "fixed:1.0", "hot_llm_s": 0.02, "max_s": 300},
+    "memory": {"mode": "seed", "stages": [10_000, 30_000], "per_user": 25, "text_chars": 150, "concurrency": 64,
+               "max_s": 900},
+    "outage": {"rate": 80, "users": 400, "pre_s": 10, "hang_s": 30, "post_s": 30, "llm": "fixed:1.0",
+               "max_s": 240},
+}
+QUICK: dict[str, dict[str, Any]] = {
+    "crowd": {"users": 50, "messages": 2, "llm": "fixed:0.2", "stagger_s": 0.2},
+    "rate": {"rate": 40, "duration_s": 3, "users": 40, "llm": "fixed:0.2"},
+    "burst": {"users": 20, "messages": 5, "llm": "uniform:0.02,0.1"},
+    "hot": {"hot_messages": 150, "others": 10, "llm": "fixed:0.2", "hot_llm_s": 0.01, "think_s": [0.1, 0.3]},
+    "memory": {"mode": "seed", "stages": [500, 1500], "per_user": 25, "text_chars": 150, "concurrency": 32},
+    "outage": {"rate": 40, "users": 40, "pre_s": 2, "hang_s": 4, "post_s": 4, "llm": "fixed:0.2",
+               "env": {"LLM_TIMEOUT": "1", "CIRCUIT_COOLDOWN_SECONDS": "3"}},
+}
+
+SERVICE_ENV = {
+    "LLM_PROVIDER": "openai", "OPENAI_API_KEY": "sk-bench", "LLM_PROVIDER_FALLBACK": "",
+    "EVOLUTION_API_KEY": "k", "EVOLUTION_INSTANCE": "bench", "EVOLUTION_INSTANCE_ID": "",
+    "LOG_LEVEL": "WARNING", "LOG_STDERR": "false", "OUTBOUND_MIN_GAP_SECONDS": "0",
+    "OUTBOUND_RATE_PER_INSTANCE": "0", "TYPING_PRESENCE": "false", "FLOOD_MAX_PER_MINUTE": "0",
+    "REORDER_DELAY_SECONDS": "0", "MAILBOX_SIZE": "100", "STORE": "sqlite", "LLM_CONCURRENCY": "128",
+    "ADMIN_TOKEN": "", "WEBHOOK_SECRET": "", "CRM_AUTO_REGISTER": "false", "DEBOUNCE_SECONDS": "0",
+    "GOOGLE_BOOKING_URL": "", "MAX_MESSAGES": "50",
+}
+
+
+# -- processes ------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK   # utime, stime (fields 14, 15)
+
+
+def system_times() -> dict[str, float]:
+    """CPU seconds the whole machine spent per state (all cores), from /proc/stat."""
+    with open("/proc/stat") as f:
+        values = [int(v) / CLK_TCK for v in f.readline().split()[1:9]]
+    user, nice, system, idle, iowait, irq, softirq, steal = values
+    return {"tasks": user + nice + system, "irq": irq + softirq, "steal": steal, "idle": idle + iowait}
+
+
+def system_busy() -> float:
+    """CPU seconds the whole machine spent busy (all cores)."""
+    t = system_times()
+    return t["tasks"] + t["irq"] + t["steal"]
+
+
+def wait_quiet(limit: float, threshold: float = 0.15, window: float = 3.0) -> float:
+    """Wait (at most ``limit`` s) until the machine is nearly idle: busy < ``threshold`` of one core
+    over ``window`` seconds (other people's tests share the box). Returns the busy share seen last."""
+    deadline = time.monotonic() + limit
+    while True:
+        before = system_busy()
+        time.sleep(window)
+        share = (system_busy() - before) / window
+        if share < threshold or time.monotonic() >= deadline:
+            return share
+
+
+def status_kb(pid: int, key: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def children(pid: int) -> list[int]:
+    found: list[int] = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                found.extend(int(c) for c in f.read().split())
+    except OSError:
+        pass
+    return found
+
+
+def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def wait_http(url: str, what: str, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode} before it was ready")
+        try:
+            if http_get(url)[0] == 200:
+                return
+        except (OSError, urllib.error.URLError):
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} not ready at {url} after {timeout:.0f}s")
+
+
+class Proc:
+    """A child process; ``mark()`` remembers its CPU so that ``cpu()`` is the work done since."""
+
+    def __init__(self, name: str, argv: list[str], *, env: dict[str, str] | None = None,
+                 stdout: Any = subprocess.DEVNULL, log: Path | None = None) -> None:
+        self.name = name
+        self.log = log
+        err = open(log, "wb") if log is not None else subprocess.DEVNULL
+        self.popen = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=stdout, stderr=err,
+                                      start_new_session=True)
+        self.pid = self.popen.pid
+        self._base: dict[int, float] = {}
+
+    def pids(self) -> list[int]:
+        return [self.pid, *children(self.pid)]
+
+    def mark(self) -> None:
+        self._base = {pid: cpu_seconds(pid) for pid in self.pids()}
+
+    def cpu(self, pid: int | None = None) -> float:
+        pids = [pid] if pid is not None else self.pids()
+        return sum(cpu_seconds(p) - self._base.get(p, 0.0) for p in pids)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.popen.poll() is not None:
+            return
+        try:
+            os.kill(self.pid, signal.SIGCONT)
+            os.kill(self.pid, signal.SIGTERM)
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.pid, signal.SIGKILL)
+            self.popen.wait()
+        except ProcessLookupError:
+            pass
+
+
+def read_listening_url(proc: Proc, timeout: float = 30.0) -> str:
+    """The fake LLM prints ``listening on http://127.0.0.1:PORT`` once it accepts connections."""
+    assert proc.popen.stdout is not None
+    deadline = time.monotonic() + timeout
+    line = b""
+    while time.monotonic() < deadline:
+        line = proc.popen.stdout.readline()
+        if line.startswith(b"listening on "):
+            return line.decode().split()[-1]
+        if not line and proc.popen.poll() is not None:
+            break
+    raise RuntimeError(f"{proc.name} did not start: {line!r}")
+
+
+def start_llm(name: str, latency: str, logs: Path) -> tuple[Proc, str]:
+    proc = Proc(name, [PY, "bench/fake_llm.py", "--port", "0", "--latency", latency, "--seed", "7"],
+                stdout=subprocess.PIPE, log=logs / f"{name}.log")
+    return proc, read_listening_url(proc)
+
+
+def start_evolution(logs: Path) -> tuple[Proc, str]:
+    port = free_port()
+    proc = Proc("evolution", [PY, "-m", "tests.fakes.evolution", "--port", str(port), "--api-key", "k"],
+                log=logs / "evolution.log")
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/_recorded", "fake evolution", proc.popen)
+    return proc, url
+
+
+def start_service(env_extra: dict[str, str], work: Path, data: Path) -> tuple[Proc, str, int]:
+    port = free_port()
+    env = dict(os.environ)
+    env.update(SERVICE_ENV)
+    env.update({"DATA_DIR": str(data), "LOG_DIR": str(data / "logs"), "PYTHONUNBUFFERED": "1"})
+    env.update(env_extra)
+    if env.get("BENCH_EXPERIMENTS"):
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "bench" / "experiments"), str(ROOT)])
+    proc = Proc("service", [HYPERCORN, "--worker-class", "trio", "--bind", f"127.0.0.1:{port}", "app:app"],
+                env=env, log=work / "service.stderr.log")
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/ready", "service", proc.popen, timeout=60)
+    workers = [p for p in children(proc.pid) if b"resource_tracker" not in _cmdline(p)]
+    worker = max(workers, key=lambda p: status_kb(p, "VmRSS")) if workers else proc.pid
+    return proc, url, worker
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def run_loadgen(cfg: dict[str, Any], timeout: float) -> tuple[dict[str, Any], float]:
+    """Run bench/loadgen.py; its JSON result and its CPU seconds."""
+    popen = subprocess.Popen([PY, "bench/loadgen.py", json.dumps(cfg)], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=None)
+    assert popen.stdout is not None
+    deadline = time.monotonic() + timeout
+    out = b""
+    # read stdout without blocking forever: the loadgen prints one line at the end
+    os.set_blocking(popen.stdout.fileno(), False)
+    while True:
+        try:
+            chunk = popen.stdout.read()
+        except BlockingIOError:
+            chunk = None
+        if chunk:
+            out += chunk
+        finished, status, usage = os.wait4(popen.pid, os.WNOHANG)
+        if finished:
+            try:
+                out += popen.stdout.read() or b""
+            except BlockingIOError:
+                pass
+            popen.returncode = os.waitstatus_to_exitcode(status)
+            break
+        if time.monotonic() > deadline:
+            popen.kill()
+            popen.wait()
+            raise RuntimeError(f"load generator still running after {timeout:.0f}s: killed")
+        time.sleep(0.05)
+    if popen.returncode != 0:
+        raise RuntimeError(f"load generator failed ({popen.returncode})")
+    lines = [line for line in out.decode().splitlines() if line.strip()]
+    return json.loads(lines[-1]), usage.ru_utime + usage.ru_stime
+
+
+# -- scenarios ------------------------------------------------------------------------------------
+
+def start_profiler(directory: Path, name: str, pid: int) -> subprocess.Popen:
+    """py-spy (pip install py-spy into .venv) sampling the worker: collapsed stacks in DIR/NAME.txt."""
+    directory.mkdir(parents=True, exist_ok=True)
+    spy = shutil.which("py-spy", path=str(Path(PY).parent)) or "py-spy"
+    return subprocess.Popen([spy, "record", "--pid", str(pid), "--rate", "200", "--nonblocking", "--threads",
+                             "--format", "raw", "-o", str(directory / f"{name}.txt")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def run_scenario(name: str, params: dict[str, Any], work: Path, timeout: float,
+                 profile: Path | None = None, quick: bool = False) -> dict[str, Any]:
+    logs = work / name
+    logs.mkdir(parents=True, exist_ok=True)
+    fakes: list[Proc] = []
+    service: Proc | None = None
+    started = time.monotonic()
+    try:
+        env: dict[str, str] = dict(params.get("env", {}))
+        cfg: dict[str, Any] = {k: v for k, v in params.items() if k not in ("env", "llm")}
+        cfg["scenario"] = name
+        if name == "memory":
+            env.update({"LLM_PROVIDER": "offline", "EVOLUTION_API_URL": "", "OPENAI_API_KEY": ""})
+        else:
+            llm, llm_url = start_llm("llm", params["llm"], logs)
+            fakes.append(llm)
+            evolution, evo_url = start_evolution(logs)
+            fakes.append(evolution)
+            env.update({"OPENAI_BASE_URL": llm_url + "/v1", "EVOLUTION_API_URL": evo_url})
+            cfg["evolution_url"] = evo_url
+            cfg.setdefault("warmup", 50 if not quick else 5)
+            cfg["llm_latency_s"] = _mean_latency(params["llm"])
+            if name == "outage":
+                fallback, fallback_url = start_llm("llm-fallback", params["llm"], logs)
+                fakes.append(fallback)
+                env.update({"LLM_PROVIDER_FALLBACK": "ollama", "OLLAMA_BASE_URL": fallback_url + "/v1"})
+                cfg["primary_pid"] = llm.pid
+        data = Path(tempfile.mkdtemp(prefix="data-", dir=logs))
+        if name == "memory" and cfg.get("mode", "seed") == "seed":
+            seeded = subprocess.run([PY, "bench/seed_store.py", str(data), "--actors", str(max(cfg["stages"])),
+                                     "--window", str(cfg.get("window", 50)), "--chars", str(cfg["text_chars"])],
+                                    cwd=ROOT, capture_output=True, text=True, check=True)
+            print(f"[{name}] {seeded.stdout.strip()}", file=sys.stderr, flush=True)
+        service, url, worker = start_service(env, logs, data)
+        cfg["service_url"] = url
+        cfg["pids"] = [worker]
+        idle_rss = status_kb(worker, "VmRSS")
+        for proc in (*fakes, service):
+            proc.mark()
+        times0, wall0 = system_times(), time.monotonic()
+        profiler = start_profiler(profile, name, worker) if profile else None
+        try:
+            result, loadgen_cpu = run_loadgen(cfg, min(timeout, float(cfg.get("max_s", 600)) + 180))
+        finally:
+            if profiler is not None:
+                profiler.send_signal(signal.SIGINT)
+                profiler.wait(30)
+        svc_cpu = service.cpu(worker)
+        times1, wall = system_times(), time.monotonic() - wall0
+        delta = {k: times1[k] - times0[k] for k in times0}
+        ours = service.cpu() + sum(p.cpu() for p in fakes) + loadgen_cpu
+        row: dict[str, Any] = {
+            "scenario": name, "params": params, **result,
+            "service": {"cpu_s": round(svc_cpu, 2), "cpu_s_parent": round(service.cpu() - svc_cpu, 2),
+                        "idle_rss_mb": round(idle_rss / 1024, 1),
+                        "peak_rss_mb": round(status_kb(worker, "VmHWM") / 1024, 1),
+                        "peak_rss_mb_total": round(sum(status_kb(p, "VmHWM") for p in service.pids()) / 1024, 1)},
+            "fakes_cpu_s": {p.name: round(p.cpu(), 2) for p in fakes},
+            "loadgen_cpu_s": round(loadgen_cpu, 2),
+            "wall_s": round(wall, 1),
+            "machine_cpu_s": {k: round(v, 1) for k, v in delta.items()},
+            # other processes on the box (other people's tests: noise), the runner and py-spy
+            "foreign_cpu_s": round(max(0.0, delta["tasks"] - ours), 1),
+        }
+        answered = result.get("answered") or sum(s["messages"] for s in result.get("stages", [])[-1:])
+        measured = result.get("service_cpu_measured_s") or svc_cpu   # after the warm-up, if any
+        row["service"]["cpu_s_measured"] = measured
+        row["service"]["cpu_ms_per_msg"] = round(1000 * measured / answered, 2) if answered else None
+        if name == "memory":
+            row["memory"] = memory_figures(result, idle_rss)
+        return row
+    finally:
+        if service is not None:
+            service.stop()
+        for proc in fakes:
+            proc.stop()
+        print(f"[{name}] finished in {time.monotonic() - started:.0f}s", file=sys.stderr, flush=True)
+
+
+def _mean_latency(spec: str) -> float:
+    kind, _, args = spec.partition(":")
+    values = [float(v) for v in args.split(",")]
+    if kind == "fixed":
+        return values[0]
+    if kind == "uniform":
+        return (values[0] + values[1]) / 2
+    return values[0]  # lognormal: the median
+
+
+def memory_figures(result: dict[str, Any], idle_kb: int) -> dict[str, Any]:
+    stages = result["stages"]
+    out: dict[str, Any] = {"idle_rss_mb": round(idle_kb / 1024, 1), "stages": []}
+    for stage in stages:
+        rss = stage["rss_kb"][0]
+        out["stages"].append({"actors": stage["actors"], "rss_mb": round(rss / 1024, 1),
+                              "kb_per_actor_over_idle": round((rss - idle_kb) / stage["actors"], 2),
+                              "fill_s": stage["fill_s"]})
+    if len(stages) >= 2:
+        a, b = stages[-2], stages[-1]
+        slope = (b["rss_kb"][0] - a["rss_kb"][0]) / (b["actors"] - a["actors"])
+        out["kb_per_actor_slope"] = round(slope, 2)
+        out["projected_100k_mb"] = round((a["rss_kb"][0] + slope * (100_000 - a["actors"])) / 1024, 1)
+    return out
+
+
+# -- table ----------------------------------------------------------------------------------------
+
+def fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.1f}" if abs(value) >= 10 else f"{value:.2f}"
+    return str(value)
+
+
+def pair(d: dict[str, Any] | None) -> str:
+    d = d or {}
+    return f"{fmt(d.get('p50'))}/{fmt(d.get('p99'))}"
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = ["scenario", "msgs", "lost", "dup", "order", "misrt", "msg/s", "ack p50/p99 ms", "reply p50/p99 ms",
+            "ovh p50/p99 ms", "svc CPU s", "CPU ms/msg", "svc RSS MB", "fakes CPU s", "lg CPU s", "other CPU s",
+            "notes"]
+    lines = []
+    for r in rows:
+        if "error" in r:
+            lines.append([r.get("name", r["scenario"]), *["-"] * 15, "ERROR: " + r["error"][:80]])
+            continue
+        svc = r["service"]
+        notes = ""
+        if r["scenario"] == "memory":
+            m = r["memory"]
+            notes = "; ".join(f"{s['actors']} actors {s['rss_mb']} MB ({s['kb_per_actor_over_idle']} KB/actor)"
+                              for s in m["stages"])
+            notes += f"; idle {m['idle_rss_mb']} MB"
+            if "kb_per_actor_slope" in m:
+                notes += f"; slope {m['kb_per_actor_slope']} KB/actor -> 100k: {m['projected_100k_mb']} MB"
+            msgs = r["stages"][-1]["messages"]
+            lines.append([r.get("name", r["scenario"]), msgs, "-", "-", "-", "-", "-", pair(r.get("ack_ms")), "-", "-",
+                          fmt(svc["cpu_s_measured"]), fmt(svc["cpu_ms_per_msg"]), fmt(svc["peak_rss_mb"]),
+                          "-", fmt(r["loadgen_cpu_s"]), fmt(r["foreign_cpu_s"]), notes])
+            continue
+        if r["scenario"] == "hot":
+            hot = r["hot"]
+            notes = (f"hot: {hot['answered']}/{hot['messages']} answered, {hot['retries_503']} x 503 retried, "
+                     f"done in {hot['answer_span_s']}s (LLM {hot['llm_s']}s); others: {r['others']['messages']} msgs")
+        if r["scenario"] == "outage":
+            o = r["outage"]
+            notes = (f"circuit open after {o['circuit_opened_after_s']}s; caught-by-hang n={o['caught_by_hang']['n']} "
+                     f"reply {pair(o['caught_by_hang']['reply_ms'])}; while open n={o['while_open']['n']} "
+                     f"added {pair(o['while_open']['added_ms'])}; fallbacks {o['fallbacks_used']}, "
+                     f"polite {o['polite_answers']}")
+        if r.get("polite") and r["scenario"] != "outage":
+            notes += f" polite={r['polite']}"
+        for key in ("unexpected", "http_errors", "ignored", "unsent"):
+            if r.get(key):
+                notes += f" {key}={r[key]}"
+        if r.get("retries_503") and r["scenario"] != "hot":
+            notes += f" 503s={r['retries_503']}"
+        fakes = sum(r["fakes_cpu_s"].values())
+        lines.append([r.get("name", r["scenario"]), r["messages"], r["lost"], r["duplicates"], r["out_of_order"],
+                      r["misrouted"],
+                      fmt(r["answered_per_s"]), pair(r["ack_ms"]), pair(r["reply_ms"]), pair(r["overhead_ms"]),
+                      fmt(svc["cpu_s_measured"]), fmt(svc["cpu_ms_per_msg"]), fmt(svc["peak_rss_mb"]), fmt(fakes),
+                      fmt(r["loadgen_cpu_s"]), fmt(r["foreign_cpu_s"]), notes.strip()])
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
+    widths[-1] = 0
+    out = ["| " + " | ".join(str(h).ljust(w) for h, w in zip(head, widths)) + " |",
+           "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    for line in lines:
+        out.append("| " + " | ".join(str(x).ljust(w) for x, w in zip(line, widths)) + " |")
+    return "\n".join(out)
+
+
+def machine() -> str:
+    import importlib.metadata as md
+    versions = []
+    for pkg in ("trio", "hypercorn", "quart", "quart-trio", "httpx", "openai", "h11"):
+        try:
+            versions.append(f"{pkg} {md.version(pkg)}")
+        except md.PackageNotFoundError:
+            pass
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return (f"{os.cpu_count()} CPUs ({cpu}), Linux {platform.release()}, Python {platform.python_version()}, "
+            + ", ".join(versions))
+
+
+# -- main -----------------------------------------------------------------------------------------
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")  # so that every finally: block stops its processes
+
+
+def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _terminate)
+    parser = argparse.ArgumentParser(description="End-to-end benchmark (issue 8)")
+    parser.add_argument("--scenarios", default=",".join(ALL), help=f"comma-separated, from {','.join(ALL)}")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, a few seconds per scenario")
+    parser.add_argument("--json", type=Path, help="write every measurement to this file")
+    parser.add_argument("--users", type=int, help="override the scenario's users")
+    parser.add_argument("--messages", type=int, help="override the scenario's messages per user")
+    parser.add_argument("--llm-latency", help="override the LLM fake latency (fixed:S | uniform:LO,HI | ...)")
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra service environment (e.g. REORDER_DELAY_SECONDS=0.3); repeatable")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                        help="override a scenario parameter (e.g. stages=[10000,20000]); repeatable")
+    parser.add_argument("--experiment", default="", metavar="NAME[,NAME]",
+                        help="start the service with bench/experiments patches (outbound_limit, raw_llm)")
+    parser.add_argument("--label", default="", help="suffix for the scenario names in the table")
+    parser.add_argument("--timeout", type=float, default=900, help="per scenario, seconds")
+    parser.add_argument("--quiet-wait", type=float, default=None, metavar="S",
+                        help="before each scenario wait up to S seconds for the machine to be idle "
+                             "(default 180, 0 with --quick)")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, databases)")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="sample the service worker with py-spy (collapsed stacks in DIR/<scenario>.txt)")
+    args = parser.parse_args(argv)
+
+    if args.quiet_wait is None:
+        args.quiet_wait = 0.0 if args.quick else 180.0
+    names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ALL]
+    if unknown:
+        parser.error(f"unknown scenario(s): {', '.join(unknown)}")
+    work = Path(tempfile.mkdtemp(prefix="bench-"))
+    rows: list[dict[str, Any]] = []
+    print(f"machine: {machine()}", flush=True)
+    try:
+        for name in names:
+            params = json.loads(json.dumps((QUICK if args.quick else FULL)[name]))
+            if args.users is not None:
+                for key in ("users", "others"):
+                    if key in params:
+                        params[key] = args.users
+            if args.messages is not None:
+                for key in ("messages", "hot_messages"):
+                    if key in params:
+                        params[key] = args.messages
+            if args.llm_latency and "llm" in params:
+                params["llm"] = args.llm_latency
+            for item in args.set:
+                key, _, value = item.partition("=")
+                params[key] = json.loads(value)
+            if args.env:
+                params.setdefault("env", {}).update(dict(item.split("=", 1) for item in args.env))
+            if args.experiment:
+                params.setdefault("env", {})["BENCH_EXPERIMENTS"] = args.experiment
+            print(f"[{name}] {json.dumps(params)}", file=sys.stderr, flush=True)
+            if args.quiet_wait > 0:
+                busy = wait_quiet(args.quiet_wait)
+                print(f"[{name}] machine busy {100 * busy:.0f}% of a core before start", file=sys.stderr, flush=True)
+            try:
+                row = run_scenario(name, params, work, args.timeout, args.profile, args.quick)
+            except Exception as exc:  # one broken scenario must not hide the others
+                row = {"scenario": name, "params": params, "error": f"{type(exc).__name__}: {exc}"}
+            row["name"] = name + args.label
+            rows.append(row)
+            print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"work directory kept: {work}", file=sys.stderr)
+    print(table(rows))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"machine": machine(), "argv": sys.argv, "rows": rows}, indent=1))
+    failed = [r for r in rows if "error" in r or r.get("lost") or r.get("duplicates") or r.get("out_of_order")
+              or r.get("misrouted")]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

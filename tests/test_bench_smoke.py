@@ -1,0 +1,34 @@
+"""Smoke test of the end-to-end benchmark harness (bench/run.py) on tiny sizes.
+
+It starts the real processes (echo LLM fake, Evolution fake, the service under hypercorn, the load
+generator) and checks that every message was answered exactly once, to the right chat, in order.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_harness_tiny_crowd_and_burst(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    completed = subprocess.run(
+        [sys.executable, "bench/run.py", "--scenarios", "crowd,burst", "--quick", "--users", "20",
+         "--messages", "2", "--llm-latency", "fixed:0.05", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert out.exists(), completed.stdout + completed.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["scenario"] for r in rows] == ["crowd", "burst"]
+    for row in rows:
+        assert "error" not in row, row.get("error")
+        assert row["messages"] == 40, row
+        assert row["answered"] == row["messages"], row
+        assert (row["lost"], row["duplicates"], row["out_of_order"], row["misrouted"]) == (0, 0, 0, 0), row
+        assert row["unexpected"] == 0 and row["polite"] == 0, row
+        assert row["service"]["cpu_s"] > 0 and row["service"]["peak_rss_mb"] > 0, row
+    assert completed.returncode == 0, completed.stdout + completed.stderr
