@@ -212,6 +212,10 @@ class ConversationActor:
     async def on_expire(self) -> None:
         await self._ctx.store.delete(self.jid)
 
+    def hibernate(self) -> None:
+        """Idle until the next message: pack the window (most of an idle chat's memory)."""
+        self.state.window.hibernate()
+
     def snapshot(self) -> ConversationSnapshot:
         s = self.state
         return ConversationSnapshot(
@@ -228,8 +232,8 @@ class ConversationActor:
 
     def messages(self) -> list[dict[str, Any]]:
         """The window for ``/actors/{jid}``: seed roles plus time and whether a person wrote it."""
-        window = self.state.window
-        return [dict(m, at=e.at, human=e.human) for m, e in zip(seed_messages(window), window)]
+        rows = self.state.window.rows()   # read without thawing a hibernating window
+        return [dict(m, at=row[2], human=row[0] == OPERATOR) for m, row in zip(seed_messages(rows), rows)]
 
     # -- callbacks from the supervisors ----------------------------------------------------------
 

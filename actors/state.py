@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import sys
-from typing import Any
+from typing import Any, Iterable, Iterator, overload
 
 import attrs
 
@@ -34,6 +35,84 @@ class WindowEntry:
         return MODEL_ROLE[self.role]
 
 
+class Window:
+    """The sliding window of one chat, in order, oldest first.
+
+    While the chat is idle the window is *hibernated* (Erlang's ``hibernate``): its entries are
+    packed into one compact UTF-8 JSON bytes object, about half the memory of the live entries
+    (one str, one float and one WindowEntry each). Any read of the entries or any change thaws
+    it; ``len()`` never does. Only the conversation actor calls ``hibernate()``, once its mailbox
+    is empty, so a turn always works on live entries.
+    """
+
+    __slots__ = ("_entries", "_packed", "_length")
+
+    def __init__(self, entries: Iterable[WindowEntry] = ()) -> None:
+        self._entries: list[WindowEntry] = list(entries)
+        self._packed: bytes | None = None
+        self._length = 0
+
+    @property
+    def hibernating(self) -> bool:
+        return self._packed is not None
+
+    def hibernate(self) -> None:
+        """Pack the entries into one bytes object until the next read or change."""
+        if self._packed is None and self._entries:
+            self._packed = json.dumps([[e.role, e.content, e.at] for e in self._entries],
+                                      separators=(",", ":"), ensure_ascii=False).encode()
+            self._length = len(self._entries)
+            self._entries = []
+
+    def _live(self) -> list[WindowEntry]:
+        if self._packed is not None:
+            self._entries = [WindowEntry(sys.intern(role), content, at) for role, content, at in json.loads(self._packed)]
+            self._packed = None
+        return self._entries
+
+    def rows(self) -> list[list[Any]]:
+        """The entries as ``[role, content, at]`` rows (the stored form), without thawing."""
+        if self._packed is not None:
+            return json.loads(self._packed)
+        return [[e.role, e.content, e.at] for e in self._entries]
+
+    def __len__(self) -> int:
+        return self._length if self._packed is not None else len(self._entries)
+
+    def __iter__(self) -> Iterator[WindowEntry]:
+        return iter(self._live())
+
+    @overload
+    def __getitem__(self, index: int) -> WindowEntry: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[WindowEntry]: ...
+
+    def __getitem__(self, index: int | slice) -> WindowEntry | list[WindowEntry]:
+        return self._live()[index]
+
+    def __delitem__(self, index: int | slice) -> None:
+        del self._live()[index]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Window):
+            return self._live() == other._live()
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return f"Window({len(self)} entries{', hibernating' if self.hibernating else ''})"
+
+    def append(self, entry: WindowEntry) -> None:
+        self._live().append(entry)
+
+    def clear(self) -> None:
+        self._entries, self._packed = [], None
+
+
+def _window(value: Iterable[WindowEntry]) -> Window:
+    return value if isinstance(value, Window) else Window(value)
+
+
 @attrs.define(slots=True)
 class LeadInfo:
     """What the CRM needs about the customer (the seed's ``user_lead_info``)."""
@@ -52,7 +131,7 @@ class LeadInfo:
 class ConversationState:
     """Everything one chat's actor owns. Saved whole at the end of each turn."""
 
-    window: list[WindowEntry] = attrs.Factory(list)
+    window: Window = attrs.field(factory=Window, converter=_window)
     booking_sent: bool = False
     lead: LeadInfo = attrs.Factory(LeadInfo)
     last_activity: float = 0.0
@@ -67,12 +146,12 @@ class ConversationState:
 
     def copy(self) -> "ConversationState":
         """A copy that later mutations of this state do not touch (window entries are immutable)."""
-        return attrs.evolve(self, window=list(self.window), lead=attrs.evolve(self.lead),
+        return attrs.evolve(self, window=Window(self.window), lead=attrs.evolve(self.lead),
                             llm_calls=list(self.llm_calls), sent_ids=list(self.sent_ids))
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "window": [[e.role, e.content, e.at] for e in self.window],
+            "window": self.window.rows(),
             "booking_sent": self.booking_sent,
             "lead": attrs.asdict(self.lead),
             "last_activity": self.last_activity,
@@ -90,7 +169,7 @@ class ConversationState:
     def from_dict(cls, data: dict[str, Any]) -> "ConversationState":
         lead_fields = {f.name for f in attrs.fields(LeadInfo)}
         return cls(
-            window=[WindowEntry(sys.intern(row[0]), row[1], float(row[2])) for row in data.get("window", [])],
+            window=Window(WindowEntry(sys.intern(row[0]), row[1], float(row[2])) for row in data.get("window", [])),
             booking_sent=bool(data.get("booking_sent", False)),
             lead=LeadInfo(**{k: v for k, v in data.get("lead", {}).items() if k in lead_fields}),
             last_activity=float(data.get("last_activity", 0.0)),
@@ -105,7 +184,7 @@ class ConversationState:
         )
 
 
-def seed_messages(window: list[WindowEntry] | list[list[Any]]) -> list[dict[str, str]]:
+def seed_messages(window: Window | list[list[Any]]) -> list[dict[str, str]]:
     """The window in the seed's ``/memory/{jid}`` shape."""
     out = []
     for entry in window:

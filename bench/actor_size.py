@@ -4,9 +4,9 @@
 
 Builds what the registry holds for one live, idle chat (``ActorCell`` + ``Mailbox`` + a
 ``ConversationActor`` whose state was loaded the way ``activate()`` does it: ``json.loads`` of the
-stored row, then ``ConversationState.from_dict``) for N chats seeded like ``bench/seed_store.py``,
-and prints the traced bytes per actor and the top allocation sites. This is the Python-heap share of
-the RSS the memory scenario measures (RSS adds allocator slack and the process's fixed costs).
+stored row, then ``ConversationState.from_dict``, then ``hibernate()`` as the registry does once
+the mailbox is empty; ``--live`` skips that) for N chats seeded like ``bench/seed_store.py``, and
+prints the traced bytes per actor and the top allocation sites. This is the Python-heap share of the RSS the memory scenario measures (RSS adds allocator slack and the process's fixed costs).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--actors", type=int, default=5000)
     parser.add_argument("--window", type=int, default=50)
     parser.add_argument("--chars", type=int, default=150)
+    parser.add_argument("--live", action="store_true", help="keep the windows live (no hibernation)")
     args = parser.parse_args()
     now = time.time()
     rows = [json.dumps(state_for(u, args.window, args.chars, now)) for u in range(args.actors)]
@@ -49,6 +50,8 @@ def main() -> None:
         jid = jid_of(u)
         actor = ConversationActor(jid, context)  # type: ignore[arg-type]
         actor.state = ConversationState.from_dict(json.loads(row))
+        if not args.live:
+            actor.hibernate()   # what the registry does when the actor's mailbox is empty
         cells[jid] = ActorCell(key=jid, actor=actor, mailbox=Mailbox(100), last_activity=0.0, activated=True)
     gc.collect()
     after = tracemalloc.take_snapshot()
@@ -63,10 +66,13 @@ def main() -> None:
         by_site[f"{Path(frame.filename).name}:{frame.lineno}"] += stat.size_diff
     for site, size in by_site.most_common(14):
         print(f"  {size / args.actors:9.0f}  {site}")
-    entry = next(iter(cells.values())).actor.state.window[0]
+    window = next(iter(cells.values())).actor.state.window
+    packed = sys.getsizeof(window._packed) if window.hibernating else 0
+    entry = window[0]
     print("\nsizes of the pieces (sys.getsizeof, + 16 B GC header for tracked objects):")
     pieces = {
-        "WindowEntry (attrs slots, 4 fields)": sys.getsizeof(entry) + 16,
+        f"hibernated window ({args.window} entries packed in one bytes object)": packed,
+        "WindowEntry (attrs slots, 3 fields)": sys.getsizeof(entry) + 16,
         f"content str ({args.chars} ASCII chars)": sys.getsizeof(entry.content),
         "float (WindowEntry.at)": sys.getsizeof(entry.at),
         "empty collections.deque (Mailbox._items, ActorCell.crash_times)": sys.getsizeof(deque()) + 16,

@@ -40,6 +40,9 @@ class Actor(Protocol[M]):
     async def on_expire(self) -> None:
         """The actor was idle past its TTL: drop its state."""
 
+    def hibernate(self) -> None:
+        """The mailbox is empty and the actor's task ends: compact the state until the next message."""
+
     def snapshot(self) -> Any:
         """A frozen view of the actor's domain state, for admin endpoints."""
 

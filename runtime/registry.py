@@ -2,7 +2,7 @@
 
 Virtual-actor style: ``deliver(key, msg)`` creates the actor if needed. An actor's task runs
 only while its mailbox has messages and exits when it is empty, so an idle actor is just
-its state. Crashes are supervised Erlang-style: at most ``intensity`` crashes within
+its state, which ``Actor.hibernate()`` compacts when the task ends. Crashes are supervised Erlang-style: at most ``intensity`` crashes within
 ``period`` seconds; past that the actor is stopped ("failed") for ``period`` seconds, and
 what arrives meanwhile is answered through ``Actor.on_crash`` instead of being lost.
 """
@@ -172,10 +172,17 @@ class Registry(Generic[M]):
                     await cell.actor.handle(batch)
                 except Exception as exc:  # supervision: the crash is recorded and answered
                     await self._crashed(cell, batch, exc)
+            self._hibernate(cell)
         finally:
             cell.running = False
             if not self._idle.is_set() and not any(c.running for c in self._cells.values()):
                 self._idle.set()
+
+    def _hibernate(self, cell: ActorCell[M]) -> None:
+        try:
+            cell.actor.hibernate()
+        except Exception as exc:  # the actor stays live and uncompacted; its state is intact
+            log.exception("Actor %s could not hibernate: %s", cell.key, exc)
 
     def _is_failed(self, cell: ActorCell[M]) -> bool:
         if cell.failed_at is None:

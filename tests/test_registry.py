@@ -23,6 +23,7 @@ class Recorder:
         self.handled: list[Any] = []
         self.crashed: list[Any] = []
         self.expired = False
+        self.hibernations = 0
 
     async def activate(self) -> None:
         self.log.append((self.key, "activate"))
@@ -46,6 +47,10 @@ class Recorder:
 
     async def on_expire(self) -> None:
         self.expired = True
+
+    def hibernate(self) -> None:
+        self.hibernations += 1
+        self.log.append((self.key, "hibernate"))
 
     def snapshot(self) -> Any:
         return {"handled": len(self.handled)}
@@ -92,6 +97,22 @@ async def test_spawn_on_first_message_and_strict_order(nursery: trio.Nursery) ->
     assert actors["a"].handled == list(range(200))
     assert log[0] == ("a", "activate")
     assert registry.statistics().spawned == 1
+
+
+async def test_hibernate_once_the_mailbox_is_empty(nursery: trio.Nursery) -> None:
+    registry, actors, log, release = make_registry()
+    await nursery.start(registry.run)
+    registry.deliver("a", "hang")
+    registry.deliver("a", 1)
+    registry.deliver("a", 2)
+    await wait_until(lambda: registry.actor_statistics("a").status == "running")
+    assert actors["a"].hibernations == 0          # busy: never while messages wait
+    release.set()
+    await wait_until(lambda: actors["a"].hibernations == 1)
+    assert [m for k, m in log if k == "a"] == ["activate", "hang", 1, 2, "hibernate"]
+    registry.deliver("a", 3)
+    await wait_until(lambda: actors["a"].hibernations == 2)
+    assert [m for k, m in log if k == "a"][-2:] == [3, "hibernate"]
 
 
 async def test_one_hanging_actor_does_not_delay_others(nursery: trio.Nursery) -> None:

@@ -1,0 +1,54 @@
+"""The window's hibernation: packed while idle, identical when thawed, ``len`` without thawing."""
+
+from __future__ import annotations
+
+import sys
+
+from actors.state import ASSISTANT, OPERATOR, USER, ConversationState, Window, WindowEntry
+
+
+def entries(n: int) -> list[WindowEntry]:
+    roles = (USER, ASSISTANT, OPERATOR)
+    return [WindowEntry(roles[i % 3], f"mensaje {i}: ¿qué tal? 👋 \"comillas\" \\ fin", 1769000000.25 + i)
+            for i in range(n)]
+
+
+def test_hibernate_packs_and_thaws_to_the_same_entries() -> None:
+    window = Window(entries(50))
+    window.hibernate()
+    assert window.hibernating and len(window) == 50
+    assert window.rows() == [[e.role, e.content, e.at] for e in entries(50)]
+    assert window.hibernating                    # rows() and len() read without thawing
+    assert list(window) == entries(50)           # iterating thaws
+    assert not window.hibernating
+    assert all(e.role is sys.intern(e.role) for e in window)   # roles are the interned constants
+
+
+def test_every_change_thaws_first() -> None:
+    window = Window(entries(5))
+    window.hibernate()
+    window.append(WindowEntry(USER, "nuevo", 1.0))
+    assert [e.content for e in window][-2:] == [entries(5)[-1].content, "nuevo"]
+    window.hibernate()
+    del window[:4]
+    assert len(window) == 2 and window[0] == entries(5)[4] and window[-1].content == "nuevo"
+    window.hibernate()
+    window.clear()
+    assert len(window) == 0 and not window.hibernating
+
+
+def test_empty_window_stays_as_it_is() -> None:
+    window = Window()
+    window.hibernate()
+    assert not window.hibernating and len(window) == 0 and window.rows() == []
+
+
+def test_hibernating_state_round_trips_and_compares() -> None:
+    state = ConversationState(window=entries(10), booking_sent=True)
+    copy = state.copy()
+    state.window.hibernate()
+    assert state.to_dict() == copy.to_dict()
+    assert state.window.hibernating              # saving reads the packed rows as they are
+    assert ConversationState.from_dict(state.to_dict()) == copy
+    assert state == copy                         # comparing thaws it; the contents are unchanged
+    assert not state.window.hibernating
