@@ -77,6 +77,7 @@ class Settings:
     llm_retry_after_budget: float
     circuit_failure_threshold: int
     circuit_cooldown_seconds: float
+    circuit_stall_seconds: float
     openai_model: str
     openai_base_url: str
     anthropic_model: str
@@ -230,6 +231,7 @@ def _validate(s: Settings) -> None:
     require(s.restart_period > 0, "restart_period", "must be positive")
     require(s.llm_timeout > 0, "llm_timeout", "must be positive")
     require(s.llm_concurrency >= 1, "llm_concurrency", "must be at least 1")
+    require(s.circuit_stall_seconds >= 0, "circuit_stall_seconds", "must be 0 or more")
     require(s.turn_deadline_seconds > 0, "turn_deadline_seconds", "must be positive")
     require(s.split_max_chars >= 100, "split_max_chars", "must be at least 100")
     require(s.store in ("sqlite", "memory"), "store", "must be sqlite or memory")

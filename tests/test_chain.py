@@ -204,6 +204,62 @@ async def test_hanging_primary_opens_the_circuit(clock) -> None:
     assert not stats.available
 
 
+async def test_stalled_primary_opens_the_circuit_long_before_its_timeout(clock) -> None:
+    async with chain_with(["openai", "anthropic"]) as (chain, fakes):
+        fakes["openai"].default = Reply("rápido", delay=0.2)
+        for _ in range(10):   # the primary's recent latency: p95 0.2 s, so the stall limit is the 2 s floor
+            assert (await chain.ask(PROMPT)).provider == "openai"
+        assert stats_of(chain, "openai").stall_after_seconds == 2.0
+        fakes["openai"].default = Hang()
+        answers: list[tuple[str | None, float]] = []
+
+        async def ask() -> None:
+            started = trio.current_time()
+            answer = await chain.ask(PROMPT)
+            answers.append((answer.provider, trio.current_time() - started))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(60):   # ten messages a second for six seconds
+                nursery.start_soon(ask)
+                await trio.sleep(0.1)
+        stats = stats_of(chain, "openai")
+
+    assert len(answers) == 60 and all(provider == "anthropic" for provider, _ in answers)
+    # every call caught by the hang moved on to the fallback once the stall was seen (after about 2 s),
+    # instead of waiting out the 20 s timeout; later messages did not try the primary at all
+    assert max(latency for _, latency in answers) < 3.0
+    hung = fakes["openai"].calls - 10
+    assert 3 <= hung <= 25
+    assert stats.stalls == 1 and stats.circuit == "open" and stats.in_flight == 0
+    assert stats.failures == {"timeout": hung}
+
+
+async def test_calls_slower_than_the_limit_are_no_stall_while_others_are_answered(clock) -> None:
+    async with chain_with(["openai", "anthropic"]) as (chain, fakes):
+        fakes["openai"].default = Reply("rápido", delay=0.2)
+        for _ in range(10):
+            await chain.ask(PROMPT)
+        turn = iter(range(10**6))
+
+        def alternate(request: object) -> Reply:
+            # every other call takes 3 s (past the 2 s stall limit); the rest keep being answered in 0.2 s
+            return Reply("lento", delay=3.0) if next(turn) % 2 else Reply("rápido", delay=0.2)
+
+        fakes["openai"].default = alternate
+        answers: list[str | None] = []
+
+        async def ask() -> None:
+            answers.append((await chain.ask(PROMPT)).provider)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(50):
+                nursery.start_soon(ask)
+                await trio.sleep(0.1)
+        stats = stats_of(chain, "openai")
+    assert answers == ["openai"] * 50
+    assert stats.stalls == 0 and stats.circuit == "closed"
+
+
 async def test_half_open_sends_exactly_one_probe_and_its_success_closes(clock) -> None:
     async with chain_with(["openai", "anthropic"], CIRCUIT_COOLDOWN_SECONDS="30") as (chain, fakes):
         fakes["openai"].script(Fail(500), Fail(500), Fail(500), Reply("sondeo", delay=5.0))

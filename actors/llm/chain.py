@@ -4,6 +4,14 @@ Tries LLM_PROVIDER, then each LLM_PROVIDER_FALLBACK in order (never the same pro
 answers the polite error text. Per provider it bounds concurrent calls (FIFO), applies a timeout per
 call, honours a short Retry-After once, and keeps a circuit breaker so a dead provider does not add
 its timeout to every message. All timing uses ``trio.current_time()`` (tests run it on a MockClock).
+
+A provider that hangs (accepts connections, never answers) produces no failure until its calls
+time out, and meanwhile every slot is held by a hung call with new turns queueing behind them. So
+the breaker also watches for a *stall*: when at least ``failure_threshold`` calls have been in
+flight for longer than the stall limit (``STALL_FACTOR`` x the provider's recent p95 latency, at
+least ``stall_seconds``, at most the call timeout) and no call at all completed meanwhile, the
+circuit opens at once and the stalled calls are cancelled, so their turns move on to the fallback
+instead of waiting out the timeout. The check runs whenever a call asks that provider for a slot.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from .base import ErrorKind, Prompt, Provider, ProviderError
 log = logging.getLogger("python-agent")
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+STALL_FACTOR = 3.0   # a call this many times slower than the recent p95, with no other answer meanwhile, is stalled
 
 
 @attrs.frozen
@@ -51,6 +60,8 @@ class ProviderStatistics:
     reopens_in_seconds: float | None
     in_flight: int
     waiting: int
+    stall_after_seconds: float | None
+    stalls: int
     calls: int
     successes: int
     failures: dict[str, int]
@@ -80,17 +91,24 @@ class _Slot:
     """A provider with its limiter, circuit breaker and counters."""
 
     def __init__(self, provider: Provider, *, concurrency: int, threshold: int, cooldown: float,
-                 latency_window: int) -> None:
+                 latency_window: int, stall_seconds: float, timeout: float) -> None:
         self.provider = provider
         self.name = provider.name
         self.limiter = trio.CapacityLimiter(concurrency)
         self.threshold = threshold
         self.cooldown = cooldown
+        self.stall_seconds = stall_seconds
+        self.timeout = timeout
         self.state = CLOSED
         self.open_until = 0.0
         self.probing = False
         self.consecutive_failures = 0
-        self.in_flight = 0
+        # Calls in flight, oldest first: start time and the scope that cancels the call on a stall.
+        self.running: dict[int, tuple[float, trio.CancelScope]] = {}
+        self._next_call = 0
+        self.last_completion = 0.0
+        self.stalls = 0
+        self._stall_after: float | None = None   # cached from the latencies; None: recompute
         self.calls = 0
         self.successes = 0
         self.failures: collections.Counter[str] = collections.Counter()
@@ -103,7 +121,12 @@ class _Slot:
             return HALF_OPEN
         return self.state
 
+    @property
+    def in_flight(self) -> int:
+        return len(self.running)
+
     def admit(self, now: float) -> _Admission:
+        self.check_stall(now)
         state = self.circuit(now)
         if state == CLOSED:
             return _Admission.PASS
@@ -116,12 +139,55 @@ class _Slot:
         """After waiting for a concurrency slot: did the circuit open meanwhile?"""
         return admission is _Admission.PROBE or self.circuit(now) == CLOSED
 
+    # -- calls in flight and stall detection ------------------------------------------------
+    def begin(self, now: float, scope: trio.CancelScope) -> int:
+        self._next_call += 1
+        self.running[self._next_call] = (now, scope)
+        self.calls += 1
+        return self._next_call
+
+    def end(self, call: int, now: float) -> None:
+        del self.running[call]
+        self.last_completion = now
+
+    def stall_after(self) -> float | None:
+        """Seconds in flight, with no other call completing, after which calls count as stalled."""
+        if self.stall_seconds <= 0 or not self.latencies:
+            return None   # disabled, or nothing known of this provider's latency yet: the timeout decides
+        if self._stall_after is None:
+            p95 = _percentile(sorted(self.latencies), 95) or 0.0
+            self._stall_after = min(self.timeout, max(self.stall_seconds, STALL_FACTOR * p95 / 1000.0))
+        return self._stall_after
+
+    def check_stall(self, now: float) -> None:
+        """Open the circuit and cancel the stalled calls when the provider stopped answering."""
+        limit = self.stall_after()
+        if limit is None or self.state != CLOSED or len(self.running) < self.threshold:
+            return
+        if now - self.last_completion < limit:
+            return
+        stalled = sum(1 for started, _ in self.running.values() if now - started >= limit)
+        if stalled < self.threshold:
+            return
+        # Every call in flight waits on the same dead provider, the younger ones too: all move on.
+        self.stalls += 1
+        self.state, self.open_until, self.probing = OPEN, now + self.cooldown, False
+        self.failures[ErrorKind.TIMEOUT.value] += len(self.running)
+        self.last_error = f"stalled: {stalled} calls without an answer for over {limit:g}s"
+        log.warning("LLM provider %s: circuit open for %gs: %d calls without an answer for over %gs; "
+                    "moving its %d calls in flight to the fallback", self.name, self.cooldown, stalled, limit,
+                    len(self.running))
+        for _, scope in self.running.values():
+            scope.cancel()
+
     def record_success(self, latency: float) -> None:
         if self.state != CLOSED:
             log.info("LLM provider %s recovered: circuit closed", self.name)
         self.state, self.probing, self.consecutive_failures = CLOSED, False, 0
         self.successes += 1
         self.latencies.append(latency * 1000.0)
+        if len(self.latencies) < 64 or self.successes % 64 == 0:
+            self._stall_after = None   # recomputed from the latencies at the next check
 
     def record_failure(self, error: ProviderError, now: float, *, probe: bool) -> None:
         self.failures[error.kind.value] += 1
@@ -152,6 +218,8 @@ class _Slot:
             reopens_in_seconds=round(self.open_until - now, 3) if state == OPEN else None,
             in_flight=self.in_flight,
             waiting=self.limiter.statistics().tasks_waiting,
+            stall_after_seconds=self.stall_after(),
+            stalls=self.stalls,
             calls=self.calls,
             successes=self.successes,
             failures=dict(self.failures),
@@ -174,7 +242,8 @@ class ProviderChain:
     ``timeout`` is per call, ``turn_deadline`` bounds a whole ``ask`` (then the polite text),
     ``concurrency`` bounds calls in flight per provider, a 429 whose Retry-After is at most
     ``retry_after_budget`` seconds is retried once on the same provider, and ``failure_threshold``
-    consecutive failures (or one auth failure) open a provider's circuit for ``cooldown`` seconds.
+    consecutive failures (or one auth failure) open a provider's circuit for ``cooldown`` seconds,
+    and so does a stall (see the module docstring; ``stall_seconds`` 0 turns stall detection off).
     """
 
     def __init__(
@@ -188,6 +257,7 @@ class ProviderChain:
         retry_after_budget: float = 2.0,
         failure_threshold: int = 3,
         cooldown: float = 30.0,
+        stall_seconds: float = 2.0,
         latency_window: int = 512,
     ) -> None:
         self._polite_text = polite_text
@@ -200,7 +270,8 @@ class ProviderChain:
                 continue  # never the same provider twice
             self._slots.append(
                 _Slot(provider, concurrency=concurrency, threshold=max(1, failure_threshold),
-                      cooldown=cooldown, latency_window=latency_window)
+                      cooldown=cooldown, latency_window=latency_window, stall_seconds=stall_seconds,
+                      timeout=timeout)
             )
         self._asks = self._fallbacks_used = self._polite_answers = self._deadline_exceeded = 0
         for slot in self._slots:
@@ -274,21 +345,23 @@ class ProviderChain:
                     log.debug("LLM provider %s skipped: its circuit opened while waiting", slot.name)
                     return None
                 error: ProviderError | None = None
-                slot.in_flight += 1
-                slot.calls += 1
                 started = trio.current_time()
-                try:
-                    with trio.fail_after(self._timeout):
-                        text = await slot.provider.complete(prompt)
-                except trio.TooSlowError:
-                    error = ProviderError(ErrorKind.TIMEOUT, f"timeout after {self._timeout:g}s")
-                except ProviderError as exc:
-                    error = exc
-                except Exception as exc:  # an adapter bug must not break the conversation
-                    error = ProviderError(ErrorKind.OTHER, f"unexpected error ({type(exc).__name__})")
-                finally:
-                    slot.in_flight -= 1
+                with trio.CancelScope() as stall_scope:   # cancelled by the slot when the provider stalls
+                    call = slot.begin(started, stall_scope)
+                    try:
+                        with trio.fail_after(self._timeout):
+                            text = await slot.provider.complete(prompt)
+                    except trio.TooSlowError:
+                        error = ProviderError(ErrorKind.TIMEOUT, f"timeout after {self._timeout:g}s")
+                    except ProviderError as exc:
+                        error = exc
+                    except Exception as exc:  # an adapter bug must not break the conversation
+                        error = ProviderError(ErrorKind.OTHER, f"unexpected error ({type(exc).__name__})")
+                    finally:
+                        slot.end(call, trio.current_time())
             now = trio.current_time()
+            if stall_scope.cancelled_caught:   # counted and logged by the slot when it opened the circuit
+                raise ProviderError(ErrorKind.TIMEOUT, f"no answer after {now - started:.1f}s (provider stalled)")
             if error is None:
                 slot.record_success(now - started)
                 return text
@@ -343,4 +416,5 @@ def build_chain(settings: Settings, polite_text: str) -> ProviderChain:
         retry_after_budget=settings.llm_retry_after_budget,
         failure_threshold=settings.circuit_failure_threshold,
         cooldown=settings.circuit_cooldown_seconds,
+        stall_seconds=settings.circuit_stall_seconds,
     )
