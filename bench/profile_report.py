@@ -36,6 +36,9 @@ def load(path: Path) -> list[tuple[list[str], int]]:
         if not line.strip():
             continue
         stack, _, count = line.rpartition(" ")
+        if not count.isdigit():   # a line py-spy cut short when it was stopped
+            print(f"skipped a malformed line: {line[:80]!r}...")
+            continue
         stacks.append((stack.split(";"), int(count)))
     return stacks
 

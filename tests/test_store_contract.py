@@ -23,6 +23,28 @@ from runtime.store import InboxRow, MemoryStore, Store, StoreError
 ROOT = Path(__file__).resolve().parent.parent
 
 
+class GatedStore(SqliteStore):
+    """A SqliteStore whose COMMITs can be held (in the worker thread) until the test releases them:
+    a transaction in flight, with the event loop free to queue more requests meanwhile."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self._gates: list[tuple[threading.Event, threading.Event]] = []
+
+    def hold_next_commit(self) -> tuple[threading.Event, threading.Event]:
+        """(entered, release): ``entered`` is set when that COMMIT starts; it waits for ``release``."""
+        gate = (threading.Event(), threading.Event())
+        self._gates.append(gate)
+        return gate
+
+    def _commit_sync(self) -> StoreError | None:
+        if self._gates:
+            entered, release = self._gates.pop(0)
+            entered.set()
+            release.wait(10)
+        return super()._commit_sync()
+
+
 @pytest.fixture(params=["memory", "sqlite"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
     """An opened store of each kind, closed after the test."""
@@ -226,16 +248,16 @@ async def test_batch_max_bounds_a_transaction(tmp_path: Path) -> None:
 
 
 async def test_cancelled_queued_request_is_withdrawn_and_the_rest_complete(tmp_path: Path) -> None:
-    s = SqliteStore(tmp_path / "agent.sqlite3")
+    s = GatedStore(tmp_path / "agent.sqlite3")
     await s.open()
-    gate = threading.Event()
+    _, gate = s.hold_next_commit()
     results: dict[str, int | None] = {}
 
     async def accept(name: str) -> None:
         results[name] = await s.accept("a@s", name, {"name": name})
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(s._call, lambda conn: gate.wait(10))  # a transaction in flight
+        nursery.start_soon(s._call, lambda conn: None)  # a transaction in flight
         await trio.testing.wait_all_tasks_blocked()
         doomed = trio.CancelScope()
 
@@ -259,9 +281,10 @@ async def test_cancelled_queued_request_is_withdrawn_and_the_rest_complete(tmp_p
 
 
 async def test_cancelled_request_already_in_a_transaction_gets_its_result(tmp_path: Path) -> None:
-    s = SqliteStore(tmp_path / "agent.sqlite3")
+    s = GatedStore(tmp_path / "agent.sqlite3")
     await s.open()
-    first, second, entered = threading.Event(), threading.Event(), threading.Event()
+    _, first = s.hold_next_commit()
+    entered, second = s.hold_next_commit()
     results: dict[str, int | None] = {}
     scope = trio.CancelScope()
 
@@ -270,9 +293,9 @@ async def test_cancelled_request_already_in_a_transaction_gets_its_result(tmp_pa
             results["x"] = await s.accept("a@s", "x", {})
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(s._call, lambda conn: first.wait(10))
+        nursery.start_soon(s._call, lambda conn: None)
         await trio.testing.wait_all_tasks_blocked()
-        nursery.start_soon(s._call, lambda conn: (entered.set(), second.wait(10)))  # leads the next one...
+        nursery.start_soon(s._call, lambda conn: None)  # leads the next one...
         await trio.testing.wait_all_tasks_blocked()
         nursery.start_soon(accept_then_get_cancelled)  # ...which also takes this accept
         await trio.testing.wait_all_tasks_blocked()
@@ -287,9 +310,9 @@ async def test_cancelled_request_already_in_a_transaction_gets_its_result(tmp_pa
 
 
 async def test_a_failing_operation_fails_only_its_caller(tmp_path: Path) -> None:
-    s = SqliteStore(tmp_path / "agent.sqlite3")
+    s = GatedStore(tmp_path / "agent.sqlite3")
     await s.open()
-    gate = threading.Event()
+    _, gate = s.hold_next_commit()
     seqs: list[int | None] = []
     errors: list[StoreError] = []
 
@@ -303,7 +326,7 @@ async def test_a_failing_operation_fails_only_its_caller(tmp_path: Path) -> None
             errors.append(exc)
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(s._call, lambda conn: gate.wait(10))
+        nursery.start_soon(s._call, lambda conn: None)
         await trio.testing.wait_all_tasks_blocked()
         before = s.transactions
         for start in (partial(accept, 1), broken, partial(accept, 2)):  # queued in this order,
@@ -319,9 +342,9 @@ async def test_a_failing_operation_fails_only_its_caller(tmp_path: Path) -> None
 
 async def test_close_finishes_queued_work_and_then_refuses(tmp_path: Path) -> None:
     path = tmp_path / "agent.sqlite3"
-    s = SqliteStore(path)
+    s = GatedStore(path)
     await s.open()
-    gate = threading.Event()
+    _, gate = s.hold_next_commit()
     seqs: list[int | None] = []
     closed = trio.Event()
 
@@ -333,7 +356,7 @@ async def test_close_finishes_queued_work_and_then_refuses(tmp_path: Path) -> No
         closed.set()
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(s._call, lambda conn: gate.wait(10))  # a transaction in flight
+        nursery.start_soon(s._call, lambda conn: None)  # a transaction in flight
         await trio.testing.wait_all_tasks_blocked()
         for i in range(20):
             nursery.start_soon(accept, i)
