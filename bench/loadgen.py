@@ -19,6 +19,7 @@ sendText's arrival at the fake; ``overhead`` is reply latency minus the LLM fake
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -96,6 +97,7 @@ class Harness:
         self.counts = {"duplicates": 0, "misrouted": 0, "out_of_order": 0, "unexpected": 0, "polite": 0,
                        "http_errors": 0, "retries_503": 0, "ignored": 0, "unsent": 0}
         self.ack_lat: list[float] = []
+        self.error_kinds: collections.Counter[str] = collections.Counter()   # exception class of each failed POST
         self.replies_seen = 0
         self.cursor = 0
         self.first_send = 0.0
@@ -167,8 +169,9 @@ class Harness:
                 shard = msg.user % len(self.clients)
                 async with self.slots[shard]:
                     response = await self.clients[shard].post(self.webhook, content=body, headers=headers)
-            except httpx.HTTPError:
+            except httpx.HTTPError as exc:
                 self.counts["http_errors"] += 1
+                self.error_kinds[type(exc).__name__] += 1
                 if trio.current_time() > self.deadline:
                     return                     # never acknowledged: it counts as lost
                 await trio.sleep(1.0)
@@ -303,6 +306,7 @@ class Harness:
             "answered": len(answered),
             "lost": len(msgs) - len(answered),
             **self.counts,
+            "error_kinds": dict(self.error_kinds),
             "ack_ms": summary([m.acked - m.sent for m in msgs if m.acked]),
             "reply_ms": summary(latency),
             "overhead_ms": summary(overhead),

@@ -47,7 +47,7 @@ FULL: dict[str, dict[str, Any]] = {
     "rate": {"rate": 80, "duration_s": 30, "users": 400, "llm": "fixed:1.0", "max_s": 120},
     "burst": {"users": 500, "messages": 5, "llm": "uniform:0.2,1.0", "connections": 512, "max_s": 180},
     "hot": {"hot_messages": 1000, "others": 100, "llm": "fixed:1.0", "hot_llm_s": 0.02, "max_s": 300},
-    "memory": {"mode": "seed", "stages": [10_000, 30_000], "per_user": 25, "text_chars": 150, "concurrency": 64,
+    "memory": {"mode": "seed", "stages": [50_000, 100_000], "per_user": 25, "text_chars": 150, "concurrency": 64,
                "max_s": 900},
     "outage": {"rate": 80, "users": 400, "pre_s": 10, "hang_s": 30, "post_s": 30, "llm": "fixed:1.0",
                "max_s": 240},
@@ -455,6 +455,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         for key in ("unexpected", "http_errors", "ignored", "unsent"):
             if r.get(key):
                 notes += f" {key}={r[key]}"
+        if r.get("error_kinds"):
+            notes += " (" + ", ".join(f"{kind} x {n}" for kind, n in r["error_kinds"].items()) + ", retried)"
         if r.get("retries_503") and r["scenario"] != "hot":
             notes += f" 503s={r['retries_503']}"
         fakes = sum(r["fakes_cpu_s"].values())
@@ -510,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                         help="override a scenario parameter (e.g. stages=[10000,20000]); repeatable")
     parser.add_argument("--experiment", default="", metavar="NAME[,NAME]",
-                        help="start the service with bench/experiments patches (outbound_limit, raw_llm)")
+                        help="start the service with bench/experiments patches (timing, switch_interval, raw_llm)")
     parser.add_argument("--label", default="", help="suffix for the scenario names in the table")
     parser.add_argument("--timeout", type=float, default=900, help="per scenario, seconds")
     parser.add_argument("--quiet-wait", type=float, default=None, metavar="S",

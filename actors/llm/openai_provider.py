@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import openai
+from openai.types.chat import ChatCompletion
 
 from ..settings import Settings
 from .base import Prompt, ProviderError
@@ -80,10 +81,17 @@ class OpenAIProvider:
     async def complete(self, prompt: Prompt) -> str:
         if self._client is None:
             raise missing_key(self.name)
-        extra: dict[str, Any] = {self._tokens_field: self._max_tokens}
+        body: dict[str, Any] = {"model": self._model, "messages": chat_messages(prompt),
+                                self._tokens_field: self._max_tokens}
         try:
-            response = await self._client.chat.completions.create(
-                model=self._model, messages=chat_messages(prompt), **extra  # type: ignore[arg-type]
+            # The SDK's own request path (transport, bearer auth, error classes, ChatCompletion model),
+            # as ``chat.completions.create`` takes it, minus create()'s generic parameter transform,
+            # which walks every message with typing introspection: 7.5 ms of CPU per call with a
+            # 50-message window, against 1.0 ms this way (bench/client_cost.py). The body is plain
+            # JSON strings, for which that transform changes nothing.
+            response = await self._client.post(
+                "/chat/completions", body=body, cast_to=ChatCompletion,
+                options={"security": {"bearer_auth": True}},
             )
         except openai.OpenAIError as exc:
             raise map_openai_error(exc, self._timeout) from None
