@@ -55,6 +55,12 @@ class RawClient:
         self.slots = trio.Semaphore(size)
 
     async def post_json(self, path: str, body: dict[str, Any]) -> Any:
+        status, answer = await self.request_json(path, body)
+        assert status == 200, status
+        return answer
+
+    async def request_json(self, path: str, body: dict[str, Any]) -> tuple[int, Any]:
+        """POST ``body`` as JSON; the status and the decoded JSON answer."""
         async with self.slots:
             if self.free:
                 stream, conn = self.free.pop()
@@ -84,8 +90,7 @@ class RawClient:
                 self.free.append((stream, conn))
             else:  # the server closes after keep_alive_max_requests (hypercorn: 1000)
                 await stream.aclose()
-            assert status == 200, status
-            return json.loads(b"".join(chunks))
+            return status, json.loads(b"".join(chunks))
 
 
 async def measure(kind: str, url: str, calls: int, concurrency: int, history: int) -> float:
