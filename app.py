@@ -156,13 +156,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
     @app.get("/memory")
     @admin
     async def memory() -> Response:
-        counts = {jid: len(state.get("window", [])) for jid, state in (await svc.store.states()).items()}
-        if svc.registry is not None:
-            for jid in svc.registry.keys():
-                found = await svc.conversation_state(jid)
-                if found is not None:
-                    counts[jid] = len(found[0].get("window", []))
-        return _json(counts)
+        return _json(await svc.window_sizes())
 
     @app.get("/memory/<path:jid>")
     @admin

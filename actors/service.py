@@ -293,6 +293,20 @@ class Service:
 
     # -- admin reads -------------------------------------------------------------------------
 
+    async def window_sizes(self) -> dict[str, int]:
+        """Messages in the window of every conversation, stored or live (the seed's ``/memory``).
+
+        Cheap with many chats: stored lengths come from their own column, live ones from ``len``
+        (which never thaws a hibernating window)."""
+        sizes = await self.store.window_sizes()
+        registry = self.registry
+        if registry is not None:
+            for jid in registry.keys():
+                actor = registry.actor(jid)
+                if isinstance(actor, ConversationActor):
+                    sizes[jid] = len(actor.state.window)
+        return sizes
+
     async def conversation_state(self, jid: str) -> tuple[dict[str, Any], bool] | None:
         """(state dict, live) for a chat: from its live actor, else from the store."""
         registry = self.registry

@@ -94,8 +94,8 @@ class Store(Protocol):
         """Delete every actor (state, inbox, outbox) whose state's ``last_activity`` is before
         ``idle_before`` (unix seconds), except the keys in ``keep``; returns the deleted keys."""
 
-    async def states(self) -> dict[str, dict[str, Any]]:
-        """Every saved state (admin listing)."""
+    async def window_sizes(self) -> dict[str, int]:
+        """Every saved conversation's window length, by key in key order (admin listing)."""
 
 
 class StoreError(Exception):
@@ -178,5 +178,5 @@ class MemoryStore:
             await self.delete(key)
         return gone
 
-    async def states(self) -> dict[str, dict[str, Any]]:
-        return dict(self._states)
+    async def window_sizes(self) -> dict[str, int]:
+        return {key: len(self._states[key].get("window", [])) for key in sorted(self._states)}

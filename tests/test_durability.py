@@ -135,6 +135,7 @@ async def test_clean_restart_keeps_booking_flag_and_memory(tmp_path: Path) -> No
             await service.wait_ready()
             async with httpx.AsyncClient(base_url=service.url, timeout=10) as client:
                 assert (await client.get(f"/memory/{jid}")).json() == before       # answered from the store
+                assert (await client.get("/memory")).json() == {jid: before["count"]}   # the listing too
                 assert (await client.get(f"/actors/{jid}")).json()["state"]["booking_sent"] is True
                 await client.post("/webhook", json=upsert("gracias"))
                 with trio.fail_after(20):

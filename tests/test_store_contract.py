@@ -154,7 +154,7 @@ async def test_delete_removes_every_row_of_a_key(store: Store) -> None:
     assert await store.load("a@s") is None
     assert [r.key for r in await store.pending_inbox()] == ["b@s"]
     assert [r.key for r in await store.pending_outbox()] == ["b@s"]
-    assert list(await store.states()) == ["b@s"]
+    assert list(await store.window_sizes()) == ["b@s"]
     assert await store.accept("a@s", "a@s:3", {}) == 1  # a deleted key starts afresh
     assert await store.accept("a@s", "a@s:1", {}) is None  # dedupe ids outlive the key
 
@@ -167,20 +167,20 @@ async def test_expire_respects_idle_before_and_keep(store: Store) -> None:
     await store.commit("new@s", state(900.0))
     gone = await store.expire(500.0, keep={"live@s"})
     assert sorted(gone) == ["old@s"]
-    assert sorted(await store.states()) == ["edge@s", "live@s", "new@s"]
+    assert list(await store.window_sizes()) == ["edge@s", "live@s", "new@s"]
     assert await store.pending_inbox() == [] and await store.pending_outbox() == []
     assert sorted(await store.expire(1000.0)) == ["edge@s", "live@s", "new@s"]
-    assert await store.states() == {}
+    assert await store.window_sizes() == {}
 
 
-async def test_states_lists_every_saved_state(store: Store) -> None:
-    assert await store.states() == {}
-    a, b = state(1.0, n="a"), state(2.0, n="b")
-    await store.commit("a@s", a)
-    await store.commit("b@s", b)
-    await store.commit("a@s", state(3.0, n="a2"))
-    listed = await store.states()
-    assert listed == {"a@s": state(3.0, n="a2"), "b@s": b}
+async def test_window_sizes_list_every_saved_conversation(store: Store) -> None:
+    assert await store.window_sizes() == {}
+    await store.commit("b@s", state(2.0))
+    await store.commit("a@s", state(1.0))
+    await store.commit("a@s", {**state(3.0), "window": state(3.0)["window"][:7]})
+    await store.commit("c@s", {"last_activity": 4.0})   # no window at all
+    assert await store.window_sizes() == {"a@s": 7, "b@s": 50, "c@s": 0}
+    assert list(await store.window_sizes()) == ["a@s", "b@s", "c@s"]
 
 
 # -- SQLite only -------------------------------------------------------------------------------
@@ -510,12 +510,15 @@ async def test_a_version_1_database_is_migrated_in_place(tmp_path: Path) -> None
         for statement in MIGRATIONS[1]:
             conn.execute(statement)
         conn.execute("INSERT INTO states (key, data, last_activity) VALUES ('a', '{\"window\": []}', 5.0)")
+        conn.execute("INSERT INTO states (key, data, last_activity) VALUES ('b', ?, 6.0)",
+                     ('{"window": [["user", "hola", 1.0], ["assistant", "¡hola!", 1.0]]}',))
     conn.close()
     store = SqliteStore(path)
     await store.open()
     try:
         assert await store.load("a") == {"window": []}
         assert await store.dead_letters() == []
+        assert await store.window_sizes() == {"a": 0, "b": 2}   # version 3 counted the stored windows
     finally:
         await store.close()
     conn = sqlite3.connect(path)
