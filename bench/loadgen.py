@@ -33,6 +33,8 @@ from typing import Any
 import httpx
 import trio
 
+from run import cpu_seconds, status_kb   # bench/run.py (this directory is on sys.path when run as a script)
+
 MARKER = re.compile(r"m:(\d+):(\d+)")
 SHARD = 32          # connections per httpx.AsyncClient (see Harness.__init__)
 WARMUP_USER = 900_000_000   # warm-up chats: m:<WARMUP_USER + i>:0
@@ -580,7 +582,7 @@ async def memory(h: Harness, cfg: dict[str, Any]) -> dict[str, Any]:
             await trio.sleep(0.2)
         done_users = target
         stage = {"actors": target, "messages": posted, "fill_s": round(time.time() - started, 1),
-                 "post_s": round(posted_at - started, 1), "rss_kb": [rss_kb(p) for p in pids]}
+                 "post_s": round(posted_at - started, 1), "rss_kb": [status_kb(p, "VmRSS") for p in pids]}
         try:
             stage["registry"] = (await h.admin.get(h.service + "/supervisors")).json()["registry"]["live_actors"]
         except (httpx.HTTPError, KeyError, ValueError):
@@ -588,24 +590,6 @@ async def memory(h: Harness, cfg: dict[str, Any]) -> dict[str, Any]:
         out.append(stage)
         print(json.dumps({"progress": stage}), file=sys.stderr, flush=True)
     return {"stages": out, "ack_ms": summary(h.ack_lat), **h.counts}
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, from /proc/<pid>/stat."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
 
 
 SCENARIOS = {"crowd": crowd, "rate": rate, "burst": burst, "hot": hot, "outage": outage, "memory": memory}

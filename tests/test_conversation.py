@@ -28,6 +28,13 @@ async def post(service: Service, payload: dict) -> dict:  # type: ignore[type-ar
     return result.body
 
 
+async def exchanges(service: Service, count: int) -> None:
+    """``count`` customer messages q0, q1, ..., each posted once the previous one was answered."""
+    for i in range(count):
+        await post(service, upsert(f"q{i}"))
+        await wait_for(lambda: len(replies(service)) == i + 1)
+
+
 async def test_strict_order_with_random_latency(tmp_path) -> None:  # type: ignore[no-untyped-def]
     settings = make_settings(tmp_path, MAILBOX_SIZE=250)
     provider = ScriptedProvider(lambda p: f"reply {p.messages[-1].content}", latency=random_latency(0.0, 0.01))
@@ -68,9 +75,7 @@ async def test_window_keeps_last_50_and_prompt_is_bounded(tmp_path) -> None:  # 
     settings = make_settings(tmp_path)
     provider = ScriptedProvider()
     async with running_service(settings, provider) as service:
-        for i in range(30):
-            await post(service, upsert(f"q{i}"))
-            await wait_for(lambda: len(replies(service)) == i + 1)
+        await exchanges(service, 30)
         found = await service.conversation_state(JID)
         assert found is not None
         contents = [c for _, c, *_ in found[0]["window"]]
@@ -86,9 +91,7 @@ async def test_idle_actor_hibernates_its_window_and_thaws_for_the_next_turn(tmp_
     settings = make_settings(tmp_path)
     provider = ScriptedProvider()
     async with running_service(settings, provider) as service:
-        for i in range(30):
-            await post(service, upsert(f"q{i}"))
-            await wait_for(lambda: len(replies(service)) == i + 1)
+        await exchanges(service, 30)
         assert service.registry is not None
         actor = service.registry.actor(JID)
         await wait_for(lambda: actor.state.window.hibernating)  # type: ignore[union-attr]
