@@ -66,7 +66,8 @@ class Window:
 
     def _live(self) -> list[WindowEntry]:
         if self._packed is not None:
-            self._entries = [WindowEntry(sys.intern(role), content, at) for role, content, at in json.loads(self._packed)]
+            rows = json.loads(self._packed)
+            self._entries = [WindowEntry(sys.intern(role), content, at) for role, content, at in rows]
             self._packed = None
         return self._entries
 

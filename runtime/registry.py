@@ -2,9 +2,10 @@
 
 Virtual-actor style: ``deliver(key, msg)`` creates the actor if needed. An actor's task runs
 only while its mailbox has messages and exits when it is empty, so an idle actor is just
-its state, which ``Actor.hibernate()`` compacts when the task ends. Crashes are supervised Erlang-style: at most ``intensity`` crashes within
-``period`` seconds; past that the actor is stopped ("failed") for ``period`` seconds, and
-what arrives meanwhile is answered through ``Actor.on_crash`` instead of being lost.
+its state, which ``Actor.hibernate()`` compacts when the task ends. Crashes are supervised
+Erlang-style: at most ``intensity`` crashes within ``period`` seconds; past that the actor is
+stopped ("failed") for ``period`` seconds, and what arrives meanwhile is answered through
+``Actor.on_crash`` instead of being lost.
 """
 
 from __future__ import annotations

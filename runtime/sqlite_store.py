@@ -15,9 +15,9 @@ Group commit
     progress becomes the *leader*: it takes everything queued (up to ``batch_max``), runs their
     statements as one transaction on the trio thread (microseconds each, and no GIL hand-over per
     statement), then COMMITs it (the one fsync) in a worker thread (``trio.to_thread.run_sync``
-    with a private limiter of 1) while the event loop goes on, hands each request its own result, and, if more requests
-    arrived meanwhile, wakes the oldest one to lead the next transaction. No background task is
-    needed, so ``open()``/``close()`` are enough. If one operation fails, the transaction is
+    with a private limiter of 1) while the event loop goes on, hands each request its own
+    result, and, if more requests arrived meanwhile, wakes the oldest one to lead the next
+    transaction. No background task is needed, so ``open()``/``close()`` are enough. If one operation fails, the transaction is
     rolled back and rerun with a SAVEPOINT around each operation, so the failing one gets its error
     and the others still commit.
 
