@@ -234,6 +234,27 @@ async def test_stalled_primary_opens_the_circuit_long_before_its_timeout(clock) 
     assert stats.failures == {"timeout": hung}
 
 
+async def test_probe_of_a_stalled_provider_gives_up_at_the_stall_limit(clock) -> None:
+    async with chain_with(["openai", "anthropic"], CIRCUIT_COOLDOWN_SECONDS="30") as (chain, fakes):
+        fakes["openai"].default = Reply("rápido", delay=0.2)
+        for _ in range(10):
+            await chain.ask(PROMPT)
+        fakes["openai"].default = Hang()
+        async with trio.open_nursery() as nursery:
+            for _ in range(5):   # the stall opens the circuit
+                nursery.start_soon(chain.ask, PROMPT)
+                await trio.sleep(0.1)
+        assert stats_of(chain, "openai").circuit == "open"
+        await trio.sleep(30)
+        started = trio.current_time()
+        answer = await chain.ask(PROMPT)   # the half-open probe: still hanging
+        waited = trio.current_time() - started
+        stats = stats_of(chain, "openai")
+    assert answer.provider == "anthropic"
+    assert 2.0 <= waited < 2.5          # the 2 s stall limit, not the 20 s LLM_TIMEOUT
+    assert stats.circuit == "open" and stats.last_error == "timeout after 2s"
+
+
 async def test_calls_slower_than_the_limit_are_no_stall_while_others_are_answered(clock) -> None:
     async with chain_with(["openai", "anthropic"]) as (chain, fakes):
         fakes["openai"].default = Reply("rápido", delay=0.2)

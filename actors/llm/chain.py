@@ -12,6 +12,7 @@ flight for longer than the stall limit (``STALL_FACTOR`` x the provider's recent
 least ``stall_seconds``, at most the call timeout) and no call at all completed meanwhile, the
 circuit opens at once and the stalled calls are cancelled, so their turns move on to the fallback
 instead of waiting out the timeout. The check runs whenever a call asks that provider for a slot.
+The half-open probe after the cool-down gets the stall limit as its timeout, for the same reason.
 """
 
 from __future__ import annotations
@@ -346,13 +347,18 @@ class ProviderChain:
                     return None
                 error: ProviderError | None = None
                 started = trio.current_time()
+                # A probe of a provider whose circuit opened gets the stall limit, not the whole
+                # timeout: during a long outage one customer every cool-down would wait it out.
+                timeout = self._timeout
+                if admission is _Admission.PROBE:
+                    timeout = slot.stall_after() or timeout
                 with trio.CancelScope() as stall_scope:   # cancelled by the slot when the provider stalls
                     call = slot.begin(started, stall_scope)
                     try:
-                        with trio.fail_after(self._timeout):
+                        with trio.fail_after(timeout):
                             text = await slot.provider.complete(prompt)
                     except trio.TooSlowError:
-                        error = ProviderError(ErrorKind.TIMEOUT, f"timeout after {self._timeout:g}s")
+                        error = ProviderError(ErrorKind.TIMEOUT, f"timeout after {timeout:g}s")
                     except ProviderError as exc:
                         error = exc
                     except Exception as exc:  # an adapter bug must not break the conversation
