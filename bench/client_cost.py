@@ -2,17 +2,15 @@
 
     .venv/bin/python bench/client_cost.py [--calls 2000] [--concurrency 1,32] [--history 3,50]
 
-Measures, in this process (time.process_time), one chat-completion call made four ways:
+Measures, in this process (time.process_time), one chat-completion call made five ways:
 
-* ``openai-sdk``: ``AsyncOpenAI(...).chat.completions.create`` exactly as ``OpenAIProvider.complete`` does;
-* ``openai-post``: ``AsyncOpenAI.post("/chat/completions", body=..., cast_to=ChatCompletion)``: the SDK's
-  transport, error classes and response model, without ``create``'s per-message parameter transform;
+* ``openai-sdk``: ``AsyncOpenAI(...).chat.completions.create``, the SDK's usual call;
+* ``openai-post``: ``AsyncOpenAI.post("/chat/completions", body=..., cast_to=ChatCompletion)``, what
+  ``OpenAIProvider.complete`` sends: the SDK's transport, auth, error classes and response model,
+  without ``create``'s per-message parameter transform;
 * ``httpx``: ``httpx.AsyncClient.post(json=body)`` + ``response.json()`` (what ``EvolutionClient`` uses);
 * ``httpx2``: the same with ``httpx2`` (the fork the openai SDK ships with; its pool is O(n), not O(n*m));
 * ``h11-raw``: a minimal keep-alive HTTP/1.1 client on trio sockets + h11 + json (the floor).
-
-and, with ``--server``, the server side: CPU per request of hypercorn (trio worker) serving a minimal
-QuartTrio app vs the same handler as a raw ASGI app (the cost of the Quart layer on /webhook).
 """
 
 from __future__ import annotations
@@ -31,7 +29,7 @@ import trio
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-from run import cpu_seconds, free_port, read_listening_url, Proc, wait_http  # noqa: E402
+from run import Proc, read_listening_url  # noqa: E402
 
 SYSTEM = "Eres el asistente virtual de WhatsApp de un negocio. " * 10
 
@@ -152,99 +150,14 @@ async def measure(kind: str, url: str, calls: int, concurrency: int, history: in
     return 1000 * spent / (calls // concurrency * concurrency)
 
 
-# -- server side ----------------------------------------------------------------------------------
-
-QUART_APP = '''
-import json
-from quart import Response, request
-from quart_trio import QuartTrio
-app = QuartTrio(__name__)
-@app.post("/webhook")
-async def webhook():
-    payload = json.loads(await request.get_data(as_text=False))
-    return Response(json.dumps({"status": "accepted", "jid": payload["data"]["key"]["remoteJid"]}),
-                    status=200, content_type="application/json")
-'''
-
-RAW_APP = '''
-import json
-async def app(scope, receive, send):
-    if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
-    body = b""
-    while True:
-        message = await receive()
-        body += message.get("body", b"")
-        if not message.get("more_body"):
-            break
-    payload = json.loads(body)
-    data = json.dumps({"status": "accepted", "jid": payload["data"]["key"]["remoteJid"]}).encode()
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
-    await send({"type": "http.response.body", "body": data})
-'''
-
-
-async def drive(port: int, calls: int, concurrency: int) -> None:
-    sys.path.insert(0, str(ROOT))
-    from loadgen import upsert  # noqa: E402
-    raw = RawClient("127.0.0.1", port, concurrency)
-    body = upsert("5491000000001@s.whatsapp.net", "m:1:1 Hola, quisiera saber los horarios", "ID1", "bench")
-
-    async def worker(n: int) -> None:
-        for _ in range(n):
-            await raw.post_json("/webhook", body)
-
-    async with trio.open_nursery() as nursery:
-        for _ in range(concurrency):
-            nursery.start_soon(worker, calls // concurrency)
-
-
-def server_cost(calls: int, concurrency: int) -> dict[str, float]:
-    results = {}
-    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"server-cost-{os.getpid()}"
-    tmp.mkdir(exist_ok=True)
-    for name, source in (("quart", QUART_APP), ("raw-asgi", RAW_APP)):
-        (tmp / f"{name.replace('-', '_')}_app.py").write_text(source)
-        port = free_port()
-        hypercorn = str(Path(sys.executable).parent / "hypercorn")
-        proc = Proc(name, [hypercorn, "--worker-class", "trio", "--workers", "0", "--bind", f"127.0.0.1:{port}",
-                           f"{name.replace('-', '_')}_app:app"], env={**os.environ, "PYTHONPATH": str(tmp)})
-        try:
-            time.sleep(0.3)
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    trio.run(drive, port, 20, 1)
-                    break
-                except (OSError, BaseExceptionGroup):
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.1)
-            trio.run(drive, port, 200, concurrency)  # warm up
-            before = cpu_seconds(proc.pid)
-            trio.run(drive, port, calls, concurrency)
-            results[name] = 1000 * (cpu_seconds(proc.pid) - before) / (calls // concurrency * concurrency)
-        finally:
-            proc.stop()
-    return results
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--concurrency", default="1,32")
     parser.add_argument("--history", default="3,50", help="messages in the prompt's history")
-    parser.add_argument("--server", action="store_true", help="also measure Quart vs raw ASGI under hypercorn")
     args = parser.parse_args()
     work = Path(os.environ.get("TMPDIR", "/tmp"))
-    fake = Proc("llm", [sys.executable, "bench/fake_llm.py", "--port", "0", "--latency", "fixed:0"],
+    fake = Proc("llm", [sys.executable, "-m", "tests.fakes.llm", "--port", "0", "--latency", "fixed:0"],
                 stdout=subprocess.PIPE, log=work / "client_cost_fake.log")
     try:
         url = read_listening_url(fake)
@@ -257,10 +170,6 @@ def main() -> None:
                     print(f"{kind:12}{concurrency:>6}{history:>9}{ms:>10.3f}", flush=True)
     finally:
         fake.stop()
-    if args.server:
-        print("\nserver CPU ms per POST /webhook-like request (hypercorn trio worker, no store, no actor):")
-        for name, ms in server_cost(args.calls, 8).items():
-            print(f"  {name:10}{ms:8.3f}")
 
 
 if __name__ == "__main__":

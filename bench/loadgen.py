@@ -3,8 +3,8 @@
 Run by the harness as ``python bench/loadgen.py '<json config>'``; prints one JSON object (the
 scenario's measurements) on its last stdout line. Not meant to be run by hand, but it can be.
 
-Every message text starts with the marker ``m:<user>:<seq>``; the echo LLM fake (bench/fake_llm.py)
-puts it back in the reply, and the fake Evolution API (tests/fakes/evolution.py) records each
+Every message text starts with the marker ``m:<user>:<seq>``; the echo LLM fake
+(``tests/fakes/llm.py --echo-chars``) puts it back in the reply, and the fake Evolution API (tests/fakes/evolution.py) records each
 ``sendText`` with its arrival time (``wall``). A poller reads ``GET /_recorded?since=N`` and checks
 every reply: its marker must be expected (else ``unexpected``), answered once (else ``duplicates``),
 sent to the JID the marker belongs to (else ``misrouted``) and, per JID, come after the replies to
@@ -28,7 +28,8 @@ import re
 import signal
 import sys
 import time
-from typing import Any
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
 
 import httpx
 import trio
@@ -223,6 +224,17 @@ class Harness:
 
     # -- replies ------------------------------------------------------------------------------
 
+    @asynccontextmanager
+    async def collecting(self, drain_s: float) -> AsyncIterator[trio.Nursery]:
+        """Poll the fake Evolution for replies while the block sends its load; then wait up to
+        ``drain_s`` (the scenario's ``drain_s`` overrides it) for the last replies and stop polling.
+        The yielded nursery is for background tasks that end when ``done_polling`` is set."""
+        async with trio.open_nursery() as background:
+            background.start_soon(self.poll_forever, float(self.cfg.get("poll_s", 0.05)))
+            yield background
+            await self.drain(float(self.cfg.get("drain_s", drain_s)))
+            self.done_polling = True
+
     async def poll_forever(self, interval: float) -> None:
         while not self.done_polling:
             await self.poll_once()
@@ -370,13 +382,10 @@ async def crowd(h: Harness, cfg: dict[str, Any]) -> dict[str, Any]:
                 timed_out += 1
                 return
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(h.poll_forever, float(cfg.get("poll_s", 0.05)))
+    async with h.collecting(drain_s=10.0):
         async with trio.open_nursery() as users_nursery:
             for u in range(users):
                 users_nursery.start_soon(user, u)
-        await h.drain(float(cfg.get("drain_s", 10.0)))
-        h.done_polling = True
     result = h.results()
     result["users_timed_out"] = timed_out
     return result
@@ -386,11 +395,8 @@ async def rate(h: Harness, cfg: dict[str, Any]) -> dict[str, Any]:
     """Open loop: ``rate`` messages/s for ``duration`` s from a rotating set of ``users``."""
     per_s, duration, users = float(cfg["rate"]), float(cfg["duration_s"]), int(cfg["users"])
     total = int(per_s * duration)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(h.poll_forever, float(cfg.get("poll_s", 0.05)))
+    async with h.collecting(drain_s=20.0):
         await h.open_loop(per_s, total, users)
-        await h.drain(float(cfg.get("drain_s", 20.0)))
-        h.done_polling = True
     result = h.results()
     result["offered_per_s"] = per_s
     return result
@@ -405,13 +411,10 @@ async def burst(h: Harness, cfg: dict[str, Any]) -> dict[str, Any]:
             msg = h.expect(u, s)
             await h.post(msg, h.text_for(u, s))
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(h.poll_forever, float(cfg.get("poll_s", 0.05)))
+    async with h.collecting(drain_s=60.0):
         async with trio.open_nursery() as users_nursery:
             for u in range(users):
                 users_nursery.start_soon(user, u)
-        await h.drain(float(cfg.get("drain_s", 60.0)))
-        h.done_polling = True
     return h.results()
 
 
@@ -448,14 +451,11 @@ async def hot(h: Harness, cfg: dict[str, Any]) -> dict[str, Any]:
             s += 1
             await trio.sleep(rng.uniform(think[0], think[1]))
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(h.poll_forever, float(cfg.get("poll_s", 0.05)))
+    async with h.collecting(drain_s=30.0):
         async with trio.open_nursery() as actors:
             actors.start_soon(hot_sender)
             for u in range(1, others + 1):
                 actors.start_soon(other, u)
-        await h.drain(float(cfg.get("drain_s", 30.0)))
-        h.done_polling = True
     result = h.results()
     hot_result = h.results(hot_msgs)
     others_result = h.results(other_msgs)
@@ -481,11 +481,10 @@ async def outage(h: Harness, cfg: dict[str, Any]) -> dict[str, Any]:
     total = int(per_s * (pre + hang_s + post))
     circuit: list[tuple[float, str]] = []
     marks: dict[str, float] = {}
-    stop_monitor = False
 
     async def monitor() -> None:
         last = None
-        while not stop_monitor:
+        while not h.done_polling:
             try:
                 data = (await h.admin.get(h.service + "/supervisors")).json()
                 state = data["llm"]["providers"][0]["circuit"]
@@ -506,18 +505,14 @@ async def outage(h: Harness, cfg: dict[str, Any]) -> dict[str, Any]:
             os.kill(pid, signal.SIGCONT)
             marks["hang_end"] = time.time()
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(h.poll_forever, float(cfg.get("poll_s", 0.05)))
-        nursery.start_soon(monitor)
-        nursery.start_soon(fault)
+    async with h.collecting(drain_s=90.0) as background:
+        background.start_soon(monitor)
+        background.start_soon(fault)
         await h.open_loop(per_s, total, users)
-        await h.drain(float(cfg.get("drain_s", 90.0)))
-        stop_monitor = True
-        h.done_polling = True
-        try:
-            stats = (await h.admin.get(h.service + "/supervisors")).json()["llm"]
-        except (httpx.HTTPError, KeyError, ValueError):
-            stats = {}
+    try:
+        stats = (await h.admin.get(h.service + "/supervisors")).json()["llm"]
+    except (httpx.HTTPError, KeyError, ValueError):
+        stats = {}
     result = h.results()
     opened = next((t for t, s in circuit if s == "open"), None)
     closed_again = next((t for t, s in circuit if s == "closed" and opened is not None and t > opened), None)

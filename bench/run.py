@@ -4,7 +4,7 @@
 
 For every scenario it starts, on 127.0.0.1 and free ports, fresh processes:
 
-* the OpenAI fake in echo mode (``bench/fake_llm.py``; a second one as the ``ollama`` fallback for
+* the OpenAI fake in echo mode (``python -m tests.fakes.llm --echo-chars 300``; a second one as the ``ollama`` fallback for
   ``outage``), and the Evolution fake (``python -m tests.fakes.evolution``);
 * the service exactly as deployed: ``hypercorn --worker-class trio --bind 127.0.0.1:PORT app:app``
   from the repository root, configured only by environment variables, with a fresh DATA_DIR;
@@ -212,7 +212,8 @@ def read_listening_url(proc: Proc, timeout: float = 30.0) -> str:
 
 
 def start_llm(name: str, latency: str, logs: Path) -> tuple[Proc, str]:
-    proc = Proc(name, [PY, "bench/fake_llm.py", "--port", "0", "--latency", latency, "--seed", "7"],
+    proc = Proc(name, [PY, "-m", "tests.fakes.llm", "--port", "0", "--latency", latency, "--seed", "7",
+                       "--echo-chars", "300"],
                 stdout=subprocess.PIPE, log=logs / f"{name}.log")
     return proc, read_listening_url(proc)
 

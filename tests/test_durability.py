@@ -6,7 +6,6 @@ from __future__ import annotations
 import sqlite3
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest

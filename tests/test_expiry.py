@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import trio
 
-from actors.service import Service
 from tests.conftest import make_settings, running_service, wait_for
 from tests.doubles import ScriptedProvider
 from tests.payloads import upsert

@@ -10,8 +10,9 @@ answers from a script of behaviours::
     fake.requests[0].json["model"]
 
 When the script is empty the fake answers with its ``default`` (a behaviour, or a callable taking
-the recorded request). ``python -m tests.fakes.llm --port P --latency fixed:0.5`` serves the
-OpenAI fake on its own (the benchmarks run it as a separate process).
+the recorded request). ``python -m tests.fakes.llm --port P --latency fixed:0.5 [--echo-chars N]``
+serves the OpenAI fake on its own (the benchmarks run it as a separate process; with
+``--echo-chars`` it echoes each message back, see ``echo_behaviour``).
 """
 
 from __future__ import annotations
@@ -374,16 +375,34 @@ def parse_latency(spec: str, rng: random.Random | None = None) -> Callable[[], f
     raise argparse.ArgumentTypeError(f"bad latency {spec!r}: fixed:S | uniform:LO,HI | lognormal:MEDIAN,SIGMA")
 
 
-async def _serve(host: str, port: int, latency: Callable[[], float]) -> None:
+_LATENCY_TAG = re.compile(r"\[lat=([0-9.]+)\]")
+
+
+def echo_behaviour(echo_chars: int) -> Callable[[RecordedRequest], Reply]:
+    """Answer ``"re: " + <last user message>`` (at most ``echo_chars`` characters), so a marker at the
+    start of each message comes back in its reply; a ``[lat=SECONDS]`` tag in that message sets the
+    call's latency (the benchmarks' hot-user scenario)."""
+
+    def behave(request: RecordedRequest) -> Reply:
+        messages = (request.json or {}).get("messages") or []
+        last = next((str(m.get("content") or "") for m in reversed(messages) if m.get("role") == "user"), "")
+        tag = _LATENCY_TAG.search(last)
+        return Reply(text=("re: " + last)[:echo_chars] or "re:", delay=float(tag.group(1)) if tag else None)
+
+    return behave
+
+
+async def _serve(host: str, port: int, latency: Callable[[], float], echo_chars: int) -> None:
     from hypercorn.trio import serve
 
     from .server import hypercorn_config
 
-    app = OpenAIFake(latency=latency, record=False)
+    default: Behaviour | Callable[[RecordedRequest], Behaviour] = echo_behaviour(echo_chars) if echo_chars else Reply()
+    app = OpenAIFake(latency=latency, record=False, default=default)
+    config = hypercorn_config(f"{host}:{port}")
+    config.backlog = 4096   # load tests open hundreds of connections at once
     async with trio.open_nursery() as nursery:
-        binds = await nursery.start(
-            lambda task_status: serve(app, hypercorn_config(f"{host}:{port}"), task_status=task_status)
-        )
+        binds = await nursery.start(lambda task_status: serve(app, config, task_status=task_status))
         print(f"listening on {binds[0]}", flush=True)
 
 
@@ -393,10 +412,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=0, help="0: an ephemeral port (printed)")
     parser.add_argument("--latency", default="fixed:0", help="fixed:S | uniform:LO,HI | lognormal:MEDIAN,SIGMA")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--echo-chars", type=int, default=0,
+                        help="answer 're: <last user message>' cut to this many characters (0: a fixed text)")
     args = parser.parse_args(argv)
     latency = parse_latency(args.latency, random.Random(args.seed))
     try:
-        trio.run(_serve, args.host, args.port, latency)
+        trio.run(_serve, args.host, args.port, latency, args.echo_chars)
     except KeyboardInterrupt:
         sys.exit(0)
 
