@@ -16,6 +16,7 @@ from typing import Any, Awaitable, Callable
 import attrs
 from prometheus_client import CONTENT_TYPE_LATEST
 from quart import Response, request
+import trio
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -31,6 +32,8 @@ from runtime.store import StoreError
 
 LOOPBACK = {"127.0.0.1", "::1", "localhost", "<local>"}
 MAX_JSON_DEPTH = 32
+PAGE_DEFAULT, PAGE_MAX = 100, 1000
+FATAL_EXIT_CODE = 70   # EX_SOFTWARE: the service died of an error; systemd's Restart= brings it back
 
 
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -58,8 +61,28 @@ def _depth(value: Any, limit: int) -> int:
     return deepest
 
 
-def create_app(settings: Settings | None = None, service: Service | None = None) -> QuartTrio:
-    """Build the app for ``settings`` (default: loaded from the environment)."""
+def _root_cause(exc: BaseException) -> BaseException:
+    """The first real error inside nested exception groups (what an operator needs to read)."""
+    while isinstance(exc, BaseExceptionGroup):
+        inner = [e for e in exc.exceptions if not isinstance(e, trio.Cancelled)]
+        if not inner:
+            break
+        exc = inner[0]
+    return exc
+
+
+def _exit_process(code: int) -> None:
+    """End the process at once (hypercorn would otherwise keep serving a dead service)."""
+    logging.shutdown()
+    os._exit(code)
+
+
+def create_app(settings: Settings | None = None, service: Service | None = None, *,
+               exit_process: Callable[[int], None] = _exit_process) -> QuartTrio:
+    """Build the app for ``settings`` (default: loaded from the environment).
+
+    ``exit_process`` is called when the service dies of an error after start-up (tests pass
+    their own; the default ends the process with FATAL_EXIT_CODE so a supervisor restarts it)."""
     settings = settings if settings is not None else load_settings()
     app = QuartTrio(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
@@ -82,7 +105,18 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
             print(f"Store error: {exc}", file=sys.stderr, flush=True)
             logging.shutdown()
             os._exit(3)
-        await app.nursery.start(svc.run)
+        await app.nursery.start(run_service)
+
+    async def run_service(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the service; if it dies of an error, /health says so and the process exits non-zero."""
+        try:
+            await svc.run(task_status=task_status)
+        except Exception as exc:  # noqa: BLE001 - reported, then the process ends
+            cause = _root_cause(exc)
+            svc.failure = f"{type(cause).__name__}: {cause}"[:300]
+            logging.getLogger("python-agent").critical("Service stopped by a fatal error: %s", svc.failure,
+                                                       exc_info=exc)
+            exit_process(FATAL_EXIT_CODE)
 
     @app.after_serving
     async def stop() -> None:
@@ -143,6 +177,8 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
 
     @app.get("/health")
     async def health() -> Response:
+        if svc.failure is not None:
+            return _json({"status": "failed", "error": svc.failure}, 503)
         return _json({"status": "ok"})
 
     @app.get("/ready")
@@ -172,20 +208,30 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
     @app.get("/actors")
     @admin
     async def actors() -> Response:
+        """Live actors in key order, a page at a time: ``?limit=`` (default 100, at most 1000) and
+        ``?cursor=`` (the ``next_cursor`` of the previous page)."""
+        try:
+            limit = int(request.args.get("limit", str(PAGE_DEFAULT)))
+        except ValueError:
+            return _error(400, "limit must be an integer")
+        if not 1 <= limit <= PAGE_MAX:
+            return _error(400, f"limit must be between 1 and {PAGE_MAX}")
+        cursor = request.args.get("cursor") or None
         rows = []
         registry = svc.registry
-        if registry is not None:
-            for jid in registry.keys():
-                stats = registry.actor_statistics(jid)
-                if stats is None:
-                    continue
-                rows.append({
-                    "jid": stats.key, "status": stats.status, "window_size": stats.state.window_size,
-                    "booking_sent": stats.state.booking_sent, "mailbox_depth": stats.mailbox_depth,
-                    "last_activity": stats.last_activity, "expires_at": stats.expires_at,
-                    "crashes": stats.crashes,
-                })
-        return _json(rows)
+        keys = registry.page(cursor, limit + 1) if registry is not None else []
+        for jid in keys[:limit]:
+            stats = registry.actor_statistics(jid) if registry is not None else None
+            if stats is None:
+                continue
+            rows.append({
+                "jid": stats.key, "status": stats.status, "window_size": stats.state.window_size,
+                "booking_sent": stats.state.booking_sent, "mailbox_depth": stats.mailbox_depth,
+                "last_activity": stats.last_activity, "expires_at": stats.expires_at,
+                "crashes": stats.crashes,
+            })
+        next_cursor = keys[limit - 1] if len(keys) > limit else None
+        return _json({"actors": rows, "next_cursor": next_cursor})
 
     @app.get("/actors/<path:jid>")
     @admin

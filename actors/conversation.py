@@ -31,6 +31,7 @@ from .state import ASSISTANT, OPERATOR, USER, ConversationState, LeadInfo, Windo
 
 log = logging.getLogger("python-agent")
 SENT_IDS_KEPT = 50
+MIN_PROMPT_MESSAGE_CHARS = 1000   # the newest message keeps at least this much, however long the system prompt
 
 
 @attrs.frozen
@@ -45,7 +46,9 @@ class Accepted:
 @attrs.define
 class Control:
     """A command ordered with the chat's messages in its mailbox: pause | resume | reset (admin),
-    or lead (the CRM supervisor recording ``value``, the lead id)."""
+    lead (the CRM supervisor recording ``value``, the lead id) or sent (the outbound supervisor
+    recording ``value``, the ids Evolution gave our sends, so their fromMe echoes are not a person).
+    Every command but ``sent`` is committed at once; ``sent`` is saved with the next commit."""
 
     command: str
     value: Any = None
@@ -102,10 +105,29 @@ def _trim(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
+def _within(history: list[ChatMessage], budget: int) -> list[ChatMessage]:
+    """The newest messages whose text fits in ``budget`` characters; the newest always (cut to
+    the budget when it alone is larger), so a huge chat can never make a huge prompt."""
+    kept: list[ChatMessage] = []
+    used = 0
+    for message in reversed(history):
+        room = budget - used
+        if len(message.content) > room:
+            if kept:
+                break
+            log.info("Truncated the prompt's last message: %d → %d characters", len(message.content), room)
+            message = ChatMessage(message.role, message.content[:room])
+        kept.append(message)
+        used += len(message.content)
+    kept.reverse()
+    return kept
+
+
 class ConversationActor:
     """Handles one chat's mail strictly in order (the runtime guarantees one batch at a time)."""
 
-    __slots__ = ("jid", "_ctx", "state", "_outbox", "_acked", "_crm", "_unit", "_unreached", "_before")
+    __slots__ = ("jid", "_ctx", "state", "_outbox", "_acked", "_crm", "_unit", "_unreached", "_before",
+                 "_loaded", "_apologised")
 
     def __init__(self, jid: str, context: ConversationContext) -> None:
         self.jid = jid
@@ -118,16 +140,22 @@ class ConversationActor:
         self._unit: list[Mail] | None = None         # the unit (turn or control) being handled
         self._unreached: list[Mail] | tuple[()] = ()  # the rest of the batch, for a crash
         self._before: ConversationState | None = None  # the state before the unit, for a crash
+        self._loaded = False                            # activate() read the stored state
+        self._apologised: set[int] | None = None        # seqs answered politely while it could not
 
     # -- runtime hooks -------------------------------------------------------------------------
 
     async def activate(self) -> None:
+        """Load the stored state. If that fails (store error, a state this code cannot read), the
+        actor stays unloaded: ``on_crash`` then commits nothing, so the stored state is never
+        overwritten, and the messages wait for a later activation."""
         saved = await self._ctx.store.load(self.jid)
         if saved is not None:
             self.state = ConversationState.from_dict(saved)
             log.debug("get_memory called for user_id=%s (restored %d messages)", self.jid, len(self.state.window))
         else:
             log.debug("get_memory called for user_id=%s (new conversation)", self.jid)
+        self._loaded, self._apologised = True, None
 
     def batch_delay(self, first: Mail) -> float:
         """Hold a customer message until DEBOUNCE_SECONDS (or the reorder delay) after it arrived."""
@@ -184,7 +212,13 @@ class ConversationActor:
 
     async def on_crash(self, batch: Sequence[Mail], error: BaseException) -> Sequence[Mail]:
         """Roll the state back to before the failing turn, answer its messages with the polite text,
-        and hand back the messages of the batch it never reached (the runtime re-queues them)."""
+        and hand back the messages of the batch it never reached (the runtime re-queues them).
+
+        Before the state was loaded nothing is committed: each customer message gets the polite
+        text once, and the whole batch is handed back (retried after the runtime's backoff)."""
+        if not self._loaded:
+            self._apologise(batch)
+            return list(batch)
         failing = self._unit if self._unit is not None else list(batch)
         unreached = list(self._unreached) if self._unit is not None else []
         if self._before is not None:
@@ -203,14 +237,23 @@ class ConversationActor:
             if message.from_me:
                 continue
             state.messages_in += 1
-            state.window.append(WindowEntry(USER, message.text, state.last_activity))
+            state.window.append(self._entry(USER, message.text, state.last_activity))
             self._reply(message, self._ctx.texts.polite_error)
             log.info("[RESPUESTA]: %s", self._ctx.texts.polite_error)
         await self._commit()
         return unreached
 
-    async def on_expire(self) -> None:
-        await self._ctx.store.delete(self.jid)
+    def _apologise(self, batch: Sequence[Mail]) -> None:
+        """The polite text, once per message, sent without touching the stored conversation."""
+        done = self._apologised if self._apologised is not None else set()
+        polite = self._ctx.texts.polite_error
+        for item in batch:
+            if isinstance(item, Accepted) and not item.message.from_me and item.seq not in done:
+                done.add(item.seq)
+                self._ctx.outbound.submit(OutboundMessage(jid=item.message.jid, text=polite,
+                                                          instances=item.message.instances))
+                log.info("[RESPUESTA]: %s", polite)
+        self._apologised = done
 
     def hibernate(self) -> None:
         """Idle until the next message: pack the window (most of an idle chat's memory)."""
@@ -235,14 +278,6 @@ class ConversationActor:
         rows = self.state.window.rows()   # read without thawing a hibernating window
         return [dict(m, at=row[2], human=row[0] == OPERATOR) for m, row in zip(seed_messages(rows), rows)]
 
-    # -- callbacks from the supervisors ----------------------------------------------------------
-
-    def note_sent(self, message_id: str) -> None:
-        """Remember the id Evolution gave one of our sends (a later fromMe echo is not a human)."""
-        ids = self.state.sent_ids
-        ids.append(message_id)
-        del ids[:-SENT_IDS_KEPT]
-
     # -- one batch -------------------------------------------------------------------------------
 
     def _operator_message(self, item: Accepted) -> None:
@@ -259,7 +294,7 @@ class ConversationActor:
         state.paused_until = now + ctx.settings.human_takeover_minutes * 60
         state.last_activity = now
         if message.text:
-            state.window.append(WindowEntry(OPERATOR, message.text, now))
+            state.window.append(self._entry(OPERATOR, message.text, now))
             self._truncate()
         log.info("[TAKEOVER] A person answered %s from the phone: the bot is silent for %.0f min",
                  self.jid, ctx.settings.human_takeover_minutes)
@@ -274,7 +309,7 @@ class ConversationActor:
             self._acked.append(item.seq)
             state.messages_in += 1
             state.last_activity = now
-            state.window.append(WindowEntry(USER, message.text, now))
+            state.window.append(self._entry(USER, message.text, now))
         last = items[-1].message
         text = "\n".join(i.message.text for i in items)
 
@@ -312,15 +347,17 @@ class ConversationActor:
             self._reply(last, action)
 
     async def _ask(self, items: list[Accepted]) -> Answer:
-        """The prompt holds at most MAX_MESSAGES history messages; the new text is last, verbatim."""
+        """The prompt holds at most MAX_MESSAGES history messages within PROMPT_MAX_CHARS; the new
+        text is last, verbatim (cut only when it alone exceeds the budget)."""
         ctx = self._ctx
         limit = ctx.settings.max_messages
         history = [ChatMessage(e.model_role, e.content) for e in self.state.window[-limit:]]
         history[-1] = ChatMessage(USER, self._model_text(items))
         for _ in range(min(len(items), len(history)) - 1):  # merged turn: one user message for all
             history.pop(-2)
-        history = history[-limit:]
-        prompt = Prompt(system=ctx.texts.agent_instruction, messages=tuple(history))
+        system = ctx.texts.agent_instruction
+        budget = max(ctx.settings.prompt_max_chars - len(system), MIN_PROMPT_MESSAGE_CHARS)
+        prompt = Prompt(system=system, messages=tuple(_within(history[-limit:], budget)))
         last = items[-1].message
         await ctx.outbound.typing(last.jid, last.instances)   # returns at once; best effort
         return await ctx.chain.ask(prompt)
@@ -403,6 +440,11 @@ class ConversationActor:
 
     async def _control(self, control: Control) -> None:
         state = self.state
+        if control.command == "sent":   # bookkeeping only: saved with the next commit
+            state.sent_ids.extend(control.value)
+            del state.sent_ids[:-SENT_IDS_KEPT]
+            control.done.set()
+            return
         if control.command == "pause":
             state.paused_until = self._ctx.clock.now() + self._ctx.settings.human_takeover_minutes * 60
         elif control.command == "resume":
@@ -426,20 +468,38 @@ class ConversationActor:
 
     def _reply(self, message: InboundMessage, text: str) -> None:
         self.state.replies_out += 1
-        self.state.window.append(WindowEntry(ASSISTANT, text, self.state.last_activity))
+        self.state.window.append(self._entry(ASSISTANT, text, self.state.last_activity))
         self._truncate()
         self._reply_text(text, message.jid, message.instances)
 
     def _reply_text(self, text: str, jid: str, instances: tuple[str, ...]) -> None:
         self._outbox.append(("reply", {"jid": jid, "text": text, "instances": list(instances)}))
 
+    def _entry(self, role: str, text: str, at: float) -> WindowEntry:
+        """A window entry, its text cut to MAX_MESSAGE_CHARS (the reply itself is sent whole)."""
+        limit = self._ctx.settings.max_message_chars
+        if len(text) > limit:
+            log.info("Truncated a %s message kept in memory: %d → %d characters", role, len(text), limit)
+            text = text[:limit]
+        return WindowEntry(role, text, at)
+
     def _truncate(self) -> None:
+        """Keep the newest MAX_MESSAGES messages, and fewer while they exceed MAX_WINDOW_CHARS."""
         window = self.state.window
         limit = self._ctx.settings.max_messages
-        if len(window) > limit:
-            before = len(window)
+        before = len(window)
+        if before > limit:
             del window[: before - limit]
-            log.info("Truncated memory: %d → %d messages", before, limit)
+        budget = self._ctx.settings.max_window_chars
+        sizes = [len(e.content) for e in window]
+        total, cut = sum(sizes), 0
+        while total > budget and cut < len(sizes) - 1:
+            total -= sizes[cut]
+            cut += 1
+        if cut:
+            del window[:cut]
+        if len(window) < before:
+            log.info("Truncated memory: %d → %d messages", before, len(window))
 
     async def _commit(self) -> None:
         """One store transaction for the batch; then the replies (in order) and the CRM job go out."""

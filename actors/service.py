@@ -15,6 +15,7 @@ import httpx
 import trio
 
 from runtime.clock import Clock
+from runtime.logs import LogCompressor
 from runtime.registry import MailboxFull, Registry, ShuttingDown
 from runtime.store import MemoryStore, Store
 
@@ -27,7 +28,6 @@ from .metrics import Metrics
 from .outbound import Delivery, OutboundMessage, OutboundSender
 from .prompts import texts_for
 from .settings import Settings
-from .state import ConversationState
 
 log = logging.getLogger("python-agent")
 GC_THRESHOLDS = (10_000, 20, 20)   # gc.set_threshold once the service is up (the default is 700, 10, 10)
@@ -69,6 +69,8 @@ class Service:
         self.received = 0
         self.ignored: dict[str, int] = {}
         self._aliases: dict[str, str] = {}   # @lid ↔ phone JID of one chat → its actor key
+        self._alias_lock = trio.Lock()       # one resolution at a time: both forms never spawn two actors
+        self.failure: str | None = None      # set when run() died of an error: /health reports it
         self.metrics = Metrics(self)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -106,6 +108,7 @@ class Service:
                 )
                 async with trio.open_nursery() as nursery:
                     self._cancel = nursery.cancel_scope
+                    await nursery.start(LogCompressor().run)
                     await nursery.start(self.outbound.run)
                     await nursery.start(self.crm.run)
                     await nursery.start(self.registry.run)
@@ -216,10 +219,20 @@ class Service:
 
     async def _actor_key(self, message: InboundMessage) -> str:
         """One actor per chat, whichever of its two forms (@lid or phone JID) a message uses: once a
-        message names both, the form that already has a conversation (live or stored) keeps it."""
+        message names both, the form that already has a conversation (live or stored) keeps it.
+
+        Resolutions that need the store run one at a time, so two first messages arriving together
+        in the two forms agree on one key."""
         key = self._aliases.get(message.jid)
         if key is not None or not message.alt_jid:
             return key or message.jid
+        async with self._alias_lock:
+            return await self._resolve_alias(message)
+
+    async def _resolve_alias(self, message: InboundMessage) -> str:
+        key = self._aliases.get(message.jid)
+        if key is not None:
+            return key
         alt = self._aliases.get(message.alt_jid, message.alt_jid)
         mine_exists = self.registry is not None and message.jid in self.registry
         alt_exists = self.registry is not None and alt in self.registry
@@ -248,11 +261,14 @@ class Service:
     # -- supervisor callbacks ----------------------------------------------------------------
 
     async def _reply_settled(self, message: OutboundMessage, delivery: Delivery) -> None:
-        if delivery.message_ids and self.registry is not None:
-            actor = self.registry.actor(self._aliases.get(message.jid, message.jid))
-            if isinstance(actor, ConversationActor):
-                for message_id in delivery.message_ids:
-                    actor.note_sent(message_id)
+        """Settle the reply's outbox row; the ids Evolution gave it go to the chat's actor through
+        its mailbox (only the actor touches its state), when it is live."""
+        key = self._aliases.get(message.jid, message.jid)
+        if delivery.message_ids and self.registry is not None and key in self.registry:
+            try:
+                self.registry.deliver(key, Control("sent", list(delivery.message_ids)), force=True, touch=False)
+            except RuntimeError:   # the registry stopped: the ids only matter to a live actor
+                log.debug("Outbound: %s's send ids not recorded (the registry stopped)", key)
         if message.outbox_id is None:
             return
         if delivery.status == "sent":
@@ -269,20 +285,13 @@ class Service:
             await self.store.settle(request.job_id)
 
     async def _lead_created(self, jid: str, lead_id: int) -> None:
-        """Record the lead id through the chat's mailbox, so it is saved in order with its turns."""
+        """Record the lead id through the chat's mailbox, so it is saved in order with its turns
+        (during a drain too: the drain waits for it), never by writing the stored state directly."""
         order = Control("lead", lead_id)
-        if self.registry is not None:
-            try:
-                self.registry.deliver(jid, order, force=True)
-                await order.done.wait()
-                return
-            except ShuttingDown:
-                pass  # the actors no longer take mail: save it in the store directly
-        saved = await self.store.load(jid)
-        if saved is not None:
-            state = ConversationState.from_dict(saved)
-            state.lead.lead_id = lead_id
-            await self.store.commit(jid, state.to_dict())
+        if self.registry is None:
+            return
+        self.registry.deliver(jid, order, force=True, touch=False)
+        await order.done.wait()
 
     async def _expire_stored(self, idle_before: float) -> None:
         live = set(self.registry.keys()) if self.registry is not None else set()

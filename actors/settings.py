@@ -50,6 +50,9 @@ class Settings:
     log_stderr: bool
     # conversation
     max_messages: int
+    max_message_chars: int
+    max_window_chars: int
+    prompt_max_chars: int
     mailbox_size: int
     actor_idle_ttl: float
     restart_intensity: int
@@ -225,6 +228,9 @@ def _validate(s: Settings) -> None:
         require(name in PROVIDERS, "llm_provider_fallback", f"unknown provider {name!r} (one of {', '.join(PROVIDERS)})")
     require(1 <= s.port <= 65535, "port", "must be between 1 and 65535")
     require(s.max_messages >= 2, "max_messages", "must be at least 2")
+    require(s.max_message_chars >= 100, "max_message_chars", "must be at least 100")
+    require(s.max_window_chars >= s.max_message_chars, "max_window_chars", "must be at least MAX_MESSAGE_CHARS")
+    require(s.prompt_max_chars >= 1000, "prompt_max_chars", "must be at least 1000")
     require(s.mailbox_size >= 1, "mailbox_size", "must be at least 1")
     require(s.actor_idle_ttl > 0, "actor_idle_ttl", "must be positive")
     require(s.restart_intensity >= 0, "restart_intensity", "must be 0 or more")

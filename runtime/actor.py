@@ -33,12 +33,10 @@ class Actor(Protocol[M]):
     async def on_crash(self, batch: Sequence[M], error: BaseException) -> Sequence[M]:
         """Answer the messages whose turn raised (or the whole batch while the actor is failed).
 
-        Returns the messages of ``batch`` that were not reached: the runtime puts them back at
-        the front of the mailbox.
+        Returns the messages of ``batch`` to handle again: the runtime puts them back at the front
+        of the mailbox (at once, or after a backoff when the crash happened while activating). If
+        it raises, the whole batch is put back and retried after a backoff.
         """
-
-    async def on_expire(self) -> None:
-        """The actor was idle past its TTL: drop its state."""
 
     def hibernate(self) -> None:
         """The mailbox is empty and the actor's task ends: compact the state until the next message."""

@@ -19,8 +19,10 @@ credential-looking pattern (``apikey: x``, ``"apikey": "x"``, ``api_key=x``, ``t
 argument or :func:`add_secret`, and are never forgotten by a later ``configure_logging()`` call.
 Secrets shorter than 4 characters are ignored (redacting them would shred every line).
 
-Rotation (and its compression) happens synchronously inside the logging call that crosses the size
-limit: once per ``max_bytes`` of logs, a few tens of milliseconds for 10 MB.
+Rotation happens inside the logging call that crosses the size limit, but with a
+:class:`LogCompressor` running (the service starts one) that call only renames the file (microseconds)
+and the gzip (about 100 ms for 10 MB) runs in a worker thread through ``trio.to_thread``, so the event
+loop never waits for it. Without a compressor (a script, a test) the gzip runs in the logging call.
 """
 
 from __future__ import annotations
@@ -36,12 +38,15 @@ import sys
 import threading
 from datetime import datetime
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 from urllib.parse import quote
+
+import trio
 
 from .actor import current_actor
 
-__all__ = ["configure_logging", "add_secret", "redact", "RedactionFilter", "GzipRotatingFileHandler"]
+__all__ = ["configure_logging", "add_secret", "redact", "RedactionFilter", "GzipRotatingFileHandler",
+           "LogCompressor"]
 
 REDACTED = "[REDACTED]"
 MIN_SECRET_LENGTH = 4
@@ -179,16 +184,20 @@ class JsonLinesFormatter(logging.Formatter):
 class GzipRotatingFileHandler(logging.handlers.RotatingFileHandler):
     """RotatingFileHandler whose backups are gzip files, with sizes counted in bytes.
 
-    Uses the stdlib ``namer``/``rotator`` hooks (``agent.log.1`` → ``agent.log.1.gz``). A formatted record
-    longer than ``maxBytes`` is truncated so no file ever exceeds ``maxBytes``.
+    ``agent.log.1.gz`` is the newest backup. A formatted record longer than ``maxBytes`` is truncated so
+    no file ever exceeds ``maxBytes``. With a compressor attached (:class:`LogCompressor`), a rollover
+    renames the full file to ``agent.log.rotated-N`` and hands it over; otherwise it compresses in place.
     """
 
     TRUNCATED = " … [truncated]"
+    RAW_SUFFIX = ".rotated-"
 
     def __init__(self, filename: Path, *, max_bytes: int, backup_count: int) -> None:
         super().__init__(filename, maxBytes=max_bytes, backupCount=backup_count, encoding="utf-8")
         self.namer = lambda name: name + ".gz"
         self.rotator = _gzip_rotate
+        self._handover: Callable[[], None] | None = None   # wakes the compressor (thread-safe)
+        self._raw_seq = 0
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
@@ -208,6 +217,22 @@ class GzipRotatingFileHandler(logging.handlers.RotatingFileHandler):
         return self.stream.tell() + size > self.maxBytes
 
     def doRollover(self) -> None:  # noqa: N802 (stdlib name)
+        if self.backupCount > 0 and self._handover is not None:
+            if self.stream:
+                self.stream.close()
+                self.stream = None  # type: ignore[assignment]
+            self._raw_seq += 1
+            if os.path.exists(self.baseFilename):
+                os.replace(self.baseFilename, f"{self.baseFilename}{self.RAW_SUFFIX}{self._raw_seq:09d}")
+            for stale in self.raw_files()[:-self.backupCount]:   # the compressor fell behind: keep the bound
+                os.remove(stale)
+            self.stream = self._open()
+            try:
+                self._handover()
+            except trio.RunFinishedError:   # the event loop is gone: compress here after all
+                self._handover = None
+                self.compress_pending()
+            return
         if self.backupCount > 0:
             super().doRollover()
             return
@@ -215,6 +240,33 @@ class GzipRotatingFileHandler(logging.handlers.RotatingFileHandler):
         if self.stream:
             self.stream.close()
         self.stream = open(self.baseFilename, "w", encoding=self.encoding)
+
+    def raw_files(self) -> list[str]:
+        """Rotated files not compressed yet, oldest first."""
+        folder, name = os.path.split(self.baseFilename)
+        prefix = name + self.RAW_SUFFIX
+        return [os.path.join(folder, n) for n in sorted(os.listdir(folder or "."))
+                if n.startswith(prefix) and n[len(prefix):].isdigit()]
+
+    def compress_pending(self) -> None:
+        """Compress every rotated file into the newest backup slot, oldest first (any thread)."""
+        for raw in self.raw_files():
+            partial = raw + ".gz.tmp"
+            try:
+                with open(raw, "rb") as source, gzip.open(partial, "wb", compresslevel=6) as packed:
+                    shutil.copyfileobj(source, packed)
+            except FileNotFoundError:   # dropped meanwhile by a rollover keeping the disk bound
+                continue
+            with self.lock:   # held for a few renames only
+                if not os.path.exists(raw):   # dropped by a rollover meanwhile (newer backups exist)
+                    os.remove(partial)
+                    continue
+                for index in range(self.backupCount - 1, 0, -1):
+                    older = self.rotation_filename(f"{self.baseFilename}.{index}")
+                    if os.path.exists(older):
+                        os.replace(older, self.rotation_filename(f"{self.baseFilename}.{index + 1}"))
+                os.replace(partial, self.rotation_filename(f"{self.baseFilename}.1"))
+                os.remove(raw)
 
 
 def _gzip_rotate(source: str, dest: str) -> None:
@@ -226,6 +278,47 @@ def _gzip_rotate(source: str, dest: str) -> None:
         shutil.copyfileobj(raw, packed)
     os.replace(partial, dest)
     os.remove(source)
+
+
+class LogCompressor:
+    """Compresses rotated log files in a worker thread, so a rollover never blocks the event loop.
+
+    ``run()`` attaches it to the rotating handlers ``configure_logging()`` installed and works until
+    cancelled; then the handlers compress synchronously again (what is pending is finished first).
+    """
+
+    def __init__(self) -> None:
+        self.compressed = 0
+        self._handlers: list[GzipRotatingFileHandler] = []
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        send, receive = trio.open_memory_channel[None](1)
+        token = trio.lowlevel.current_trio_token()
+
+        def wake() -> None:
+            try:
+                send.send_nowait(None)
+            except trio.WouldBlock:   # a wake-up is already pending: it covers this file too
+                pass
+
+        self._handlers = [h for h in logging.getLogger().handlers if isinstance(h, GzipRotatingFileHandler)]
+        for handler in self._handlers:
+            handler._handover = lambda: token.run_sync_soon(wake)
+        try:
+            task_status.started()
+            async for _ in receive:
+                await trio.to_thread.run_sync(self._compress_all)
+        finally:
+            for handler in self._handlers:
+                handler._handover = None
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self._compress_all)
+
+    def _compress_all(self) -> None:
+        for handler in self._handlers:
+            pending = len(handler.raw_files())
+            handler.compress_pending()
+            self.compressed += pending
 
 
 def configure_logging(

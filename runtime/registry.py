@@ -5,14 +5,20 @@ only while its mailbox has messages and exits when it is empty, so an idle actor
 its state, which ``Actor.hibernate()`` compacts when the task ends. Crashes are supervised
 Erlang-style: at most ``intensity`` crashes within ``period`` seconds; past that the actor is
 stopped ("failed") for ``period`` seconds, and what arrives meanwhile is answered through
-``Actor.on_crash`` instead of being lost.
+``Actor.on_crash`` instead of being lost. Messages a crash hands back because they could not be
+handled at all (the actor failed to activate, or ``on_crash`` itself raised) are retried after a
+backoff that grows with the recent crashes, so a broken store never becomes a busy loop.
+
+Expiry removes a cell only after checking again, with no await in between, that it is still idle,
+empty and unreserved; the durable state is then deleted by ``on_idle_sweep`` (the store deletes only
+what is still idle at that moment), never by a per-actor call that could race a new message.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
-
-from typing import Awaitable, Callable, Generic, Iterator, TypeVar
+from typing import Awaitable, Callable, Generic, Iterator, Sequence, TypeVar
 
 import attrs
 import trio
@@ -23,6 +29,8 @@ from .mailbox import Mailbox, MailboxClosed, MailboxFull
 
 M = TypeVar("M")
 log = logging.getLogger("python-agent")
+
+RETRY_BASE_SECONDS = 1.0   # first retry of messages a crash could not handle; doubles per recent crash
 
 __all__ = ["Registry", "MailboxFull", "MailboxClosed", "ShuttingDown", "RegistryStatistics"]
 
@@ -42,6 +50,7 @@ class RegistryStatistics:
     expired: int
     crashes: int
     accepting: bool
+    sweep_failures: int
 
 
 class Registry(Generic[M]):
@@ -66,6 +75,7 @@ class Registry(Generic[M]):
         self._period = period
         self._on_idle_sweep = on_idle_sweep
         self._cells: dict[str, ActorCell[M]] = {}
+        self._sorted: list[str] = []     # the live keys in order, for paged listings
         self._nursery: trio.Nursery | None = None
         self._accepting = True
         self._idle = trio.Event()
@@ -73,6 +83,7 @@ class Registry(Generic[M]):
         self._spawned = 0
         self._expired = 0
         self._crashes = 0
+        self._sweep_failures = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -105,8 +116,8 @@ class Registry(Generic[M]):
         cell = self._cells.get(key)
         return cell is None or cell.mailbox.has_room()
 
-    def _cell(self, key: str) -> ActorCell[M]:
-        if not self._accepting:
+    def _cell(self, key: str, *, force: bool = False) -> ActorCell[M]:
+        if not self._accepting and not force:
             raise ShuttingDown()
         if self._nursery is None:
             raise RuntimeError("Registry.run() is not running")
@@ -115,6 +126,7 @@ class Registry(Generic[M]):
             cell = ActorCell(key=key, actor=self._factory(key), mailbox=Mailbox(self._mailbox_size),
                              last_activity=trio.current_time())
             self._cells[key] = cell
+            bisect.insort(self._sorted, key)
             self._spawned += 1
         return cell
 
@@ -132,22 +144,27 @@ class Registry(Generic[M]):
         if cell is not None:
             cell.mailbox.release()
 
-    def deliver(self, key: str, message: M, *, reserved: bool = False, force: bool = False) -> None:
+    def deliver(self, key: str, message: M, *, reserved: bool = False, force: bool = False,
+                touch: bool = True) -> None:
         """Queue ``message`` for the actor ``key``, spawning it on first use. Never blocks.
 
         Raises MailboxFull when its mailbox is at capacity and ShuttingDown during shutdown
         (a reserved slot is delivered even during shutdown: it was accepted before).
-        ``force`` ignores the capacity: for re-delivering messages accepted before a restart.
+        ``force`` ignores the capacity and the shutdown: for messages the system already owes the
+        actor (accepted before a restart, or internal bookkeeping such as a CRM lead id), which a
+        drain waits for. ``touch=False`` leaves the idle clock alone (internal bookkeeping is not
+        activity).
         """
         if reserved:
-            cell = self._cells[key]
+            cell = self._cells[key]   # a reserved cell is never expired (see sweep)
         else:
-            cell = self._cell(key)
+            cell = self._cell(key, force=force)
         if force:
             cell.mailbox.requeue_back(message)
         else:
             cell.mailbox.put_nowait(message, reserved=reserved)
-        cell.last_activity = trio.current_time()
+        if touch:
+            cell.last_activity = trio.current_time()
         if not cell.running:
             cell.running = True
             assert self._nursery is not None
@@ -160,24 +177,47 @@ class Registry(Generic[M]):
                 batch = [first]
                 if self._is_failed(cell):
                     batch.extend(cell.mailbox.take_all())
-                    await self._answer_failed(cell, batch, RuntimeError(cell.last_error or "actor stopped"))
-                    continue
-                try:
-                    if not cell.activated:
-                        await cell.actor.activate()
-                        cell.activated = True
-                    delay = cell.actor.batch_delay(first)
-                    if delay > 0:
-                        await trio.sleep(delay)
-                        batch.extend(cell.mailbox.take_all())
-                    await cell.actor.handle(batch)
-                except Exception as exc:  # supervision: the crash is recorded and answered
-                    await self._crashed(cell, batch, exc)
+                    unreached, _ = await self._answer_failed(
+                        cell, batch, RuntimeError(cell.last_error or "actor stopped"))
+                    later = True   # a stopped actor handing messages back retries them after a backoff
+                else:
+                    unreached, later = await self._run_batch(cell, batch)
+                if unreached:
+                    cell.mailbox.requeue(list(unreached))
+                    if later:
+                        await trio.sleep(self._retry_delay(cell))
             self._hibernate(cell)
         finally:
             cell.running = False
             if not self._idle.is_set() and not any(c.running for c in self._cells.values()):
                 self._idle.set()
+
+    async def _run_batch(self, cell: ActorCell[M], batch: list[M]) -> tuple[Sequence[M], bool]:
+        """Activate if needed, wait the actor's batch delay, then hand it everything queued.
+
+        Everything queued by then goes into the batch, not only what arrived during the delay:
+        messages that waited behind a running turn are ordered by the actor like a first batch.
+        Returns what to put back in the mailbox, and whether to wait before retrying it.
+        """
+        try:
+            if not cell.activated:
+                await cell.actor.activate()
+                cell.activated = True
+            delay = cell.actor.batch_delay(batch[0])
+            if delay > 0:
+                await trio.sleep(delay)
+            batch.extend(cell.mailbox.take_all())
+            await cell.actor.handle(batch)
+        except Exception as exc:  # supervision: the crash is recorded and answered
+            activating = not cell.activated
+            unreached, later = await self._crashed(cell, batch, exc)
+            return unreached, later or activating
+        return (), False
+
+    def _retry_delay(self, cell: ActorCell[M]) -> float:
+        """Seconds before retrying messages a crash could not handle: doubles per recent crash."""
+        recent = max(1, len(cell.crash_times))
+        return min(self._period, RETRY_BASE_SECONDS * 2 ** min(recent - 1, 16))
 
     def _hibernate(self, cell: ActorCell[M]) -> None:
         try:
@@ -196,7 +236,7 @@ class Registry(Generic[M]):
             return False
         return True
 
-    async def _crashed(self, cell: ActorCell[M], batch: list[M], error: Exception) -> None:
+    async def _crashed(self, cell: ActorCell[M], batch: list[M], error: Exception) -> tuple[Sequence[M], bool]:
         now = trio.current_time()
         self._crashes += 1
         cell.crashes += 1
@@ -208,51 +248,66 @@ class Registry(Generic[M]):
         if len(cell.crash_times) > self._intensity:
             cell.failed_at = now
             log.error("Actor %s stopped: more than %d crashes in %.0fs", cell.key, self._intensity, self._period)
-        await self._answer_failed(cell, batch, error)
+        return await self._answer_failed(cell, batch, error)
 
-    async def _answer_failed(self, cell: ActorCell[M], batch: list[M], error: BaseException) -> None:
+    async def _answer_failed(self, cell: ActorCell[M], batch: list[M],
+                             error: BaseException) -> tuple[Sequence[M], bool]:
+        """Let the actor answer a failed batch; (messages to requeue, whether to wait first).
+
+        If ``on_crash`` raises, nothing of the batch was answered: all of it is retried later."""
         try:
-            unreached = await cell.actor.on_crash(batch, error)
+            return await cell.actor.on_crash(batch, error), False
         except Exception as exc:
-            log.exception("Actor %s could not answer a failed turn: %s", cell.key, exc)
-            return
-        if unreached:
-            cell.mailbox.requeue(list(unreached))
+            log.exception("Actor %s could not answer a failed turn (%d messages retried later): %s",
+                          cell.key, len(batch), exc)
+            return batch, True
 
     # -- expiry ------------------------------------------------------------------------------
 
     async def _sweep_forever(self) -> None:
         while True:
             await trio.sleep(self.sweep_interval)
-            await self.sweep()
+            try:
+                await self.sweep()
+            except Exception as exc:  # e.g. a StoreError: what was not deleted is retried next sweep
+                self._sweep_failures += 1
+                log.error("Idle sweep failed (retried in %.0fs): %s", self.sweep_interval, exc)
+
+    def _expirable(self, cell: ActorCell[M], now: float) -> bool:
+        return (not cell.running and not len(cell.mailbox) and not cell.mailbox.reserved
+                and now - cell.last_activity >= self._idle_ttl)
 
     async def sweep(self) -> list[str]:
-        """Expire every actor idle for at least the TTL; returns their keys."""
+        """Expire every actor idle for at least the TTL; returns their keys.
+
+        Cells are removed without an await between the idleness check and the removal, so a message
+        arriving meanwhile either keeps its cell or spawns a fresh one; then ``on_idle_sweep``
+        deletes the durable state of whatever is still idle (and not live) at that point.
+        """
         now = trio.current_time()
-        expired = [
-            cell for cell in self._cells.values()
-            if not cell.running and not len(cell.mailbox) and not cell.mailbox.reserved
-            and now - cell.last_activity >= self._idle_ttl
-        ]
-        for cell in expired:
+        expired = []
+        for cell in [c for c in self._cells.values() if self._expirable(c, now)]:
+            if self._cells.get(cell.key) is not cell or not self._expirable(cell, now):
+                continue
             del self._cells[cell.key]
+            index = bisect.bisect_left(self._sorted, cell.key)
+            if index < len(self._sorted) and self._sorted[index] == cell.key:
+                del self._sorted[index]
             cell.mailbox.close()
             self._expired += 1
-            try:
-                await cell.actor.on_expire()
-            except Exception as exc:
-                log.exception("Actor %s failed to expire cleanly: %s", cell.key, exc)
+            expired.append(cell)
             log.info("Actor %s expired after %.0fs idle", cell.key, now - cell.last_activity)
         if self._on_idle_sweep is not None:
             await self._on_idle_sweep(self._clock.now() - self._idle_ttl)
         return [cell.key for cell in expired]
 
     def forget(self, key: str) -> bool:
-        """Drop an idle actor without calling on_expire (admin reset). False if it is busy or absent."""
+        """Drop an idle actor (admin reset). False if it is busy or absent."""
         cell = self._cells.get(key)
         if cell is None or cell.running or len(cell.mailbox) or cell.mailbox.reserved:
             return False
         del self._cells[key]
+        self._sorted.remove(key)
         cell.mailbox.close()
         return True
 
@@ -266,6 +321,11 @@ class Registry(Generic[M]):
 
     def keys(self) -> Iterator[str]:
         return iter(list(self._cells))
+
+    def page(self, after: str | None, limit: int) -> list[str]:
+        """Up to ``limit`` live keys after ``after`` in key order (O(log n + limit): paged listings)."""
+        start = bisect.bisect_right(self._sorted, after) if after is not None else 0
+        return self._sorted[start:start + max(0, limit)]
 
     def actor(self, key: str) -> Actor[M] | None:
         cell = self._cells.get(key)
@@ -305,6 +365,7 @@ class Registry(Generic[M]):
             expired=self._expired,
             crashes=self._crashes,
             accepting=self._accepting,
+            sweep_failures=self._sweep_failures,
         )
 
 

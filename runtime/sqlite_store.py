@@ -49,7 +49,7 @@ from typing import Any, Callable, Collection, Literal, Sequence
 
 import trio
 
-from .store import DeadLetterRow, InboxRow, OutboxRow, StoreError
+from .store import EXPIRE_BATCH, DeadLetterRow, InboxRow, OutboxRow, StoreError
 
 SCHEMA_VERSION = 3
 DEAD_LETTERS_KEPT = 1000
@@ -279,22 +279,37 @@ class SqliteStore:
 
         return await self._call(op)  # type: ignore[no-any-return]
 
-    async def delete(self, key: str) -> None:
-        """Forget an actor: its state, sequence, inbox and outbox rows."""
-        await self._call(lambda conn: self._delete_key(conn, key))
-
     async def expire(self, idle_before: float, keep: Collection[str] = ()) -> list[str]:
-        """Delete every actor whose state's ``last_activity`` is before ``idle_before``, except ``keep``."""
+        """Delete the state of every key idle since before ``idle_before``, except ``keep``, in
+        transactions of at most ``EXPIRE_BATCH`` keys (see the Store contract)."""
         kept = set(keep)
+        gone: list[str] = []
+        cursor: tuple[float, str] = (float("-inf"), "")
 
-        def op(conn: sqlite3.Connection) -> list[str]:
-            rows = conn.execute("SELECT key FROM states WHERE last_activity < ? ORDER BY key", (idle_before,))
-            gone = [key for (key,) in rows.fetchall() if key not in kept]
-            for key in gone:
-                self._delete_key(conn, key)
-            return gone
+        def op(conn: sqlite3.Connection) -> tuple[list[str], tuple[float, str] | None]:
+            rows = conn.execute(
+                "SELECT key, last_activity FROM states WHERE last_activity < ?"
+                " AND (last_activity > ? OR (last_activity = ? AND key > ?))"
+                " ORDER BY last_activity, key LIMIT ?",
+                (idle_before, cursor[0], cursor[0], cursor[1], EXPIRE_BATCH)).fetchall()
+            deleted = []
+            for key, _ in rows:
+                if key in kept:
+                    continue
+                if conn.execute("DELETE FROM states WHERE key = ? AND last_activity < ?",
+                                (key, idle_before)).rowcount:
+                    deleted.append(key)
+                conn.execute("DELETE FROM seqs WHERE key = ? AND NOT EXISTS"
+                             " (SELECT 1 FROM inbox WHERE inbox.key = seqs.key)", (key,))
+            last = (float(rows[-1][1]), str(rows[-1][0])) if len(rows) == EXPIRE_BATCH else None
+            return deleted, last
 
-        return await self._call(op)  # type: ignore[no-any-return]
+        while True:
+            deleted, last = await self._call(op)
+            gone.extend(deleted)
+            if last is None:
+                return gone
+            cursor = last
 
     async def window_sizes(self) -> dict[str, int]:
         """Every saved conversation's window length, by key (admin listing)."""
@@ -438,11 +453,6 @@ class SqliteStore:
         return results
 
     # -- SQLite details ----------------------------------------------------------------------
-
-    @staticmethod
-    def _delete_key(conn: sqlite3.Connection, key: str) -> None:
-        for table in ("states", "seqs", "inbox", "outbox"):
-            conn.execute(f"DELETE FROM {table} WHERE key = ?", (key,))
 
     def _describe(self, exc: BaseException) -> str:
         """One line naming the file and what is wrong with it."""

@@ -87,15 +87,22 @@ class Store(Protocol):
     async def pending_outbox(self) -> list[OutboxRow]:
         """Unsettled jobs in the order they were written."""
 
-    async def delete(self, key: str) -> None:
-        """Forget an actor: its state, inbox and outbox rows."""
-
     async def expire(self, idle_before: float, keep: Collection[str] = ()) -> list[str]:
-        """Delete every actor (state, inbox, outbox) whose state's ``last_activity`` is before
-        ``idle_before`` (unix seconds), except the keys in ``keep``; returns the deleted keys."""
+        """Delete the saved state of every key whose state's ``last_activity`` is before
+        ``idle_before`` (unix seconds), except the keys in ``keep``; returns the deleted keys.
+
+        The condition is checked in the transaction that deletes, so a state committed meanwhile
+        is never deleted. Inbox and outbox rows are kept (an accepted message is still owed its
+        turn, a queued reply or CRM job is still settled by its supervisor); the key's sequence
+        restarts only when it has no pending inbox row. Large expiries run in several small
+        transactions (``EXPIRE_BATCH`` keys each), so other requests are not held up behind them.
+        """
 
     async def window_sizes(self) -> dict[str, int]:
         """Every saved conversation's window length, by key in key order (admin listing)."""
+
+
+EXPIRE_BATCH = 500   # keys deleted per transaction by ``Store.expire``
 
 
 class StoreError(Exception):
@@ -163,19 +170,13 @@ class MemoryStore:
     async def pending_outbox(self) -> list[OutboxRow]:
         return [self._outbox[i] for i in sorted(self._outbox)]
 
-    async def delete(self, key: str) -> None:
-        self._states.pop(key, None)
-        self._seq.pop(key, None)
-        for k in [k for k in self._inbox if k[0] == key]:
-            del self._inbox[k]
-        for i in [i for i, row in self._outbox.items() if row.key == key]:
-            del self._outbox[i]
-
     async def expire(self, idle_before: float, keep: Collection[str] = ()) -> list[str]:
         gone = [key for key, state in self._states.items()
                 if state.get("last_activity", 0) < idle_before and key not in keep]
         for key in gone:
-            await self.delete(key)
+            del self._states[key]
+            if not any(k == key for k, _ in self._inbox):
+                self._seq.pop(key, None)
         return gone
 
     async def window_sizes(self) -> dict[str, int]:

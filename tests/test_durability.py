@@ -3,6 +3,7 @@ unusable databases. The service runs as ``hypercorn --worker-class trio app:app`
 
 from __future__ import annotations
 
+import signal
 import sqlite3
 from collections import defaultdict
 from pathlib import Path
@@ -182,7 +183,25 @@ async def test_sigterm_lets_the_turn_in_flight_finish(tmp_path: Path) -> None:
             async with httpx.AsyncClient(base_url=service.url, timeout=10) as client:
                 assert (await client.post("/webhook", json=upsert("lento"))).status_code == 200
             await trio.sleep(0.3)  # the turn is now waiting for the 1.5 s model
+            assert service.proc is not None
+            service.proc.send_signal(signal.SIGTERM)
+            # What the README says: the worker stops serving at once; hypercorn's parent still holds
+            # the listening socket, so a new connection is accepted by the kernel but never answered,
+            # and is closed when the process exits (Evolution then retries the webhook).
+            await trio.sleep(0.3)
+            stream = await trio.open_tcp_stream("127.0.0.1", service.port)
+            await stream.send_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            answered = b""
+            with trio.move_on_after(0.8):
+                answered = await stream.receive_some()
+            assert answered == b"" and service.proc.poll() is None, service.output()
             assert await service.terminate() == 0
+            try:
+                after_exit = await stream.receive_some()
+            except trio.BrokenResourceError:
+                after_exit = b""
+            assert not after_exit.startswith(b"HTTP/"), after_exit
+            await stream.aclose()
             assert [t for _, _, t in evolution.texts()] == ["ok lento"], service.output()
 
 

@@ -47,7 +47,7 @@ async def test_webhook_to_reply_and_seed_endpoints(tmp_path) -> None:  # type: i
         assert [m["role"] for m in detail["messages"]] == ["HumanMessage", "AIMessage"] * 2
         assert detail["messages"][0]["content"] == "Hola, necesito ayuda"
 
-        rows = await (await client.get("/actors")).get_json()
+        rows = (await (await client.get("/actors")).get_json())["actors"]
         assert len(rows) == 1 and rows[0]["jid"] == JID and rows[0]["window_size"] == 4
         assert {"booking_sent", "mailbox_depth", "last_activity", "expires_at"} <= set(rows[0])
         actor = await (await client.get(f"/actors/{JID}")).get_json()
@@ -89,7 +89,7 @@ async def test_bad_webhook_bodies_are_4xx_and_change_nothing(tmp_path, name: str
         assert 400 <= response.status_code < 500, name
         assert "error" in await response.get_json()
         assert await (await client.get("/health")).get_json() == {"status": "ok"}
-        assert await (await client.get("/actors")).get_json() == []
+        assert (await (await client.get("/actors")).get_json())["actors"] == []
         assert await (await client.get("/memory")).get_json() == {}
 
 
@@ -99,7 +99,7 @@ async def test_body_over_limit_is_413(tmp_path) -> None:  # type: ignore[no-unty
         response = await client.post("/webhook", json=big)
         assert response.status_code == 413
         assert "error" in await response.get_json()
-        assert await (await client.get("/actors")).get_json() == []
+        assert (await (await client.get("/actors")).get_json())["actors"] == []
 
 
 async def test_ignored_payloads_answer_200_with_reason(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -118,7 +118,7 @@ async def test_ignored_payloads_answer_200_with_reason(tmp_path) -> None:  # typ
         payload = upsert("hola", message_id="SAME-ID")
         bodies = [await (await client.post("/webhook", json=payload)).get_json() for _ in range(3)]
         assert [b["status"] for b in bodies] == ["accepted", "ignored", "ignored"]
-        assert await (await client.get("/actors")).get_json() != []
+        assert (await (await client.get("/actors")).get_json())["actors"] != []
 
 
 async def test_admin_paths_validate_jids(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -159,7 +159,7 @@ async def test_webhook_secret_header_or_query(tmp_path) -> None:  # type: ignore
         assert (await client.post("/webhook", json=upsert("a"))).status_code == 401
         assert (await client.post("/webhook", json=upsert("b"), headers={"x-webhook-token": "nope"})).status_code == 401
         assert (await client.post("/webhook", json=upsert("c"), query_string={"token": "nope"})).status_code == 401
-        assert await (await client.get("/actors")).get_json() == []
+        assert (await (await client.get("/actors")).get_json())["actors"] == []
         assert (await client.post("/webhook", json=upsert("d"), headers={"x-webhook-token": "hook-secret-123"})).status_code == 200
         assert (await client.post("/webhook", json=upsert("e"), query_string={"token": "hook-secret-123"})).status_code == 200
         await wait_for(lambda: len(app.extensions["service"].outbound.outbox_entries(jid=JID)) == 2)
@@ -189,3 +189,53 @@ async def test_metrics_parse_and_count_this_traffic(tmp_path) -> None:  # type: 
         assert samples[("agent_turn_seconds_count", ())] == 4
         assert samples[("agent_outbound_messages_total", (("outcome", "sent"),))] == 4
         assert (await client.get("/metrics", scope_base={"client": ("203.0.113.9", 1)})).status_code == 403
+
+
+async def test_actors_are_listed_in_pages(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    async with client_for(tmp_path) as (app, client):
+        jids = [f"54911000{i:05d}@s.whatsapp.net" for i in range(25)]
+        for jid in jids:
+            assert (await client.post("/webhook", json=upsert("hola", jid=jid))).status_code == 200
+        service = app.extensions["service"]
+        await wait_for(lambda: len(service.outbound.outbox_entries(limit=1000)) == 25)
+        seen, cursor, pages = [], None, 0
+        while True:
+            query = {"limit": "10", **({"cursor": cursor} if cursor else {})}
+            body = await (await client.get("/actors", query_string=query)).get_json()
+            seen.extend(row["jid"] for row in body["actors"])
+            pages += 1
+            cursor = body["next_cursor"]
+            if cursor is None:
+                break
+        assert seen == sorted(jids) and pages == 3
+        for bad in ("0", "1001", "x"):
+            response = await client.get("/actors", query_string={"limit": bad})
+            assert response.status_code == 400 and "limit" in (await response.get_json())["error"]
+
+
+async def test_a_fatal_service_error_fails_health_and_exits_non_zero(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Whatever kills the service after start-up (here: a supervisor's bug) must not leave a process
+    that answers /health 200 while every webhook gets 503: /health fails and the process exits."""
+    import trio
+
+    from actors.service import Service
+
+    class DyingService(Service):
+        async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:  # type: ignore[no-untyped-def]
+            async with trio.open_nursery() as nursery:
+                await nursery.start(super().run)
+                task_status.started()
+                await trio.sleep(0.05)
+                raise RuntimeError("a supervisor's bug")
+
+    exits: list[int] = []
+    settings = make_settings(tmp_path)
+    app = create_app(settings, DyingService(settings), exit_process=exits.append)
+    async with app.test_app() as test_app:
+        client = test_app.test_client()
+        await wait_for(lambda: exits != [])
+        assert exits == [70]
+        response = await client.get("/health")
+        assert response.status_code == 503
+        body = await response.get_json()
+        assert body["status"] == "failed" and "a supervisor's bug" in body["error"]

@@ -208,3 +208,43 @@ async def test_lines_about_a_conversation_carry_the_jid(tmp_path) -> None:  # ty
     assert lines[0].endswith("python-agent: [RESPUESTA DEL LLM]: hola [5491131376731@s.whatsapp.net]")
     assert lines[1].endswith("Processing message from 5491131376731@s.whatsapp.net: hola")
     assert lines[2].endswith("python-agent: not about a conversation")
+
+
+async def test_rotation_compresses_off_the_event_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the service's compressor running, a rollover only renames the file on the event loop;
+    the gzip runs in a worker thread, and the backups end up exactly as without it."""
+    import threading
+
+    import trio
+
+    compressed_on: list[bool] = []
+    real_open = logs.gzip.open
+
+    def recording_open(*args, **kwargs):  # type: ignore[no-untyped-def]
+        compressed_on.append(threading.current_thread() is threading.main_thread())
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(logs.gzip, "open", recording_open)
+    max_bytes, backups = 2048, 3
+    configure_logging(log_dir=tmp_path / "logs", max_bytes=max_bytes, backup_count=backups, stderr=False)
+    log = logging.getLogger("python-agent")
+    compressor = logs.LogCompressor()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(compressor.run)
+        for n in range(2000):
+            log.info("message number %05d with some padding to make the line longer", n)
+            if n % 50 == 0:
+                await trio.sleep(0.001)   # a real service yields between turns: let the worker keep up
+        with trio.fail_after(10):
+            while list((tmp_path / "logs").glob("agent.log.rotated-*")):
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+
+    assert compressed_on and not any(compressed_on), "gzip ran on the event loop's thread"
+    log_dir = tmp_path / "logs"
+    assert sorted(p.name for p in log_dir.iterdir()) == ["agent.log", "agent.log.1.gz", "agent.log.2.gz",
+                                                         "agent.log.3.gz"]
+    assert all(p.stat().st_size <= max_bytes for p in log_dir.iterdir())
+    numbers = [int(m.group(1)) for m in re.finditer(r"number (\d+)", read_all(log_dir))]
+    assert numbers == list(range(numbers[0], 2000))   # newest records, in order, no gap
+    assert compressor.compressed > 3
