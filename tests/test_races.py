@@ -217,6 +217,7 @@ async def test_messages_queued_behind_a_turn_are_answered_in_timestamp_order(tmp
         await wait_for(lambda: service.chain is not None and service.chain.statistics().asks == 1)
         for n in (3, 2, 1):   # arrive newest first while m0's turn runs
             await service.intake(upsert(f"m{n}", jid=A, timestamp=1769000000 + n))
+        await trio.sleep(0.5)   # they waited longer than the reorder delay behind that turn
         release.set()
         await wait_for(lambda: len(replies(service, A)) == 4)
         assert replies(service, A) == ["re: m0", "re: m1", "re: m2", "re: m3"]
