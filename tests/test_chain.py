@@ -19,12 +19,13 @@ import pytest
 import trio
 from trio.testing import MockClock
 
-from actors.llm.base import ChatMessage, Prompt
+from actors.llm.base import ChatMessage, ErrorKind, Prompt, ProviderError
 from actors.llm.chain import ProviderChain, build_chain
 from actors.settings import Settings, load_settings
 from tests.fakes.llm import (
     GEMINI_BAD_KEY_BODY,
     AnthropicFake,
+    Blocked,
     Fail,
     FakeAPI,
     GeminiFake,
@@ -34,6 +35,7 @@ from tests.fakes.llm import (
     Reply,
     refused_url,
 )
+from tests.doubles import ScriptedProvider
 from tests.fakes.server import running_server
 
 POLITE = "Gracias por contactarnos. En este momento estamos experimentando dificultades técnicas..."
@@ -303,6 +305,75 @@ async def test_half_open_sends_exactly_one_probe_and_its_success_closes(clock) -
         assert sorted(a.provider for a in answers) == ["anthropic"] * 4 + ["openai"]
         assert stats_of(chain, "openai").circuit == "closed"
         assert (await chain.ask(PROMPT)).provider == "openai"
+
+
+def raising(*errors: ProviderError):
+    """An answer function for ScriptedProvider that raises ``errors`` in turn, then answers "sano"."""
+    pending = list(errors)
+
+    def answer(prompt: Prompt) -> str:
+        if pending:
+            raise pending.pop(0)
+        return "sano"
+
+    return answer
+
+
+PER_REQUEST = [ProviderError(ErrorKind.BAD_REQUEST, "400 context_length_exceeded"),
+               ProviderError(ErrorKind.EMPTY, "empty reply (length)"),
+               ProviderError(ErrorKind.BLOCKED, "blocked reply (SAFETY)")]
+
+
+async def test_per_request_failures_never_open_the_circuit() -> None:
+    primary = ScriptedProvider(raising(*PER_REQUEST * 4))   # twelve in a row, threshold 3
+    primary.name = "primary"
+    fallback = ScriptedProvider(lambda p: "respaldo")
+    fallback.name = "fallback"
+    chain = ProviderChain([primary, fallback], polite_text=POLITE)
+    answers = [await chain.ask(PROMPT) for _ in range(13)]
+    stats = stats_of(chain, "primary")
+    # each failing request moved on to the fallback on its own; the primary stayed open to everyone
+    assert [a.provider for a in answers] == ["fallback"] * 12 + ["primary"]
+    assert len(primary.prompts) == 13
+    assert stats.circuit == "closed" and stats.available
+    assert stats.failures == {"bad_request": 4, "empty": 4, "blocked": 4}
+
+
+async def test_per_request_failures_between_provider_failures_do_not_add_up() -> None:
+    server = ProviderError(ErrorKind.SERVER, "500 api_error")
+    primary = ScriptedProvider(raising(server, PER_REQUEST[0], server, PER_REQUEST[1], PER_REQUEST[2]))
+    primary.name = "primary"
+    chain = ProviderChain([primary, ScriptedProvider(lambda p: "respaldo")], polite_text=POLITE)
+    for _ in range(5):
+        await chain.ask(PROMPT)
+    assert stats_of(chain, "primary").circuit == "closed"   # two provider failures: below the threshold of 3
+    assert (await chain.ask(PROMPT)).provider == "primary"
+
+
+async def test_a_per_request_failure_of_the_probe_lets_the_next_message_probe(clock) -> None:
+    server = ProviderError(ErrorKind.SERVER, "500 api_error")
+    primary = ScriptedProvider(raising(server, server, server, PER_REQUEST[0]))
+    primary.name = "primary"
+    chain = ProviderChain([primary, ScriptedProvider(lambda p: "respaldo")], polite_text=POLITE, cooldown=30)
+    for _ in range(3):
+        await chain.ask(PROMPT)
+    assert stats_of(chain, "primary").circuit == "open"
+    await trio.sleep(30)
+    assert (await chain.ask(PROMPT)).provider == "scripted"   # the probe: this chat's request is refused
+    assert stats_of(chain, "primary").circuit == "half_open"  # no verdict on the provider: not reopened
+    assert (await chain.ask(PROMPT)).provider == "primary"    # the next message probes, succeeds, closes it
+    assert stats_of(chain, "primary").circuit == "closed"
+
+
+async def test_per_request_failures_through_the_sdks_keep_the_circuit_closed() -> None:
+    async with chain_with(["openai", "anthropic"]) as (chain, fakes):
+        fakes["openai"].script(Fail(400), Reply(""), Blocked(), Fail(413), Fail(422), Blocked())
+        fakes["anthropic"].default = Reply("respaldo")
+        answers = [await chain.ask(PROMPT) for _ in range(7)]
+        stats = stats_of(chain, "openai")
+    assert [a.provider for a in answers] == ["anthropic"] * 6 + ["openai"]
+    assert stats.circuit == "closed"
+    assert stats.failures == {"bad_request": 3, "empty": 1, "blocked": 2}
 
 
 async def test_auth_failure_opens_the_circuit_at_once(caplog) -> None:

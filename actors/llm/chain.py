@@ -193,6 +193,12 @@ class _Slot:
     def record_failure(self, error: ProviderError, now: float, *, probe: bool) -> None:
         self.failures[error.kind.value] += 1
         self.last_error = str(error)
+        if error.per_request:
+            # This request's own fault (e.g. its context is too long): no verdict on the provider, so
+            # it neither counts towards opening the circuit nor closes it; a probe lets the next one try.
+            if probe:
+                self.release_probe()
+            return
         self.consecutive_failures += 1
         if probe or error.kind is ErrorKind.AUTH or self.consecutive_failures >= self.threshold:
             if self.state == CLOSED or probe:
@@ -243,7 +249,8 @@ class ProviderChain:
     ``timeout`` is per call, ``turn_deadline`` bounds a whole ``ask`` (then the polite text),
     ``concurrency`` bounds calls in flight per provider, a 429 whose Retry-After is at most
     ``retry_after_budget`` seconds is retried once on the same provider, and ``failure_threshold``
-    consecutive failures (or one auth failure) open a provider's circuit for ``cooldown`` seconds,
+    consecutive provider-level failures (or one auth failure) open a provider's circuit for ``cooldown``
+    seconds (a per-request failure, ``ProviderError.per_request``, only sends its request on),
     and so does a stall (see the module docstring; ``stall_seconds`` 0 turns stall detection off).
     """
 
