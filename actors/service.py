@@ -106,6 +106,7 @@ class Service:
                 )
                 async with trio.open_nursery() as nursery:
                     self._cancel = nursery.cancel_scope
+                    await nursery.start(self.chain.run)   # owns the LLM chain's hedged half-open probes
                     await nursery.start(self.outbound.run)
                     await nursery.start(self.crm.run)
                     await nursery.start(self.registry.run)
