@@ -115,17 +115,23 @@ async def test_title_value_and_company() -> None:
     assert (lead.json["title"], lead.json["lead_value"]) == ("Ana - Panadería Sol", 1200)
 
 
-async def test_existing_person_is_reused() -> None:
+@pytest.mark.parametrize("lid", [False, True], ids=["by-phone", "lid-chat-by-email"])
+async def test_existing_person_is_reused(lid: bool) -> None:
     fake = FakeKrayin(token=TOKEN)
-    fake.add_person("Otro", f"+1{PHONE}", "otro@example.com")  # "like" matches it too: not the same number
-    juan = fake.add_person("Juan Pérez", f"+{PHONE}", "juan@example.com")
+    if lid:   # an @lid chat without a known phone: its person has no contact number, only our email
+        jid, phone = "123456789012345@lid", None
+        person = fake.add_person("Eva", None, "wa-lid-123456789012345@whatsapp.invalid")
+    else:
+        jid, phone = JID, PHONE
+        fake.add_person("Otro", f"+1{PHONE}", "otro@example.com")  # "like" matches it too: not the same number
+        person = fake.add_person("Juan Pérez", f"+{PHONE}", "juan@example.com")
     async with crm_for(fake) as (crm, events):
-        crm.submit(LeadRequest(JID, "Juan", PHONE))
+        crm.submit(LeadRequest(jid, "Juan", phone))
         await events.wait_done(1)
     assert fake.calls_to("POST", "/contacts/persons") == []
     [lead] = fake.calls_to("POST", "/leads")
-    assert lead.json["person"] == {"id": juan}
-    assert events.leads == [(JID, 123)]
+    assert lead.json["person"] == {"id": person}
+    assert events.leads == [(jid, 123)]
 
 
 async def test_duplicate_422_searches_and_reuses(caplog: pytest.LogCaptureFixture) -> None:
@@ -260,18 +266,6 @@ async def test_lid_chat_never_gets_a_phone_number(caplog: pytest.LogCaptureFixtu
     assert f"[CRM] Iniciando registro de lead para user_id={lid}, telefono=-" in caplog.text
     assert [outcome for _, outcome in events.done] == ["created", "created"]
     assert {jid for jid, _ in events.leads} == {lid, "99887766@lid"}
-
-
-async def test_lid_chat_reuses_its_person_found_by_email() -> None:
-    fake = FakeKrayin(token=TOKEN)
-    lid = "123456789012345@lid"
-    existing = fake.add_person("Eva", None, "wa-lid-123456789012345@whatsapp.invalid")
-    async with crm_for(fake) as (crm, events):
-        crm.submit(LeadRequest(lid, "Eva", None))
-        await events.wait_done(1)
-    assert fake.calls_to("POST", "/contacts/persons") == []
-    [lead] = fake.calls_to("POST", "/leads")
-    assert lead.json["person"] == {"id": existing}
 
 
 async def test_fake_krayin_refuses_a_contact_number_that_is_not_numeric() -> None:
