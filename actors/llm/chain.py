@@ -376,7 +376,8 @@ class ProviderChain:
                 probe.done.set()
 
         nursery.start_soon(run_probe)
-        patience = slot.stall_after() or self._timeout
+        # Nothing known of its latency yet: the stall floor (the fallback answers if the probe is slower).
+        patience = slot.stall_after() or slot.stall_seconds or self._timeout
         with trio.move_on_after(patience):
             await probe.done.wait()
         if probe.done.is_set():
