@@ -27,6 +27,7 @@ MAX_BACKOFF_SECONDS = 30.0
 CONCURRENT_JOBS = 4              # Krayin allows 60 requests/min per user: keep the fan-out small
 FAILURES_KEPT = 50
 KNOWN_LEADS_KEPT = 50_000
+LEAD_RECORD_TIMEOUT_SECONDS = 10.0  # how long a new lead id may wait for the chat's mailbox (then: logged, still known here)
 DEFAULT_LEAD_NAME = "Lead desde WhatsApp"
 MIN_LEAD_VALUE = 500
 HTTP_LIMITS = httpx.Limits(max_connections=16, max_keepalive_connections=8, keepalive_expiry=30.0)
@@ -208,6 +209,7 @@ class _Job:
     attempts: int = 0
     last_error: str = ""
     person_id: int | None = None
+    lead_id: int | None = None       # the lead this job created
     retrying: bool = False
     announced: bool = False
 
@@ -410,7 +412,24 @@ class CrmSupervisor:
             if self._auth_failing:
                 log.info("[CRM] Krayin vuelve a aceptar el token")
             self._auth_failing = False
+            if job.lead_id is not None:
+                await self._record_lead(job.request.jid, job.lead_id)
             return outcome
+
+    async def _record_lead(self, jid: str, lead_id: int) -> None:
+        """Hand the new lead id to ``on_lead``, outside the concurrency slot and bounded in time: a chat
+        whose mailbox does not take it must not hold up other chats' leads. This supervisor remembers
+        the id either way, so the chat never gets a second lead."""
+        if self._on_lead is None:
+            return
+        with trio.move_on_after(LEAD_RECORD_TIMEOUT_SECONDS) as waited:
+            try:
+                await self._on_lead(jid, lead_id)
+            except Exception:
+                log.exception("[CRM] on_lead callback failed for user_id=%s", jid)
+        if waited.cancelled_caught:
+            log.warning("[CRM] Lead id not recorded in the chat within %gs (user_id=%s, lead_id=%s); "
+                        "carrying on", LEAD_RECORD_TIMEOUT_SECONDS, jid, lead_id)
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         ceiling = min(MAX_BACKOFF_SECONDS, BASE_BACKOFF_SECONDS * 2 ** (attempt - 1))
@@ -476,18 +495,13 @@ class CrmSupervisor:
         payload = self._lead_payload(request, job.person_id, value)
         log.debug("[CRM] Paso 2: Creando lead con datos: %s", payload)
         data = await self._client.create_lead(payload)
-        lead_id = _id_of(data, "lead")
+        lead_id = job.lead_id = _id_of(data, "lead")
         log.info("[CRM] Lead creado exitosamente - lead_id=%s, valor=$%s", lead_id, value)
         self._remember_lead(request.jid, lead_id)
         self._created += 1
         log.info("[CRM] Lead registrado exitosamente - lead_id=%s", lead_id)
         log.info("[CRM] ✅ Lead creado en Krayin CRM (ID: %s, Valor: $%s)", lead_id, value)
-        if self._on_lead is not None:
-            try:
-                await self._on_lead(request.jid, lead_id)
-            except Exception:
-                log.exception("[CRM] on_lead callback failed for user_id=%s", request.jid)
-        return "created"
+        return "created"   # _process hands the id to on_lead, outside the concurrency slot
 
     # ------------------------------------------------------------------ Krayin payloads
 
@@ -516,26 +530,26 @@ class CrmSupervisor:
         return f"wa-lid-{local}@{domain}"
 
     def _person_payload(self, request: LeadRequest, phone: str | None) -> dict[str, Any]:
-        # Krayin needs a non-empty contact_numbers list. An @lid chat without a known phone gets its @lid
-        # JID there (clearly not a phone number) so the person stays unique and findable.
-        number = f"+{phone}" if phone else request.jid
+        # contact_numbers is optional in Krayin and validated as numeric: an @lid chat without a known
+        # phone gets none (its @lid is no phone number); its unique placeholder email identifies it.
         payload: dict[str, Any] = {
             "name": self._name(request),
             "emails": [{"value": self._email(request, phone), "label": "work"}],
-            "contact_numbers": [{"value": number, "label": "work"}],
         }
+        if phone:
+            payload["contact_numbers"] = [{"value": f"+{phone}", "label": "work"}]
         return payload
 
     async def _find_or_create_person(self, request: LeadRequest) -> int:
         assert self._client is not None
         phone = self._phone(request)
-        if phone:
-            person_id = await self._find_person(request, phone, by_email=False)
-            if person_id is not None:
-                log.info("[CRM] Persona existente encontrada - person_id=%s", person_id)
-                return person_id
+        # By phone when known (a 422 duplicate then searches by email too); else by the placeholder email.
+        person_id = await self._find_person(request, phone, by_email=not phone)
+        if person_id is not None:
+            log.info("[CRM] Persona existente encontrada - person_id=%s", person_id)
+            return person_id
         payload = self._person_payload(request, phone)
-        log.info("[CRM] Creando persona - Nombre: %s, Telefono: %s", payload["name"], phone or request.jid)
+        log.info("[CRM] Creando persona - Nombre: %s, Telefono: %s", payload["name"], phone or "-")
         log.debug("[CRM] Datos de persona: %s", payload)
         try:
             data = await self._client.create_person(payload)

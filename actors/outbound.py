@@ -28,12 +28,15 @@ MAX_BACKOFF_SECONDS = 30.0
 DEAD_LETTERS_KEPT = 100
 OUTBOX_KEPT = 10_000
 TYPING_DELAY_MS = 3000          # how long Evolution shows "typing…" (its call blocks that long)
-TYPING_MAX_IN_FLIGHT = 64       # presence calls beyond this are skipped (best effort)
 HTTP_LIMITS = httpx.Limits(max_connections=64, max_keepalive_connections=32, keepalive_expiry=30.0)
-# Requests in flight to Evolution at once. Kept below the HTTP pool's size on purpose: httpcore's pool
-# scans every queued request against every connection on each event, so thousands of chats queueing
+# sendText requests in flight to Evolution at once. Kept below the HTTP pool's size on purpose: httpcore's
+# pool scans every queued request against every connection on each event, so thousands of chats queueing
 # inside the pool cost O(queued × connections) CPU each; waiting here in FIFO order costs nothing.
 HTTP_CONCURRENCY = 48
+# sendPresence calls in flight, a bound of their own: each holds its request for TYPING_DELAY_MS, so in
+# sendText's slots they would delay replies. Beyond it "typing…" is skipped (best effort), never queued.
+# 48 + 12 (+ the CRM's 4) fit the HTTP pools (64 connections) without queueing inside them.
+PRESENCE_CONCURRENCY = 12
 
 STATUS_NETWORK_ERROR = 0        # the pseudo status of a request that got no HTTP answer
 
@@ -133,26 +136,30 @@ class EvolutionClient:
         self._headers = {"apikey": api_key, "Content-Type": "application/json", "Accept": "application/json"}
         self._timeout = timeout
         self._limiter = trio.CapacityLimiter(HTTP_CONCURRENCY)
+        self._presence_limiter = trio.CapacityLimiter(PRESENCE_CONCURRENCY)
 
     async def send_text(self, candidate: str, number: str, text: str) -> SendOutcome:
         """``POST /message/sendText/{candidate}`` with the v2 body ``{"number", "text"}``."""
         outcome = await self._post(f"/message/sendText/{quote(candidate, safe='')}", {"number": number, "text": text},
-                                   self._timeout)
+                                   self._timeout, self._limiter)
         log.debug("Tried sendText with candidate=%s status=%s%s", candidate, outcome.status,
                   f" error={outcome.error}" if outcome.error else "")
         return outcome
 
     async def send_presence(self, candidate: str, number: str, presence: str, delay_ms: int) -> SendOutcome:
-        """``POST /chat/sendPresence/{candidate}``; Evolution answers only after ``delay_ms``."""
+        """``POST /chat/sendPresence/{candidate}``; Evolution answers only after ``delay_ms``.
+
+        Bounded by its own PRESENCE_CONCURRENCY slots, never sendText's."""
         outcome = await self._post(f"/chat/sendPresence/{quote(candidate, safe='')}",
                                    {"number": number, "presence": presence, "delay": delay_ms},
-                                   self._timeout + delay_ms / 1000)
+                                   self._timeout + delay_ms / 1000, self._presence_limiter)
         log.debug("Tried sendPresence with candidate=%s status=%s", candidate, outcome.status)
         return outcome
 
-    async def _post(self, path: str, body: dict[str, Any], deadline: float) -> SendOutcome:
+    async def _post(self, path: str, body: dict[str, Any], deadline: float,
+                    limiter: trio.CapacityLimiter) -> SendOutcome:
         try:
-            async with self._limiter:  # waiting for a slot is not part of the request's timeout
+            async with limiter:  # waiting for a slot is not part of the request's timeout
                 with trio.fail_after(deadline + 1):  # hard bound over httpx's per-phase timeouts
                     response = await self._http.post(self._base + path, json=body, headers=self._headers,
                                                      timeout=httpx.Timeout(deadline))
@@ -326,9 +333,10 @@ class OutboundSender:
     async def typing(self, jid: str, instances: Iterable[str] = ()) -> None:
         """Show "typing…" in the chat, best effort: returns at once (the call runs in the supervisor's
         nursery, bounded in time), never raises, and is skipped in local mode, when ``TYPING_PRESENCE`` is
-        off, when one is already running for ``jid`` or when too many are in flight."""
+        off, when one is already running for ``jid`` or when all PRESENCE_CONCURRENCY slots are taken
+        (so it never waits for one, and never takes one of the replies')."""
         if (self._local or not self._settings.typing_presence or self._nursery is None
-                or jid in self._typing or len(self._typing) >= TYPING_MAX_IN_FLIGHT):
+                or jid in self._typing or len(self._typing) >= PRESENCE_CONCURRENCY):
             return
         self._typing.add(jid)
         self._nursery.start_soon(self._presence, jid, tuple(instances))

@@ -80,8 +80,8 @@ class Service:
         settings = self.settings
         self.clock = Clock()
         await self.store.open()   # idempotent: app.py opens it first to report a bad database in one line
-        # Shared by the outbound (≤ 48 requests at once) and CRM (≤ 4) supervisors: larger than both
-        # together, so requests never queue inside httpcore's pool (see actors/outbound.py), and
+        # Shared by the outbound (≤ 48 sendText and ≤ 12 sendPresence requests at once) and CRM (≤ 4)
+        # supervisors: as large as all of them together, so requests never queue inside httpcore's pool (see actors/outbound.py), and
         # every connection may be kept alive (httpcore's pool costs O(connections²) per event when
         # it holds more connections than it may keep alive).
         limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
@@ -109,6 +109,7 @@ class Service:
                 async with trio.open_nursery() as nursery:
                     self._cancel = nursery.cancel_scope
                     await nursery.start(LogCompressor().run)
+                    await nursery.start(self.chain.run)   # owns the LLM chain's hedged half-open probes
                     await nursery.start(self.outbound.run)
                     await nursery.start(self.crm.run)
                     await nursery.start(self.registry.run)

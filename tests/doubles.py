@@ -61,6 +61,9 @@ class CrashingChain:
             raise RuntimeError("bug in a turn")
         return await self._inner.ask(prompt)
 
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:  # type: ignore[no-untyped-def]
+        await self._inner.run(task_status=task_status)
+
     def statistics(self):  # type: ignore[no-untyped-def]
         return self._inner.statistics()
 

@@ -19,12 +19,13 @@ import pytest
 import trio
 from trio.testing import MockClock
 
-from actors.llm.base import ChatMessage, Prompt
+from actors.llm.base import ChatMessage, ErrorKind, Prompt, ProviderError
 from actors.llm.chain import ProviderChain, build_chain
 from actors.settings import Settings, load_settings
 from tests.fakes.llm import (
     GEMINI_BAD_KEY_BODY,
     AnthropicFake,
+    Blocked,
     Fail,
     FakeAPI,
     GeminiFake,
@@ -34,6 +35,7 @@ from tests.fakes.llm import (
     Reply,
     refused_url,
 )
+from tests.doubles import ScriptedProvider
 from tests.fakes.server import running_server
 
 POLITE = "Gracias por contactarnos. En este momento estamos experimentando dificultades técnicas..."
@@ -67,6 +69,15 @@ def settings(order: list[str], urls: dict[str, str], **env: str) -> Settings:
 
 
 @asynccontextmanager
+async def running(chain: ProviderChain) -> AsyncIterator[ProviderChain]:
+    """The chain with its own nursery running (as the service starts it), for the hedged probes."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(chain.run)
+        yield chain
+        nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
 async def chain_with(order: list[str], *, refused: tuple[str, ...] = (), **env: str
                      ) -> AsyncIterator[tuple[ProviderChain, dict[str, FakeAPI]]]:
     """Serve a fake per provider in ``order`` (except ``refused``: a closed port) and build the chain."""
@@ -81,7 +92,8 @@ async def chain_with(order: list[str], *, refused: tuple[str, ...] = (), **env: 
                 urls[name] = await stack.enter_async_context(running_server(fakes[name]))
         chain = build_chain(settings(order, urls, **env), POLITE)
         try:
-            yield chain, fakes
+            async with running(chain):   # as the service runs it: its nursery holds the hedged probes
+                yield chain, fakes
         finally:
             for fake in fakes.values():
                 fake.release()
@@ -192,6 +204,7 @@ async def test_hanging_primary_opens_the_circuit(clock) -> None:
             answers.append(await chain.ask(PROMPT))
             await trio.sleep(1)  # messages arrive one second apart
         elapsed = trio.current_time() - start
+        await trio.sleep(20)   # the last probe goes on (in the chain's nursery) until LLM_TIMEOUT decides it
         stats = stats_of(chain, "openai")
 
     threshold, timeout = 3, 20.0  # config.toml defaults
@@ -234,7 +247,7 @@ async def test_stalled_primary_opens_the_circuit_long_before_its_timeout(clock) 
     assert stats.failures == {"timeout": hung}
 
 
-async def test_probe_of_a_stalled_provider_gives_up_at_the_stall_limit(clock) -> None:
+async def test_probe_of_a_stalled_provider_costs_its_customer_only_the_stall_limit(clock) -> None:
     async with chain_with(["openai", "anthropic"], CIRCUIT_COOLDOWN_SECONDS="30") as (chain, fakes):
         fakes["openai"].default = Reply("rápido", delay=0.2)
         for _ in range(10):
@@ -249,10 +262,134 @@ async def test_probe_of_a_stalled_provider_gives_up_at_the_stall_limit(clock) ->
         started = trio.current_time()
         answer = await chain.ask(PROMPT)   # the half-open probe: still hanging
         waited = trio.current_time() - started
+        during = stats_of(chain, "openai")
+        assert (await chain.ask(PROMPT)).provider == "anthropic"   # one probe at a time: the next is not one
+        await trio.sleep(20)
         stats = stats_of(chain, "openai")
     assert answer.provider == "anthropic"
     assert 2.0 <= waited < 2.5          # the 2 s stall limit, not the 20 s LLM_TIMEOUT
-    assert stats.circuit == "open" and stats.last_error == "timeout after 2s"
+    # the probe itself went on in the chain's nursery, and its timeout (LLM_TIMEOUT) reopened the circuit
+    assert (during.circuit, during.available, during.in_flight) == ("half_open", False, 1)
+    assert stats.circuit == "open" and stats.last_error == "timeout after 20s" and stats.in_flight == 0
+
+
+def slowing(switch_after: int, before: float = 0.5, after: float = 3.5):
+    """A latency function: ``before`` seconds for the first ``switch_after`` calls, ``after`` from then on."""
+    calls = iter(range(10**9))
+    return lambda prompt: before if next(calls) < switch_after else after
+
+
+async def traffic(chain: ProviderChain, *, seconds: float, per_second: float) -> list[tuple[float, str | None, float]]:
+    """Ask at a steady rate; (submitted at, provider that answered, seconds the customer waited) per message."""
+    results: list[tuple[float, str | None, float]] = []
+    start = trio.current_time()
+
+    async def ask() -> None:
+        submitted = trio.current_time()
+        answer = await chain.ask(PROMPT)
+        results.append((submitted - start, answer.provider, trio.current_time() - submitted))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(int(seconds * per_second)):
+            nursery.start_soon(ask)
+            await trio.sleep(1 / per_second)
+    return sorted(results)
+
+
+async def test_a_slower_but_healthy_only_provider_recovers(autojump_clock) -> None:
+    # The only provider answered in 0.5 s and now answers in 3.5 s, well within LLM_TIMEOUT (20 s).
+    provider = ScriptedProvider(latency=slowing(20))
+    chain = ProviderChain([provider], polite_text=POLITE, cooldown=30.0)
+    async with running(chain):
+        for _ in range(20):
+            assert (await chain.ask(PROMPT)).provider == "scripted"
+        results = await traffic(chain, seconds=150, per_second=2)
+        stats = stats_of(chain, "scripted")
+    # The stall rule may open the circuit once (2 s limit from the 0.5 s history), but the half-open
+    # probe waits for its answer (up to LLM_TIMEOUT), succeeds at 3.5 s, and the limit follows it.
+    recovered = [provider for at, provider, _ in results if at >= 40]
+    assert recovered == ["scripted"] * len(recovered) and len(recovered) >= 200
+    assert sum(1 for _, provider, _ in results if provider == "scripted") >= 0.7 * len(results)
+    assert stats.circuit == "closed" and stats.stalls <= 1
+    assert stats.stall_after_seconds is not None and stats.stall_after_seconds >= 3 * 3.5
+
+
+async def test_a_slower_primary_recovers_and_its_probe_costs_a_customer_the_stall_limit(autojump_clock) -> None:
+    primary = ScriptedProvider(latency=slowing(20))
+    primary.name = "primary"
+    fallback = ScriptedProvider(lambda p: "respaldo", latency=lambda p: 0.3)
+    chain = ProviderChain([primary, fallback], polite_text=POLITE, cooldown=30.0)
+    async with running(chain):
+        for _ in range(20):
+            await chain.ask(PROMPT)
+        results = await traffic(chain, seconds=120, per_second=2)
+        stats = stats_of(chain, "primary")
+    assert all(provider is not None for _, provider, _ in results)   # nobody got the polite text
+    late = [provider for at, provider, _ in results if at >= 40]
+    assert late == ["primary"] * len(late)                           # recovered for good
+    # the calls caught by the stall moved on once it was seen (three calls past the 2 s limit: 3 s) ...
+    assert max(waited for at, _, waited in results if at < 10) < 3.0 + 0.3 + 0.1
+    # ... and the customer whose message probed after the cool-down waited the 2 s stall limit, not 3.5 s
+    hedged = [waited for at, provider, waited in results if at >= 10 and provider == "scripted" and waited > 1]
+    assert len(hedged) == 1 and 2.0 + 0.3 - 0.01 <= hedged[0] < 2.0 + 0.3 + 0.1
+    assert stats.circuit == "closed" and stats.successes >= 20 + len(late)
+
+
+async def test_a_probe_success_past_the_stall_limit_raises_it_at_once(autojump_clock) -> None:
+    server = ProviderError(ErrorKind.SERVER, "500 api_error")
+    # (latency, error): ten answers in 0.2 s, three quick 500s, then a probe answered in 5 s
+    steps = iter([(0.2, None)] * 10 + [(0.0, server)] * 3 + [(5.0, None)])
+    step: list[tuple[float, ProviderError | None]] = []
+
+    def latency(prompt: Prompt) -> float:
+        step[:] = [next(steps, (0.2, None))]
+        return step[0][0]
+
+    def answer(prompt: Prompt) -> str:
+        if step[0][1] is not None:
+            raise step[0][1]
+        return "ok"
+
+    provider = ScriptedProvider(answer, latency=latency)
+    chain = ProviderChain([provider, ScriptedProvider(lambda p: "respaldo")], polite_text=POLITE, cooldown=30.0)
+    async with running(chain):
+        for _ in range(13):   # ten answers at 0.2 s, then three 500s open the circuit
+            await chain.ask(PROMPT)
+        assert stats_of(chain, "scripted").circuit == "open"
+        assert stats_of(chain, "scripted").stall_after_seconds == 2.0
+        await trio.sleep(30)
+        await chain.ask(PROMPT)   # the probe: this customer moves on after 2 s, the probe answers at 5 s
+        await trio.sleep(5)
+        stats = stats_of(chain, "scripted")
+    assert stats.circuit == "closed" and stats.successes == 11
+    assert stats.stall_after_seconds == 3 * 5.0
+
+
+async def test_a_long_outage_costs_a_customer_at_most_the_stall_limit_per_cooldown(autojump_clock) -> None:
+    hung = trio.Event()   # never set: the primary accepts calls and never answers
+
+    async def hang(prompt: Prompt) -> None:
+        if len(primary.prompts) > 10:
+            await hung.wait()
+
+    primary = ScriptedProvider(latency=lambda p: 0.2, hook=hang)
+    primary.name = "primary"
+    chain = ProviderChain([primary, ScriptedProvider(lambda p: "respaldo")], polite_text=POLITE, cooldown=30.0)
+    async with running(chain):
+        for _ in range(10):
+            await chain.ask(PROMPT)
+        results = await traffic(chain, seconds=600, per_second=1)   # ten minutes of outage
+        stats = stats_of(chain, "primary")
+    assert all(provider == "scripted" for _, provider, _ in results)
+    # at one message a second the stall is seen once three calls hung for 2 s (the first waited 4 s) ...
+    assert max(waited for at, _, waited in results if at < 10) < 4.0 + 0.1
+    # ... and from then on, the one customer per cool-down who triggers the probe waits the stall
+    # limit (2 s), never LLM_TIMEOUT (20 s): the probe goes on in the chain's nursery
+    later = [waited for at, _, waited in results if at >= 10]
+    assert max(later) < 2.0 + 0.1
+    probes = sum(1 for waited in later if waited >= 1.0)
+    assert 600 / (30 + 20) - 2 <= probes <= 600 / 30 + 1   # the probe runs until LLM_TIMEOUT decides it
+    assert stats.circuit in ("open", "half_open")
 
 
 async def test_calls_slower_than_the_limit_are_no_stall_while_others_are_answered(clock) -> None:
@@ -281,9 +418,10 @@ async def test_calls_slower_than_the_limit_are_no_stall_while_others_are_answere
     assert stats.stalls == 0 and stats.circuit == "closed"
 
 
-async def test_half_open_sends_exactly_one_probe_and_its_success_closes(clock) -> None:
+@pytest.mark.parametrize("probe_latency", [1.0, 5.0])
+async def test_half_open_sends_exactly_one_probe_and_its_success_closes(probe_latency: float, clock) -> None:
     async with chain_with(["openai", "anthropic"], CIRCUIT_COOLDOWN_SECONDS="30") as (chain, fakes):
-        fakes["openai"].script(Fail(500), Fail(500), Fail(500), Reply("sondeo", delay=5.0))
+        fakes["openai"].script(Fail(500), Fail(500), Fail(500), Reply("sondeo", delay=probe_latency))
         for _ in range(4):  # three failures open the circuit; the fourth ask does not reach openai
             assert (await chain.ask(PROMPT)).provider == "anthropic"
         assert fakes["openai"].calls == 3
@@ -299,10 +437,83 @@ async def test_half_open_sends_exactly_one_probe_and_its_success_closes(clock) -
         async with trio.open_nursery() as nursery:
             for _ in range(5):
                 nursery.start_soon(ask)
+        await trio.sleep(5)
         assert fakes["openai"].calls == 4  # one probe among five concurrent asks
-        assert sorted(a.provider for a in answers) == ["anthropic"] * 4 + ["openai"]
+        # with no latency known yet the probe's customer waits the 2 s stall floor for it, then the
+        # fallback answers; the probe goes on and its success closes the circuit all the same
+        probed = ["openai"] if probe_latency < 2.0 else ["anthropic"]
+        assert sorted(a.provider for a in answers) == ["anthropic"] * 4 + probed
         assert stats_of(chain, "openai").circuit == "closed"
         assert (await chain.ask(PROMPT)).provider == "openai"
+
+
+def raising(*errors: ProviderError):
+    """An answer function for ScriptedProvider that raises ``errors`` in turn, then answers "sano"."""
+    pending = list(errors)
+
+    def answer(prompt: Prompt) -> str:
+        if pending:
+            raise pending.pop(0)
+        return "sano"
+
+    return answer
+
+
+PER_REQUEST = [ProviderError(ErrorKind.BAD_REQUEST, "400 context_length_exceeded"),
+               ProviderError(ErrorKind.EMPTY, "empty reply (length)"),
+               ProviderError(ErrorKind.BLOCKED, "blocked reply (SAFETY)")]
+
+
+async def test_per_request_failures_never_open_the_circuit() -> None:
+    primary = ScriptedProvider(raising(*PER_REQUEST * 4))   # twelve in a row, threshold 3
+    primary.name = "primary"
+    fallback = ScriptedProvider(lambda p: "respaldo")
+    fallback.name = "fallback"
+    chain = ProviderChain([primary, fallback], polite_text=POLITE)
+    answers = [await chain.ask(PROMPT) for _ in range(13)]
+    stats = stats_of(chain, "primary")
+    # each failing request moved on to the fallback on its own; the primary stayed open to everyone
+    assert [a.provider for a in answers] == ["fallback"] * 12 + ["primary"]
+    assert len(primary.prompts) == 13
+    assert stats.circuit == "closed" and stats.available
+    assert stats.failures == {"bad_request": 4, "empty": 4, "blocked": 4}
+
+
+async def test_per_request_failures_between_provider_failures_do_not_add_up() -> None:
+    server = ProviderError(ErrorKind.SERVER, "500 api_error")
+    primary = ScriptedProvider(raising(server, PER_REQUEST[0], server, PER_REQUEST[1], PER_REQUEST[2]))
+    primary.name = "primary"
+    chain = ProviderChain([primary, ScriptedProvider(lambda p: "respaldo")], polite_text=POLITE)
+    for _ in range(5):
+        await chain.ask(PROMPT)
+    assert stats_of(chain, "primary").circuit == "closed"   # two provider failures: below the threshold of 3
+    assert (await chain.ask(PROMPT)).provider == "primary"
+
+
+async def test_a_per_request_failure_of_the_probe_lets_the_next_message_probe(clock) -> None:
+    server = ProviderError(ErrorKind.SERVER, "500 api_error")
+    primary = ScriptedProvider(raising(server, server, server, PER_REQUEST[0]))
+    primary.name = "primary"
+    chain = ProviderChain([primary, ScriptedProvider(lambda p: "respaldo")], polite_text=POLITE, cooldown=30)
+    for _ in range(3):
+        await chain.ask(PROMPT)
+    assert stats_of(chain, "primary").circuit == "open"
+    await trio.sleep(30)
+    assert (await chain.ask(PROMPT)).provider == "scripted"   # the probe: this chat's request is refused
+    assert stats_of(chain, "primary").circuit == "half_open"  # no verdict on the provider: not reopened
+    assert (await chain.ask(PROMPT)).provider == "primary"    # the next message probes, succeeds, closes it
+    assert stats_of(chain, "primary").circuit == "closed"
+
+
+async def test_per_request_failures_through_the_sdks_keep_the_circuit_closed() -> None:
+    async with chain_with(["openai", "anthropic"]) as (chain, fakes):
+        fakes["openai"].script(Fail(400), Reply(""), Blocked(), Fail(413), Fail(422), Blocked())
+        fakes["anthropic"].default = Reply("respaldo")
+        answers = [await chain.ask(PROMPT) for _ in range(7)]
+        stats = stats_of(chain, "openai")
+    assert [a.provider for a in answers] == ["anthropic"] * 6 + ["openai"]
+    assert stats.circuit == "closed"
+    assert stats.failures == {"bad_request": 3, "empty": 1, "blocked": 2}
 
 
 async def test_auth_failure_opens_the_circuit_at_once(caplog) -> None:

@@ -6,10 +6,11 @@ import logging
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
+import httpx
 import pytest
 import trio
 
-from actors.crm import CrmSupervisor, LeadRequest
+from actors.crm import CONCURRENT_JOBS, LEAD_RECORD_TIMEOUT_SECONDS, CrmSupervisor, LeadRequest
 from actors.settings import Settings, load_settings
 from tests.fakes.krayin import FakeKrayin
 from tests.fakes.server import running_server
@@ -114,17 +115,23 @@ async def test_title_value_and_company() -> None:
     assert (lead.json["title"], lead.json["lead_value"]) == ("Ana - Panadería Sol", 1200)
 
 
-async def test_existing_person_is_reused() -> None:
+@pytest.mark.parametrize("lid", [False, True], ids=["by-phone", "lid-chat-by-email"])
+async def test_existing_person_is_reused(lid: bool) -> None:
     fake = FakeKrayin(token=TOKEN)
-    fake.add_person("Otro", f"+1{PHONE}", "otro@example.com")  # "like" matches it too: not the same number
-    juan = fake.add_person("Juan Pérez", f"+{PHONE}", "juan@example.com")
+    if lid:   # an @lid chat without a known phone: its person has no contact number, only our email
+        jid, phone = "123456789012345@lid", None
+        person = fake.add_person("Eva", None, "wa-lid-123456789012345@whatsapp.invalid")
+    else:
+        jid, phone = JID, PHONE
+        fake.add_person("Otro", f"+1{PHONE}", "otro@example.com")  # "like" matches it too: not the same number
+        person = fake.add_person("Juan Pérez", f"+{PHONE}", "juan@example.com")
     async with crm_for(fake) as (crm, events):
-        crm.submit(LeadRequest(JID, "Juan", PHONE))
+        crm.submit(LeadRequest(jid, "Juan", phone))
         await events.wait_done(1)
     assert fake.calls_to("POST", "/contacts/persons") == []
     [lead] = fake.calls_to("POST", "/leads")
-    assert lead.json["person"] == {"id": juan}
-    assert events.leads == [(JID, 123)]
+    assert lead.json["person"] == {"id": person}
+    assert events.leads == [(jid, 123)]
 
 
 async def test_duplicate_422_searches_and_reuses(caplog: pytest.LogCaptureFixture) -> None:
@@ -236,25 +243,75 @@ async def test_permanent_error_is_not_retried(caplog: pytest.LogCaptureFixture) 
 
 async def test_lid_chat_never_gets_a_phone_number(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
-    fake = FakeKrayin(token=TOKEN)
+    fake = FakeKrayin(token=TOKEN)   # validates contact_numbers.*.value as numeric, like Krayin
     lid = "123456789012345@lid"
     async with crm_for(fake) as (crm, events):
         crm.submit(LeadRequest(lid, "", None))
         crm.submit(LeadRequest("99887766@lid", "Eva", None, alt_jid=f"{PHONE}@s.whatsapp.net"))
         await events.wait_done(2)
-    creates = fake.calls_to("POST", "/contacts/persons")
-    assert creates[0].json == {
+    creates = {c.json["name"]: c for c in fake.calls_to("POST", "/contacts/persons")}   # the two run concurrently
+    assert creates["Lead desde WhatsApp"].json == {   # no contact number at all: an @lid is not a phone number
         "name": "Lead desde WhatsApp",
         "emails": [{"value": "wa-lid-123456789012345@whatsapp.invalid", "label": "work"}],
-        "contact_numbers": [{"value": lid, "label": "work"}],
     }
-    assert creates[1].json["contact_numbers"] == [{"value": f"+{PHONE}", "label": "work"}]  # from remoteJidAlt
+    assert creates["Eva"].json["contact_numbers"] == [{"value": f"+{PHONE}", "label": "work"}]  # from remoteJidAlt
+    assert [c.status for c in creates.values()] == [200, 200]
     searches = fake.calls_to("GET", "/contacts/persons/search")
-    assert [c.query["search"] for c in searches] == [PHONE]  # only for the chat whose phone is known
+    # the chat without a phone is looked up by its placeholder email, the other by its phone
+    assert sorted((c.query["search"], c.query["searchFields"]) for c in searches) == [
+        (PHONE, "contact_numbers:like"), ("wa-lid-123456789012345@whatsapp.invalid", "emails:like")]
     leads = fake.calls_to("POST", "/leads")
+    assert [c.status for c in leads] == [200, 200]
     assert any(lid in c.json["description"] and "no es un teléfono" in c.json["description"] for c in leads)
     assert f"[CRM] Iniciando registro de lead para user_id={lid}, telefono=-" in caplog.text
+    assert [outcome for _, outcome in events.done] == ["created", "created"]
     assert {jid for jid, _ in events.leads} == {lid, "99887766@lid"}
+
+
+async def test_fake_krayin_refuses_a_contact_number_that_is_not_numeric() -> None:
+    fake = FakeKrayin(token=TOKEN)
+    async with running_server(fake) as url:
+        async with httpx.AsyncClient(base_url=url + "/api/v1", headers={
+                "Authorization": f"Bearer {TOKEN}", "Accept": "application/json"}) as http:
+            refused = await http.post("/contacts/persons", json={
+                "name": "X", "emails": [{"value": "x@whatsapp.invalid", "label": "work"}],
+                "contact_numbers": [{"value": "123@lid", "label": "work"}]})
+            accepted = await http.post("/contacts/persons", json={
+                "name": "Y", "emails": [{"value": "y@whatsapp.invalid", "label": "work"}],
+                "contact_numbers": [{"value": f"+{PHONE}", "label": "work"}]})
+    assert refused.status_code == 422
+    assert refused.json() == {"message": "The contact numbers.0.value field must be a number.",
+                              "errors": {"contact_numbers.0.value": ["The contact numbers.0.value field must be a number."]}}
+    assert accepted.status_code == 200
+
+
+async def test_a_stuck_on_lead_holds_no_slot_and_the_lead_stays_known(
+        autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    fake = FakeKrayin(token=TOKEN)
+    stuck = trio.Event()   # never set: the chat's mailbox does not take the lead id
+
+    async def on_lead(jid: str, lead_id: int) -> None:
+        await stuck.wait()
+
+    async with running_server(fake) as url:
+        events = Events()
+        crm = CrmSupervisor(make_settings(url + "/api/v1"), on_lead=on_lead, on_done=events.on_done)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(crm.run)
+            jids = [f"54911000000{i:02d}@s.whatsapp.net" for i in range(CONCURRENT_JOBS + 4)]
+            for jid in jids:
+                crm.submit(LeadRequest(jid, "Juan", None))
+            with trio.fail_after(LEAD_RECORD_TIMEOUT_SECONDS / 2):   # more chats than slots: none waits
+                while len(fake.calls_to("POST", "/leads")) < len(jids):
+                    await trio.sleep(0.01)
+            await events.wait_done(len(jids), timeout=2 * LEAD_RECORD_TIMEOUT_SECONDS)   # carries on
+            crm.submit(LeadRequest(jids[0], "Juan", None))   # the lead id is still remembered
+            await events.wait_done(len(jids) + 1)
+            nursery.cancel_scope.cancel()
+    assert [outcome for _, outcome in events.done] == ["created"] * len(jids) + ["skipped"]
+    assert len(fake.calls_to("POST", "/leads")) == len(jids)
+    assert caplog.text.count("[CRM] Lead id not recorded in the chat within") == len(jids)
 
 
 async def test_update_lead_stage_and_note() -> None:

@@ -12,7 +12,7 @@ import attrs
 import pytest
 import trio
 
-from actors.outbound import Delivery, OutboundMessage, OutboundSender
+from actors.outbound import PRESENCE_CONCURRENCY, Delivery, OutboundMessage, OutboundSender
 from actors.settings import Settings, load_settings
 from tests.fakes.evolution import FakeEvolution
 from tests.fakes.server import running_server
@@ -112,6 +112,30 @@ async def test_typing_sends_presence_without_delaying_the_reply(autojump_clock: 
     assert presence.json == {"number": JID, "presence": "composing", "delay": 3000}
     assert settled.items[0][1].status == "sent"
     assert sent_at - before < 1.0  # the reply did not wait for the 3 s presence call
+
+
+async def test_typing_presence_never_delays_replies_of_many_concurrent_turns() -> None:
+    # Evolution answers sendPresence only after its delay (3 s): presence calls hold their request
+    # for that long. Sixty turns at once each show "typing…" and then reply.
+    fake = FakeEvolution(api_key=KEY, instances={INSTANCE})
+    jids = [f"54911{i:08d}@s.whatsapp.net" for i in range(60)]
+    async with evolution(fake) as (sender, settled):
+        for jid in jids:
+            await sender.typing(jid, ())
+        await trio.sleep(0.05)   # the presence calls are on their way
+        submitted = trio.current_time()
+        for jid in jids:
+            sender.submit(OutboundMessage(jid, "respuesta"))
+        await settled.wait_for(len(jids), timeout=30)
+        settle = trio.current_time() - submitted
+        typing_peak = sender.statistics().typing_in_flight
+    assert all(delivery.status == "sent" for _, delivery in settled.items)
+    presences = fake.calls("/chat/sendPresence/")   # recorded when answered, i.e. after their 3 s delay
+    # every reply reached Evolution before the first presence call was even answered: none waited for one
+    assert len(fake.sent) == len(jids)
+    assert max(r.at for r in fake.sent) < submitted + 3.0
+    assert settle < 3.0 and not presences
+    assert 0 < typing_peak <= PRESENCE_CONCURRENCY   # presence has its own small bound: the rest is skipped
 
 
 async def test_typing_is_off_when_disabled() -> None:

@@ -15,6 +15,7 @@ from actors.settings import Settings, load_settings
 from tests.fakes.llm import (
     GEMINI_BAD_KEY_BODY,
     AnthropicFake,
+    Blocked,
     Fail,
     FakeAPI,
     GeminiFake,
@@ -188,6 +189,49 @@ async def test_status_errors_are_mapped(name: str, status: int, kind: ErrorKind)
     assert str(error).startswith(f"{status} ")
     assert KEY not in str(error) and "una cita" not in str(error)
     assert fake.calls == 1
+
+
+@pytest.mark.parametrize(
+    ("status", "kind"), [(413, ErrorKind.BAD_REQUEST), (422, ErrorKind.BAD_REQUEST), (404, ErrorKind.UNAVAILABLE)]
+)
+@pytest.mark.parametrize("name", NAMES)
+async def test_request_errors_are_per_request_and_a_missing_model_is_not(name: str, status: int,
+                                                                         kind: ErrorKind) -> None:
+    async with served(name) as (fake, provider):
+        fake.script(Fail(400), Fail(status))
+        too_long = await failure(provider)   # e.g. this chat's context is too long for the model
+        error = await failure(provider)
+    assert (too_long.kind, too_long.per_request) == (ErrorKind.BAD_REQUEST, True)
+    assert (error.kind, error.per_request) == (kind, kind is ErrorKind.BAD_REQUEST)
+
+
+@pytest.mark.parametrize("name", NAMES)
+async def test_empty_and_blocked_answers_are_per_request_failures(name: str) -> None:
+    async with served(name) as (fake, provider):
+        fake.script(Reply(""), Blocked())
+        empty = await failure(provider)
+        blocked = await failure(provider)
+    assert (empty.kind, empty.per_request) == (ErrorKind.EMPTY, True)
+    assert (blocked.kind, blocked.per_request) == (ErrorKind.BLOCKED, True)
+    assert str(empty).startswith("empty reply") and str(blocked).startswith("blocked reply")
+
+
+@pytest.mark.parametrize("status", [401, 429, 500])
+@pytest.mark.parametrize("name", NAMES)
+async def test_provider_level_errors_are_not_per_request(name: str, status: int) -> None:
+    async with served(name) as (fake, provider):
+        fake.script(Fail(status))
+        error = await failure(provider)
+    assert not error.per_request
+
+
+async def test_gemini_failed_precondition_is_provider_level() -> None:
+    body = {"error": {"code": 400, "message": "User location is not supported for the API use.",
+                      "status": "FAILED_PRECONDITION"}}
+    async with served("gemini") as (fake, provider):
+        fake.script(Fail(400, body=body))
+        error = await failure(provider)
+    assert (error.kind, error.per_request, str(error)) == (ErrorKind.UNAVAILABLE, False, "400 FAILED_PRECONDITION")
 
 
 @pytest.mark.parametrize("name", NAMES)

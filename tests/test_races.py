@@ -277,6 +277,9 @@ async def test_send_ids_survive_a_crashed_turn(tmp_path: Path) -> None:
         def statistics(self) -> Any:
             return self.inner.statistics()
 
+        async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+            await self.inner.run(task_status=task_status)
+
         async def aclose(self) -> None:
             await self.inner.aclose()
 

@@ -75,7 +75,7 @@ class AnthropicProvider:
             raise unexpected_error(exc) from None
         text = "".join(getattr(block, "text", "") for block in response.content if block.type == "text")
         if not text:
-            raise empty_reply(str(response.stop_reason))
+            raise empty_reply(str(response.stop_reason), blocked=response.stop_reason == "refusal")
         return text
 
     async def aclose(self) -> None:

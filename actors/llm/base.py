@@ -28,16 +28,29 @@ class Prompt:
 
 
 class ErrorKind(enum.Enum):
-    """Why a provider call failed; the fallback chain decides what to do from this."""
+    """Why a provider call failed; the fallback chain decides what to do from this.
+
+    BAD_REQUEST, EMPTY and BLOCKED are about one request (its chat's content), not the provider:
+    they send that request to the fallback and never count towards opening the circuit.
+    """
 
     RATE_LIMIT = "rate_limit"
     AUTH = "auth"
-    BAD_REQUEST = "bad_request"
+    BAD_REQUEST = "bad_request"     # 400/413/422: e.g. this chat's context is too long
+    EMPTY = "empty"                 # answered, but with no text (e.g. max tokens used up)
+    BLOCKED = "blocked"             # a safety filter or refusal blocked this prompt or answer
     SERVER = "server"
     TIMEOUT = "timeout"
     CONNECTION = "connection"
-    UNAVAILABLE = "unavailable"
+    UNAVAILABLE = "unavailable"     # no key, or the model/endpoint cannot be used (404, failed precondition)
     OTHER = "other"
+
+    @property
+    def per_request(self) -> bool:
+        return self in _PER_REQUEST
+
+
+_PER_REQUEST = frozenset({ErrorKind.BAD_REQUEST, ErrorKind.EMPTY, ErrorKind.BLOCKED})
 
 
 class ProviderError(Exception):
@@ -50,6 +63,11 @@ class ProviderError(Exception):
         super().__init__(message)
         self.kind = kind
         self.retry_after = retry_after
+
+    @property
+    def per_request(self) -> bool:
+        """A failure of this request only (see ErrorKind), which says nothing about the provider's health."""
+        return self.kind.per_request
 
 
 class Provider(Protocol):

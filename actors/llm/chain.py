@@ -12,7 +12,17 @@ flight for longer than the stall limit (``STALL_FACTOR`` x the provider's recent
 least ``stall_seconds``, at most the call timeout) and no call at all completed meanwhile, the
 circuit opens at once and the stalled calls are cancelled, so their turns move on to the fallback
 instead of waiting out the timeout. The check runs whenever a call asks that provider for a slot.
-The half-open probe after the cool-down gets the stall limit as its timeout, for the same reason.
+The limit follows the provider's latency: it also covers ``STALL_FACTOR`` x the slowest of its last
+``RECENT_SUCCESSES`` answers, so one success past the old limit raises it at once (a provider that
+became slower but stays healthy is not taken for a dead one again).
+
+The half-open probe after the cool-down may take the whole call timeout: only an answer (or a
+failure) decides the circuit, whatever the provider's latency. So that during a long outage the
+customer whose message triggers the probe does not wait that timeout every cool-down, the probe is
+*hedged* when a fallback exists: it runs in the chain's own nursery (``run()``, started by the
+service), the customer waits for it at most the stall limit and then moves on to the fallback,
+while the probe goes on until it is answered or times out. Without a fallback, or before ``run()``
+started, the probe runs in the customer's task.
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ log = logging.getLogger("python-agent")
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 STALL_FACTOR = 3.0   # a call this many times slower than the recent p95, with no other answer meanwhile, is stalled
+RECENT_SUCCESSES = 16   # the stall limit also covers STALL_FACTOR x the slowest of this many latest answers
 
 
 @attrs.frozen
@@ -82,6 +93,14 @@ class ChainStatistics:
     deadline_exceeded: int
 
 
+@attrs.define
+class _Probe:
+    """A hedged probe's outcome, for the customer waiting on it."""
+
+    done: trio.Event = attrs.field(factory=trio.Event)
+    text: str | None = None
+
+
 class _Admission(enum.Enum):
     DENY = "deny"
     PASS = "pass"
@@ -109,12 +128,13 @@ class _Slot:
         self._next_call = 0
         self.last_completion = 0.0
         self.stalls = 0
-        self._stall_after: float | None = None   # cached from the latencies; None: recompute
+        self._p95: float | None = None   # of the latencies (ms), cached; None: recompute
         self.calls = 0
         self.successes = 0
         self.failures: collections.Counter[str] = collections.Counter()
         self.last_error: str | None = None
         self.latencies: collections.deque[float] = collections.deque(maxlen=latency_window)
+        self.recent: collections.deque[float] = collections.deque(maxlen=RECENT_SUCCESSES)
 
     # -- circuit breaker ------------------------------------------------------------------
     def circuit(self, now: float) -> str:
@@ -155,10 +175,10 @@ class _Slot:
         """Seconds in flight, with no other call completing, after which calls count as stalled."""
         if self.stall_seconds <= 0 or not self.latencies:
             return None   # disabled, or nothing known of this provider's latency yet: the timeout decides
-        if self._stall_after is None:
-            p95 = _percentile(sorted(self.latencies), 95) or 0.0
-            self._stall_after = min(self.timeout, max(self.stall_seconds, STALL_FACTOR * p95 / 1000.0))
-        return self._stall_after
+        if self._p95 is None:
+            self._p95 = _percentile(sorted(self.latencies), 95) or 0.0
+        typical = max(self._p95, max(self.recent))   # a recent slow answer counts before the p95 moves
+        return min(self.timeout, max(self.stall_seconds, STALL_FACTOR * typical / 1000.0))
 
     def check_stall(self, now: float) -> None:
         """Open the circuit and cancel the stalled calls when the provider stopped answering."""
@@ -187,12 +207,19 @@ class _Slot:
         self.state, self.probing, self.consecutive_failures = CLOSED, False, 0
         self.successes += 1
         self.latencies.append(latency * 1000.0)
+        self.recent.append(latency * 1000.0)
         if len(self.latencies) < 64 or self.successes % 64 == 0:
-            self._stall_after = None   # recomputed from the latencies at the next check
+            self._p95 = None   # recomputed from the latencies at the next check
 
     def record_failure(self, error: ProviderError, now: float, *, probe: bool) -> None:
         self.failures[error.kind.value] += 1
         self.last_error = str(error)
+        if error.per_request:
+            # This request's own fault (e.g. its context is too long): no verdict on the provider, so
+            # it neither counts towards opening the circuit nor closes it; a probe lets the next one try.
+            if probe:
+                self.release_probe()
+            return
         self.consecutive_failures += 1
         if probe or error.kind is ErrorKind.AUTH or self.consecutive_failures >= self.threshold:
             if self.state == CLOSED or probe:
@@ -243,7 +270,8 @@ class ProviderChain:
     ``timeout`` is per call, ``turn_deadline`` bounds a whole ``ask`` (then the polite text),
     ``concurrency`` bounds calls in flight per provider, a 429 whose Retry-After is at most
     ``retry_after_budget`` seconds is retried once on the same provider, and ``failure_threshold``
-    consecutive failures (or one auth failure) open a provider's circuit for ``cooldown`` seconds,
+    consecutive provider-level failures (or one auth failure) open a provider's circuit for ``cooldown``
+    seconds (a per-request failure, ``ProviderError.per_request``, only sends its request on),
     and so does a stall (see the module docstring; ``stall_seconds`` 0 turns stall detection off).
     """
 
@@ -275,6 +303,7 @@ class ProviderChain:
                       timeout=timeout)
             )
         self._asks = self._fallbacks_used = self._polite_answers = self._deadline_exceeded = 0
+        self._nursery: trio.Nursery | None = None   # while run() runs: where hedged probes go on
         for slot in self._slots:
             if not slot.provider.available:
                 log.warning("LLM provider %s is unavailable (no API key configured): it will be skipped", slot.name)
@@ -282,6 +311,16 @@ class ProviderChain:
             log.error("No LLM provider is available: every answer will be the polite error text")
         else:
             log.info("LLM providers in order: %s", ", ".join(slot.name for slot in self._slots))
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the hedged half-open probes (see the module docstring) until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
 
     async def ask(self, prompt: Prompt) -> Answer:
         """The first successful provider's text, or the polite text when all fail or the turn runs out."""
@@ -303,21 +342,53 @@ class ProviderChain:
         for index, slot in enumerate(self._slots):
             if not slot.provider.available:
                 continue
-            text = await self._attempt(slot, prompt, primary=index == 0)
+            fallback = any(later.provider.available for later in self._slots[index + 1:])
+            text = await self._attempt(slot, prompt, primary=index == 0, hedge=fallback)
             if text is not None:
                 if index > 0:
                     log.info("✅ Respuesta exitosa con proveedor de respaldo: %s", slot.name)
                 return Answer(text=text, provider=slot.name, fallback_used=index > 0)
         return None
 
-    async def _attempt(self, slot: _Slot, prompt: Prompt, *, primary: bool) -> str | None:
-        """One provider: the text, or None after logging why it failed (or that its circuit is open)."""
+    async def _attempt(self, slot: _Slot, prompt: Prompt, *, primary: bool, hedge: bool) -> str | None:
+        """One provider: the text, or None after logging why it failed (or that its circuit is open).
+
+        ``hedge``: a fallback exists, so a half-open probe that is not answered within the stall limit
+        goes on in the chain's nursery while this request moves on."""
         admission = slot.admit(trio.current_time())
         if admission is _Admission.DENY:
             log.debug("LLM provider %s skipped: circuit %s", slot.name, slot.circuit(trio.current_time()))
             return None
         if not primary:
             log.warning("⚠️ Intentando con proveedor de respaldo: %s", slot.name)
+        if admission is _Admission.PROBE and hedge and self._nursery is not None:
+            return await self._hedged_probe(self._nursery, slot, prompt, primary=primary)
+        return await self._decide(slot, prompt, admission, primary=primary)
+
+    async def _hedged_probe(self, nursery: trio.Nursery, slot: _Slot, prompt: Prompt, *, primary: bool) -> str | None:
+        """Start the probe in ``nursery``; its text if it is decided within the stall limit, else None."""
+        probe = _Probe()
+
+        async def run_probe() -> None:
+            try:
+                probe.text = await self._decide(slot, prompt, _Admission.PROBE, primary=primary)
+            finally:
+                probe.done.set()
+
+        nursery.start_soon(run_probe)
+        # Nothing known of its latency yet: the stall floor (the fallback answers if the probe is slower).
+        patience = slot.stall_after() or slot.stall_seconds or self._timeout
+        with trio.move_on_after(patience):
+            await probe.done.wait()
+        if probe.done.is_set():
+            return probe.text
+        log.warning("LLM provider %s: half-open probe without an answer after %gs: this message moves on to "
+                    "the fallback; the probe goes on (up to %gs) to decide the circuit", slot.name, patience,
+                    self._timeout)
+        return None
+
+    async def _decide(self, slot: _Slot, prompt: Prompt, admission: _Admission, *, primary: bool) -> str | None:
+        """Call the provider (and log a failure with the seed's lines); None when it failed."""
         decided = False
         try:
             text = await self._call_with_retry(slot, prompt, admission)
@@ -347,11 +418,7 @@ class ProviderChain:
                     return None
                 error: ProviderError | None = None
                 started = trio.current_time()
-                # A probe of a provider whose circuit opened gets the stall limit, not the whole
-                # timeout: during a long outage one customer every cool-down would wait it out.
-                timeout = self._timeout
-                if admission is _Admission.PROBE:
-                    timeout = slot.stall_after() or timeout
+                timeout = self._timeout   # a probe too: only an answer or a failure decides the circuit
                 with trio.CancelScope() as stall_scope:   # cancelled by the slot when the provider stalls
                     call = slot.begin(started, stall_scope)
                     try:

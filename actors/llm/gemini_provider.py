@@ -27,6 +27,9 @@ from .providers import (
 )
 
 _SECONDS = re.compile(r"^\s*(\d+(?:\.\d+)?)s\s*$")
+# finishReason values that mean a filter stopped the answer (types.FinishReason)
+_BLOCKED_FINISH = frozenset({"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY",
+                             "IMAGE_PROHIBITED_CONTENT", "IMAGE_RECITATION", "MODEL_ARMOR"})
 
 
 def gemini_contents(prompt: Prompt) -> list[types.Content]:
@@ -67,6 +70,9 @@ def map_gemini_error(exc: BaseException, timeout: float) -> ProviderError:
         if any(d.get("reason") == "API_KEY_INVALID" for d in _details(exc)):
             # Gemini answers a wrong key with 400 INVALID_ARGUMENT; it is an auth failure all the same.
             return ProviderError(ErrorKind.AUTH, f"{code} API_KEY_INVALID")
+        if status == "FAILED_PRECONDITION":
+            # 400 for every request alike: e.g. the API is not available in the server's region, or billing is off
+            return ProviderError(ErrorKind.UNAVAILABLE, f"{code} FAILED_PRECONDITION")
         return status_error(code, status, retry_after=_retry_delay(exc))
     if isinstance(exc, httpx2.HTTPError):
         return transport_error(exc, timeout)
@@ -123,7 +129,9 @@ class GeminiProvider:
         if not text:
             feedback = response.prompt_feedback
             reason = candidate.finish_reason if candidate is not None else (feedback.block_reason if feedback else None)
-            raise empty_reply(str(getattr(reason, "value", reason) or "no candidates"))
+            detail = str(getattr(reason, "value", reason) or "no candidates")
+            blocked = (feedback is not None and feedback.block_reason is not None) or detail in _BLOCKED_FINISH
+            raise empty_reply(detail, blocked=blocked)
         return text
 
     async def aclose(self) -> None:

@@ -63,7 +63,10 @@ class HuggingFaceProvider:
         choice = response.choices[0] if response.choices else None
         text = choice.message.content if choice is not None else None
         if not text:
-            raise empty_reply(str(choice.finish_reason) if choice is not None else "no choices")
+            if choice is None:
+                raise empty_reply("no choices")
+            blocked = choice.finish_reason == "content_filter" or bool(getattr(choice.message, "refusal", None))
+            raise empty_reply(str(choice.finish_reason), blocked=blocked)
         return text
 
     async def aclose(self) -> None:

@@ -60,13 +60,19 @@ def chat_messages(prompt: Prompt) -> list[dict[str, str]]:
 
 
 def kind_for_status(status: int) -> ErrorKind:
-    """The ErrorKind of an HTTP error status."""
+    """The ErrorKind of an HTTP error status.
+
+    A 404 (no such model or endpoint) fails every request alike, so it is the provider's fault; any
+    other 4xx (400, 413, 422: e.g. a context too long) is about the one request that got it.
+    """
     if status == 429:
         return ErrorKind.RATE_LIMIT
     if status in (401, 403):
         return ErrorKind.AUTH
     if status == 408:
         return ErrorKind.TIMEOUT
+    if status == 404:
+        return ErrorKind.UNAVAILABLE
     if status >= 500:
         return ErrorKind.SERVER
     if 400 <= status < 500:
@@ -126,8 +132,10 @@ def missing_key(name: str) -> ProviderError:
     return ProviderError(ErrorKind.UNAVAILABLE, f"{name}: no API key configured")
 
 
-def empty_reply(detail: str = "") -> ProviderError:
-    return ProviderError(ErrorKind.OTHER, f"empty reply{f' ({detail})' if detail else ''}"[:120])
+def empty_reply(detail: str = "", *, blocked: bool = False) -> ProviderError:
+    """A 200 answer without text: ``blocked`` by a safety filter or refusal, else just empty."""
+    kind, what = (ErrorKind.BLOCKED, "blocked reply") if blocked else (ErrorKind.EMPTY, "empty reply")
+    return ProviderError(kind, f"{what}{f' ({detail})' if detail else ''}"[:120])
 
 
 def _phrase(status: int) -> str:

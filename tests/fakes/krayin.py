@@ -20,6 +20,8 @@ import trio
 from tests.fakes.evolution import Receive, Scope, Send, _json_or_none, _lifespan, _read_body, _respond
 
 _LEAD_VALUE = re.compile(r"^\d*(\.\d{1,4})?$")
+# PHP's is_numeric, which Laravel's ``numeric`` rule applies (so "+5491131376731" passes, "123@lid" does not)
+_NUMERIC = re.compile(r"^\s*[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?\s*$")
 
 
 @attrs.frozen
@@ -54,13 +56,13 @@ class FakeKrayin:
     _lead_ids: Any = attrs.field(factory=lambda: itertools.count(123))
     _activity_ids: Any = attrs.field(factory=lambda: itertools.count(900))
 
-    def add_person(self, name: str, phone: str, email: str) -> int:
-        """Seed an existing person; returns its id."""
+    def add_person(self, name: str, phone: str | None, email: str) -> int:
+        """Seed an existing person (``phone`` None: without contact numbers); returns its id."""
         person_id = next(self._person_ids)
         self.persons[person_id] = {
             "id": person_id, "name": name,
             "emails": [{"value": email, "label": "work"}],
-            "contact_numbers": [{"value": phone, "label": "work"}],
+            "contact_numbers": [{"value": phone, "label": "work"}] if phone is not None else [],
         }
         return person_id
 
@@ -137,11 +139,16 @@ class FakeKrayin:
         numbers = payload.get("contact_numbers") or []
         if not emails or not all(isinstance(e, dict) and "@" in str(e.get("value", "")) for e in emails):
             errors["emails"] = ["The emails field is required."]
-        if not numbers or not all(isinstance(n, dict) and n.get("value") for n in numbers):
-            errors["contact_numbers"] = ["The contact numbers field is required."]
+        # contact_numbers is optional (Krayin's attribute seeder: not required, unique, ``numeric``)
+        if not isinstance(numbers, list) or not all(isinstance(n, dict) for n in numbers):
+            errors["contact_numbers"] = ["The contact numbers field must be an array."]
+        else:
+            for i, n in enumerate(numbers):
+                if not _NUMERIC.match(str(n.get("value", ""))):
+                    errors[f"contact_numbers.{i}.value"] = [f"The contact numbers.{i}.value field must be a number."]
         if not errors:
             taken_emails = {e["value"].lower() for p in self.persons.values() for e in p["emails"]}
-            taken_numbers = {n["value"] for p in self.persons.values() for n in p["contact_numbers"]}
+            taken_numbers = {n["value"] for p in self.persons.values() for n in p.get("contact_numbers") or []}
             for i, e in enumerate(emails):
                 if e["value"].lower() in taken_emails:
                     errors[f"emails.{i}.value"] = ["The value has already been taken."]
@@ -152,7 +159,7 @@ class FakeKrayin:
             first = next(iter(errors.values()))[0]
             return 422, {"message": first, "errors": errors}
         person_id = next(self._person_ids)
-        person = {"id": person_id, "name": payload["name"], "emails": emails, "contact_numbers": numbers,
+        person = {"id": person_id, "name": payload["name"], "emails": emails, "contact_numbers": numbers or [],
                   "created_at": time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())}
         self.persons[person_id] = person
         return 200, {"data": person, "message": "Person created successfully."}

@@ -58,7 +58,12 @@ class Hang:
     """Never answer: wait until the client gives up (disconnects) or the fake is released."""
 
 
-Behaviour = Union[Reply, Fail, Hang]
+@attrs.frozen
+class Blocked:
+    """Answer 200 with the API's safety-blocked answer: no text (content filter, refusal, blocked prompt)."""
+
+
+Behaviour = Union[Reply, Fail, Hang, Blocked]
 
 
 @attrs.frozen
@@ -111,6 +116,9 @@ class FakeAPI:
     def error_body(self, status: int) -> dict[str, Any]:
         raise NotImplementedError
 
+    def blocked_body(self, request: RecordedRequest) -> dict[str, Any]:
+        raise NotImplementedError
+
     # -- ASGI ----------------------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -160,6 +168,9 @@ class FakeAPI:
             body = behaviour.body if behaviour.body is not None else self.error_body(behaviour.status)
             await _send_json(send, behaviour.status, body, extra)
             return
+        if isinstance(behaviour, Blocked):
+            await _send_json(send, 200, self.blocked_body(request))
+            return
         delay = behaviour.delay if behaviour.delay is not None else (self.latency() if self.latency else 0.0)
         if delay > 0:
             await trio.sleep(delay)
@@ -191,6 +202,13 @@ class OpenAIFake(FakeAPI):
             ],
             "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
         }
+
+    def blocked_body(self, request: RecordedRequest) -> dict[str, Any]:
+        """What a content filter answers (Azure OpenAI, and providers behind the HF router): no content."""
+        body = self.reply_body(request, "")
+        body["choices"][0]["message"]["content"] = None
+        body["choices"][0]["finish_reason"] = "content_filter"
+        return body
 
     def error_body(self, status: int) -> dict[str, Any]:
         kind, code = _OPENAI_ERRORS.get(status, ("server_error", None))
@@ -238,6 +256,10 @@ class AnthropicFake(FakeAPI):
             "usage": {"input_tokens": 10, "output_tokens": 5},
         }
 
+    def blocked_body(self, request: RecordedRequest) -> dict[str, Any]:
+        """A refusal by the streaming classifiers: ``stop_reason`` "refusal", no content."""
+        return {**self.reply_body(request, ""), "content": [], "stop_reason": "refusal"}
+
     def error_body(self, status: int) -> dict[str, Any]:
         kind = _ANTHROPIC_ERRORS.get(status, "api_error")
         return {"type": "error", "error": {"type": kind, "message": f"fake {status} error"}, "request_id": "req_fake"}
@@ -272,6 +294,16 @@ class GeminiFake(FakeAPI):
             ],
             "usageMetadata": {"promptTokenCount": 10, "candidatesTokenCount": 5, "totalTokenCount": 15},
             "modelVersion": match.group(2) if match else "gemini-test",
+            "responseId": f"fake{self.calls}",
+        }
+
+    def blocked_body(self, request: RecordedRequest) -> dict[str, Any]:
+        """A blocked prompt: no candidates, ``promptFeedback.blockReason``."""
+        return {
+            "promptFeedback": {"blockReason": "SAFETY", "safetyRatings": [
+                {"category": "HARM_CATEGORY_HARASSMENT", "probability": "HIGH", "blocked": True}]},
+            "usageMetadata": {"promptTokenCount": 10, "totalTokenCount": 10},
+            "modelVersion": "gemini-test",
             "responseId": f"fake{self.calls}",
         }
 
