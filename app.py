@@ -6,9 +6,11 @@ Run with ``hypercorn --worker-class trio --bind 127.0.0.1:5000 app:app``.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import logging
 import os
 import json
+import re
 import sys
 from functools import wraps
 from typing import Any, Awaitable, Callable
@@ -21,16 +23,20 @@ from werkzeug.exceptions import HTTPException
 
 from actors.conversation import ConversationActor
 from actors.evolution import WebhookError
+from actors.exposure import check_exposure, refuse_to_start
 from actors.jid import is_chat_jid
 from actors.service import Service
 from actors.settings import ConfigError, Settings, load_settings
 from actors.state import seed_messages
-from runtime.logs import configure_logging
+from runtime.logs import configure_logging, redact
 from runtime.registry import MailboxFull, ShuttingDown
 from runtime.store import StoreError
 
-LOOPBACK = {"127.0.0.1", "::1", "localhost", "<local>"}
 MAX_JSON_DEPTH = 32
+# Set by reverse proxies: a request carrying one came through a proxy, whatever its socket peer is.
+PROXY_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Real-IP")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -58,9 +64,48 @@ def _depth(value: Any, limit: int) -> int:
     return deepest
 
 
+def _loopback_peer(remote_addr: str | None, headers: Any) -> bool:
+    """The socket peer is 127.0.0.0/8 or ::1 (never ``<local>``, a unix socket) and no proxy header came."""
+    if any(name in headers for name in PROXY_HEADERS):
+        return False
+    try:
+        address = ipaddress.ip_address(remote_addr or "")
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def _replace_surrogates(value: Any) -> Any:
+    """``value`` with every unpaired UTF-16 surrogate (valid JSON, not valid Unicode) replaced by U+FFFD."""
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [_replace_surrogates(item) for item in value]
+    if isinstance(value, dict):
+        return {_replace_surrogates(k): _replace_surrogates(v) for k, v in value.items()}
+    return value
+
+
+def _redacted(value: Any) -> Any:
+    """``value`` with URL credentials and secrets redacted from every string (error texts shown to admins)."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, list):
+        return [_redacted(item) for item in value]
+    if isinstance(value, dict):
+        return {k: _redacted(v) for k, v in value.items()}
+    return value
+
+
 def create_app(settings: Settings | None = None, service: Service | None = None) -> QuartTrio:
-    """Build the app for ``settings`` (default: loaded from the environment)."""
+    """Build the app for ``settings`` (default: loaded from the environment).
+
+    Raises ConfigError when the settings must not be served on this process's bind (actors/exposure.py).
+    """
     settings = settings if settings is not None else load_settings()
+    check_exposure(settings)
     app = QuartTrio(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.config["BACKGROUND_TASK_SHUTDOWN_TIMEOUT"] = settings.shutdown_grace_seconds + 5
@@ -88,8 +133,13 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
     async def stop() -> None:
         await svc.shutdown(settings.shutdown_grace_seconds)
 
+    @app.after_request
+    async def security_headers(response: Response) -> Response:
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        return response
+
     def admin(handler: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[Response]]:
-        """Bearer ADMIN_TOKEN when set; otherwise loopback clients only (SPEC §7)."""
+        """Bearer ADMIN_TOKEN when set; otherwise loopback peers only, never through a proxy (SPEC §7)."""
 
         @wraps(handler)
         async def guarded(*args: Any, **kwargs: Any) -> Response:
@@ -97,10 +147,16 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
                 supplied = request.headers.get("Authorization", "")
                 expected = f"Bearer {settings.admin_token}"
                 if not hmac.compare_digest(supplied.encode(), expected.encode()):
-                    return _error(401, "admin token required (Authorization: Bearer <ADMIN_TOKEN>)")
-            elif request.remote_addr not in LOOPBACK:
-                return _error(403, "admin endpoints are served to loopback clients only when ADMIN_TOKEN is unset")
-            return await handler(*args, **kwargs)
+                    response = _error(401, "admin token required (Authorization: Bearer <ADMIN_TOKEN>)")
+                else:
+                    response = await handler(*args, **kwargs)
+            elif not _loopback_peer(request.remote_addr, request.headers):
+                response = _error(403, "admin endpoints are served to loopback clients only when ADMIN_TOKEN "
+                                       "is unset (never through a proxy or a unix socket)")
+            else:
+                response = await handler(*args, **kwargs)
+            response.headers["Cache-Control"] = "no-store"
+            return response
 
         return guarded
 
@@ -127,11 +183,17 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
             if not hmac.compare_digest(supplied.encode(), settings.webhook_secret.encode()):
                 return _error(401, "webhook token missing or wrong")
         try:
-            payload = json.loads(raw)
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return _error(400, "body is not valid UTF-8")
+        try:
+            payload = json.loads(text)
         except (ValueError, RecursionError):
             return _error(400, "body is not valid JSON")
         if _depth(payload, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
             return _error(400, f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+        if _SURROGATE_ESCAPE.search(text):
+            payload = _replace_surrogates(payload)
         try:
             result = await svc.intake(payload)
         except WebhookError as exc:
@@ -244,7 +306,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
             body["crm"] = attrs.asdict(svc.crm.statistics())
         body["intake"] = {"received": svc.received, "ignored": dict(svc.ignored)}
         body["dead_letters"] = [attrs.asdict(row) for row in await svc.store.dead_letters(20)]
-        return _json(body)
+        return _json(_redacted(body))
 
     @app.get("/metrics")
     @admin
@@ -270,12 +332,12 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
     return app
 
 
-def _load_or_exit() -> Settings:
+def _app_or_exit() -> QuartTrio:
     try:
-        return load_settings()
+        return create_app(load_settings())
     except ConfigError as exc:
-        print(f"Configuration error: {exc}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+        refuse_to_start(f"Configuration error: {redact(str(exc))}")
+        raise  # not reached: refuse_to_start raises SystemExit
 
 
-app = create_app(_load_or_exit())
+app = _app_or_exit()
