@@ -53,8 +53,9 @@ async def test_public_bind_without_secret_refuses_to_start_unless_overridden(
         async with httpx.AsyncClient(base_url=service.url, timeout=10) as client:
             headers = {"x-webhook-token": SECRET} if "WEBHOOK_SECRET" in env else {}
             assert (await client.post("/webhook", json=upsert("hola"), headers=headers)).status_code == 200
-            if "ADMIN_TOKEN" not in env:   # ADMIN_LOOPBACK_ONLY: this client is a loopback peer
+            if "ADMIN_TOKEN" not in env:   # ADMIN_LOOPBACK_ONLY: this client is a loopback peer, unless proxied
                 assert (await client.get("/supervisors")).status_code == 200
+                assert (await client.get("/supervisors", headers={"X-Forwarded-For": "203.0.113.9"})).status_code == 403
         assert await service.terminate() == 0
 
 

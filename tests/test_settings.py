@@ -53,6 +53,10 @@ def test_fallback_list_never_repeats_a_provider() -> None:
         ({"EVOLUTION_API_URL": "evolution.local"}, "EVOLUTION_API_URL"),
         ({"MAILBOX_SIZE": "0"}, "MAILBOX_SIZE"),
         ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
+        ({"UNKNOWN_INSTANCES": "maybe"}, "UNKNOWN_INSTANCES"),
+        ({"LOG_CUSTOMER_TEXT": "some"}, "LOG_CUSTOMER_TEXT"),
+        ({"NEW_CHATS_PER_MINUTE": "-1"}, "NEW_CHATS_PER_MINUTE"),
+        ({"ALLOW_OPEN_WEBHOOK": "perhaps"}, "ALLOW_OPEN_WEBHOOK"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], variable: str) -> None:
