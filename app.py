@@ -183,7 +183,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
             if not hmac.compare_digest(supplied.encode(), settings.webhook_secret.encode()):
                 return _error(401, "webhook token missing or wrong")
         try:
-            text = raw.decode("utf-8")
+            text = raw.removeprefix(b"\xef\xbb\xbf").decode("utf-8")   # JSON is UTF-8 (RFC 8259); a BOM is tolerated
         except UnicodeDecodeError:
             return _error(400, "body is not valid UTF-8")
         try:

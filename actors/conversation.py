@@ -374,7 +374,8 @@ class ConversationActor:
 
     def _booking_reply(self, action: BookingAction) -> str:
         ctx = self._ctx
-        log.info("[BOOKING] Generando link de reserva - Motivo: %s", self._shown(action.motivo) if action.motivo else "(sin motivo)")
+        log.info("[BOOKING] Generando link de reserva - Motivo: %s",
+                 self._shown(action.motivo) if action.motivo else "(sin motivo)")
         url = ctx.settings.google_booking_url
         if not url:
             log.warning("[BOOKING] GOOGLE_BOOKING_URL no configurada: no se puede enviar el link de reserva")

@@ -254,7 +254,8 @@ def _validate(s: Settings) -> None:
     require(s.split_max_chars >= 100, "split_max_chars", "must be at least 100")
     require(s.store in ("sqlite", "memory"), "store", "must be sqlite or memory")
     require(s.language in ("es", "en"), "language", "must be es or en")
-    require(s.unknown_instances in ("", "ignore", "serve"), "unknown_instances", "must be ignore or serve (or empty: the default)")
+    require(s.unknown_instances in ("", "ignore", "serve"), "unknown_instances",
+            "must be ignore or serve (or empty: the default)")
     require(s.new_chats_per_minute >= 0, "new_chats_per_minute", "must be 0 or more")
     require(s.log_customer_text in ("full", "truncated", "off"), "log_customer_text", "must be full, truncated or off")
     require(s.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level", "must be DEBUG, INFO, WARNING or ERROR")

@@ -38,8 +38,10 @@ class LoopbackClient(TrioClient):
     """A test client whose requests come from 127.0.0.1:50000, as a local operator's do (the ASGI scope's
     client; without one Quart reports ``<local>``, which the admin endpoints never serve)."""
 
-    async def open(self, *args: Any, scope_base: dict[str, Any] | None = None, **kwargs: Any) -> Any:  # type: ignore[override]
-        return await super().open(*args, scope_base={"client": ("127.0.0.1", 50000), **(scope_base or {})}, **kwargs)
+    async def open(self, *args: Any, scope_base: dict[str, Any] | None = None,  # type: ignore[override]
+                   **kwargs: Any) -> Any:
+        scope = {"client": ("127.0.0.1", 50000), **(scope_base or {})}
+        return await super().open(*args, scope_base=scope, **kwargs)
 
 
 def chain_of(settings: Settings, *providers: Provider) -> ProviderChain:

@@ -114,7 +114,8 @@ async def test_outbound_maps_keyed_by_instance_are_bounded(tmp_path: Path) -> No
     """UNKNOWN_INSTANCES=serve with no instance named: 300 instance names, 65 entries at most."""
     fake = FakeEvolution(api_key="k")
     async with running_server(fake) as evo_url, client_for(
-            tmp_path, EVOLUTION_API_URL=evo_url, EVOLUTION_API_KEY="k", OUTBOUND_RATE_PER_INSTANCE=1000) as (app, client):
+            tmp_path, EVOLUTION_API_URL=evo_url, EVOLUTION_API_KEY="k",
+            OUTBOUND_RATE_PER_INSTANCE=1000) as (app, client):
         for n in range(300):
             payload = upsert("hola", instance=f"inst-{n}", jid=f"5491100{n:05d}@s.whatsapp.net")
             payload["data"].pop("instanceId")
@@ -140,6 +141,9 @@ async def test_escaped_lone_surrogate_is_replaced_and_raw_invalid_utf8_is_400(tm
         response = await client.post("/webhook", data=raw, headers={"Content-Type": "application/json"})
         assert response.status_code == 400
         assert "UTF-8" in (await response.get_json())["error"]
+        bom = b"\xef\xbb\xbf" + json.dumps(upsert("con BOM")).encode()
+        response = await client.post("/webhook", data=bom, headers={"Content-Type": "application/json"})
+        assert response.status_code == 200
         assert await (await client.get("/health")).get_json() == {"status": "ok"}
 
 

@@ -187,7 +187,7 @@ def test_public_host_generates_missing_secrets_never_starts_open(env: dict[str, 
     assert env_file.stat().st_mode & 0o777 == 0o600
     values = dict(line.split("=", 1) for line in env_file.read_text().splitlines()[1:])
     assert values["LANGUAGE"] == "es"
-    assert re.fullmatch(r"[0-9a-f]{64}", values["WEBHOOK_SECRET"]) and re.fullmatch(r"[0-9a-f]{64}", values["ADMIN_TOKEN"])
+    assert all(re.fullmatch(r"[0-9a-f]{64}", values[name]) for name in ("WEBHOOK_SECRET", "ADMIN_TOKEN"))
     url = f"http://127.0.0.1:{env['PORT']}"
     body = {"event": "messages.upsert", "instance": "x", "data": {"key": {
         "remoteJid": "5491131376731@s.whatsapp.net", "fromMe": False, "id": "M1"}, "message": {"conversation": "hola"}}}
