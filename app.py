@@ -304,7 +304,8 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
             body["outbound"] = attrs.asdict(svc.outbound.statistics())
         if svc.crm is not None:
             body["crm"] = attrs.asdict(svc.crm.statistics())
-        body["intake"] = {"received": svc.received, "ignored": dict(svc.ignored)}
+        body["intake"] = {"received": svc.received, "ignored": dict(svc.ignored),
+                          "new_chats_refused": svc.new_chats_refused}
         body["dead_letters"] = [attrs.asdict(row) for row in await svc.store.dead_letters(20)]
         return _json(_redacted(body))
 

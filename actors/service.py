@@ -76,6 +76,8 @@ class Service:
         self.ignored: dict[str, int] = {}
         self._event_reasons: set[str] = set()
         self._new_chats = NewChatLimiter(settings.new_chats_per_minute)
+        self.new_chats_refused = 0
+        self._new_chats_warned = float("-inf")   # trio time of the last warning (one a minute at most)
         self._aliases: dict[str, str] = {}   # @lid ↔ phone JID of one chat → its actor key
         self.metrics = Metrics(self)
 
@@ -192,8 +194,11 @@ class Service:
             return IntakeResult(503, {"error": "starting up"}, retry_after=5)
         key = await self._actor_key(message)
         if (wait := await self._new_chat_wait(key, message)) is not None:
-            log.warning("New chats: instance %r opened %d chats within a minute: answering 429",
-                        message.instance[:40], self._new_chats.limit)
+            self.new_chats_refused += 1
+            if trio.current_time() - self._new_chats_warned >= 60:
+                self._new_chats_warned = trio.current_time()
+                log.warning("New chats: instance %r opened %d chats within a minute (NEW_CHATS_PER_MINUTE): "
+                            "answering 429 to new ones", message.instance[:40], self._new_chats.limit)
             return IntakeResult(429, {"error": "too many new chats for this instance (NEW_CHATS_PER_MINUTE)"},
                                 retry_after=wait)
         try:

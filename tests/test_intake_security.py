@@ -90,6 +90,8 @@ async def test_new_chats_per_minute_answers_429_before_storing(tmp_path: Path) -
         await wait_for(lambda: len(app.extensions["service"].outbound.outbox_entries()) == 5)
         sizes = await (await client.get("/memory")).get_json()
         assert len(sizes) == 4
+        assert (await (await client.get("/supervisors")).get_json())["intake"]["new_chats_refused"] == 1
+        assert "agent_new_chats_refused_total 1.0" in await (await client.get("/metrics")).get_data(as_text=True)
 
 
 async def test_ten_thousand_event_names_leave_metrics_bounded(tmp_path: Path) -> None:
