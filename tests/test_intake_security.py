@@ -173,3 +173,15 @@ async def test_log_customer_text_modes_in_the_real_log_file(tmp_path: Path, mode
     if mode != "full":
         for line in lines:
             assert "3137-6731" not in line and "precio" not in line, line
+
+
+async def test_admin_without_token_serves_loopback_peers_only(tmp_path: Path) -> None:
+    async with client_for(tmp_path) as (app, client):
+        for peer, status in (("127.0.0.1", 200), ("127.3.4.5", 200), ("::1", 200), ("::ffff:127.0.0.1", 200),
+                             ("<local>", 403), ("10.0.0.1", 403), ("::ffff:10.0.0.1", 403)):
+            response = await client.get("/supervisors", scope_base={"client": (peer, 1)})
+            assert response.status_code == status, peer
+            assert response.headers["Cache-Control"] == "no-store"
+        for header in ("Forwarded", "X-Forwarded-For", "X-Real-IP", "x-forwarded-for"):
+            response = await client.get("/memory", headers={header: "127.0.0.1"})
+            assert response.status_code == 403 and "error" in await response.get_json(), header
