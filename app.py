@@ -77,26 +77,20 @@ def _loopback_peer(remote_addr: str | None, headers: Any) -> bool:
     return address.is_loopback
 
 
-def _replace_surrogates(value: Any) -> Any:
-    """``value`` with every unpaired UTF-16 surrogate (valid JSON, not valid Unicode) replaced by U+FFFD."""
+def _map_strings(value: Any, change: Callable[[str], str]) -> Any:
+    """``value`` (decoded JSON) with ``change`` applied to every string in it, keys included."""
     if isinstance(value, str):
-        return _SURROGATE.sub("\ufffd", value)
+        return change(value)
     if isinstance(value, list):
-        return [_replace_surrogates(item) for item in value]
+        return [_map_strings(item, change) for item in value]
     if isinstance(value, dict):
-        return {_replace_surrogates(k): _replace_surrogates(v) for k, v in value.items()}
+        return {_map_strings(k, change): _map_strings(v, change) for k, v in value.items()}
     return value
 
 
-def _redacted(value: Any) -> Any:
-    """``value`` with URL credentials and secrets redacted from every string (error texts shown to admins)."""
-    if isinstance(value, str):
-        return redact(value)
-    if isinstance(value, list):
-        return [_redacted(item) for item in value]
-    if isinstance(value, dict):
-        return {k: _redacted(v) for k, v in value.items()}
-    return value
+def _without_surrogates(text: str) -> str:
+    """Every unpaired UTF-16 surrogate (valid in JSON, not in Unicode) replaced by U+FFFD."""
+    return _SURROGATE.sub("\ufffd", text)
 
 
 def create_app(settings: Settings | None = None, service: Service | None = None) -> QuartTrio:
@@ -193,7 +187,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
         if _depth(payload, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
             return _error(400, f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
         if _SURROGATE_ESCAPE.search(text):
-            payload = _replace_surrogates(payload)
+            payload = _map_strings(payload, _without_surrogates)
         try:
             result = await svc.intake(payload)
         except WebhookError as exc:
@@ -307,7 +301,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
         body["intake"] = {"received": svc.received, "ignored": dict(svc.ignored),
                           "new_chats_refused": svc.new_chats_refused}
         body["dead_letters"] = [attrs.asdict(row) for row in await svc.store.dead_letters(20)]
-        return _json(_redacted(body))
+        return _json(_map_strings(body, redact))   # error texts (last_error, dead letters)
 
     @app.get("/metrics")
     @admin
