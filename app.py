@@ -6,9 +6,11 @@ Run with ``hypercorn --worker-class trio --bind 127.0.0.1:5000 app:app``.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import logging
 import os
 import json
+import re
 import sys
 from functools import wraps
 from typing import Any, Awaitable, Callable
@@ -22,18 +24,22 @@ from werkzeug.exceptions import HTTPException
 
 from actors.conversation import ConversationActor
 from actors.evolution import WebhookError
+from actors.exposure import check_exposure, refuse_to_start, stop_hypercorn_parent
 from actors.jid import is_chat_jid
 from actors.service import Service
 from actors.settings import ConfigError, Settings, load_settings
 from actors.state import seed_messages
-from runtime.logs import configure_logging
+from runtime.logs import configure_logging, redact
 from runtime.registry import MailboxFull, ShuttingDown
 from runtime.store import StoreError
 
-LOOPBACK = {"127.0.0.1", "::1", "localhost", "<local>"}
 MAX_JSON_DEPTH = 32
 PAGE_DEFAULT, PAGE_MAX = 100, 1000
 FATAL_EXIT_CODE = 70   # EX_SOFTWARE: the service died of an error; systemd's Restart= brings it back
+# Set by reverse proxies: a request carrying one came through a proxy, whatever its socket peer is.
+PROXY_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Real-IP")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -61,6 +67,35 @@ def _depth(value: Any, limit: int) -> int:
     return deepest
 
 
+def _loopback_peer(remote_addr: str | None, headers: Any) -> bool:
+    """The socket peer is 127.0.0.0/8 or ::1 (never ``<local>``, a unix socket) and no proxy header came."""
+    if any(name in headers for name in PROXY_HEADERS):
+        return False
+    try:
+        address = ipaddress.ip_address(remote_addr or "")
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def _map_strings(value: Any, change: Callable[[str], str]) -> Any:
+    """``value`` (decoded JSON) with ``change`` applied to every string in it, keys included."""
+    if isinstance(value, str):
+        return change(value)
+    if isinstance(value, list):
+        return [_map_strings(item, change) for item in value]
+    if isinstance(value, dict):
+        return {_map_strings(k, change): _map_strings(v, change) for k, v in value.items()}
+    return value
+
+
+def _without_surrogates(text: str) -> str:
+    """Every unpaired UTF-16 surrogate (valid in JSON, not in Unicode) replaced by U+FFFD."""
+    return _SURROGATE.sub("\ufffd", text)
+
+
 def _root_cause(exc: BaseException) -> BaseException:
     """The first real error inside nested exception groups (what an operator needs to read)."""
     while isinstance(exc, BaseExceptionGroup):
@@ -72,8 +107,10 @@ def _root_cause(exc: BaseException) -> BaseException:
 
 
 def _exit_process(code: int) -> None:
-    """End the process at once (hypercorn would otherwise keep serving a dead service)."""
+    """End the process at once (hypercorn would otherwise keep serving a dead service), and its
+    hypercorn parent with it, so the exit is seen as a failure (see actors/exposure.py)."""
     logging.shutdown()
+    stop_hypercorn_parent()
     os._exit(code)
 
 
@@ -81,9 +118,12 @@ def create_app(settings: Settings | None = None, service: Service | None = None,
                exit_process: Callable[[int], None] = _exit_process) -> QuartTrio:
     """Build the app for ``settings`` (default: loaded from the environment).
 
-    ``exit_process`` is called when the service dies of an error after start-up (tests pass
-    their own; the default ends the process with FATAL_EXIT_CODE so a supervisor restarts it)."""
+    Raises ConfigError when the settings must not be served on this process's bind (actors/exposure.py).
+    ``exit_process`` is called when the service dies of an error after start-up (tests pass their
+    own; the default ends the process with FATAL_EXIT_CODE so a supervisor restarts it).
+    """
     settings = settings if settings is not None else load_settings()
+    check_exposure(settings)
     app = QuartTrio(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.config["BACKGROUND_TASK_SHUTDOWN_TIMEOUT"] = settings.shutdown_grace_seconds + 5
@@ -103,8 +143,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None,
             # One clear line, then stop the worker at once: raising here would make hypercorn print a
             # traceback, and SystemExit would make it carry on serving without lifespan support.
             print(f"Store error: {exc}", file=sys.stderr, flush=True)
-            logging.shutdown()
-            os._exit(3)
+            _exit_process(3)
         await app.nursery.start(run_service)
 
     async def run_service(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -122,8 +161,13 @@ def create_app(settings: Settings | None = None, service: Service | None = None,
     async def stop() -> None:
         await svc.shutdown(settings.shutdown_grace_seconds)
 
+    @app.after_request
+    async def security_headers(response: Response) -> Response:
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        return response
+
     def admin(handler: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[Response]]:
-        """Bearer ADMIN_TOKEN when set; otherwise loopback clients only (SPEC §7)."""
+        """Bearer ADMIN_TOKEN when set; otherwise loopback peers only, never through a proxy (SPEC §7)."""
 
         @wraps(handler)
         async def guarded(*args: Any, **kwargs: Any) -> Response:
@@ -131,10 +175,16 @@ def create_app(settings: Settings | None = None, service: Service | None = None,
                 supplied = request.headers.get("Authorization", "")
                 expected = f"Bearer {settings.admin_token}"
                 if not hmac.compare_digest(supplied.encode(), expected.encode()):
-                    return _error(401, "admin token required (Authorization: Bearer <ADMIN_TOKEN>)")
-            elif request.remote_addr not in LOOPBACK:
-                return _error(403, "admin endpoints are served to loopback clients only when ADMIN_TOKEN is unset")
-            return await handler(*args, **kwargs)
+                    response = _error(401, "admin token required (Authorization: Bearer <ADMIN_TOKEN>)")
+                else:
+                    response = await handler(*args, **kwargs)
+            elif not _loopback_peer(request.remote_addr, request.headers):
+                response = _error(403, "admin endpoints are served to loopback clients only when ADMIN_TOKEN "
+                                       "is unset (never through a proxy or a unix socket)")
+            else:
+                response = await handler(*args, **kwargs)
+            response.headers["Cache-Control"] = "no-store"
+            return response
 
         return guarded
 
@@ -161,11 +211,17 @@ def create_app(settings: Settings | None = None, service: Service | None = None,
             if not hmac.compare_digest(supplied.encode(), settings.webhook_secret.encode()):
                 return _error(401, "webhook token missing or wrong")
         try:
-            payload = json.loads(raw)
+            text = raw.removeprefix(b"\xef\xbb\xbf").decode("utf-8")   # JSON is UTF-8 (RFC 8259); a BOM is tolerated
+        except UnicodeDecodeError:
+            return _error(400, "body is not valid UTF-8")
+        try:
+            payload = json.loads(text)
         except (ValueError, RecursionError):
             return _error(400, "body is not valid JSON")
         if _depth(payload, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
             return _error(400, f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+        if _SURROGATE_ESCAPE.search(text):
+            payload = _map_strings(payload, _without_surrogates)
         try:
             result = await svc.intake(payload)
         except WebhookError as exc:
@@ -288,9 +344,10 @@ def create_app(settings: Settings | None = None, service: Service | None = None,
             body["outbound"] = attrs.asdict(svc.outbound.statistics())
         if svc.crm is not None:
             body["crm"] = attrs.asdict(svc.crm.statistics())
-        body["intake"] = {"received": svc.received, "ignored": dict(svc.ignored)}
+        body["intake"] = {"received": svc.received, "ignored": dict(svc.ignored),
+                          "new_chats_refused": svc.new_chats_refused}
         body["dead_letters"] = [attrs.asdict(row) for row in await svc.store.dead_letters(20)]
-        return _json(body)
+        return _json(_map_strings(body, redact))   # error texts (last_error, dead letters)
 
     @app.get("/metrics")
     @admin
@@ -316,12 +373,12 @@ def create_app(settings: Settings | None = None, service: Service | None = None,
     return app
 
 
-def _load_or_exit() -> Settings:
+def _app_or_exit() -> QuartTrio:
     try:
-        return load_settings()
+        return create_app(load_settings())
     except ConfigError as exc:
-        print(f"Configuration error: {exc}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+        refuse_to_start(f"Configuration error: {redact(str(exc))}")
+        raise  # not reached: refuse_to_start raises SystemExit
 
 
-app = create_app(_load_or_exit())
+app = _app_or_exit()

@@ -21,10 +21,12 @@ from .booking import BookingAction, parse_answer
 from .crm import LeadRequest
 from .generic import is_generic_message, normalise
 from .inbound import InboundMessage
+from .instances import sender_instances
 from .jid import phone_of
 from .llm.base import ChatMessage, Prompt
 from .llm.chain import Answer
 from .outbound import OutboundMessage
+from .privacy import log_text
 from .prompts import Texts
 from .settings import Settings
 from .state import ASSISTANT, OPERATOR, USER, ConversationState, LeadInfo, WindowEntry, seed_messages
@@ -304,7 +306,7 @@ class ConversationActor:
         now = ctx.clock.now()
         for item in items:
             message = item.message
-            log.info("Processing message from %s: %s", self.jid, _trim(message.text))
+            log.info("Processing message from %s: %s", self.jid, self._shown(message.text))
             self._remember_customer(message)
             self._acked.append(item.seq)
             state.messages_in += 1
@@ -326,16 +328,16 @@ class ConversationActor:
             return self._reply(last, reply) if reply else self._silent(len(items))
         if state.booking_sent:
             if is_generic_message(text):
-                log.info("[BOOKING] Conversación finalizada. Mensaje genérico ignorado: %s", _trim(text))
+                log.info("[BOOKING] Conversación finalizada. Mensaje genérico ignorado: %s", self._shown(text))
                 log.info("[BOOKING] No se envía respuesta - conversación finalizada")
                 return self._silent(len(items))
-            log.info("[BOOKING] Nueva pregunta después del link, continuando conversación: %s", _trim(text))
+            log.info("[BOOKING] Nueva pregunta después del link, continuando conversación: %s", self._shown(text))
             state.booking_sent = False
-        if self._flooded(now):
+        if self._flooded(now, last):
             return self._silent(len(items))
 
         answer = await self._ask(items)
-        log.info("[RESPUESTA DEL LLM]: %s", _trim(answer.text))
+        log.info("[RESPUESTA DEL LLM]: %s", self._shown(answer.text))
         action = parse_answer(answer.text) if not answer.failed else answer.text
         if isinstance(action, BookingAction):
             self._reply(last, self._booking_reply(action))
@@ -359,7 +361,7 @@ class ConversationActor:
         budget = max(ctx.settings.prompt_max_chars - len(system), MIN_PROMPT_MESSAGE_CHARS)
         prompt = Prompt(system=system, messages=tuple(_within(history[-limit:], budget)))
         last = items[-1].message
-        await ctx.outbound.typing(last.jid, last.instances)   # returns at once; best effort
+        await ctx.outbound.typing(last.jid, sender_instances(ctx.settings, last))   # returns at once; best effort
         return await ctx.chain.ask(prompt)
 
     def _model_text(self, items: list[Accepted]) -> str:
@@ -375,6 +377,10 @@ class ConversationActor:
             parts.append(text)
         return "\n".join(parts)
 
+    def _shown(self, text: str) -> str:
+        """A customer's or the model's text as LOG_CUSTOMER_TEXT lets a log line show it."""
+        return log_text(text, self._ctx.settings.log_customer_text)
+
     def _is_reset(self, text: str) -> bool:
         normal = normalise(text)
         return bool(normal) and normal in {normalise(k) for k in self._ctx.settings.reset_keywords}
@@ -383,7 +389,7 @@ class ConversationActor:
         configured = self._ctx.settings.unknown_message_text
         return self._ctx.texts.unknown_message if configured == "default" else configured
 
-    def _flooded(self, now: float) -> bool:
+    def _flooded(self, now: float, last: InboundMessage) -> bool:
         """At most FLOOD_MAX_PER_MINUTE LLM calls per minute; one notice per minute beyond that."""
         limit = self._ctx.settings.flood_max_per_minute
         if not limit:
@@ -396,7 +402,7 @@ class ConversationActor:
         log.warning("Flood control: %s sent more than %d messages in a minute; not sent to the LLM", self.jid, limit)
         if now - self.state.flood_noticed_at >= 60.0:
             self.state.flood_noticed_at = now
-            self._reply_text(self._ctx.texts.flood_notice, self.jid, ())
+            self._reply_text(self._ctx.texts.flood_notice, self.jid, sender_instances(self._ctx.settings, last))
         return True
 
     def _silent(self, count: int) -> None:
@@ -405,7 +411,8 @@ class ConversationActor:
 
     def _booking_reply(self, action: BookingAction) -> str:
         ctx = self._ctx
-        log.info("[BOOKING] Generando link de reserva - Motivo: %s", action.motivo or "(sin motivo)")
+        log.info("[BOOKING] Generando link de reserva - Motivo: %s",
+                 self._shown(action.motivo) if action.motivo else "(sin motivo)")
         url = ctx.settings.google_booking_url
         if not url:
             log.warning("[BOOKING] GOOGLE_BOOKING_URL no configurada: no se puede enviar el link de reserva")
@@ -470,7 +477,7 @@ class ConversationActor:
         self.state.replies_out += 1
         self.state.window.append(self._entry(ASSISTANT, text, self.state.last_activity))
         self._truncate()
-        self._reply_text(text, message.jid, message.instances)
+        self._reply_text(text, message.jid, sender_instances(self._ctx.settings, message))
 
     def _reply_text(self, text: str, jid: str, instances: tuple[str, ...]) -> None:
         self._outbox.append(("reply", {"jid": jid, "text": text, "instances": list(instances)}))

@@ -18,6 +18,7 @@ import attrs
 import httpx
 import trio
 
+from actors.privacy import log_text
 from actors.settings import Settings
 
 log = logging.getLogger("python-agent")
@@ -481,11 +482,12 @@ class CrmSupervisor:
         if not job.announced:
             job.announced = True
             log.info("[CRM] Iniciando registro de lead para user_id=%s, telefono=%s", request.jid, phone or "-")
-            log.debug("[CRM] Información del lead: %s", {
+            log.debug("[CRM] Información del lead: %s", self._shown({
                 "nombre": request.name, "telefono": phone or "", "empresa": request.empresa,
                 "rubro": request.rubro, "volumen_mensajes": request.volumen_mensajes, "motivo": request.motivo,
-            })
-            log.info("[CRM] Creando lead en Krayin - Nombre: %s, Telefono: %s", self._name(request), phone or "-")
+            }))
+            log.info("[CRM] Creando lead en Krayin - Nombre: %s, Telefono: %s", self._shown(self._name(request)),
+                     phone or "-")
         if job.person_id is None:
             log.debug("[CRM] Paso 1: Creando persona en Krayin")
             job.person_id = await self._find_or_create_person(request)
@@ -493,7 +495,7 @@ class CrmSupervisor:
         log.debug("[CRM] Valor del lead calculado: $%s (basado en %s mensajes)", value,
                   request.volumen_mensajes if request.volumen_mensajes else "sin info de")
         payload = self._lead_payload(request, job.person_id, value)
-        log.debug("[CRM] Paso 2: Creando lead con datos: %s", payload)
+        log.debug("[CRM] Paso 2: Creando lead con datos: %s", self._shown(payload))
         data = await self._client.create_lead(payload)
         lead_id = job.lead_id = _id_of(data, "lead")
         log.info("[CRM] Lead creado exitosamente - lead_id=%s, valor=$%s", lead_id, value)
@@ -502,6 +504,10 @@ class CrmSupervisor:
         log.info("[CRM] Lead registrado exitosamente - lead_id=%s", lead_id)
         log.info("[CRM] ✅ Lead creado en Krayin CRM (ID: %s, Valor: $%s)", lead_id, value)
         return "created"   # _process hands the id to on_lead, outside the concurrency slot
+
+    def _shown(self, value: object) -> str:
+        """Lead data (the customer's name, the model's motivo) as LOG_CUSTOMER_TEXT lets a log line show it."""
+        return log_text(str(value), self._settings.log_customer_text)
 
     # ------------------------------------------------------------------ Krayin payloads
 
@@ -549,8 +555,8 @@ class CrmSupervisor:
             log.info("[CRM] Persona existente encontrada - person_id=%s", person_id)
             return person_id
         payload = self._person_payload(request, phone)
-        log.info("[CRM] Creando persona - Nombre: %s, Telefono: %s", payload["name"], phone or "-")
-        log.debug("[CRM] Datos de persona: %s", payload)
+        log.info("[CRM] Creando persona - Nombre: %s, Telefono: %s", self._shown(payload["name"]), phone or "-")
+        log.debug("[CRM] Datos de persona: %s", self._shown(payload))
         try:
             data = await self._client.create_person(payload)
         except KrayinError as exc:

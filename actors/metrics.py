@@ -35,6 +35,9 @@ class ServiceCollector(Collector):
         for reason, count in sorted(svc.ignored.items()):
             ignored.add_metric([reason], count)
         yield ignored
+        refused = CounterMetricFamily("agent_new_chats_refused", "Webhooks answered 429 past NEW_CHATS_PER_MINUTE")
+        refused.add_metric([], svc.new_chats_refused)
+        yield refused
 
         registry = svc.registry
         if registry is not None:

@@ -18,8 +18,10 @@ import attrs
 import httpx
 import trio
 
+from actors.privacy import log_text
 from actors.settings import Settings
 from actors.split import split_text
+from runtime.bounded import bounded_key
 
 log = logging.getLogger("python-agent")
 
@@ -37,13 +39,17 @@ HTTP_CONCURRENCY = 48
 # sendText's slots they would delay replies. Beyond it "typing…" is skipped (best effort), never queued.
 # 48 + 12 (+ the CRM's 4) fit the HTTP pools (64 connections) without queueing inside them.
 PRESENCE_CONCURRENCY = 12
+# Instance names and ids come from webhooks: the preferred-candidate map and the pacer keep at most
+# this many on their own; the rest share one "other" entry.
+MAX_INSTANCE_KEYS = 64
 
 STATUS_NETWORK_ERROR = 0        # the pseudo status of a request that got no HTTP answer
 
 
 @attrs.frozen
 class OutboundMessage:
-    """One reply to send. ``instances``: the webhook's instance id then name (first candidates)."""
+    """One reply to send. ``instances``: its instance candidates, in order (actors/instances.py); when
+    empty, the configured EVOLUTION_INSTANCE_ID then EVOLUTION_INSTANCE."""
 
     jid: str
     text: str
@@ -220,6 +226,7 @@ class _Pacer:
     async def acquire(self, key: str) -> None:
         if not self._interval:
             return
+        key = bounded_key(self._next, key, MAX_INSTANCE_KEYS)
         now = trio.current_time()
         slot = max(now, self._next.get(key, now))
         self._next[key] = slot + self._interval  # reserve before sleeping: concurrent callers queue up
@@ -424,16 +431,19 @@ class OutboundSender:
             self._outbox_seq += 1
             self._outbox.append(OutboxEntry(self._outbox_seq, message.jid, part, time.time()))
             ids.append(f"local-{self._outbox_seq}")
-            log.info("[OUTBOX] -> %s: %s", message.jid, part)
+            log.info("[OUTBOX] -> %s: %s", message.jid, log_text(part, self._settings.log_customer_text))
         self._sent += 1
         return Delivery("sent", candidate="local", attempts=len(parts), message_id=ids[0],
                         message_ids=tuple(ids), parts=len(parts))
 
     def candidates(self, message: OutboundMessage) -> list[str]:
-        """The instance candidates in their natural order, duplicates and empties removed."""
+        """The message's instance candidates (else the configured ones), duplicates and empties removed.
+
+        Never the configured ones after the message's own: an unknown instance served with
+        UNKNOWN_INSTANCES=serve must not send through a configured one (docs/security.md)."""
         s = self._settings
         ordered: list[str] = []
-        for candidate in (*message.instances, s.evolution_instance_id, s.evolution_instance):
+        for candidate in message.instances or (s.evolution_instance_id, s.evolution_instance):
             candidate = candidate.strip()
             if candidate and candidate not in ordered:
                 ordered.append(candidate)
@@ -444,7 +454,7 @@ class OutboundSender:
         natural = self.candidates(message)
         if not natural:
             return "", []
-        key = natural[0]
+        key = bounded_key(self._preferred, natural[0], MAX_INSTANCE_KEYS)
         preferred = self._preferred.get(key)
         if preferred in natural:
             natural.remove(preferred)

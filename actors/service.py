@@ -14,23 +14,29 @@ import attrs
 import httpx
 import trio
 
+from runtime.bounded import OTHER, bounded_key
 from runtime.clock import Clock
 from runtime.logs import LogCompressor
 from runtime.registry import MailboxFull, Registry, ShuttingDown
-from runtime.store import MemoryStore, Store
+from runtime.store import MemoryStore, Store, StoreError
 
 from .conversation import Accepted, Control, ConversationActor, ConversationContext
 from .crm import CrmSupervisor, LeadRequest
 from .evolution import Ignored, parse_webhook
 from .inbound import InboundMessage
+from .instances import unknown_instance
 from .llm.chain import ProviderChain, build_chain
 from .metrics import Metrics
+from .new_chats import NewChatLimiter
 from .outbound import Delivery, OutboundMessage, OutboundSender
 from .prompts import texts_for
 from .settings import Settings
 
 log = logging.getLogger("python-agent")
 GC_THRESHOLDS = (10_000, 20, 20)   # gc.set_threshold once the service is up (the default is 700, 10, 10)
+# "event <name>" is the one ignore reason that carries request content: at most this many names are
+# counted (and exported as a metric label) on their own, the rest as "other".
+MAX_EVENT_REASONS = 16
 
 
 @attrs.frozen
@@ -68,6 +74,10 @@ class Service:
         self._cancel: trio.CancelScope | None = None
         self.received = 0
         self.ignored: dict[str, int] = {}
+        self._event_reasons: set[str] = set()
+        self._new_chats = NewChatLimiter(settings.new_chats_per_minute)
+        self.new_chats_refused = 0
+        self._new_chats_warned = float("-inf")   # trio time of the last warning (one a minute at most)
         self._aliases: dict[str, str] = {}   # @lid ↔ phone JID of one chat → its actor key
         self._alias_lock = trio.Lock()       # one resolution at a time: both forms never spawn two actors
         self.failure: str | None = None      # set when run() died of an error: /health reports it
@@ -186,7 +196,22 @@ class Service:
         registry = self.registry
         if registry is None or not self.ready:
             return IntakeResult(503, {"error": "starting up"}, retry_after=5)
+        try:
+            return await self._accept(message, registry)
+        except StoreError as exc:   # nothing was accepted: Evolution retries later
+            log.error("Store error: webhook answered 503: %s", exc)
+            return IntakeResult(503, {"error": "store unavailable"}, retry_after=5)
+
+    async def _accept(self, message: InboundMessage, registry: Registry[Accepted]) -> IntakeResult:
         key = await self._actor_key(message)
+        if (wait := await self._new_chat_wait(key, message)) is not None:
+            self.new_chats_refused += 1
+            if trio.current_time() - self._new_chats_warned >= 60:
+                self._new_chats_warned = trio.current_time()
+                log.warning("New chats: instance %r opened %d chats within a minute (NEW_CHATS_PER_MINUTE): "
+                            "answering 429 to new ones", message.instance[:40], self._new_chats.limit)
+            return IntakeResult(429, {"error": "too many new chats for this instance (NEW_CHATS_PER_MINUTE)"},
+                                retry_after=wait)
         try:
             registry.reserve(key)
         except MailboxFull:
@@ -216,7 +241,18 @@ class Service:
             return "not in allow list"
         if message.kind == "media" and not settings.unknown_message_text and not message.from_me:
             return "no text"
+        if unknown_instance(settings, message):
+            return "unknown_instance"
         return None
+
+    async def _new_chat_wait(self, key: str, message: InboundMessage) -> int | None:
+        """Seconds to wait when ``message`` would open one chat too many for its instance, else None
+        (a chat that is live or stored is not new)."""
+        if not self._new_chats.limit or (self.registry is not None and key in self.registry):
+            return None
+        if await self.store.load(key) is not None:
+            return None
+        return self._new_chats.refused(message.instance, trio.current_time())
 
     async def _actor_key(self, message: InboundMessage) -> str:
         """One actor per chat, whichever of its two forms (@lid or phone JID) a message uses: once a
@@ -256,7 +292,12 @@ class Service:
         return order.done.is_set()
 
     def _ignore(self, reason: str) -> IntakeResult:
-        self.ignored[reason] = self.ignored.get(reason, 0) + 1
+        counted = reason
+        if reason.startswith("event "):
+            counted = bounded_key(self._event_reasons, reason, MAX_EVENT_REASONS)
+            if counted != OTHER:
+                self._event_reasons.add(counted)
+        self.ignored[counted] = self.ignored.get(counted, 0) + 1
         return IntakeResult(200, {"status": "ignored", "reason": reason})
 
     # -- supervisor callbacks ----------------------------------------------------------------

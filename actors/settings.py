@@ -37,6 +37,12 @@ class Settings:
     port: int
     max_body_bytes: int
     shutdown_grace_seconds: float
+    # exposure (docs/security.md)
+    allow_open_webhook: bool
+    admin_loopback_only: bool
+    unknown_instances: str
+    new_chats_per_minute: int
+    log_customer_text: str
     # storage
     data_dir: Path
     store: str
@@ -131,6 +137,18 @@ class Settings:
             if name not in order:
                 order.append(name)
         return tuple(order)
+
+    @property
+    def names_instances(self) -> bool:
+        """Whether the deployment names the Evolution instances it serves."""
+        return bool(self.evolution_instance or self.evolution_instance_id)
+
+    @property
+    def serves_unknown_instances(self) -> bool:
+        """UNKNOWN_INSTANCES, resolved: empty means ignore when instances are named, serve when none are."""
+        if self.unknown_instances:
+            return self.unknown_instances == "serve"
+        return not self.names_instances
 
     @property
     def crm_enabled(self) -> bool:
@@ -242,6 +260,10 @@ def _validate(s: Settings) -> None:
     require(s.split_max_chars >= 100, "split_max_chars", "must be at least 100")
     require(s.store in ("sqlite", "memory"), "store", "must be sqlite or memory")
     require(s.language in ("es", "en"), "language", "must be es or en")
+    require(s.unknown_instances in ("", "ignore", "serve"), "unknown_instances",
+            "must be ignore or serve (or empty: the default)")
+    require(s.new_chats_per_minute >= 0, "new_chats_per_minute", "must be 0 or more")
+    require(s.log_customer_text in ("full", "truncated", "off"), "log_customer_text", "must be full, truncated or off")
     require(s.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level", "must be DEBUG, INFO, WARNING or ERROR")
     for name in ("debounce_seconds", "reorder_delay_seconds", "outbound_min_gap_seconds", "outbound_rate_per_instance",
                  "flood_max_per_minute", "shutdown_grace_seconds", "human_takeover_minutes"):
@@ -301,6 +323,8 @@ def load_settings(
         values[name] = _convert(name, f.type, raw)
     values["llm_provider"] = values["llm_provider"].strip().lower()
     values["llm_provider_fallback"] = tuple(p.lower() for p in values["llm_provider_fallback"])
+    for name in ("unknown_instances", "log_customer_text"):
+        values[name] = values[name].strip().lower()
     settings = Settings(**values)
     _validate(settings)
     return settings

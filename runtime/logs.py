@@ -15,7 +15,8 @@ Lines look like the seed's: ``2026-01-20 10:15:23 INFO python-agent: message``; 
 Both handlers carry a :class:`RedactionFilter`: before formatting, it renders the message (args
 included) and the exception traceback, then replaces every registered secret value and every
 credential-looking pattern (``apikey: x``, ``"apikey": "x"``, ``api_key=x``, ``token=x``,
-``Authorization: Bearer x`` …) with ``[REDACTED]``. Secrets are registered with the ``secrets``
+``Authorization: Bearer x`` …) with ``[REDACTED]``, and URL credentials (``scheme://user:pass@host``)
+with ``scheme://***@host``. Secrets are registered with the ``secrets``
 argument or :func:`add_secret`, and are never forgotten by a later ``configure_logging()`` call.
 Secrets shorter than 4 characters are ignored (redacting them would shred every line).
 
@@ -74,6 +75,8 @@ _AUTH = re.compile(
     """
 )
 _BEARER = re.compile(r"(?i)\b(?P<scheme>bearer\s+)[A-Za-z0-9._~+/=-]+")
+# Credentials in a URL's authority: scheme://user:password@host -> scheme://***@host.
+_URL_CREDENTIALS = re.compile(r"(?i)\b(?P<scheme>[a-z][a-z0-9+.-]*://)[^\s/\"'<>]+@")
 
 _lock = threading.Lock()
 _secrets: set[str] = set()
@@ -101,10 +104,12 @@ def _pair_sub(match: re.Match[str]) -> str:
 
 
 def redact(text: str) -> str:
-    """``text`` with registered secrets and credential-looking patterns replaced by ``[REDACTED]``."""
+    """``text`` with registered secrets and credential-looking patterns replaced by ``[REDACTED]``,
+    and the credentials of every ``scheme://user:password@host`` URL by ``***``."""
     pattern = _secret_re
     if pattern is not None:
         text = pattern.sub(REDACTED, text)
+    text = _URL_CREDENTIALS.sub(lambda m: f"{m.group('scheme')}***@", text)
     text = _AUTH.sub(lambda m: f"{m.group('key')}{m.group('scheme') or ''}{REDACTED}", text)
     text = _BEARER.sub(lambda m: f"{m.group('scheme')}{REDACTED}", text)
     return _PAIR.sub(_pair_sub, text)

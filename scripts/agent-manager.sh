@@ -7,13 +7,15 @@
 # Settings are read like the service reads them: process environment > .env > config.toml > default.
 # Exit codes (LSB): 0 ok / running, 1 failure, 2 usage, 3 not running (status), 5 hypercorn not found,
 # 6 misconfigured (bad PORT/HOST).
+# Never starts open by accident: on a non-loopback HOST, a missing WEBHOOK_SECRET or ADMIN_TOKEN is
+# generated into the env file (ENV_FILE, default .env; mode 600) and its location printed (docs/security.md).
 set -u
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)" || exit 1
 cd "$ROOT" || exit 1
 
 CONFIG_FILE="$ROOT/config.toml"
-DOTENV_FILE="$ROOT/.env"
+DOTENV_FILE="${ENV_FILE:-$ROOT/.env}"
 
 # ---------------------------------------------------------------------------------------------- settings
 
@@ -91,7 +93,7 @@ absolute() {
     esac
 }
 
-HOST="$(setting HOST server 0.0.0.0)"
+HOST="$(setting HOST server 127.0.0.1)"
 PORT="$(setting PORT server 5000)"
 LOG_DIR="$(absolute "$(setting LOG_DIR logging logs)")"
 LOG_FILE="$(setting LOG_FILE logging agent.log)"
@@ -123,6 +125,49 @@ bind_address() {
 }
 
 BASE_URL="http://$(probe_host):$PORT"
+
+# is_loopback_host: HOST is 127.0.0.0/8, ::1 or localhost (what the service itself accepts without secrets).
+is_loopback_host() {
+    case "$HOST" in
+        127.* | localhost | ::1 | "[::1]") return 0 ;;
+        *) return 1 ;;
+    esac
+}
+
+is_true() {
+    case "$(printf '%s' "$1" | tr '[:upper:]' '[:lower:]')" in
+        1 | true | yes | on) return 0 ;;
+        *) return 1 ;;
+    esac
+}
+
+# random_secret: 64 hex characters from the system's CSPRNG.
+random_secret() {
+    if command -v openssl >/dev/null 2>&1; then
+        openssl rand -hex 32
+    else
+        od -An -N32 -tx1 /dev/urandom | tr -d ' \n'
+        printf '\n'
+    fi
+}
+
+# ensure_secret NAME OVERRIDE: on a non-loopback bind, generate NAME into the env file when it is unset
+# and its explicit override (ALLOW_OPEN_WEBHOOK / ADMIN_LOOPBACK_ONLY) is not true; export it either way.
+ensure_secret() {
+    local name="$1" override="$2" value
+    value="$(setting "$name" "" "")"
+    if [[ -z "$value" ]] && ! is_loopback_host && ! is_true "$(setting "$override" security false)"; then
+        value="$(random_secret)" || return 1
+        if [[ -s "$DOTENV_FILE" && -n "$(tail -c 1 -- "$DOTENV_FILE")" ]]; then
+            printf '\n' >>"$DOTENV_FILE" || return 1      # the file's last line had no newline
+        fi
+        (umask 077 && printf '%s=%s\n' "$name" "$value" >>"$DOTENV_FILE") || return 1
+        chmod 600 -- "$DOTENV_FILE" || return 1
+        echo "generated $name into $DOTENV_FILE (mode 600): HOST $HOST is not loopback"
+    fi
+    [[ -n "$value" ]] && export "$name=$value"
+    return 0
+}
 
 check_settings() {
     if ! [[ "$PORT" =~ ^[0-9]+$ ]] || ((10#$PORT < 1 || 10#$PORT > 65535)); then
@@ -314,6 +359,8 @@ cmd_start() {
         return 1
     fi
     mkdir -p -- "$LOG_DIR" "$DATA_DIR" "$(dirname -- "$PID_FILE")" || return 1
+    ensure_secret WEBHOOK_SECRET ALLOW_OPEN_WEBHOOK || { echo "cannot write $DOTENV_FILE" >&2; return 1; }
+    ensure_secret ADMIN_TOKEN ADMIN_LOOPBACK_ONLY || { echo "cannot write $DOTENV_FILE" >&2; return 1; }
     if [[ -f "$OUT_FILE" ]]; then
         offset="$(wc -c <"$OUT_FILE")"
         # hypercorn.out only grows while the service runs; bound it across restarts (one previous copy).
@@ -440,11 +487,13 @@ Usage: $(basename "$0") {start|stop|restart|status|logs|help}
   help      this text
 
 Settings (environment > .env > config.toml > default):
-  HOST, PORT        bind address ([server] host/port; default 0.0.0.0:5000)
+  HOST, PORT        bind address ([server] host/port; default 127.0.0.1:5000); 0.0.0.0 faces the network
+  ENV_FILE          env file read for settings, and where missing secrets are generated (default .env)
   LOG_DIR           log directory ([logging] log_dir; default logs); hypercorn output: LOG_DIR/hypercorn.out
   DATA_DIR          data directory ([storage] data_dir; default data); pid file: DATA_DIR/agent.pid
   PID_FILE          pid file override
   ADMIN_TOKEN       bearer token for GET /supervisors in status
+  WEBHOOK_SECRET    generated with ADMIN_TOKEN on a non-loopback HOST when unset (mode 600, ENV_FILE)
   START_TIMEOUT     seconds to wait for a healthy start (default 20)
   STOP_TIMEOUT      seconds to wait for a graceful stop (default 30)
 The rest of the environment is passed to the service unchanged.

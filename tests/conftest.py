@@ -8,6 +8,7 @@ from typing import Any, AsyncIterator
 
 import pytest
 import trio
+from quart_trio.testing import TrioClient
 
 from actors.llm.base import Provider
 from actors.llm.chain import ProviderChain
@@ -31,6 +32,16 @@ def make_settings(tmp_path: Path, **env: Any) -> Settings:
     }
     base.update({k.upper(): str(v) for k, v in env.items()})
     return load_settings(base, dotenv_file=None)
+
+
+class LoopbackClient(TrioClient):
+    """A test client whose requests come from 127.0.0.1:50000, as a local operator's do (the ASGI scope's
+    client; without one Quart reports ``<local>``, which the admin endpoints never serve)."""
+
+    async def open(self, *args: Any, scope_base: dict[str, Any] | None = None,  # type: ignore[override]
+                   **kwargs: Any) -> Any:
+        scope = {"client": ("127.0.0.1", 50000), **(scope_base or {})}
+        return await super().open(*args, scope_base=scope, **kwargs)
 
 
 def chain_of(settings: Settings, *providers: Provider) -> ProviderChain:

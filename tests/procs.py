@@ -25,10 +25,13 @@ def free_port() -> int:
 
 
 class ServiceProcess:
-    """``hypercorn --worker-class trio app:app`` in its own process group, configured by ``env``."""
+    """``hypercorn --worker-class trio app:app`` in its own process group, configured by ``env``.
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    ``host`` is the address it binds (``--bind HOST:PORT``); it is always probed over 127.0.0.1."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, host: str = "127.0.0.1") -> None:
         self.port = free_port()
+        self.bind = f"{host}:{self.port}"
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, **env}
         self.log_path = log_path
@@ -37,7 +40,7 @@ class ServiceProcess:
     def start(self) -> None:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [HYPERCORN, "--worker-class", "trio", "--bind", f"127.0.0.1:{self.port}", "app:app"],
+            [HYPERCORN, "--worker-class", "trio", "--bind", self.bind, "app:app"],
             cwd=PROJECT_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         log.close()

@@ -10,7 +10,7 @@ import trio.testing
 
 from actors.service import Service
 from app import create_app
-from tests.conftest import make_settings, running_service, wait_for
+from tests.conftest import LoopbackClient, make_settings, running_service, wait_for
 from tests.doubles import ScriptedProvider
 from tests.payloads import upsert
 
@@ -203,6 +203,7 @@ async def test_quoted_message_is_given_to_the_model(tmp_path) -> None:  # type: 
 
 async def test_admin_pause_resume_reset(tmp_path) -> None:  # type: ignore[no-untyped-def]
     app = create_app(make_settings(tmp_path))
+    app.test_client_class = LoopbackClient
     async with app.test_app() as test_app:
         client = test_app.test_client()
         service: Service = app.extensions["service"]

@@ -9,7 +9,7 @@ from typing import Any, AsyncIterator
 import pytest
 
 from app import create_app
-from tests.conftest import make_settings, wait_for
+from tests.conftest import LoopbackClient, make_settings, wait_for
 from tests.payloads import upsert
 
 JID = "5491131376731@s.whatsapp.net"
@@ -18,6 +18,7 @@ JID = "5491131376731@s.whatsapp.net"
 @asynccontextmanager
 async def client_for(tmp_path, **env: Any) -> AsyncIterator[Any]:  # type: ignore[no-untyped-def]
     app = create_app(make_settings(tmp_path, **env))
+    app.test_client_class = LoopbackClient
     async with app.test_app() as test_app:
         yield app, test_app.test_client()
 

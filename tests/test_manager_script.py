@@ -166,3 +166,49 @@ def test_help_usage_and_bad_port(env: dict[str, str]) -> None:
     env["PORT"] = "abc"
     bad = manager("start", env)
     assert bad.returncode == 6 and "PORT" in bad.stderr
+
+
+@pytest.mark.slow
+@needs_app
+def test_public_host_generates_missing_secrets_never_starts_open(env: dict[str, str], cleanup: None,
+                                                                 tmp_path: Path) -> None:
+    """HOST=0.0.0.0 with no WEBHOOK_SECRET/ADMIN_TOKEN: both are generated into ENV_FILE (mode 600), the
+    path is printed, the service starts with them (webhook 401 without the secret), a restart keeps them."""
+    import httpx
+
+    env_file = tmp_path / "agent.env"
+    env_file.write_text("# operator's settings\nLANGUAGE=es")          # no newline at the end
+    env.pop("ADMIN_TOKEN")
+    env.update(HOST="0.0.0.0", ENV_FILE=str(env_file))
+    started = manager("start", env)
+    assert started.returncode == 0, started.stdout + started.stderr
+    assert f"generated WEBHOOK_SECRET into {env_file} (mode 600)" in started.stdout
+    assert f"generated ADMIN_TOKEN into {env_file} (mode 600)" in started.stdout
+    assert env_file.stat().st_mode & 0o777 == 0o600
+    values = dict(line.split("=", 1) for line in env_file.read_text().splitlines()[1:])
+    assert values["LANGUAGE"] == "es"
+    assert all(re.fullmatch(r"[0-9a-f]{64}", values[name]) for name in ("WEBHOOK_SECRET", "ADMIN_TOKEN"))
+    url = f"http://127.0.0.1:{env['PORT']}"
+    body = {"event": "messages.upsert", "instance": "x", "data": {"key": {
+        "remoteJid": "5491131376731@s.whatsapp.net", "fromMe": False, "id": "M1"}, "message": {"conversation": "hola"}}}
+    assert httpx.post(url + "/webhook", json=body, timeout=5).status_code == 401
+    assert httpx.post(url + "/webhook", json=body, headers={"x-webhook-token": values["WEBHOOK_SECRET"]},
+                      timeout=5).status_code == 200
+    status = manager("status", env)
+    assert re.search(r"^actors: \d+ live$", status.stdout, re.MULTILINE), status.stdout   # status used the token
+    assert manager("stop", env).returncode == 0
+    again = manager("start", env)
+    assert again.returncode == 0 and "generated" not in again.stdout, again.stdout
+    assert env_file.read_text().count("WEBHOOK_SECRET=") == 1
+
+
+@pytest.mark.slow
+@needs_app
+def test_public_host_with_explicit_overrides_generates_nothing(env: dict[str, str], cleanup: None,
+                                                                tmp_path: Path) -> None:
+    env_file = tmp_path / "agent.env"
+    env.pop("ADMIN_TOKEN")
+    env.update(HOST="0.0.0.0", ENV_FILE=str(env_file), ALLOW_OPEN_WEBHOOK="true", ADMIN_LOOPBACK_ONLY="true")
+    started = manager("start", env)
+    assert started.returncode == 0, started.stdout + started.stderr
+    assert "generated" not in started.stdout and not env_file.exists()

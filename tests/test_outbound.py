@@ -149,10 +149,13 @@ async def test_typing_is_off_when_disabled() -> None:
 
 
 async def test_candidates_order_without_duplicates_or_empties() -> None:
+    """The message's own candidates (actors/instances.py chose them), never the configured ones after
+    them; the configured ones when it has none."""
     settings = make_settings("http://127.0.0.1:9", EVOLUTION_INSTANCE_ID="uuid-1", EVOLUTION_INSTANCE="name-1")
     sender = OutboundSender(settings)
-    message = OutboundMessage(JID, "x", instances=("uuid-webhook", "", "name-1"))
-    assert sender.candidates(message) == ["uuid-webhook", "name-1", "uuid-1"]
+    message = OutboundMessage(JID, "x", instances=("uuid-webhook", "", "name-1", "uuid-webhook"))
+    assert sender.candidates(message) == ["uuid-webhook", "name-1"]
+    assert sender.candidates(OutboundMessage(JID, "x")) == ["uuid-1", "name-1"]
 
 
 async def test_candidate_fallback_then_preferred_first(caplog: pytest.LogCaptureFixture) -> None:
@@ -260,7 +263,7 @@ async def test_retry_window_bounds_the_attempts(autojump_clock: trio.testing.Moc
 async def test_all_candidates_rejected_is_dead_at_once() -> None:
     fake = FakeEvolution(api_key="another-key", instances={INSTANCE})
     async with evolution(fake, EVOLUTION_INSTANCE_ID="uuid-x") as (sender, settled):
-        sender.submit(OutboundMessage(JID, "hola", instances=("uuid-webhook",)))
+        sender.submit(OutboundMessage(JID, "hola", instances=("uuid-webhook", "uuid-x", INSTANCE)))
         await settled.wait_for(1)
         stats = sender.statistics()
     delivery = settled.items[0][1]

@@ -32,6 +32,7 @@ class HeldStore(MemoryStore):
         self.accept_gate: trio.Event | None = None
         self.accept_entered = trio.Event()
         self.fail_expiries = 0
+        self.fail_accepts = False
         self.fail_loads: set[str] = set()
 
     async def _hold_expiry(self) -> None:
@@ -54,11 +55,13 @@ class HeldStore(MemoryStore):
         self.accept_entered.set()
         if self.accept_gate is not None:
             await self.accept_gate.wait()
+        if self.fail_accepts:
+            raise StoreError("agent.sqlite3: disk I/O error")
         return await super().accept(key, dedupe_id, payload)
 
     async def load(self, key: str) -> dict[str, Any] | None:
-        if key in self.fail_loads:
-            raise StoreError("agent.sqlite3: database is locked by another running process")
+        if key in self.fail_loads:   # a state this code cannot read (e.g. written by a newer version)
+            return {"window": [["user"]], "booking_sent": "sí"}
         return await super().load(key)
 
 
@@ -341,4 +344,18 @@ async def test_bookkeeping_controls_do_not_reset_the_idle_clock(tmp_path: Path) 
         after = service.registry.actor_statistics(A)
         assert before is not None and after is not None
         assert abs(after.last_activity - before.last_activity) < 0.05   # not moved by the 0.2 s wait
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_store_that_cannot_accept_answers_503_and_keeps_no_slot(tmp_path: Path) -> None:
+    store = HeldStore()
+    async with trio.open_nursery() as nursery:
+        service = await start(nursery, tmp_path, store, MAILBOX_SIZE=1)
+        store.fail_accepts = True
+        for _ in range(3):
+            result = await service.intake(upsert("hola", jid=A))
+            assert result.status == 503 and result.retry_after == 5
+        store.fail_accepts = False
+        assert (await service.intake(upsert("hola", jid=A))).status == 200   # no slot was leaked
+        await wait_for(lambda: replies(service, A) == ["re: hola"])
         nursery.cancel_scope.cancel()

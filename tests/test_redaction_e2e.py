@@ -1,4 +1,5 @@
-"""No secret reaches a log file in a full run with fake keys, including provider and Evolution errors."""
+"""No secret reaches a log file in a full run with fake keys, including provider and Evolution errors,
+nor the credentials of a ``scheme://user:password@host`` URL."""
 
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ SECRETS = {
     "ADMIN_TOKEN": "admin-FAKE-token-0123456789",
     "WEBHOOK_SECRET": "hook-FAKE-secret-0123456789",
 }
+# Passwords in the URLs' authority (not registered as secrets: only the URL pattern can catch them).
+URL_PASSWORDS = {"EVOLUTION_API_URL": "evoPASS-in-url-4711", "KRAYIN_API_URL": "krayinPASS-in-url-4711"}
 
 
 async def test_no_secret_in_any_log_file(tmp_path: Path) -> None:
@@ -34,8 +37,9 @@ async def test_no_secret_in_any_log_file(tmp_path: Path) -> None:
             **SECRETS,
             "LLM_PROVIDER": "openai", "OPENAI_BASE_URL": llm_url + "/v1",
             "LLM_PROVIDER_FALLBACK": "anthropic", "ANTHROPIC_BASE_URL": "http://127.0.0.1:9",  # refused
-            "EVOLUTION_API_URL": evo_url, "EVOLUTION_INSTANCE": "prueba-py-agent",
-            "CRM_AUTO_REGISTER": "true", "KRAYIN_API_URL": "http://127.0.0.1:9/api/v1",
+            "EVOLUTION_API_URL": evo_url.replace("http://", f"http://evo-user:{URL_PASSWORDS['EVOLUTION_API_URL']}@"),
+            "EVOLUTION_INSTANCE": "prueba-py-agent", "CRM_AUTO_REGISTER": "true",
+            "KRAYIN_API_URL": f"http://krayin-user:{URL_PASSWORDS['KRAYIN_API_URL']}@127.0.0.1:9/api/v1",
             "GOOGLE_BOOKING_URL": "https://calendar.app.google/example",
             "DATA_DIR": str(tmp_path / "data"), "LOG_DIR": str(tmp_path / "logs"), "LOG_LEVEL": "DEBUG",
             "OUTBOUND_MAX_ATTEMPTS": "2", "OUTBOUND_MIN_GAP_SECONDS": "0", "REORDER_DELAY_SECONDS": "0",
@@ -59,6 +63,11 @@ async def test_no_secret_in_any_log_file(tmp_path: Path) -> None:
     text = "\n".join(p.read_text(errors="replace") for p in files)
     assert "Error con LLM provider principal (openai)" in text       # the run really hit the error paths
     assert "Tried sendText with candidate=" in text
+    assert "http://***@127.0.0.1" in text                           # the URLs were logged, without credentials
+    for name, password in URL_PASSWORDS.items():
+        assert password not in text, f"the password in {name} leaked into a log file"
+        for response in bodies:
+            assert password not in response.text, f"the password in {name} leaked into {response.url}"
     for name, secret in SECRETS.items():
         assert secret not in text, f"{name} leaked into a log file"
         for response in bodies:
