@@ -49,9 +49,9 @@ from typing import Any, Callable, Collection, Literal, Sequence
 
 import trio
 
-from .store import DeadLetterRow, InboxRow, OutboxRow, StoreError
+from .store import Cursor, DeadLetterRow, InboxRow, OutboxRow, StoreError, Summary, SummaryPage, SummaryRow
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 DEAD_LETTERS_KEPT = 1000
 
 # MIGRATIONS[n] brings a database from version n-1 to version n.
@@ -78,7 +78,19 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "UPDATE states SET window_size = coalesce(json_array_length(data, '$.window'), 0)",
         "CREATE INDEX states_window_size ON states (key, window_size)",
     ),
+    4: (  # each key's small summary (Store.summaries) in its own narrow table, so a listing page or a
+          # search never reads the states' text; stored keys start with an empty summary
+        "CREATE TABLE summaries (key TEXT PRIMARY KEY, title TEXT NOT NULL DEFAULT '',"
+        " preview TEXT NOT NULL DEFAULT '', status TEXT NOT NULL DEFAULT '', status_until REAL NOT NULL DEFAULT 0,"
+        " status_after TEXT NOT NULL DEFAULT '', scope TEXT NOT NULL DEFAULT '', last_activity REAL NOT NULL,"
+        " window_size INTEGER NOT NULL DEFAULT 0)",
+        "INSERT INTO summaries (key, last_activity, window_size) SELECT key, last_activity, window_size FROM states",
+        "CREATE INDEX summaries_activity ON summaries (last_activity, key)",
+        "CREATE INDEX summaries_scope ON summaries (scope)",
+    ),
 }
+# The status in force at :now (see Summary.status_at).
+_STATUS_AT = "(CASE WHEN status_until = 0 OR status_until > :now THEN status ELSE status_after END)"
 
 PRUNE_INTERVAL = 60.0
 BUSY_TIMEOUT = 0.2
@@ -212,8 +224,10 @@ class SqliteStore:
         *,
         acked: Sequence[int] = (),
         outbox: Sequence[tuple[str, dict[str, Any]]] = (),
+        summary: Summary | None = None,
     ) -> list[int]:
-        """Atomically save ``state``, ack the inbox rows ``acked`` and add ``outbox`` rows; their ids."""
+        """Atomically save ``state``, ack the inbox rows ``acked``, add ``outbox`` rows and replace the
+        summary (None keeps it); the new outbox ids."""
         data, last, size = _dumps(state), _last_activity(state), _window_size(state)
         acks = [(key, int(seq)) for seq in acked]
         jobs = [(key, kind, _dumps(payload)) for kind, payload in outbox]
@@ -224,6 +238,16 @@ class SqliteStore:
                 " DO UPDATE SET data = excluded.data, last_activity = excluded.last_activity,"
                 " window_size = excluded.window_size",
                 (key, data, last, size))
+            if summary is None:
+                conn.execute("INSERT INTO summaries (key, last_activity, window_size) VALUES (?, ?, ?)"
+                             " ON CONFLICT (key) DO UPDATE SET last_activity = excluded.last_activity,"
+                             " window_size = excluded.window_size", (key, last, size))
+            else:
+                conn.execute(
+                    "INSERT OR REPLACE INTO summaries (key, title, preview, status, status_until, status_after,"
+                    " scope, last_activity, window_size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (key, summary.title, summary.preview, summary.status, summary.status_until,
+                     summary.status_after, summary.scope, last, size))
             conn.executemany("DELETE FROM inbox WHERE key = ? AND seq = ?", acks)
             ids: list[int] = []
             for job in jobs:
@@ -260,6 +284,25 @@ class SqliteStore:
             return [DeadLetterRow(i, k, kind, json.loads(p), r, at) for i, k, kind, p, r, at in rows]
 
         return await self._call(op)  # type: ignore[no-any-return]
+
+    async def revive(self, dead_letter_id: int) -> OutboxRow | None:
+        """Move a dead letter back to the outbox under its old id; None when there is none."""
+
+        def op(conn: sqlite3.Connection) -> OutboxRow | None:
+            found = conn.execute("SELECT id, key, kind, payload FROM dead_letters WHERE id = ?",
+                                 (dead_letter_id,)).fetchone()
+            if found is None:
+                return None
+            conn.execute("INSERT INTO outbox (id, key, kind, payload) VALUES (?, ?, ?, ?)", found)
+            conn.execute("DELETE FROM dead_letters WHERE id = ?", (dead_letter_id,))
+            return OutboxRow(found[0], found[1], found[2], json.loads(found[3]))
+
+        return await self._call(op)  # type: ignore[no-any-return]
+
+    async def discard(self, dead_letter_id: int) -> bool:
+        """Delete a dead letter; False when there is none."""
+        return bool(await self._call(
+            lambda conn: conn.execute("DELETE FROM dead_letters WHERE id = ?", (dead_letter_id,)).rowcount))
 
     async def pending_inbox(self) -> list[InboxRow]:
         """Accepted but unacknowledged messages, per key in sequence order."""
@@ -301,6 +344,49 @@ class SqliteStore:
 
         def op(conn: sqlite3.Connection) -> dict[str, int]:
             return dict(conn.execute("SELECT key, window_size FROM states ORDER BY key").fetchall())
+
+        return await self._call(op)  # type: ignore[no-any-return]
+
+    async def summaries(
+        self,
+        *,
+        now: float,
+        search: str = "",
+        status: str | None = None,
+        scope: str | None = None,
+        keys: Collection[str] | None = None,
+        after: Cursor | None = None,
+        limit: int = 50,
+    ) -> SummaryPage:
+        """A page of summaries, newest activity first: the (last_activity, key) index is walked
+        backwards from the cursor, so a page costs the same at any depth."""
+        where, args = [], {"now": now, "limit": limit}
+        if search:
+            where.append("(instr(py_lower(key), :search) > 0 OR instr(py_lower(title), :search) > 0)")
+            args["search"] = search.lower()
+        if status is not None:
+            where.append(f"{_STATUS_AT} = :status")
+            args["status"] = status
+        if scope is not None:
+            where.append("scope = :scope")
+            args["scope"] = scope
+        if keys is not None:
+            where.append("key IN (SELECT value FROM json_each(:keys))")
+            args["keys"] = _dumps(list(keys))
+        condition = " AND ".join(where) or "1"
+        page = condition
+        if after is not None:
+            page += " AND (last_activity, key) < (:after_at, :after_key)"
+            args["after_at"], args["after_key"] = after
+
+        def op(conn: sqlite3.Connection) -> SummaryPage:
+            rows = conn.execute(
+                "SELECT key, title, preview, status, status_until, status_after, scope, last_activity, window_size"
+                f" FROM summaries WHERE {page} ORDER BY last_activity DESC, key DESC LIMIT :limit", args)
+            found = [SummaryRow(key, Summary(*fields), last, size) for key, *fields, last, size in rows]
+            (total,) = conn.execute(f"SELECT count(*) FROM summaries WHERE {condition}", args).fetchone()
+            scopes = [s for (s,) in conn.execute("SELECT DISTINCT scope FROM summaries WHERE scope != '' ORDER BY scope")]
+            return SummaryPage(found, total, scopes)
 
         return await self._call(op)  # type: ignore[no-any-return]
 
@@ -441,7 +527,7 @@ class SqliteStore:
 
     @staticmethod
     def _delete_key(conn: sqlite3.Connection, key: str) -> None:
-        for table in ("states", "seqs", "inbox", "outbox"):
+        for table in ("states", "summaries", "seqs", "inbox", "outbox"):
             conn.execute(f"DELETE FROM {table} WHERE key = ?", (key,))
 
     def _describe(self, exc: BaseException) -> str:
@@ -470,6 +556,8 @@ class SqliteStore:
             if str(mode).lower() != "wal":
                 raise StoreError(f"{self.path}: cannot use WAL journal mode (got {mode})")
             conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+            # Unicode-aware lower() for Store.summaries' search (SQLite's own folds ASCII only).
+            conn.create_function("py_lower", 1, str.lower, deterministic=True)
             conn.execute("BEGIN IMMEDIATE")  # takes (and, in EXCLUSIVE mode, keeps) the write lock
             problems = [row[0] for row in conn.execute("PRAGMA quick_check(3)")]
             if problems != ["ok"]:
