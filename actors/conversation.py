@@ -15,7 +15,7 @@ import attrs
 import trio
 
 from runtime.clock import Clock
-from runtime.store import Store
+from runtime.store import Store, Summary
 
 from .booking import BookingAction, parse_answer
 from .crm import LeadRequest
@@ -31,6 +31,8 @@ from .state import ASSISTANT, OPERATOR, USER, ConversationState, LeadInfo, Windo
 
 log = logging.getLogger("python-agent")
 SENT_IDS_KEPT = 50
+PAUSED_UNTIL_RESUMED = 253402300799.0   # paused_until for "until resumed" (9999-12-31, finite for JSON)
+PREVIEW_CHARS = 120
 
 
 @attrs.frozen
@@ -44,8 +46,10 @@ class Accepted:
 
 @attrs.define
 class Control:
-    """A command ordered with the chat's messages in its mailbox: pause | resume | reset (admin),
-    or lead (the CRM supervisor recording ``value``, the lead id)."""
+    """A command ordered with the chat's messages in its mailbox: pause (``value``: minutes, None for
+    HUMAN_TAKEOVER_MINUTES, 0 until resumed) | resume | reset | reply (``value``: an operator's text,
+    sent in order with the bot's replies) from the admin, or lead (the CRM supervisor recording
+    ``value``, the lead id)."""
 
     command: str
     value: Any = None
@@ -253,10 +257,11 @@ class ConversationActor:
             return
         now = ctx.clock.now()
         if message.text.strip().lower() == ctx.settings.takeover_keyword.lower():
-            state.paused_until = 0.0
+            state.paused_until, state.pause_reason = 0.0, ""
             log.info("[TAKEOVER] Operator handed %s back to the bot", self.jid)
             return
         state.paused_until = now + ctx.settings.human_takeover_minutes * 60
+        state.pause_reason = "takeover"
         state.last_activity = now
         if message.text:
             state.window.append(WindowEntry(OPERATOR, message.text, now))
@@ -398,19 +403,25 @@ class ConversationActor:
             lead.telefono = phone_of(message.jid) or phone_of(message.alt_jid) or ""
         if message.alt_jid and not lead.alt_jid:
             lead.alt_jid = message.alt_jid
+        if message.instances:
+            self.state.instance, self.state.instances = message.instance, list(message.instances)
 
     # -- control -----------------------------------------------------------------------------------
 
     async def _control(self, control: Control) -> None:
-        state = self.state
+        state, now = self.state, self._ctx.clock.now()
         if control.command == "pause":
-            state.paused_until = self._ctx.clock.now() + self._ctx.settings.human_takeover_minutes * 60
+            minutes = self._ctx.settings.human_takeover_minutes if control.value is None else float(control.value)
+            state.paused_until = now + minutes * 60 if minutes > 0 else PAUSED_UNTIL_RESUMED
+            state.pause_reason = "operator"
         elif control.command == "resume":
-            state.paused_until = 0.0
+            state.paused_until, state.pause_reason = 0.0, ""
         elif control.command == "reset":
             state.window.clear()
             state.booking_sent = False
-            state.paused_until = 0.0
+            state.paused_until, state.pause_reason = 0.0, ""
+        elif control.command == "reply":
+            self._operator_reply(str(control.value), now)
         elif control.command == "lead":
             state.lead.lead_id = int(control.value)
         else:
@@ -421,6 +432,33 @@ class ConversationActor:
             log.info("Admin %s for %s", control.command, self.jid)
         await self._commit()
         control.done.set()
+
+    def _operator_reply(self, text: str, now: float) -> None:
+        """An operator's reply typed in the admin console: sent behind the bot's earlier replies,
+        kept in the window as the operator's, and a human takeover (the bot stays silent)."""
+        state = self.state
+        state.window.append(WindowEntry(OPERATOR, text, now))
+        self._truncate()
+        state.last_activity = now
+        state.paused_until = now + self._ctx.settings.human_takeover_minutes * 60
+        state.pause_reason = "takeover"
+        self._reply_text(text, self.jid, tuple(state.instances))
+        log.info("[TAKEOVER] An operator answered %s from the admin console: the bot is silent for %.0f min",
+                 self.jid, self._ctx.settings.human_takeover_minutes)
+
+    def summary(self) -> Summary:
+        """The store's listing record of this chat (name, last message, pause or booking status)."""
+        state = self.state
+        finished = "finished" if state.booking_sent else ""
+        paused = state.paused_until > self._ctx.clock.now()
+        return Summary(
+            title=state.lead.nombre,
+            preview=_trim(state.window.last_content(), PREVIEW_CHARS),
+            status=("paused" if state.pause_reason == "operator" else "takeover") if paused else finished,
+            status_until=state.paused_until if paused else 0.0,
+            status_after=finished,
+            scope=state.instance,
+        )
 
     # -- effects -----------------------------------------------------------------------------------
 
@@ -448,7 +486,8 @@ class ConversationActor:
         crm = self._crm
         if crm is not None:
             outbox.append(("crm", attrs.asdict(crm)))
-        ids = await ctx.store.commit(self.jid, self.state.to_dict(), acked=list(self._acked), outbox=outbox)
+        ids = await ctx.store.commit(self.jid, self.state.to_dict(), acked=list(self._acked), outbox=outbox,
+                                     summary=self.summary())
         self._outbox, self._acked, self._crm = (), (), None
         for (kind, payload), row_id in zip(outbox, ids):
             if kind == "reply":
