@@ -19,6 +19,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from admin_web import Sessions, register_console
 from actors.conversation import ConversationActor
 from actors.evolution import WebhookError
 from actors.jid import is_chat_jid
@@ -88,18 +89,27 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
     async def stop() -> None:
         await svc.shutdown(settings.shutdown_grace_seconds)
 
+    sessions = Sessions(settings.admin_session_minutes * 60)
+
+    def is_loopback() -> bool:
+        return request.remote_addr in LOOPBACK
+
     def admin(handler: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[Response]]:
-        """Bearer ADMIN_TOKEN when set; otherwise loopback clients only (SPEC §7)."""
+        """Bearer ADMIN_TOKEN (or the admin console's session) when set; otherwise loopback clients
+        only (SPEC §7). A state-changing request on the console's session needs its CSRF token."""
 
         @wraps(handler)
         async def guarded(*args: Any, **kwargs: Any) -> Response:
-            if settings.admin_token:
+            session = sessions.current()
+            if settings.admin_token and session is None:
                 supplied = request.headers.get("Authorization", "")
                 expected = f"Bearer {settings.admin_token}"
                 if not hmac.compare_digest(supplied.encode(), expected.encode()):
                     return _error(401, "admin token required (Authorization: Bearer <ADMIN_TOKEN>)")
-            elif request.remote_addr not in LOOPBACK:
+            elif not settings.admin_token and not is_loopback():
                 return _error(403, "admin endpoints are served to loopback clients only when ADMIN_TOKEN is unset")
+            if (refused := sessions.csrf_refusal(session)) is not None:
+                return refused
             return await handler(*args, **kwargs)
 
         return guarded
@@ -267,6 +277,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
         entries = svc.outbound.outbox_entries(after=after, jid=jid, limit=limit)
         return _json([attrs.asdict(e) for e in entries])
 
+    register_console(app, settings, svc, admin, sessions, is_loopback)
     return app
 
 
