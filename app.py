@@ -101,12 +101,14 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
         @wraps(handler)
         async def guarded(*args: Any, **kwargs: Any) -> Response:
             session = sessions.current()
-            if settings.admin_token and session is None:
+            if settings.admin_token:
                 supplied = request.headers.get("Authorization", "")
                 expected = f"Bearer {settings.admin_token}"
-                if not hmac.compare_digest(supplied.encode(), expected.encode()):
+                if hmac.compare_digest(supplied.encode(), expected.encode()):
+                    session = None   # the Bearer token is no ambient credential: no CSRF token needed
+                elif session is None:
                     return _error(401, "admin token required (Authorization: Bearer <ADMIN_TOKEN>)")
-            elif not settings.admin_token and not is_loopback():
+            elif not is_loopback():
                 return _error(403, "admin endpoints are served to loopback clients only when ADMIN_TOKEN is unset")
             if (refused := sessions.csrf_refusal(session)) is not None:
                 return refused
