@@ -83,8 +83,9 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE TABLE summaries (key TEXT PRIMARY KEY, title TEXT NOT NULL DEFAULT '',"
         " preview TEXT NOT NULL DEFAULT '', status TEXT NOT NULL DEFAULT '', status_until REAL NOT NULL DEFAULT 0,"
         " status_after TEXT NOT NULL DEFAULT '', scope TEXT NOT NULL DEFAULT '', last_activity REAL NOT NULL,"
-        " window_size INTEGER NOT NULL DEFAULT 0)",
-        "INSERT INTO summaries (key, last_activity, window_size) SELECT key, last_activity, window_size FROM states",
+        " window_size INTEGER NOT NULL DEFAULT 0, search TEXT NOT NULL DEFAULT '')",
+        "INSERT INTO summaries (key, last_activity, window_size, search) SELECT key, last_activity, window_size,"
+        " lower(key) FROM states",
         "CREATE INDEX summaries_activity ON summaries (last_activity, key)",
         "CREATE INDEX summaries_scope ON summaries (scope)",
     ),
@@ -106,6 +107,12 @@ def _dumps(value: Any) -> str:
 def _window_size(state: dict[str, Any]) -> int:
     window = state.get("window")
     return len(window) if isinstance(window, list) else 0
+
+
+def _search_text(key: str, title: str) -> str:
+    """What Store.summaries' search looks in, lowered by Python at write time (SQLite's lower()
+    folds ASCII only, and a SQL function written in Python would cost ~50 ms per 10,000 rows)."""
+    return f"{key}\n{title}".lower()
 
 
 def _last_activity(state: dict[str, Any]) -> float:
@@ -239,15 +246,15 @@ class SqliteStore:
                 " window_size = excluded.window_size",
                 (key, data, last, size))
             if summary is None:
-                conn.execute("INSERT INTO summaries (key, last_activity, window_size) VALUES (?, ?, ?)"
+                conn.execute("INSERT INTO summaries (key, last_activity, window_size, search) VALUES (?, ?, ?, ?)"
                              " ON CONFLICT (key) DO UPDATE SET last_activity = excluded.last_activity,"
-                             " window_size = excluded.window_size", (key, last, size))
+                             " window_size = excluded.window_size", (key, last, size, _search_text(key, "")))
             else:
                 conn.execute(
                     "INSERT OR REPLACE INTO summaries (key, title, preview, status, status_until, status_after,"
-                    " scope, last_activity, window_size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " scope, last_activity, window_size, search) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (key, summary.title, summary.preview, summary.status, summary.status_until,
-                     summary.status_after, summary.scope, last, size))
+                     summary.status_after, summary.scope, last, size, _search_text(key, summary.title)))
             conn.executemany("DELETE FROM inbox WHERE key = ? AND seq = ?", acks)
             ids: list[int] = []
             for job in jobs:
@@ -362,7 +369,7 @@ class SqliteStore:
         backwards from the cursor, so a page costs the same at any depth."""
         where, args = [], {"now": now, "limit": limit}
         if search:
-            where.append("(instr(py_lower(key), :search) > 0 OR instr(py_lower(title), :search) > 0)")
+            where.append("instr(search, :search) > 0")
             args["search"] = search.lower()
         if status is not None:
             where.append(f"{_STATUS_AT} = :status")
@@ -556,8 +563,6 @@ class SqliteStore:
             if str(mode).lower() != "wal":
                 raise StoreError(f"{self.path}: cannot use WAL journal mode (got {mode})")
             conn.execute(f"PRAGMA synchronous = {self.synchronous}")
-            # Unicode-aware lower() for Store.summaries' search (SQLite's own folds ASCII only).
-            conn.create_function("py_lower", 1, str.lower, deterministic=True)
             conn.execute("BEGIN IMMEDIATE")  # takes (and, in EXCLUSIVE mode, keeps) the write lock
             problems = [row[0] for row in conn.execute("PRAGMA quick_check(3)")]
             if problems != ["ok"]:
