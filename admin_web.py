@@ -227,11 +227,13 @@ def register_console(app: QuartTrio, settings: Settings, svc: Service, admin: Ca
         if await svc.conversation_state(jid) is None:
             return _error(404, "no conversation for this JID")
         try:
-            applied = await svc.control(jid, command, value)
+            order = await svc.command(jid, command, value)
         except (MailboxFull, ShuttingDown):
             return _error(503, "the chat's mailbox is full or the service is stopping")
-        if not applied:
+        if not order.done.is_set():
             return _json({"status": "queued", "command": command}, 202)
+        if not order.applied:
+            return _error(409, "the chat's actor is stopped after repeated crashes: nothing was done, try again later")
         return _json({"status": "applied", "command": command, "chat": await admin_view.chat_detail(svc, jid)})
 
     @app.get("/admin/api/delivery")

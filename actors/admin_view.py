@@ -87,6 +87,9 @@ def _live_keys(svc: "Service", state: str) -> list[str]:
     registry = svc.registry
     if registry is None:
         return []
+    totals = registry.statistics()   # cheap counters: most of the time there is nothing to look for
+    if (totals.failed_actors if state == "failed" else totals.running_actors + totals.mailbox_depth_total) == 0:
+        return []
     keys = []
     for key in registry.keys():
         stats = registry.actor_statistics(key)

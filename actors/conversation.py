@@ -54,6 +54,7 @@ class Control:
     command: str
     value: Any = None
     done: trio.Event = attrs.Factory(trio.Event)
+    applied: bool = False      # set with ``done`` once the actor carried it out (not when it was stopped)
 
 
 Mail = Accepted | Control
@@ -431,6 +432,7 @@ class ConversationActor:
         else:
             log.info("Admin %s for %s", control.command, self.jid)
         await self._commit()
+        control.applied = True
         control.done.set()
 
     def _operator_reply(self, text: str, now: float) -> None:

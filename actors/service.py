@@ -249,15 +249,19 @@ class Service:
         return key
 
     async def control(self, jid: str, command: str, value: Any = None, *, wait: float = 5.0) -> bool:
-        """Queue an admin command (pause | resume | reset | reply, see ``Control``) in the chat's mailbox,
-        in order with its messages; True once the actor applied it within ``wait`` seconds. Raises
-        MailboxFull/ShuttingDown."""
+        """Queue an admin command (pause | resume | reset) in the chat's mailbox, in order with its
+        messages; True once the actor handled it within ``wait`` seconds. Raises MailboxFull/ShuttingDown."""
+        return (await self.command(jid, command, value, wait=wait)).done.is_set()
+
+    async def command(self, jid: str, command: str, value: Any = None, *, wait: float = 5.0) -> Control:
+        """Like ``control``, returning the order: ``done`` once handled within ``wait`` seconds,
+        ``applied`` unless the chat's actor was stopped (then it was answered, not carried out)."""
         assert self.registry is not None
         order = Control(command, value)
         self.registry.deliver(self._aliases.get(jid, jid), order)
         with trio.move_on_after(wait):
             await order.done.wait()
-        return order.done.is_set()
+        return order
 
     def _ignore(self, reason: str) -> IntakeResult:
         self.ignored[reason] = self.ignored.get(reason, 0) + 1

@@ -4,22 +4,13 @@ The page itself is tested in a real browser (tests/test_admin_console.py)."""
 
 from __future__ import annotations
 
-from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import Any
 
-from app import create_app
-from tests.conftest import make_settings, wait_for
+from tests.conftest import wait_for
 from tests.payloads import upsert
+from tests.test_http import JID, client_for
 
-JID = "5491131376731@s.whatsapp.net"
 TOKEN = "api-test-admin-token-1234"
-
-
-@asynccontextmanager
-async def client_for(tmp_path, **env: Any) -> AsyncIterator[Any]:  # type: ignore[no-untyped-def]
-    app = create_app(make_settings(tmp_path, **env))
-    async with app.test_app() as test_app:
-        yield app, test_app.test_client()
 
 
 async def login(client: Any, token: str = TOKEN) -> str:
@@ -141,3 +132,21 @@ async def test_chat_list_pages_searches_and_filters(tmp_path) -> None:  # type: 
         overview = await (await client.get("/admin/api/overview")).get_json()
         assert overview["stored_chats"] == 5 and sum(p["in"] for p in overview["series"]) == 5
         assert sum(p["out"] for p in overview["series"]) == 5 and len(overview["series"]) == 60
+
+
+async def test_a_reply_to_a_stopped_actor_is_refused_not_lost_silently(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import trio
+
+    async with client_for(tmp_path) as (app, client):
+        headers = {"X-CSRF-Token": await login(client, token="")}
+        await client.post("/webhook", json=upsert("hola"))
+        await wait_for(lambda: len(texts(app)) == 1)
+        registry = app.extensions["service"].registry
+        registry._cells[JID].failed_at = trio.current_time()   # as after RESTART_INTENSITY crashes
+        response = await client.post(f"/admin/api/chats/{JID}/reply", json={"text": "hola"}, headers=headers)
+        assert response.status_code == 409 and "stopped" in (await response.get_json())["error"]
+        listed = await (await client.get("/admin/api/chats", query_string={"state": "failed"})).get_json()
+        assert [c["jid"] for c in listed["chats"]] == [JID]
+        await trio.sleep(0.2)
+        assert texts(app) == [texts(app)[0]] and not any(
+            e.text == "hola" for e in app.extensions["service"].outbound.outbox_entries(jid=JID))

@@ -84,6 +84,12 @@ class Stack:
         response = self.http.post("/webhook", json=upsert(text, jid=jid, **extra))
         assert response.status_code == 200 and response.json()["status"] == "accepted", response.text
 
+    def converse(self, text: str, jid: str) -> None:
+        """Post a customer message and wait for the bot's reply to reach Evolution."""
+        before = len(self.sent(jid))
+        self.webhook(text, jid)
+        wait_until(lambda: len(self.sent(jid)) == before + 1, what=f"reply to {text!r}")
+
     def sent(self, jid: str) -> list[dict[str, Any]]:
         """The sendText calls Evolution accepted for this chat, in arrival order."""
         records = httpx.get(self.evolution.url + "/_recorded", timeout=5).json()["sent"]
@@ -259,8 +265,7 @@ def test_pause_from_the_page_silences_the_bot_and_resume_answers_again(
     watched = logged_in(new_page, stack)
     page = watched.page
     jid = "5491100000102@s.whatsapp.net"
-    stack.webhook("primero", jid)
-    wait_until(lambda: len(stack.sent(jid)) == 1, what="first reply")
+    stack.converse("primero", jid)
     open_chat(watched, stack, jid)
 
     page.click("#pause-forever")
@@ -272,8 +277,7 @@ def test_pause_from_the_page_silences_the_bot_and_resume_answers_again(
 
     page.click("#resume")
     page.wait_for_selector("#chat-facts .state.waiting")
-    stack.webhook("ahora sí", jid)
-    wait_until(lambda: len(stack.sent(jid)) == 2, what="reply after resume")
+    stack.converse("ahora sí", jid)
     assert stack.sent(jid)[-1]["json"]["text"] == "re: ahora sí"
     assert watched.errors == []
 
@@ -283,8 +287,7 @@ def test_an_operator_reply_goes_out_after_the_bots_and_the_bot_stays_silent(
     watched = logged_in(new_page, stack)
     page = watched.page
     jid = "5491100000103@s.whatsapp.net"
-    stack.webhook("hola", jid)
-    wait_until(lambda: len(stack.sent(jid)) == 1, what="first reply")
+    stack.converse("hola", jid)
     open_chat(watched, stack, jid)
 
     stack.webhook("pregunta lenta [lat=1.0]", jid)   # the model takes 1 s to answer this one
@@ -357,8 +360,7 @@ def test_a_state_changing_request_without_the_csrf_token_is_refused(
     watched = logged_in(new_page, stack)
     page = watched.page
     jid = "5491100000106@s.whatsapp.net"
-    stack.webhook("hola", jid)
-    wait_until(lambda: len(stack.sent(jid)) == 1, what="reply")
+    stack.converse("hola", jid)
     url = f"{stack.url}/admin/api/chats/{jid}/pause"
     # The browser carries the session cookie, but the request lacks (or forges) the CSRF header.
     for headers in ({}, {"X-CSRF-Token": "forged"}):
