@@ -223,16 +223,16 @@ async function renderChats() {
   const data = await api("GET", `/admin/api/chats?${query}`);
   list.next = data.next;
   const rows = data.chats.map((chat) => {
-    const who = el("td", { "data-label": t("col_chat") },
+    const who = el("td", { class: "who" },
       el("div", { class: "name" }, chat.name || chat.number),
       el("div", { class: "sub" }, chat.name ? chat.number : null, chat.instance ? ` · ${chat.instance}` : null));
     const row = el("tr", { class: "chat", "data-jid": chat.jid, tabindex: "0" }, who,
       el("td", { "data-label": t("col_state") }, stateBadge(chat.state)),
       el("td", { "data-label": t("col_last") }, el("div", { class: "preview" }, chat.preview),
         el("div", { class: "time" }, ago(chat.last_activity))),
-      el("td", { "data-label": t("col_mailbox") }, chat.mailbox_depth),
-      el("td", { "data-label": t("col_window") }, chat.window_size),
-      el("td", { "data-label": t("col_expires") }, duration(chat.expires_at - data.now)));
+      el("td", { "data-label": t("col_mailbox"), class: "small" }, chat.mailbox_depth),
+      el("td", { "data-label": t("col_window"), class: "small" }, chat.window_size),
+      el("td", { "data-label": t("col_expires"), class: "small" }, duration(chat.expires_at - data.now)));
     return row;
   });
   $("chat-rows").replaceChildren(...rows);
