@@ -1,6 +1,8 @@
-"""The store interface (durable intake, actor state, outbox) and its in-memory implementation.
+"""The store interface (durable intake, actor state, outbox, dead letters, a summary per key for
+admin listings) and its in-memory implementation.
 
-Keys are actor keys; payloads and states are JSON-able dicts. The SQLite implementation
+Keys are actor keys; payloads and states are JSON-able dicts; the store never looks inside a state
+(a listing reads the small ``Summary`` its actor supplies with each commit). The SQLite implementation
 (``runtime.sqlite_store``) keeps the same contract across process restarts.
 """
 
