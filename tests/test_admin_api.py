@@ -150,3 +150,15 @@ async def test_a_reply_to_a_stopped_actor_is_refused_not_lost_silently(tmp_path)
         await trio.sleep(0.2)
         assert texts(app) == [texts(app)[0]] and not any(
             e.text == "hola" for e in app.extensions["service"].outbound.outbox_entries(jid=JID))
+
+
+async def test_the_page_follows_language_and_the_cookie_is_secure_over_https(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    async with client_for(tmp_path, LANGUAGE="en") as (app, client):
+        page = await client.get("/admin")
+        assert page.status_code == 200 and '<html lang="en">' in (await page.get_data(as_text=True))
+        assert "frame-ancestors 'none'" in page.headers["Content-Security-Policy"]
+        assert page.headers["X-Frame-Options"] == "DENY"
+        response = await client.post("/admin/login", json={}, headers={"X-Forwarded-Proto": "https"})
+        assert "Secure" in response.headers["Set-Cookie"]
+    async with client_for(tmp_path) as (app, client):
+        assert '<html lang="es">' in (await (await client.get("/admin")).get_data(as_text=True))
