@@ -15,7 +15,7 @@ import attrs
 import trio
 
 from runtime.clock import Clock
-from runtime.store import Store
+from runtime.store import Store, Summary
 
 from .booking import BookingAction, parse_answer
 from .crm import LeadRequest
@@ -34,6 +34,8 @@ from .state import ASSISTANT, OPERATOR, USER, ConversationState, LeadInfo, Windo
 log = logging.getLogger("python-agent")
 SENT_IDS_KEPT = 50
 MIN_PROMPT_MESSAGE_CHARS = 1000   # the newest message keeps at least this much, however long the system prompt
+PAUSED_UNTIL_RESUMED = 253402300799.0   # paused_until for "until resumed" (9999-12-31, finite for JSON)
+PREVIEW_CHARS = 120
 
 
 @attrs.frozen
@@ -47,14 +49,17 @@ class Accepted:
 
 @attrs.define
 class Control:
-    """A command ordered with the chat's messages in its mailbox: pause | resume | reset (admin),
-    lead (the CRM supervisor recording ``value``, the lead id) or sent (the outbound supervisor
-    recording ``value``, the ids Evolution gave our sends, so their fromMe echoes are not a person).
-    Every command but ``sent`` is committed at once; ``sent`` is saved with the next commit."""
+    """A command ordered with the chat's messages in its mailbox: pause (``value``: minutes, None for
+    HUMAN_TAKEOVER_MINUTES, 0 until resumed) | resume | reset | reply (``value``: an operator's text,
+    sent in order with the bot's replies) from the admin, lead (the CRM supervisor recording
+    ``value``, the lead id) or sent (the outbound supervisor recording ``value``, the ids Evolution
+    gave our sends, so their fromMe echoes are not a person). Every command but ``sent`` is
+    committed at once; ``sent`` is saved with the next commit."""
 
     command: str
     value: Any = None
     done: trio.Event = attrs.Factory(trio.Event)
+    applied: bool = False      # set with ``done`` once the actor carried it out (not when it was stopped)
 
 
 Mail = Accepted | Control
@@ -290,10 +295,11 @@ class ConversationActor:
             return
         now = ctx.clock.now()
         if message.text.strip().lower() == ctx.settings.takeover_keyword.lower():
-            state.paused_until = 0.0
+            state.paused_until, state.pause_reason = 0.0, ""
             log.info("[TAKEOVER] Operator handed %s back to the bot", self.jid)
             return
         state.paused_until = now + ctx.settings.human_takeover_minutes * 60
+        state.pause_reason = "takeover"
         state.last_activity = now
         if message.text:
             state.window.append(self._entry(OPERATOR, message.text, now))
@@ -442,24 +448,30 @@ class ConversationActor:
             lead.telefono = phone_of(message.jid) or phone_of(message.alt_jid) or ""
         if message.alt_jid and not lead.alt_jid:
             lead.alt_jid = message.alt_jid
+        if message.instances:
+            self.state.instance, self.state.instances = message.instance, list(message.instances)
 
     # -- control -----------------------------------------------------------------------------------
 
     async def _control(self, control: Control) -> None:
-        state = self.state
+        state, now = self.state, self._ctx.clock.now()
         if control.command == "sent":   # bookkeeping only: saved with the next commit
             state.sent_ids.extend(control.value)
             del state.sent_ids[:-SENT_IDS_KEPT]
             control.done.set()
             return
         if control.command == "pause":
-            state.paused_until = self._ctx.clock.now() + self._ctx.settings.human_takeover_minutes * 60
+            minutes = self._ctx.settings.human_takeover_minutes if control.value is None else float(control.value)
+            state.paused_until = now + minutes * 60 if minutes > 0 else PAUSED_UNTIL_RESUMED
+            state.pause_reason = "operator"
         elif control.command == "resume":
-            state.paused_until = 0.0
+            state.paused_until, state.pause_reason = 0.0, ""
         elif control.command == "reset":
             state.window.clear()
             state.booking_sent = False
-            state.paused_until = 0.0
+            state.paused_until, state.pause_reason = 0.0, ""
+        elif control.command == "reply":
+            self._operator_reply(str(control.value), now)
         elif control.command == "lead":
             state.lead.lead_id = int(control.value)
         else:
@@ -469,7 +481,35 @@ class ConversationActor:
         else:
             log.info("Admin %s for %s", control.command, self.jid)
         await self._commit()
+        control.applied = True
         control.done.set()
+
+    def _operator_reply(self, text: str, now: float) -> None:
+        """An operator's reply typed in the admin console: sent behind the bot's earlier replies,
+        kept in the window as the operator's, and a human takeover (the bot stays silent)."""
+        state = self.state
+        state.window.append(self._entry(OPERATOR, text, now))
+        self._truncate()
+        state.last_activity = now
+        state.paused_until = now + self._ctx.settings.human_takeover_minutes * 60
+        state.pause_reason = "takeover"
+        self._reply_text(text, self.jid, tuple(state.instances))
+        log.info("[TAKEOVER] An operator answered %s from the admin console: the bot is silent for %.0f min",
+                 self.jid, self._ctx.settings.human_takeover_minutes)
+
+    def summary(self) -> Summary:
+        """The store's listing record of this chat (name, last message, pause or booking status)."""
+        state = self.state
+        finished = "finished" if state.booking_sent else ""
+        paused = state.paused_until > self._ctx.clock.now()
+        return Summary(
+            title=state.lead.nombre,
+            preview=_trim(state.window.last_content(), PREVIEW_CHARS),
+            status=("paused" if state.pause_reason == "operator" else "takeover") if paused else finished,
+            status_until=state.paused_until if paused else 0.0,
+            status_after=finished,
+            scope=state.instance,
+        )
 
     # -- effects -----------------------------------------------------------------------------------
 
@@ -515,7 +555,8 @@ class ConversationActor:
         crm = self._crm
         if crm is not None:
             outbox.append(("crm", attrs.asdict(crm)))
-        ids = await ctx.store.commit(self.jid, self.state.to_dict(), acked=list(self._acked), outbox=outbox)
+        ids = await ctx.store.commit(self.jid, self.state.to_dict(), acked=list(self._acked), outbox=outbox,
+                                     summary=self.summary())
         self._outbox, self._acked, self._crm = (), (), None
         for (kind, payload), row_id in zip(outbox, ids):
             if kind == "reply":

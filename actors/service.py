@@ -18,8 +18,9 @@ from runtime.bounded import OTHER, bounded_key
 from runtime.clock import Clock
 from runtime.logs import LogCompressor
 from runtime.registry import MailboxFull, Registry, ShuttingDown
-from runtime.store import MemoryStore, Store, StoreError
+from runtime.store import MemoryStore, OutboxRow, Store, StoreError
 
+from .admin_view import Activity
 from .conversation import Accepted, Control, ConversationActor, ConversationContext
 from .crm import CrmSupervisor, LeadRequest
 from .evolution import Ignored, parse_webhook
@@ -82,6 +83,7 @@ class Service:
         self._alias_lock = trio.Lock()       # one resolution at a time: both forms never spawn two actors
         self.failure: str | None = None      # set when run() died of an error: /health reports it
         self.metrics = Metrics(self)
+        self.activity = Activity()           # messages in / replies out per minute (admin console)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -166,22 +168,36 @@ class Service:
         outbox = await self.store.pending_outbox()
         inbox = await self.store.pending_inbox()
         for row in outbox:
-            if row.kind == "reply":
-                p = row.payload
-                self.outbound.submit(OutboundMessage(jid=p["jid"], text=p["text"], instances=tuple(p["instances"]),
-                                                     outbox_id=row.id))
-            elif row.kind == "crm":
-                request = attrs.evolve(LeadRequest(**row.payload), job_id=row.id)
-                saved = await self.store.load(row.key)
-                lead_id = (saved or {}).get("lead", {}).get("lead_id")
-                if lead_id is not None and request.lead_id is None:
-                    request = attrs.evolve(request, lead_id=lead_id)   # created before the restart: a note, not a 2nd lead
-                self.crm.submit(request)
+            await self._resubmit(row)
         for irow in inbox:
             message = InboundMessage(**irow.payload)
             self.registry.deliver(irow.key, Accepted(irow.seq, message, trio.current_time()), force=True)
         if outbox or inbox:
             log.info("Recovery: %d pending replies/jobs re-sent, %d accepted messages re-delivered", len(outbox), len(inbox))
+
+    async def _resubmit(self, row: OutboxRow) -> None:
+        """Hand a stored job (unsettled at start-up, or a revived dead letter) to its supervisor."""
+        assert self.outbound is not None and self.crm is not None
+        if row.kind == "reply":
+            p = row.payload
+            self.outbound.submit(OutboundMessage(jid=p["jid"], text=p["text"], instances=tuple(p["instances"]),
+                                                 outbox_id=row.id))
+        elif row.kind == "crm":
+            request = attrs.evolve(LeadRequest(**row.payload), job_id=row.id)
+            saved = await self.store.load(row.key)
+            lead_id = (saved or {}).get("lead", {}).get("lead_id")
+            if lead_id is not None and request.lead_id is None:
+                request = attrs.evolve(request, lead_id=lead_id)   # created before the restart: a note, not a 2nd lead
+            self.crm.submit(request)
+
+    async def retry_dead_letter(self, dead_letter_id: int) -> bool:
+        """Move a dead letter back to the outbox and submit it again; False when there is none."""
+        row = await self.store.revive(dead_letter_id)
+        if row is None:
+            return False
+        await self._resubmit(row)
+        log.info("Admin retry of dead letter %d (%s for %s)", row.id, row.kind, row.key)
+        return True
 
     # -- intake ------------------------------------------------------------------------------
 
@@ -228,6 +244,7 @@ class Service:
             registry.release(key)
             return self._ignore("duplicate")
         registry.deliver(key, Accepted(seq, message, trio.current_time()), reserved=True)
+        self.activity.count(inbound=1)
         return IntakeResult(200, {"status": "accepted", "jid": key})
 
     def _screen(self, message: InboundMessage) -> str | None:
@@ -281,15 +298,20 @@ class Service:
         self._aliases[message.alt_jid] = key
         return key
 
-    async def control(self, jid: str, command: str, *, wait: float = 5.0) -> bool:
+    async def control(self, jid: str, command: str, value: Any = None, *, wait: float = 5.0) -> bool:
         """Queue an admin command (pause | resume | reset) in the chat's mailbox, in order with its
-        messages; True once the actor applied it within ``wait`` seconds. Raises MailboxFull/ShuttingDown."""
+        messages; True once the actor handled it within ``wait`` seconds. Raises MailboxFull/ShuttingDown."""
+        return (await self.command(jid, command, value, wait=wait)).done.is_set()
+
+    async def command(self, jid: str, command: str, value: Any = None, *, wait: float = 5.0) -> Control:
+        """Like ``control``, returning the order: ``done`` once handled within ``wait`` seconds,
+        ``applied`` unless the chat's actor was stopped (then it was answered, not carried out)."""
         assert self.registry is not None
-        order = Control(command)
+        order = Control(command, value)
         self.registry.deliver(self._aliases.get(jid, jid), order)
         with trio.move_on_after(wait):
             await order.done.wait()
-        return order.done.is_set()
+        return order
 
     def _ignore(self, reason: str) -> IntakeResult:
         counted = reason
@@ -311,6 +333,8 @@ class Service:
                 self.registry.deliver(key, Control("sent", list(delivery.message_ids)), force=True, touch=False)
             except RuntimeError:   # the registry stopped: the ids only matter to a live actor
                 log.debug("Outbound: %s's send ids not recorded (the registry stopped)", key)
+        if delivery.status == "sent":
+            self.activity.count(outbound=1)
         if message.outbox_id is None:
             return
         if delivery.status == "sent":

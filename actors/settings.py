@@ -43,6 +43,7 @@ class Settings:
     unknown_instances: str
     new_chats_per_minute: int
     log_customer_text: str
+    admin_session_minutes: float
     # storage
     data_dir: Path
     store: str
@@ -254,6 +255,7 @@ def _validate(s: Settings) -> None:
     require(s.restart_intensity >= 0, "restart_intensity", "must be 0 or more")
     require(s.restart_period > 0, "restart_period", "must be positive")
     require(s.llm_timeout > 0, "llm_timeout", "must be positive")
+    require(s.admin_session_minutes > 0, "admin_session_minutes", "must be positive")
     require(s.llm_concurrency >= 1, "llm_concurrency", "must be at least 1")
     require(s.circuit_stall_seconds >= 0, "circuit_stall_seconds", "must be 0 or more")
     require(s.turn_deadline_seconds > 0, "turn_deadline_seconds", "must be positive")

@@ -77,6 +77,12 @@ class Window:
             return json.loads(self._packed)
         return [[e.role, e.content, e.at] for e in self._entries]
 
+    def last_content(self) -> str:
+        """The newest entry's text ("" when empty), without thawing."""
+        if self._packed is not None:
+            return str(json.loads(self._packed)[-1][1])
+        return self._entries[-1].content if self._entries else ""
+
     def __len__(self) -> int:
         return self._length if self._packed is not None else len(self._entries)
 
@@ -144,11 +150,15 @@ class ConversationState:
     llm_calls: list[float] = attrs.Factory(list)  # unix times of recent LLM calls (flood control)
     flood_noticed_at: float = 0.0
     sent_ids: list[str] = attrs.Factory(list)     # ids of our own recent sends (takeover detection)
+    pause_reason: str = ""             # why paused_until is set: "operator" (admin pause) | "takeover" (a person wrote)
+    instance: str = ""                 # the Evolution instance name of the last customer message
+    instances: list[str] = attrs.Factory(list)    # its send candidates (instance id, name): for operator replies
 
     def copy(self) -> "ConversationState":
         """A copy that later mutations of this state do not touch (window entries are immutable)."""
         return attrs.evolve(self, window=Window(self.window), lead=attrs.evolve(self.lead),
-                            llm_calls=list(self.llm_calls), sent_ids=list(self.sent_ids))
+                            llm_calls=list(self.llm_calls), sent_ids=list(self.sent_ids),
+                            instances=list(self.instances))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -164,6 +174,9 @@ class ConversationState:
             "llm_calls": self.llm_calls,
             "flood_noticed_at": self.flood_noticed_at,
             "sent_ids": self.sent_ids,
+            "pause_reason": self.pause_reason,
+            "instance": self.instance,
+            "instances": self.instances,
         }
 
     @classmethod
@@ -182,6 +195,9 @@ class ConversationState:
             llm_calls=[float(t) for t in data.get("llm_calls", [])],
             flood_noticed_at=float(data.get("flood_noticed_at", 0.0)),
             sent_ids=[str(i) for i in data.get("sent_ids", [])],
+            pause_reason=str(data.get("pause_reason", "")),
+            instance=str(data.get("instance", "")),
+            instances=[str(i) for i in data.get("instances", [])],
         )
 
 

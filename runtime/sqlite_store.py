@@ -49,9 +49,10 @@ from typing import Any, Callable, Collection, Literal, Sequence
 
 import trio
 
-from .store import EXPIRE_BATCH, DeadLetterRow, InboxRow, OutboxRow, StoreError
+from .store import (EXPIRE_BATCH, Cursor, DeadLetterRow, InboxRow, OutboxRow, StoreError, Summary,
+                    SummaryPage, SummaryRow)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 DEAD_LETTERS_KEPT = 1000
 
 # MIGRATIONS[n] brings a database from version n-1 to version n.
@@ -78,7 +79,20 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "UPDATE states SET window_size = coalesce(json_array_length(data, '$.window'), 0)",
         "CREATE INDEX states_window_size ON states (key, window_size)",
     ),
+    4: (  # each key's small summary (Store.summaries) in its own narrow table, so a listing page or a
+          # search never reads the states' text; stored keys start with an empty summary
+        "CREATE TABLE summaries (key TEXT PRIMARY KEY, title TEXT NOT NULL DEFAULT '',"
+        " preview TEXT NOT NULL DEFAULT '', status TEXT NOT NULL DEFAULT '', status_until REAL NOT NULL DEFAULT 0,"
+        " status_after TEXT NOT NULL DEFAULT '', scope TEXT NOT NULL DEFAULT '', last_activity REAL NOT NULL,"
+        " window_size INTEGER NOT NULL DEFAULT 0, search TEXT NOT NULL DEFAULT '')",
+        "INSERT INTO summaries (key, last_activity, window_size, search) SELECT key, last_activity, window_size,"
+        " lower(key) FROM states",
+        "CREATE INDEX summaries_activity ON summaries (last_activity, key)",
+        "CREATE INDEX summaries_scope ON summaries (scope)",
+    ),
 }
+# The status in force at :now (see Summary.status_at).
+_STATUS_AT = "(CASE WHEN status_until = 0 OR status_until > :now THEN status ELSE status_after END)"
 
 PRUNE_INTERVAL = 60.0
 BUSY_TIMEOUT = 0.2
@@ -94,6 +108,12 @@ def _dumps(value: Any) -> str:
 def _window_size(state: dict[str, Any]) -> int:
     window = state.get("window")
     return len(window) if isinstance(window, list) else 0
+
+
+def _search_text(key: str, title: str) -> str:
+    """What Store.summaries' search looks in, lowered by Python at write time (SQLite's lower()
+    folds ASCII only, and a SQL function written in Python would cost ~50 ms per 10,000 rows)."""
+    return f"{key}\n{title}".lower()
 
 
 def _last_activity(state: dict[str, Any]) -> float:
@@ -212,8 +232,10 @@ class SqliteStore:
         *,
         acked: Sequence[int] = (),
         outbox: Sequence[tuple[str, dict[str, Any]]] = (),
+        summary: Summary | None = None,
     ) -> list[int]:
-        """Atomically save ``state``, ack the inbox rows ``acked`` and add ``outbox`` rows; their ids."""
+        """Atomically save ``state``, ack the inbox rows ``acked``, add ``outbox`` rows and replace the
+        summary (None keeps it); the new outbox ids."""
         data, last, size = _dumps(state), _last_activity(state), _window_size(state)
         acks = [(key, int(seq)) for seq in acked]
         jobs = [(key, kind, _dumps(payload)) for kind, payload in outbox]
@@ -224,6 +246,16 @@ class SqliteStore:
                 " DO UPDATE SET data = excluded.data, last_activity = excluded.last_activity,"
                 " window_size = excluded.window_size",
                 (key, data, last, size))
+            if summary is None:
+                conn.execute("INSERT INTO summaries (key, last_activity, window_size, search) VALUES (?, ?, ?, ?)"
+                             " ON CONFLICT (key) DO UPDATE SET last_activity = excluded.last_activity,"
+                             " window_size = excluded.window_size", (key, last, size, _search_text(key, "")))
+            else:
+                conn.execute(
+                    "INSERT OR REPLACE INTO summaries (key, title, preview, status, status_until, status_after,"
+                    " scope, last_activity, window_size, search) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (key, summary.title, summary.preview, summary.status, summary.status_until,
+                     summary.status_after, summary.scope, last, size, _search_text(key, summary.title)))
             conn.executemany("DELETE FROM inbox WHERE key = ? AND seq = ?", acks)
             ids: list[int] = []
             for job in jobs:
@@ -260,6 +292,25 @@ class SqliteStore:
             return [DeadLetterRow(i, k, kind, json.loads(p), r, at) for i, k, kind, p, r, at in rows]
 
         return await self._call(op)  # type: ignore[no-any-return]
+
+    async def revive(self, dead_letter_id: int) -> OutboxRow | None:
+        """Move a dead letter back to the outbox under its old id; None when there is none."""
+
+        def op(conn: sqlite3.Connection) -> OutboxRow | None:
+            found = conn.execute("SELECT id, key, kind, payload FROM dead_letters WHERE id = ?",
+                                 (dead_letter_id,)).fetchone()
+            if found is None:
+                return None
+            conn.execute("INSERT INTO outbox (id, key, kind, payload) VALUES (?, ?, ?, ?)", found)
+            conn.execute("DELETE FROM dead_letters WHERE id = ?", (dead_letter_id,))
+            return OutboxRow(found[0], found[1], found[2], json.loads(found[3]))
+
+        return await self._call(op)  # type: ignore[no-any-return]
+
+    async def discard(self, dead_letter_id: int) -> bool:
+        """Delete a dead letter; False when there is none."""
+        return bool(await self._call(
+            lambda conn: conn.execute("DELETE FROM dead_letters WHERE id = ?", (dead_letter_id,)).rowcount))
 
     async def pending_inbox(self) -> list[InboxRow]:
         """Accepted but unacknowledged messages, per key in sequence order."""
@@ -298,6 +349,7 @@ class SqliteStore:
                     continue
                 if conn.execute("DELETE FROM states WHERE key = ? AND last_activity < ?",
                                 (key, idle_before)).rowcount:
+                    conn.execute("DELETE FROM summaries WHERE key = ?", (key,))
                     deleted.append(key)
                 conn.execute("DELETE FROM seqs WHERE key = ? AND NOT EXISTS"
                              " (SELECT 1 FROM inbox WHERE inbox.key = seqs.key)", (key,))
@@ -316,6 +368,55 @@ class SqliteStore:
 
         def op(conn: sqlite3.Connection) -> dict[str, int]:
             return dict(conn.execute("SELECT key, window_size FROM states ORDER BY key").fetchall())
+
+        return await self._call(op)  # type: ignore[no-any-return]
+
+    async def summaries(
+        self,
+        *,
+        now: float,
+        search: str = "",
+        status: str | None = None,
+        scope: str | None = None,
+        keys: Collection[str] | None = None,
+        after: Cursor | None = None,
+        limit: int = 50,
+    ) -> SummaryPage:
+        """A page of summaries, newest activity first: the (last_activity, key) index is walked
+        backwards from the cursor, so a page costs the same at any depth."""
+        where, args = [], {"now": now, "limit": limit}
+        if search:
+            where.append("instr(search, :search) > 0")
+            args["search"] = search.lower()
+        if status is not None:
+            where.append(f"{_STATUS_AT} = :status")
+            args["status"] = status
+        if scope is not None:
+            where.append("scope = :scope")
+            args["scope"] = scope
+        if keys is not None:
+            where.append("key IN (SELECT value FROM json_each(:keys))")
+            args["keys"] = _dumps(list(keys))
+        condition = " AND ".join(where) or "1"
+        # A search matches few rows: one pass over the table and a sort of the matches (4 ms at
+        # 10,000 rows) beats walking the index and fetching every row by rowid (9 ms).
+        hint = "NOT INDEXED" if search else ""
+        page = condition
+        if after is not None:
+            page += " AND (last_activity, key) < (:after_at, :after_key)"
+            args["after_at"], args["after_key"] = after
+
+        def op(conn: sqlite3.Connection) -> SummaryPage:
+            rows = conn.execute(
+                "SELECT key, title, preview, status, status_until, status_after, scope, last_activity, window_size"
+                f" FROM summaries {hint} WHERE {page} ORDER BY last_activity DESC, key DESC LIMIT :limit", args)
+            found = [SummaryRow(key, Summary(*fields), last, size) for key, *fields, last, size in rows]
+            if after is None and len(found) < limit:   # a short first page is every match: no second scan
+                total = len(found)
+            else:
+                (total,) = conn.execute(f"SELECT count(*) FROM summaries WHERE {condition}", args).fetchone()
+            scopes = [s for (s,) in conn.execute("SELECT DISTINCT scope FROM summaries WHERE scope != '' ORDER BY scope")]
+            return SummaryPage(found, total, scopes)
 
         return await self._call(op)  # type: ignore[no-any-return]
 

@@ -18,7 +18,7 @@ import trio
 import trio.testing
 
 from runtime.sqlite_store import SCHEMA_VERSION, SqliteStore
-from runtime.store import InboxRow, MemoryStore, Store, StoreError
+from runtime.store import InboxRow, MemoryStore, Store, StoreError, Summary
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -120,6 +120,72 @@ async def test_bury_moves_a_job_to_the_dead_letters(store: Store) -> None:
     assert [d.id for d in await store.dead_letters()] == [second, first]    # newest first
     assert len((await store.dead_letters())[0].reason) == 500
     assert await store.dead_letters(limit=1) == (await store.dead_letters())[:1]
+
+
+async def test_a_dead_letter_revived_goes_back_to_the_outbox_under_its_id(store: Store) -> None:
+    first, second = await store.commit("a", state(1.0), outbox=[("reply", {"text": "uno"}), ("crm", {"jid": "a"})])
+    await store.bury(first, "gave up")
+    await store.bury(second, "gave up too")
+    revived = await store.revive(first)
+    assert revived is not None and (revived.id, revived.key, revived.kind, revived.payload) == (
+        first, "a", "reply", {"text": "uno"})
+    assert [r.id for r in await store.pending_outbox()] == [first]
+    assert [d.id for d in await store.dead_letters()] == [second]
+    assert await store.revive(first) is None          # no longer a dead letter
+    assert await store.discard(second) is True
+    assert await store.discard(second) is False
+    assert await store.dead_letters() == []
+    await store.settle(first)
+    assert await store.pending_outbox() == []
+
+
+async def test_summaries_page_newest_first_with_a_cursor(store: Store) -> None:
+    for i in range(7):
+        await store.commit(f"k{i}@s", state(100.0 + i % 3), summary=Summary(title=f"Cliente {i}", preview=f"p{i}"))
+    first = await store.summaries(now=0.0, limit=3)
+    assert first.total == 7
+    order = [(r.last_activity, r.key) for r in first.rows]
+    rest = await store.summaries(now=0.0, limit=10, after=order[-1])
+    keys = [r.key for r in first.rows + rest.rows]
+    assert keys == ["k5@s", "k2@s", "k4@s", "k1@s", "k6@s", "k3@s", "k0@s"]   # activity desc, then key desc
+    assert first.rows[0].summary == Summary(title="Cliente 5", preview="p5")
+    assert first.rows[0].window_size == 50
+
+
+async def test_summaries_filter_by_search_status_scope_and_keys(store: Store) -> None:
+    await store.commit("5491100000001@s", state(1.0), summary=Summary(title="José Pérez", scope="ventas"))
+    await store.commit("5491100000002@s", state(2.0), summary=Summary(
+        title="Ana", status="paused", status_until=50.0, status_after="finished", scope="soporte"))
+    await store.commit("77@lid", state(3.0), summary=Summary(title="Bob", status="finished"))
+    await store.commit("88@lid", state(4.0))                                  # no summary: an empty one
+
+    async def keys(**query: Any) -> list[str]:
+        return [r.key for r in (await store.summaries(now=10.0, **query)).rows]
+
+    assert await keys(search="JOSÉ") == ["5491100000001@s"]                   # Unicode case-insensitive
+    assert await keys(search="0000002") == ["5491100000002@s"]
+    assert await keys(search="@lid") == ["88@lid", "77@lid"]
+    assert await keys(status="paused") == ["5491100000002@s"]
+    assert await keys(status="finished") == ["77@lid"]
+    assert await keys(status="") == ["88@lid", "5491100000001@s"]
+    assert [r.key for r in (await store.summaries(now=60.0, status="finished")).rows] == [
+        "77@lid", "5491100000002@s"]                                          # the pause ran out
+    assert await keys(scope="ventas") == ["5491100000001@s"]
+    assert await keys(keys=["77@lid", "nope"]) == ["77@lid"]
+    page = await store.summaries(now=10.0, status="finished", limit=0)
+    assert (page.rows, page.total, page.scopes) == ([], 1, ["soporte", "ventas"])
+
+
+async def test_a_commit_without_summary_keeps_it_and_expiry_drops_it(store: Store) -> None:
+    await store.commit("a@s", state(1.0), summary=Summary(title="Ana", preview="hola"))
+    await store.commit("a@s", state(2.0, window=[]))
+    (row,) = (await store.summaries(now=0.0)).rows
+    assert (row.summary.title, row.last_activity, row.window_size) == ("Ana", 2.0, 0)
+    assert await store.expire(3.0) == ["a@s"]
+    assert (await store.summaries(now=0.0)).total == 0
+    await store.commit("b@s", state(1.0), summary=Summary(title="B"))
+    assert await store.expire(5.0) == ["b@s"]
+    assert (await store.summaries(now=0.0)).rows == []
 
 
 async def test_pending_inbox_is_per_key_in_sequence_order(store: Store) -> None:
@@ -555,6 +621,9 @@ async def test_a_version_1_database_is_migrated_in_place(tmp_path: Path) -> None
         assert await store.load("a") == {"window": []}
         assert await store.dead_letters() == []
         assert await store.window_sizes() == {"a": 0, "b": 2}   # version 3 counted the stored windows
+        page = await store.summaries(now=10.0)                   # version 4 listed them, summaries empty
+        assert [(r.key, r.summary, r.last_activity, r.window_size) for r in page.rows] == [
+            ("b", Summary(), 6.0, 2), ("a", Summary(), 5.0, 0)]
     finally:
         await store.close()
     conn = sqlite3.connect(path)
