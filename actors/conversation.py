@@ -19,7 +19,7 @@ from runtime.store import Store, Summary
 
 from .booking import BookingAction, parse_answer
 from .crm import LeadRequest
-from .generic import is_generic_message, normalise
+from .generic import MAX_SCANNED_CHARS, is_generic_message, normalise
 from .inbound import InboundMessage
 from .instances import sender_instances
 from .jid import phone_of
@@ -388,6 +388,8 @@ class ConversationActor:
         return log_text(text, self._ctx.settings.log_customer_text)
 
     def _is_reset(self, text: str) -> bool:
+        if len(text) > MAX_SCANNED_CHARS:
+            return False
         normal = normalise(text)
         return bool(normal) and normal in {normalise(k) for k in self._ctx.settings.reset_keywords}
 

@@ -36,3 +36,12 @@ def test_table_is_large_enough() -> None:
 
 def test_normalise_strips_accents_emoji_and_punctuation() -> None:
     assert normalise("¡Adiós, Muchas GRACIAS! 🙏🙏") == "adios muchas gracias"
+
+
+def test_long_texts_are_never_generic_and_not_normalised() -> None:
+    """A 65,536-character message is answered (never generic) without being normalised at all."""
+    from actors import generic
+
+    assert not is_generic_message("gracias " * 8000)
+    assert not is_generic_message("ok" + " " * (generic.MAX_SCANNED_CHARS - 1))
+    assert is_generic_message("ok" + " " * (generic.MAX_SCANNED_CHARS - 3))

@@ -40,10 +40,6 @@ class HeldStore(MemoryStore):
         if self.expiry_gate is not None:
             await self.expiry_gate.wait()
 
-    async def delete(self, key: str) -> None:   # the per-actor expiry of older code paths
-        await self._hold_expiry()
-        await super().delete(key)  # type: ignore[misc]
-
     async def expire(self, idle_before: float, keep: Any = ()) -> list[str]:
         await self._hold_expiry()
         if self.fail_expiries:
