@@ -450,8 +450,9 @@ class ConversationActor:
             lead.telefono = phone_of(message.jid) or phone_of(message.alt_jid) or ""
         if message.alt_jid and not lead.alt_jid:
             lead.alt_jid = message.alt_jid
-        if message.instances:
-            self.state.instance, self.state.instances = message.instance, list(message.instances)
+        if message.instances:   # where an operator's reply from the console goes: the same senders as ours
+            self.state.instance = message.instance
+            self.state.instances = list(sender_instances(self._ctx.settings, message))
 
     # -- control -----------------------------------------------------------------------------------
 

@@ -70,8 +70,15 @@ async def test_senders_are_the_configured_instance_or_with_serve_the_webhooks_ow
         stranger["data"]["instanceId"] = "stranger-uuid"
         await client.post("/webhook", json=stranger)
         await wait_for(lambda: len(fake.texts()) == 2)
-    senders = {jid: instance for instance, jid, _ in fake.texts()}
-    assert senders == {JID: CONFIGURED, "5491100000002@s.whatsapp.net": "stranger-uuid"}
+        # An operator's reply from the console goes through the same senders as the bot's.
+        order = await app.extensions["service"].command(JID, "reply", "Hola, soy Ana")
+        assert order.applied
+        await wait_for(lambda: len(fake.texts()) == 3)
+    senders = {(jid, text): instance for instance, jid, text in fake.texts()}
+    assert set(senders.values()) == {CONFIGURED, "stranger-uuid"}
+    assert senders[(JID, "Hola, soy Ana")] == CONFIGURED
+    assert {jid: instance for (jid, _), instance in senders.items()} == {
+        JID: CONFIGURED, "5491100000002@s.whatsapp.net": "stranger-uuid"}
     assert not any(c.path.endswith("/b6b7c0de-0000-4000-8000-000000000001") for c in fake.calls("/message/"))
 
 
