@@ -84,22 +84,11 @@ def _chat_row(svc: "Service", row: SummaryRow, now: float) -> dict[str, Any]:
 
 
 def _live_keys(svc: "Service", state: str) -> list[str]:
+    """The live chats in a state only the registry knows: failed, or answering (a turn running)."""
     registry = svc.registry
     if registry is None:
         return []
-    totals = registry.statistics()   # cheap counters: most of the time there is nothing to look for
-    if (totals.failed_actors if state == "failed" else totals.running_actors + totals.mailbox_depth_total) == 0:
-        return []
-    keys = []
-    for key in registry.keys():
-        stats = registry.actor_statistics(key)
-        if stats is None:
-            continue
-        if state == "failed" and stats.status == "failed":
-            keys.append(key)
-        elif state == "answering" and stats.status != "failed" and (stats.status == "running" or stats.mailbox_depth):
-            keys.append(key)
-    return keys
+    return registry.keys_with_status("failed" if state == "failed" else "running")
 
 
 async def chat_list(svc: "Service", *, search: str = "", state: str = "", instance: str = "",

@@ -1,7 +1,7 @@
 """NEW_CHATS_PER_MINUTE: how many conversations one instance may open per minute.
 
-Counts spawns of conversations that are neither live nor stored, per instance name, over a sliding
-minute. Instance names come from the payload, so the table is bounded (runtime/bounded.py): past
+Counts first messages of conversations that are not live, per instance name, over a sliding
+minute (a stored chat coming back counts too; past the limit the service lets it through). Instance names come from the payload, so the table is bounded (runtime/bounded.py): past
 ``MAX_INSTANCES`` names, new ones share one ``other`` count.
 """
 

@@ -35,5 +35,8 @@ def log_text(text: str, mode: str) -> str:
         return text
     if mode == "off":
         return f"[{len(text)} characters withheld]"
-    masked = _PHONE_LIKE.sub(_mask, text)   # before cutting: a cut run must not show its first digits
-    return masked if len(masked) <= TRUNCATED_CHARS else masked[:TRUNCATED_CHARS] + "…"
+    # Mask before cutting (a cut run must not show its first digits), but only a prefix twice the
+    # shown length: a run ending inside it is masked exactly, a longer one even more (its kept last
+    # digits fall past the cut), and a 65,536-character message costs no more than a short one.
+    masked = _PHONE_LIKE.sub(_mask, text[:2 * TRUNCATED_CHARS])
+    return masked if len(text) <= TRUNCATED_CHARS else masked[:TRUNCATED_CHARS] + "…"

@@ -263,13 +263,17 @@ class Service:
         return None
 
     async def _new_chat_wait(self, key: str, message: InboundMessage) -> int | None:
-        """Seconds to wait when ``message`` would open one chat too many for its instance, else None
-        (a chat that is live or stored is not new)."""
+        """Seconds to wait when ``message`` would open one chat too many for its instance, else None.
+
+        A chat that is not live counts as new; only past the limit is the store asked whether it
+        is a stored chat coming back (not new, never refused), so within the limit the webhook does
+        no store work beyond its commit."""
         if not self._new_chats.limit or (self.registry is not None and key in self.registry):
             return None
-        if await self.store.load(key) is not None:
+        wait = self._new_chats.refused(message.instance, trio.current_time())
+        if wait is not None and await self.store.load(key) is not None:
             return None
-        return self._new_chats.refused(message.instance, trio.current_time())
+        return wait
 
     async def _actor_key(self, message: InboundMessage) -> str:
         """One actor per chat, whichever of its two forms (@lid or phone JID) a message uses: once a

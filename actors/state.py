@@ -52,6 +52,13 @@ class Window:
         self._packed: bytes | None = None
         self._length = 0
 
+    def copy(self) -> "Window":
+        """An independent copy, hibernating if this one is (copying never thaws: the entries and
+        the packed bytes are immutable, so sharing them is safe)."""
+        twin = Window(self._entries)
+        twin._packed, twin._length = self._packed, self._length
+        return twin
+
     @property
     def hibernating(self) -> bool:
         return self._packed is not None
@@ -156,7 +163,7 @@ class ConversationState:
 
     def copy(self) -> "ConversationState":
         """A copy that later mutations of this state do not touch (window entries are immutable)."""
-        return attrs.evolve(self, window=Window(self.window), lead=attrs.evolve(self.lead),
+        return attrs.evolve(self, window=self.window.copy(), lead=attrs.evolve(self.lead),
                             llm_calls=list(self.llm_calls), sent_ids=list(self.sent_ids),
                             instances=list(self.instances))
 

@@ -336,13 +336,9 @@ class Registry(Generic[M]):
         if cell is None:
             return None
         offset = self._clock.now() - trio.current_time()
-        if cell.failed_at is not None and trio.current_time() - cell.failed_at < self._period:
-            status = "failed"
-        else:
-            status = "running" if cell.running else "idle"
         return ActorStatistics(
             key=cell.key,
-            status=status,
+            status=self._status(cell, trio.current_time()),
             mailbox_depth=len(cell.mailbox),
             mailbox_capacity=self._mailbox_size,
             last_activity=offset + cell.last_activity,
@@ -351,6 +347,17 @@ class Registry(Generic[M]):
             last_error=cell.last_error,
             state=cell.actor.snapshot(),
         )
+
+    def _status(self, cell: ActorCell[M], now: float) -> str:
+        if cell.failed_at is not None and now - cell.failed_at < self._period:
+            return "failed"
+        return "running" if cell.running else "idle"
+
+    def keys_with_status(self, status: str) -> list[str]:
+        """The live keys whose status (idle | running | failed, as in ``actor_statistics``) is
+        ``status``, without building each actor's snapshot (a filter over many actors stays cheap)."""
+        now = trio.current_time()
+        return [key for key, cell in self._cells.items() if self._status(cell, now) == status]
 
     def statistics(self) -> RegistryStatistics:
         depths = [len(cell.mailbox) for cell in self._cells.values()]

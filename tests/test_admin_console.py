@@ -98,6 +98,16 @@ class Stack:
     def script_evolution(self, **script: Any) -> None:
         httpx.post(self.evolution.url + "/_script", json=script, timeout=5).raise_for_status()
 
+    def settle(self) -> None:
+        """Wait until no turn runs or waits and no reply is queued or in flight: whatever the service
+        was going to send for what it received has reached Evolution by then."""
+        def idle() -> bool:
+            body = self.http.get("/supervisors", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+            registry, outbound = body["registry"], body["outbound"]
+            return (registry["running_actors"] == 0 and registry["mailbox_depth_total"] == 0
+                    and outbound["queued"] == 0 and outbound["in_flight"] == 0)
+        wait_until(idle, what="service idle")
+
     def chat(self, jid: str) -> dict[str, Any]:
         response = self.http.get(f"/admin/api/chats/{jid}", headers={"Authorization": f"Bearer {TOKEN}"})
         assert response.status_code == 200, response.text
@@ -272,7 +282,7 @@ def test_pause_from_the_page_silences_the_bot_and_resume_answers_again(
     page.wait_for_selector("#chat-facts .state.paused")
     stack.webhook("¿hay alguien?", jid)
     page.wait_for_selector("#transcript li.msg.user >> nth=1")   # recorded, but not answered
-    time.sleep(1.0)
+    stack.settle()
     assert [r["json"]["text"] for r in stack.sent(jid)] == ["re: primero"]
 
     page.click("#resume")
@@ -306,7 +316,7 @@ def test_an_operator_reply_goes_out_after_the_bots_and_the_bot_stays_silent(
     stack.webhook("Soy Marta, te ayudo yo", jid, from_me=True, message_id=operator_id)
     stack.webhook("¿y el precio?", jid)
     wait_until(lambda: len(stack.chat(jid)["messages"]) == 6, what="customer message recorded")
-    time.sleep(0.8)
+    stack.settle()
     chat = stack.chat(jid)
     assert [m["role"] for m in chat["messages"]] == ["user", "assistant", "user", "assistant", "operator", "user"]
     assert chat["paused_until"] == paused_until and chat["state"] == "takeover"

@@ -192,3 +192,18 @@ async def test_admin_without_token_serves_loopback_peers_only(tmp_path: Path) ->
         for header in ("Forwarded", "X-Forwarded-For", "X-Real-IP", "x-forwarded-for"):
             response = await client.get("/memory", headers={header: "127.0.0.1"})
             assert response.status_code == 403 and "error" in await response.get_json(), header
+
+
+async def test_a_stored_chat_coming_back_is_never_refused_as_new(tmp_path: Path) -> None:
+    """Within the limit no store lookup is made; past it, a chat that is stored (e.g. after a restart)
+    is still served, and only truly new ones get the 429."""
+    async with client_for(tmp_path, NEW_CHATS_PER_MINUTE=2) as (app, client):
+        service = app.extensions["service"]
+        await service.store.commit("549110000077@s.whatsapp.net", {"window": [], "last_activity": 1.0})
+        for n in range(2):
+            response = await client.post("/webhook", json=upsert("hola", jid=f"54911000000{n}@s.whatsapp.net"))
+            assert response.status_code == 200
+        back = await client.post("/webhook", json=upsert("volví", jid="549110000077@s.whatsapp.net"))
+        assert back.status_code == 200 and (await back.get_json())["status"] == "accepted"
+        new = await client.post("/webhook", json=upsert("hola", jid="549110000078@s.whatsapp.net"))
+        assert new.status_code == 429

@@ -203,7 +203,8 @@ async def test_state_that_cannot_be_loaded_is_never_overwritten(tmp_path: Path,
         nursery.cancel_scope.cancel()
 
 
-async def test_messages_queued_behind_a_turn_are_answered_in_timestamp_order(tmp_path: Path) -> None:
+async def test_messages_queued_behind_a_turn_are_answered_in_timestamp_order(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
     release = trio.Event()
 
     async def hook(prompt: Prompt) -> None:

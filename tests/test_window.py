@@ -52,3 +52,19 @@ def test_hibernating_state_round_trips_and_compares() -> None:
     assert ConversationState.from_dict(state.to_dict()) == copy
     assert state == copy                         # comparing thaws it; the contents are unchanged
     assert not state.window.hibernating
+
+
+def test_copy_neither_thaws_nor_shares_changes() -> None:
+    """The crash-rollback copy a turn takes must not thaw an idle chat's window (a bookkeeping
+    control on a hibernated chat would pay a JSON parse and a re-pack for nothing)."""
+    window = Window(entries(50))
+    window.hibernate()
+    twin = window.copy()
+    assert window.hibernating and twin.hibernating
+    twin.append(entries(51)[-1])
+    assert len(twin) == 51 and len(window) == 50 and window.hibernating
+    assert list(window) == entries(50)
+    live = Window(entries(3))
+    copy = live.copy()
+    del copy[0]
+    assert len(live) == 3 and len(copy) == 2
