@@ -6,7 +6,6 @@ Run with ``hypercorn --worker-class trio --bind 127.0.0.1:5000 app:app``.
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import logging
 import os
 import json
@@ -28,7 +27,7 @@ from werkzeug.exceptions import HTTPException
 from actors import admin_view
 from actors.conversation import ConversationActor
 from actors.evolution import WebhookError
-from actors.exposure import check_exposure, refuse_to_start, stop_hypercorn_parent
+from actors.exposure import check_exposure, is_loopback_address, refuse_to_start, stop_hypercorn_parent
 from actors.jid import is_chat_jid
 from actors.service import Service
 from actors.settings import ConfigError, Settings, load_settings
@@ -75,13 +74,7 @@ def _loopback_peer(remote_addr: str | None, headers: Any) -> bool:
     """The socket peer is 127.0.0.0/8 or ::1 (never ``<local>``, a unix socket) and no proxy header came."""
     if any(name in headers for name in PROXY_HEADERS):
         return False
-    try:
-        address = ipaddress.ip_address(remote_addr or "")
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.is_loopback
+    return remote_addr != "localhost" and is_loopback_address(remote_addr)
 
 
 def _map_strings(value: Any, change: Callable[[str], str]) -> Any:

@@ -72,6 +72,20 @@ def served_binds(settings: Settings, argv: Sequence[str] | None = None) -> list[
     return [f"[{settings.host}]:{settings.port}" if ":" in settings.host else f"{settings.host}:{settings.port}"]
 
 
+def is_loopback_address(host: str | None) -> bool:
+    """``host`` is an address in 127.0.0.0/8 or ::1 (also IPv4-mapped), or ``localhost``; anything
+    else (a name, ``<local>`` for a unix socket, empty) is not."""
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host or "")
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
 def is_loopback_bind(bind: str) -> bool:
     """A TCP bind on 127.0.0.0/8, ::1 or localhost. ``unix:`` and ``fd://`` binds are not loopback:
     a reverse proxy usually sits in front of them, and the service cannot tell who connects."""
@@ -82,12 +96,7 @@ def is_loopback_bind(bind: str) -> bool:
         host = host[1:].partition("]")[0]
     elif host.count(":") == 1:
         host = host.partition(":")[0]
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return is_loopback_address(host)
 
 
 def exposure_error(settings: Settings, binds: Sequence[str]) -> str | None:
