@@ -7,6 +7,7 @@ every other chat waits for). Three probes, each printed as a table row:
 
 * ``/actors`` pages with N live actors, through the real app (QuartTrio test client), default
   limit and the maximum (1,000): the time of each request (an upper bound of its longest step);
+  with the same actors, the admin console's "answering" filter (``Registry.keys_with_status``);
 * a big-state turn: one chat fills its window with maximum-size messages (65,536 characters, the
   parser's limit) and the model answers as much; the longest task step of each further turn, with
   the real SQLite store, at the default bounds and with the bounds lifted (the old behaviour);
@@ -91,7 +92,33 @@ async def actors_pages(actors: int, tmp: Path) -> list[str]:
                 cursor = body["next_cursor"]
             rows.append(f"| /actors page, limit {limit}, {actors:,} live actors | {ms(statistics.median(times))} "
                         f"| {ms(max(times))} |")
+        times = []
+        for _ in range(5):
+            started = time.perf_counter()
+            service.registry.keys_with_status("running")
+            times.append(time.perf_counter() - started)
+        rows.append(f"| console filter \"answering\", {actors:,} live actors | {ms(statistics.median(times))} "
+                    f"| {ms(max(times))} |")
     return rows
+
+
+def bookkeeping_control() -> str:
+    """A send-id control on an idle chat with a full window: the rollback copy, the change, the
+    hibernation the registry does after it (what every settled reply costs its chat)."""
+    from actors.state import ASSISTANT, USER, ConversationState, Window, WindowEntry
+
+    entries = [WindowEntry((USER, ASSISTANT)[i % 2], "mensaje de 150 caracteres " * 6, 1769000000.0 + i)
+               for i in range(50)]
+    state = ConversationState(window=Window(entries))
+    state.window.hibernate()
+    count, started = 20_000, time.perf_counter()
+    for _ in range(count):
+        state.copy()
+        state.sent_ids.append("id")
+        del state.sent_ids[:-50]
+        state.window.hibernate()
+    per = (time.perf_counter() - started) / count
+    return f"| send-id control on an idle chat, 50 messages of 150 characters | {per * 1e6:.1f} µs | - |"
 
 
 async def big_state_turns(turns: int, tmp: Path, timer: StepTimer, *, bounded: bool) -> str:
@@ -159,6 +186,7 @@ async def main(args: argparse.Namespace, timer: StepTimer) -> None:
         tmp = Path(name)
         rows = ["| probe | median ms | max ms |", "| --- | ---: | ---: |"]
         rows += await actors_pages(args.actors, tmp)
+        rows.append(bookkeeping_control())
         rows.append(await big_state_turns(args.turns, tmp, timer, bounded=True))
         rows.append(await big_state_turns(args.turns, tmp, timer, bounded=False))
         rows.append(await log_rotation(args.log_mb, tmp, timer, compressor=False))
