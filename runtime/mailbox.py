@@ -10,8 +10,6 @@ from __future__ import annotations
 from collections import deque
 from typing import Generic, TypeVar
 
-import attrs
-
 T = TypeVar("T")
 
 
@@ -21,14 +19,6 @@ class MailboxFull(Exception):
 
 class MailboxClosed(Exception):
     """The mailbox was closed (its actor stopped); nothing more can be put in it."""
-
-
-@attrs.frozen
-class MailboxStatistics:
-    depth: int
-    reserved: int
-    capacity: int
-    closed: bool
 
 
 class Mailbox(Generic[T]):
@@ -99,9 +89,6 @@ class Mailbox(Generic[T]):
             self._items = None
         return item
 
-    def peek(self) -> T | None:
-        return self._items[0] if self._items else None
-
     def take_all(self) -> list[T]:
         """Every queued item, oldest first."""
         items = list(self._items) if self._items else []
@@ -123,6 +110,3 @@ class Mailbox(Generic[T]):
     @property
     def closed(self) -> bool:
         return self._closed
-
-    def statistics(self) -> MailboxStatistics:
-        return MailboxStatistics(depth=len(self), reserved=self._reserved, capacity=self._capacity, closed=self._closed)

@@ -109,13 +109,6 @@ class Registry(Generic[M]):
 
     # -- messages ----------------------------------------------------------------------------
 
-    def has_room(self, key: str) -> bool:
-        """Whether ``deliver(key, ...)`` would be accepted now."""
-        if not self._accepting:
-            return False
-        cell = self._cells.get(key)
-        return cell is None or cell.mailbox.has_room()
-
     def _cell(self, key: str, *, force: bool = False) -> ActorCell[M]:
         if not self._accepting and not force:
             raise ShuttingDown()
@@ -300,16 +293,6 @@ class Registry(Generic[M]):
         if self._on_idle_sweep is not None:
             await self._on_idle_sweep(self._clock.now() - self._idle_ttl)
         return [cell.key for cell in expired]
-
-    def forget(self, key: str) -> bool:
-        """Drop an idle actor (admin reset). False if it is busy or absent."""
-        cell = self._cells.get(key)
-        if cell is None or cell.running or len(cell.mailbox) or cell.mailbox.reserved:
-            return False
-        del self._cells[key]
-        self._sorted.remove(key)
-        cell.mailbox.close()
-        return True
 
     # -- snapshots ---------------------------------------------------------------------------
 
