@@ -1,6 +1,6 @@
 """Read models of the admin console: the chat list, one chat, delivery health and the overview.
 
-Each function turns the service's snapshots (store summaries, registry statistics, supervisor
+Each function turns the service's snapshots (the store's listing, registry statistics, supervisor
 statistics) into JSON-able dicts; nothing here changes state. Errors and reasons shown to the
 operator go through the log redaction, so no secret reaches the page.
 """
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import attrs
 
 from runtime.logs import redact
-from runtime.store import Cursor, SummaryRow
+from runtime.store import Cursor, MetaRow
 
 from .jid import phone_of
 
@@ -63,12 +63,13 @@ def parse_cursor(text: str) -> Cursor | None:
     return float(at), key
 
 
-def _chat_row(svc: "Service", row: SummaryRow, now: float) -> dict[str, Any]:
+def _chat_row(svc: "Service", row: MetaRow, now: float) -> dict[str, Any]:
     registry = svc.registry
     stats = registry.actor_statistics(row.key) if registry is not None else None
-    state = row.summary.status_at(now) or "waiting"
-    window, depth = row.window_size, 0
-    expires = row.last_activity + svc.settings.actor_idle_ttl
+    meta = row.meta
+    state = meta.status_at(now) or "waiting"
+    window, depth = meta.size, 0
+    expires = meta.last_activity + svc.settings.actor_idle_ttl
     if stats is not None:
         if stats.status == "failed":
             state = "failed"
@@ -76,9 +77,9 @@ def _chat_row(svc: "Service", row: SummaryRow, now: float) -> dict[str, Any]:
             state = "answering"
         window, depth, expires = stats.state.window_size, stats.mailbox_depth, stats.expires_at
     return {
-        "jid": row.key, "number": phone_of(row.key) or row.key, "name": row.summary.title,
-        "instance": row.summary.scope, "state": state, "preview": row.summary.preview,
-        "last_activity": row.last_activity, "mailbox_depth": depth, "window_size": window,
+        "jid": row.key, "number": phone_of(row.key) or row.key, "name": meta.title,
+        "instance": meta.scope, "state": state, "preview": meta.preview,
+        "last_activity": meta.last_activity, "mailbox_depth": depth, "window_size": window,
         "expires_at": expires, "live": stats is not None,
     }
 
@@ -101,14 +102,14 @@ async def chat_list(svc: "Service", *, search: str = "", state: str = "", instan
         query["keys"] = _live_keys(svc, state)
     elif state:
         query["status"] = "" if state == "waiting" else state
-    page = await svc.store.summaries(**query)
+    page = await svc.store.listing(**query)
     rows = [_chat_row(svc, row, now) for row in page.rows]
     if state:  # a stored status can be overtaken by a live one (a paused chat being answered)
         rows = [r for r in rows if r["state"] == state]
     last = page.rows[-1] if page.rows else None
     more = last is not None and len(page.rows) == query["limit"]
     return {"chats": rows, "total": page.total, "instances": page.scopes, "now": now,
-            "next": f"{last.last_activity!r}|{last.key}" if more and last else None}
+            "next": f"{last.meta.last_activity!r}|{last.key}" if more and last else None}
 
 
 async def chat_detail(svc: "Service", jid: str) -> dict[str, Any] | None:
@@ -119,7 +120,7 @@ async def chat_detail(svc: "Service", jid: str) -> dict[str, Any] | None:
     state, live = found
     registry = svc.registry
     stats = registry.actor_statistics(jid) if registry is not None else None
-    page = await svc.store.summaries(now=time.time(), keys=[jid], limit=1)
+    page = await svc.store.listing(now=time.time(), keys=[jid], limit=1)
     row = _chat_row(svc, page.rows[0], time.time()) if page.rows else {"state": "answering"}
     lead = state.get("lead", {})
     last_error = stats.last_error if stats is not None else None
@@ -171,7 +172,7 @@ def _version() -> str:
 async def overview(svc: "Service") -> dict[str, Any]:
     """The last hour's traffic per minute, live actors, stored chats, uptime and version."""
     registry = svc.registry
-    stored = (await svc.store.summaries(now=time.time(), limit=0)).total
+    stored = (await svc.store.listing(now=time.time(), limit=0)).total
     return {
         "series": svc.activity.series(), "live_actors": len(registry) if registry is not None else 0,
         "stored_chats": stored, "uptime_seconds": time.time() - STARTED, "version": _version(),

@@ -15,7 +15,7 @@ import attrs
 import trio
 
 from runtime.clock import Clock
-from runtime.store import Store, Summary
+from runtime.store import StateMeta, Store
 
 from .booking import BookingAction, parse_answer
 from .crm import LeadRequest
@@ -158,7 +158,7 @@ class ConversationActor:
         overwritten, and the messages wait for a later activation."""
         saved = await self._ctx.store.load(self.jid)
         if saved is not None:
-            self.state = ConversationState.from_dict(saved)
+            self.state = ConversationState.from_bytes(saved)
             log.debug("get_memory called for user_id=%s (restored %d messages)", self.jid, len(self.state.window))
         else:
             log.debug("get_memory called for user_id=%s (new conversation)", self.jid)
@@ -500,12 +500,15 @@ class ConversationActor:
         log.info("[TAKEOVER] An operator answered %s from the admin console: the bot is silent for %.0f min",
                  self.jid, self._ctx.settings.human_takeover_minutes)
 
-    def summary(self) -> Summary:
-        """The store's listing record of this chat (name, last message, pause or booking status)."""
+    def meta(self) -> StateMeta:
+        """What the store keeps beside this chat's state: its last activity, its window length and
+        its listing record (name, last message, pause or booking status)."""
         state = self.state
         finished = "finished" if state.booking_sent else ""
         paused = state.paused_until > self._ctx.clock.now()
-        return Summary(
+        return StateMeta(
+            last_activity=state.last_activity,
+            size=len(state.window),
             title=state.lead.nombre,
             preview=_trim(state.window.last_content(), PREVIEW_CHARS),
             status=("paused" if state.pause_reason == "operator" else "takeover") if paused else finished,
@@ -558,8 +561,8 @@ class ConversationActor:
         crm = self._crm
         if crm is not None:
             outbox.append(("crm", attrs.asdict(crm)))
-        ids = await ctx.store.commit(self.jid, self.state.to_dict(), acked=list(self._acked), outbox=outbox,
-                                     summary=self.summary())
+        ids = await ctx.store.commit(self.jid, self.state.to_bytes(), self.meta(), acked=list(self._acked),
+                                     outbox=outbox)
         self._outbox, self._acked, self._crm = (), (), None
         for (kind, payload), row_id in zip(outbox, ids):
             if kind == "reply":

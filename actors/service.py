@@ -17,8 +17,9 @@ import trio
 from runtime.bounded import OTHER, bounded_key
 from runtime.clock import Clock
 from runtime.logs import LogCompressor
+from runtime.memory_store import MemoryStore
 from runtime.registry import MailboxFull, Registry, ShuttingDown
-from runtime.store import MemoryStore, OutboxRow, Store, StoreError
+from runtime.store import OutboxRow, Store, StoreError
 
 from .admin_view import Activity
 from .conversation import Accepted, Control, ConversationActor, ConversationContext
@@ -32,6 +33,7 @@ from .new_chats import NewChatLimiter
 from .outbound import Delivery, OutboundMessage, OutboundSender
 from .prompts import texts_for
 from .settings import Settings
+from .state import state_dict
 
 log = logging.getLogger("python-agent")
 GC_THRESHOLDS = (10_000, 20, 20)   # gc.set_threshold once the service is up (the default is 700, 10, 10)
@@ -185,7 +187,7 @@ class Service:
         elif row.kind == "crm":
             request = attrs.evolve(LeadRequest(**row.payload), job_id=row.id)
             saved = await self.store.load(row.key)
-            lead_id = (saved or {}).get("lead", {}).get("lead_id")
+            lead_id = (state_dict(saved) if saved is not None else {}).get("lead", {}).get("lead_id")
             if lead_id is not None and request.lead_id is None:
                 request = attrs.evolve(request, lead_id=lead_id)   # created before the restart: a note, not a 2nd lead
             self.crm.submit(request)
@@ -375,9 +377,9 @@ class Service:
     async def window_sizes(self) -> dict[str, int]:
         """Messages in the window of every conversation, stored or live (the seed's ``/memory``).
 
-        Cheap with many chats: stored lengths come from their own column, live ones from ``len``
-        (which never thaws a hibernating window)."""
-        sizes = await self.store.window_sizes()
+        Cheap with many chats: stored lengths are the size each commit gave the store, live ones
+        come from ``len`` (which never thaws a hibernating window)."""
+        sizes = await self.store.sizes()
         registry = self.registry
         if registry is not None:
             for jid in registry.keys():
@@ -394,4 +396,4 @@ class Service:
             if isinstance(actor, ConversationActor):
                 return actor.state.to_dict(), True
         saved = await self.store.load(jid)
-        return (saved, False) if saved is not None else None
+        return (state_dict(saved), False) if saved is not None else None

@@ -1,4 +1,5 @@
-"""A conversation's state: the sliding window, the booking flag and the lead info, and its JSON form."""
+"""A conversation's state: the sliding window, the booking flag and the lead info, and its stored
+form (compact UTF-8 JSON bytes, opaque to the store)."""
 
 from __future__ import annotations
 
@@ -66,10 +67,16 @@ class Window:
     def hibernate(self) -> None:
         """Pack the entries into one bytes object until the next read or change."""
         if self._packed is None and self._entries:
-            self._packed = json.dumps([[e.role, e.content, e.at] for e in self._entries],
-                                      separators=(",", ":"), ensure_ascii=False).encode()
+            self._packed = self.packed()
             self._length = len(self._entries)
             self._entries = []
+
+    def packed(self) -> bytes:
+        """The entries as compact JSON ``[role, content, at]`` rows, without thawing (a hibernating
+        window hands over its packed bytes as they are)."""
+        if self._packed is not None:
+            return self._packed
+        return _encode([[e.role, e.content, e.at] for e in self._entries])
 
     def _live(self) -> list[WindowEntry]:
         if self._packed is not None:
@@ -123,6 +130,18 @@ class Window:
         self._entries, self._packed = [], None
 
 
+def _encode(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def state_dict(blob: bytes) -> dict[str, Any]:
+    """A stored state as the dict ``ConversationState.to_dict`` gives (read without building a state)."""
+    data = json.loads(blob)
+    if not isinstance(data, dict):
+        raise ValueError(f"a stored state is a JSON object, not {type(data).__name__}")
+    return data
+
+
 def _window(value: Iterable[WindowEntry]) -> Window:
     return value if isinstance(value, Window) else Window(value)
 
@@ -168,8 +187,16 @@ class ConversationState:
                             instances=list(self.instances))
 
     def to_dict(self) -> dict[str, Any]:
+        return {"window": self.window.rows(), **self._fields()}
+
+    def to_bytes(self) -> bytes:
+        """The stored form: ``to_dict()`` as compact UTF-8 JSON, its window spliced in from
+        ``Window.packed`` (so a hibernating window is neither parsed nor encoded again)."""
+        return b'{"window":' + self.window.packed() + b"," + _encode(self._fields())[1:]
+
+    def _fields(self) -> dict[str, Any]:
+        """Everything but the window, in the stored order."""
         return {
-            "window": self.window.rows(),
             "booking_sent": self.booking_sent,
             "lead": attrs.asdict(self.lead),
             "last_activity": self.last_activity,
@@ -185,6 +212,10 @@ class ConversationState:
             "instance": self.instance,
             "instances": self.instances,
         }
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> "ConversationState":
+        return cls.from_dict(state_dict(blob))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ConversationState":

@@ -3,11 +3,11 @@
     .venv/bin/python bench/admin_console.py [--chats 10000] [--samples 30]
 
 Seeds ``--chats`` conversations (full 50-message windows, as bench/seed_store.py writes them, plus
-the summary the conversation actor writes with each commit) into a fresh SQLite store, starts the
-service on it as a real hypercorn process (offline provider, local outbox, loopback admin), then
+the listing meta the conversation actor writes with each commit) into a fresh SQLite store, starts
+the service on it as a real hypercorn process (offline provider, local outbox, loopback admin), then
 prints:
 
-* ``Store.summaries`` alone (the SQL a list request runs on the event loop);
+* ``Store.listing`` alone (the SQL a list request runs on the event loop);
 * ``GET /admin/api/chats`` wall times (first page, a page 100 pages deep by cursor, a search, a
   state filter), measured from this process over HTTP;
 * the page load in Debian's chromium (navigation until the first chat row is drawn);
@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from runtime.sqlite_store import SqliteStore  # noqa: E402
-from runtime.store import Summary  # noqa: E402
+from runtime.store import StateMeta  # noqa: E402
 from seed_store import state_for  # noqa: E402
 from loadgen import jid_of  # noqa: E402
 from tests.payloads import upsert  # noqa: E402
@@ -50,8 +50,9 @@ async def seed(path: Path, chats: int) -> None:
             for user in range(start, stop):
                 state = state_for(user, 50, 150, now - user)   # distinct activity times: a real order
                 status = STATES[user % len(STATES)]
-                await store.commit(jid_of(user), state, summary=Summary(
-                    title=f"Cliente {user}", preview=state["window"][-1][1][:120], status=status,
+                await store.commit(jid_of(user), state.to_bytes(), StateMeta(
+                    last_activity=state.last_activity, size=len(state.window),
+                    title=f"Cliente {user}", preview=state.window.last_content()[:120], status=status,
                     status_until=now + 3600 if status in ("paused", "takeover") else 0.0, scope="prueba-py-agent"))
 
         step = max(1, chats // 64)
@@ -63,7 +64,7 @@ async def seed(path: Path, chats: int) -> None:
 
 
 async def store_figures(path: Path, samples: int) -> None:
-    """Store.summaries alone, in process: the SQL the event loop runs per list request."""
+    """Store.listing alone, in process: the SQL the event loop runs per list request."""
     store = SqliteStore(path)
     await store.open()
     now = time.time()
@@ -73,9 +74,9 @@ async def store_figures(path: Path, samples: int) -> None:
             times = []
             for _ in range(samples):
                 started = time.perf_counter()
-                await store.summaries(now=now, limit=50, **query)
+                await store.listing(now=now, limit=50, **query)
                 times.append((time.perf_counter() - started) * 1000)
-            summary(f"Store.summaries, {name}", times)
+            summary(f"Store.listing, {name}", times)
     finally:
         await store.close()
 

@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/seed_store.py DATA_DIR --actors 30000 [--window 50] [--chars 150] [--first 0]
 
-Uses the service's own ``SqliteStore`` and ``ConversationState`` so the rows are exactly what the
-service writes: ``window`` holds ``--window`` entries alternating user / assistant, each ``--chars``
+Uses the service's own ``SqliteStore`` and ``ConversationState`` so the states are exactly what the
+service writes (their meta: last activity and window length, an empty listing record): ``window`` holds ``--window`` entries alternating user / assistant, each ``--chars``
 characters long (ASCII, distinct per entry), ``last_activity`` now. Chats are ``bench/loadgen.py``'s
 ``jid_of(u)`` for u in [first, first + actors). One webhook per chat then makes the service spawn
 the actor, load that window, add the new message and the reply and truncate back to the window:
@@ -27,9 +27,10 @@ from actors.conversation import SENT_IDS_KEPT  # noqa: E402
 from actors.state import ASSISTANT, USER, ConversationState, LeadInfo, WindowEntry  # noqa: E402
 from loadgen import FILLER, jid_of  # noqa: E402
 from runtime.sqlite_store import SqliteStore  # noqa: E402
+from runtime.store import StateMeta  # noqa: E402
 
 
-def state_for(user: int, window: int, chars: int, now: float) -> dict:
+def state_for(user: int, window: int, chars: int, now: float) -> ConversationState:
     entries = []
     for i in range(window):
         head = f"h:{user}:{i} "
@@ -37,10 +38,9 @@ def state_for(user: int, window: int, chars: int, now: float) -> dict:
     jid = jid_of(user)
     # like a chat that got window // 2 replies through Evolution: one sent id (22 hex digits) per reply
     sent_ids = [f"3EB0{user:09X}{i:09X}" for i in range(min(SENT_IDS_KEPT, window // 2))]
-    state = ConversationState(window=entries, lead=LeadInfo(nombre="Cliente", telefono=jid.split("@")[0]),
-                              last_activity=now, messages_in=window // 2, replies_out=window // 2,
-                              sent_ids=sent_ids)
-    return state.to_dict()
+    return ConversationState(window=entries, lead=LeadInfo(nombre="Cliente", telefono=jid.split("@")[0]),
+                             last_activity=now, messages_in=window // 2, replies_out=window // 2,
+                             sent_ids=sent_ids)
 
 
 async def seed(data_dir: Path, first: int, actors: int, window: int, chars: int) -> None:
@@ -50,7 +50,8 @@ async def seed(data_dir: Path, first: int, actors: int, window: int, chars: int)
     try:
         async def writer(start: int, stop: int) -> None:
             for user in range(start, stop):
-                await store.commit(jid_of(user), state_for(user, window, chars, now))
+                state = state_for(user, window, chars, now)
+                await store.commit(jid_of(user), state.to_bytes(), StateMeta(last_activity=now, size=window))
 
         step = max(1, actors // 128)
         async with trio.open_nursery() as nursery:

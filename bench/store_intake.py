@@ -28,8 +28,9 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from runtime.memory_store import MemoryStore  # noqa: E402
 from runtime.sqlite_store import SqliteStore  # noqa: E402
-from runtime.store import MemoryStore, Store  # noqa: E402
+from runtime.store import Store  # noqa: E402
 
 
 @attrs.frozen

@@ -1,16 +1,67 @@
-"""The store interface (durable intake, actor state, outbox, dead letters, a summary per key for
-admin listings) and its in-memory implementation.
+"""The store interface: the contract every implementation meets (``runtime.memory_store``,
+``runtime.sqlite_store``; a PostgreSQL one is next), so an actor system survives a restart without
+losing or repeating work.
 
-Keys are actor keys; payloads and states are JSON-able dicts; the store never looks inside a state
-(a listing reads the small ``Summary`` its actor supplies with each commit). The SQLite implementation
-(``runtime.sqlite_store``) keeps the same contract across process restarts.
+What is stored
+    Per key (an actor key): its *state*, opaque ``bytes`` the actor encodes and decodes (the store
+    never looks inside), and a small :class:`StateMeta` the actor supplies with every commit (last
+    activity, a size, what a listing shows); an *inbox* of accepted messages, numbered per key; an
+    *outbox* of jobs (replies, CRM requests) written before they are performed; *dead letters*
+    (jobs given up); and the *dedupe ids* of every accepted message. Payloads (inbox, outbox, dead
+    letters) are JSON-able dicts and come back equal (a JSON round trip).
+
+Atomicity and isolation
+    Every operation is atomic: it happens whole or not at all (``commit`` saves the state and
+    meta, acks the inbox rows and adds the outbox rows together; ``bury`` and ``revive`` move a
+    row; ``expire`` deletes a key's state and meta together). Calls may come from many trio tasks
+    at once; operations are serialisable, and one task's calls take effect in the order it makes
+    them. A failing operation fails only its own call.
+
+Ordering
+    ``accept`` numbers each key's messages 1, 2, 3… (strictly increasing, never reused while the
+    key has a state or a pending inbox row); ``pending_inbox`` lists each key's rows contiguously,
+    in sequence order. Outbox ids increase across the whole store and are never reused (``revive``
+    restores a dead letter under its own id); ``pending_outbox`` lists rows in id order, which is
+    write order.
+
+Dedupe
+    A dedupe id is store-wide (not per key) and remembered at least ``dedupe_ttl`` seconds (24 h),
+    across restarts and beyond its key's expiry (``MemoryStore``: the newest 200,000 ids, within
+    the process). ``accept`` of a known id changes nothing and returns None.
+
+Expiry
+    ``expire`` deletes the state and meta of every key whose ``StateMeta.last_activity`` is before
+    ``idle_before``, except the keys in ``keep``, and returns the deleted keys. The condition is
+    checked in the transaction that deletes, so a state committed meanwhile is never deleted. It
+    never deletes inbox or outbox rows (an accepted message is still owed its turn, a queued job
+    is still settled by its supervisor), dead letters or dedupe ids; a key's sequence restarts only
+    when it has no pending inbox row. Large expiries run as several transactions of at most
+    ``EXPIRE_BATCH`` keys, so other calls are not held up behind one huge one.
+
+Durability
+    When ``accept``, ``commit``, ``settle``, ``bury``, ``revive``, ``discard`` or ``expire``
+    returns, its effect is committed: a durable store keeps it across a process crash (SIGKILL,
+    OOM kill), and by default across an OS crash or power loss too (``SqliteStore``: WAL with
+    ``synchronous=FULL``; ``NORMAL`` trades the latter away). ``MemoryStore`` keeps nothing
+    across restarts (tests, development).
+
+Errors
+    Every failure raises :class:`StoreError` with one line naming the store (a file, a database)
+    and what is wrong; the store stays usable for other calls. ``open`` raises it when the storage
+    is unusable (corrupt, locked by another process, foreign, a newer schema) and never resets
+    anything silently. Callers make their calls between ``open`` and ``close``; a store that holds
+    a connection (``SqliteStore``) raises StoreError for a call outside them.
+
+Cancellation
+    A cancelled call never leaves its operation half done: cancelled before the operation started,
+    it has no effect; once started, the operation completes and the call returns its result (the
+    cancellation is delivered at the caller's next checkpoint), so an accepted message is never
+    committed without its caller learning its sequence number. ``close`` finishes the operations
+    already called, and no cancellation interrupts it.
 """
 
 from __future__ import annotations
 
-import itertools
-import time
-from collections import deque
 from typing import Any, Collection, Protocol, Sequence
 
 import attrs
@@ -48,13 +99,17 @@ class DeadLetterRow:
 
 
 @attrs.frozen
-class Summary:
-    """A small, domain-free description of one key, supplied by its actor with each commit, so an
-    admin listing never has to load (or understand) the states themselves.
+class StateMeta:
+    """What the store knows of a key's state besides its bytes, supplied by the actor with every
+    commit, so expiry, sizes and listings never load (or understand) the states themselves.
 
-    ``status`` holds until ``status_until`` (unix seconds; 0: until the next commit changes it),
-    then ``status_after`` applies; ``scope`` is a grouping label (e.g. an account)."""
+    ``last_activity`` (unix seconds) decides expiry and the listing order; ``size`` is the actor's
+    own measure of its state (``Store.sizes``). ``status`` holds until ``status_until`` (unix
+    seconds; 0: until the next commit changes it), then ``status_after`` applies; ``scope`` is a
+    grouping label (e.g. an account)."""
 
+    last_activity: float = 0.0
+    size: int = 0
     title: str = ""
     preview: str = ""
     status: str = ""
@@ -68,21 +123,19 @@ class Summary:
 
 
 @attrs.frozen
-class SummaryRow:
-    """One key's summary as listed: its Summary, its state's ``last_activity`` and window length."""
+class MetaRow:
+    """One key's meta as listed."""
 
     key: str
-    summary: Summary
-    last_activity: float
-    window_size: int
+    meta: StateMeta
 
 
 @attrs.frozen
-class SummaryPage:
-    """A page of summaries, newest activity first; ``total`` counts every match, ``scopes`` lists
+class MetaPage:
+    """A page of a listing, newest activity first; ``total`` counts every match, ``scopes`` lists
     every scope in use (for a filter)."""
 
-    rows: list[SummaryRow]
+    rows: list[MetaRow]
     total: int
     scopes: list[str]
 
@@ -90,51 +143,51 @@ class SummaryPage:
 Cursor = tuple[float, str]   # (last_activity, key) of the last row of the previous page
 
 
-def summary_matches(row: SummaryRow, now: float, search: str, status: str | None, scope: str | None) -> bool:
-    """The filter of ``Store.summaries``: ``search`` is a case-insensitive substring of the key or
+def meta_matches(row: MetaRow, now: float, search: str, status: str | None, scope: str | None) -> bool:
+    """The filter of ``Store.listing``: ``search`` is a case-insensitive substring of the key or
     title, ``status`` the status in force at ``now`` (``""``: none), ``scope`` an exact scope."""
     needle = search.lower()
-    if needle and needle not in row.key.lower() and needle not in row.summary.title.lower():
+    if needle and needle not in row.key.lower() and needle not in row.meta.title.lower():
         return False
-    if status is not None and row.summary.status_at(now) != status:
+    if status is not None and row.meta.status_at(now) != status:
         return False
-    return scope is None or row.summary.scope == scope
+    return scope is None or row.meta.scope == scope
 
 
 class Store(Protocol):
-    """Everything an actor system needs to survive a restart without losing or repeating work."""
+    """The operations of the contract in the module docstring."""
 
     async def open(self) -> None:
-        """Create or migrate the storage; raises StoreError with a one-line reason when unusable."""
+        """Create or migrate the storage; StoreError with a one-line reason when unusable."""
 
-    async def close(self) -> None: ...
+    async def close(self) -> None:
+        """Finish the calls already made, then release the storage (idempotent)."""
 
     async def accept(self, key: str, dedupe_id: str, payload: dict[str, Any]) -> int | None:
         """Record an inbound message durably; its inbox sequence number, or None for a duplicate."""
 
-    async def load(self, key: str) -> dict[str, Any] | None:
-        """The actor's saved state, or None."""
+    async def load(self, key: str) -> bytes | None:
+        """The key's state as last committed, or None."""
 
     async def commit(
         self,
         key: str,
-        state: dict[str, Any],
+        state: bytes,
+        meta: StateMeta,
         *,
         acked: Sequence[int] = (),
         outbox: Sequence[tuple[str, dict[str, Any]]] = (),
-        summary: Summary | None = None,
     ) -> list[int]:
-        """Atomically save ``state``, ack the inbox rows ``acked``, add ``outbox`` (kind, payload) rows
-        and replace the key's ``summary`` (None keeps the previous one).
-
-        Returns the new outbox row ids, in order.
-        """
+        """Atomically replace the key's ``state`` and ``meta``, ack the inbox rows ``acked`` (unknown
+        sequence numbers are ignored) and add ``outbox`` (kind, payload) rows; the new outbox row
+        ids, in order."""
 
     async def settle(self, outbox_id: int) -> None:
-        """Delete a performed (or given up) outbox row."""
+        """Delete a performed (or given up) outbox row; an unknown id is ignored."""
 
     async def bury(self, outbox_id: int, reason: str) -> None:
-        """Move a given-up outbox row to the dead letters (bounded: the newest 1,000)."""
+        """Move an outbox row to the dead letters, its reason cut to 500 characters (the newest
+        1,000 dead letters are kept); an unknown id is ignored."""
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetterRow]:
         """The newest dead letters, newest first."""
@@ -153,20 +206,13 @@ class Store(Protocol):
         """Unsettled jobs in the order they were written."""
 
     async def expire(self, idle_before: float, keep: Collection[str] = ()) -> list[str]:
-        """Delete the saved state of every key whose state's ``last_activity`` is before
-        ``idle_before`` (unix seconds), except the keys in ``keep``; returns the deleted keys.
+        """Delete the state of every key idle since before ``idle_before`` (unix seconds), except
+        the keys in ``keep``; the deleted keys (see Expiry in the module docstring)."""
 
-        The condition is checked in the transaction that deletes, so a state committed meanwhile
-        is never deleted. Inbox and outbox rows are kept (an accepted message is still owed its
-        turn, a queued reply or CRM job is still settled by its supervisor); the key's sequence
-        restarts only when it has no pending inbox row. Large expiries run in several small
-        transactions (``EXPIRE_BATCH`` keys each), so other requests are not held up behind them.
-        """
+    async def sizes(self) -> dict[str, int]:
+        """Every stored key's ``StateMeta.size``, in key order."""
 
-    async def window_sizes(self) -> dict[str, int]:
-        """Every saved conversation's window length, by key in key order (admin listing)."""
-
-    async def summaries(
+    async def listing(
         self,
         *,
         now: float,
@@ -176,125 +222,14 @@ class Store(Protocol):
         keys: Collection[str] | None = None,
         after: Cursor | None = None,
         limit: int = 50,
-    ) -> SummaryPage:
-        """One page of saved keys' summaries, by (``last_activity``, key) newest first, after
-        the ``after`` cursor; filtered as ``summary_matches`` says and, when given, to ``keys``."""
+    ) -> MetaPage:
+        """One page of stored keys' meta, by (``last_activity``, key) newest first, after the
+        ``after`` cursor; filtered as ``meta_matches`` says and, when given, to ``keys``."""
 
 
 EXPIRE_BATCH = 500   # keys deleted per transaction by ``Store.expire``
+DEAD_LETTERS_KEPT = 1000   # the newest dead letters ``Store.bury`` keeps
 
 
 class StoreError(Exception):
-    """The store cannot be used (corrupt, locked, newer schema); the message is one line."""
-
-
-class MemoryStore:
-    """The Store contract in process memory: dedupe and ordering, no durability across restarts."""
-
-    def __init__(self, dedupe_ttl: float = 86400.0) -> None:
-        self._states: dict[str, dict[str, Any]] = {}
-        self._summaries: dict[str, Summary] = {}
-        self._inbox: dict[tuple[str, int], dict[str, Any]] = {}
-        self._outbox: dict[int, OutboxRow] = {}
-        self._seen: dict[str, None] = {}
-        self._seq: dict[str, int] = {}
-        self._ids = itertools.count(1)
-        self._dead: deque[DeadLetterRow] = deque(maxlen=1000)
-        self._dedupe_limit = 200_000
-
-    async def open(self) -> None:
-        return None
-
-    async def close(self) -> None:
-        return None
-
-    async def accept(self, key: str, dedupe_id: str, payload: dict[str, Any]) -> int | None:
-        if dedupe_id in self._seen:
-            return None
-        self._seen[dedupe_id] = None
-        if len(self._seen) > self._dedupe_limit:
-            self._seen.pop(next(iter(self._seen)))
-        seq = self._seq.get(key, 0) + 1
-        self._seq[key] = seq
-        self._inbox[(key, seq)] = payload
-        return seq
-
-    async def load(self, key: str) -> dict[str, Any] | None:
-        return self._states.get(key)
-
-    async def commit(self, key, state, *, acked=(), outbox=(), summary=None):  # type: ignore[no-untyped-def]
-        self._states[key] = state
-        if summary is not None or key not in self._summaries:
-            self._summaries[key] = summary or Summary()
-        for seq in acked:
-            self._inbox.pop((key, seq), None)
-        ids = []
-        for kind, payload in outbox:
-            row = OutboxRow(id=next(self._ids), key=key, kind=kind, payload=payload)
-            self._outbox[row.id] = row
-            ids.append(row.id)
-        return ids
-
-    async def settle(self, outbox_id: int) -> None:
-        self._outbox.pop(outbox_id, None)
-
-    async def bury(self, outbox_id: int, reason: str) -> None:
-        row = self._outbox.pop(outbox_id, None)
-        if row is not None:
-            self._dead.appendleft(DeadLetterRow(row.id, row.key, row.kind, row.payload, reason[:500], time.time()))
-
-    async def dead_letters(self, limit: int = 100) -> list[DeadLetterRow]:
-        return list(self._dead)[:limit]
-
-    async def revive(self, dead_letter_id: int) -> OutboxRow | None:
-        dead = next((d for d in self._dead if d.id == dead_letter_id), None)
-        if dead is None:
-            return None
-        self._dead.remove(dead)
-        row = OutboxRow(id=dead.id, key=dead.key, kind=dead.kind, payload=dead.payload)
-        self._outbox[row.id] = row
-        return row
-
-    async def discard(self, dead_letter_id: int) -> bool:
-        dead = next((d for d in self._dead if d.id == dead_letter_id), None)
-        if dead is not None:
-            self._dead.remove(dead)
-        return dead is not None
-
-    async def pending_inbox(self) -> list[InboxRow]:
-        return [InboxRow(key, seq, payload) for (key, seq), payload in sorted(self._inbox.items())]
-
-    async def pending_outbox(self) -> list[OutboxRow]:
-        return [self._outbox[i] for i in sorted(self._outbox)]
-
-    async def expire(self, idle_before: float, keep: Collection[str] = ()) -> list[str]:
-        gone = [key for key, state in self._states.items()
-                if state.get("last_activity", 0) < idle_before and key not in keep]
-        for key in gone:
-            del self._states[key]
-            self._summaries.pop(key, None)
-            if not any(k == key for k, _ in self._inbox):
-                self._seq.pop(key, None)
-        return gone
-
-    async def window_sizes(self) -> dict[str, int]:
-        return {key: len(self._states[key].get("window", [])) for key in sorted(self._states)}
-
-    async def summaries(self, *, now: float, search: str = "", status: str | None = None,
-                        scope: str | None = None, keys: Collection[str] | None = None,
-                        after: Cursor | None = None, limit: int = 50) -> SummaryPage:
-        wanted = set(keys) if keys is not None else None
-        rows = []
-        for key, summary in self._summaries.items():
-            if wanted is not None and key not in wanted:
-                continue
-            state = self._states[key]
-            row = SummaryRow(key, summary, float(state.get("last_activity", 0)), len(state.get("window", [])))
-            if summary_matches(row, now, search, status, scope):
-                rows.append(row)
-        rows.sort(key=lambda r: (r.last_activity, r.key), reverse=True)
-        total = len(rows)
-        if after is not None:
-            rows = [r for r in rows if (r.last_activity, r.key) < after]
-        scopes = sorted({s.scope for s in self._summaries.values()} - {""})
-        return SummaryPage(rows[:limit], total, scopes)
+    """The store cannot do what was asked (corrupt, locked, newer schema, closed); one line."""

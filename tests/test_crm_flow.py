@@ -3,6 +3,8 @@ kept in the conversation's state (and store), and one chat never gets two leads.
 
 from __future__ import annotations
 
+import json
+
 import trio
 
 from tests.conftest import make_settings, running_service, wait_for
@@ -30,7 +32,7 @@ async def test_booking_registers_one_lead_and_keeps_its_id(tmp_path) -> None:  #
             await wait_for(lambda: service.registry.actor(JID) is not None and actor_state().lead.lead_id is not None)  # type: ignore[union-attr]
             lead_id = actor_state().lead.lead_id
             saved = await service.store.load(JID)
-            assert saved is not None and saved["lead"]["lead_id"] == lead_id
+            assert saved is not None and json.loads(saved)["lead"]["lead_id"] == lead_id
             person = krayin.calls_to("POST", "/contacts/persons")[0].json
             assert person["name"] == "Juan Pérez"
             assert person["contact_numbers"][0]["value"] == "+5491131376731"

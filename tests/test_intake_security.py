@@ -13,6 +13,7 @@ import pytest
 
 from app import create_app
 from runtime import logs
+from runtime.store import StateMeta
 from tests.conftest import LoopbackClient, make_settings, wait_for
 from tests.fakes.evolution import FakeEvolution
 from tests.fakes.server import running_server
@@ -199,7 +200,8 @@ async def test_a_stored_chat_coming_back_is_never_refused_as_new(tmp_path: Path)
     is still served, and only truly new ones get the 429."""
     async with client_for(tmp_path, NEW_CHATS_PER_MINUTE=2) as (app, client):
         service = app.extensions["service"]
-        await service.store.commit("549110000077@s.whatsapp.net", {"window": [], "last_activity": 1.0})
+        await service.store.commit("549110000077@s.whatsapp.net", b'{"window":[],"last_activity":1.0}',
+                                   StateMeta(last_activity=1.0))
         for n in range(2):
             response = await client.post("/webhook", json=upsert("hola", jid=f"54911000000{n}@s.whatsapp.net"))
             assert response.status_code == 200

@@ -4,6 +4,7 @@ overwritten."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,8 @@ import trio.testing
 from actors.conversation import Control
 from actors.llm.base import Prompt
 from actors.service import Service
-from runtime.store import MemoryStore, StoreError
+from runtime.memory_store import MemoryStore
+from runtime.store import StateMeta, StoreError
 from tests.conftest import chain_of, make_settings, wait_for
 from tests.doubles import ScriptedProvider
 from tests.payloads import upsert
@@ -55,9 +57,9 @@ class HeldStore(MemoryStore):
             raise StoreError("agent.sqlite3: disk I/O error")
         return await super().accept(key, dedupe_id, payload)
 
-    async def load(self, key: str) -> dict[str, Any] | None:
+    async def load(self, key: str) -> bytes | None:
         if key in self.fail_loads:   # a state this code cannot read (e.g. written by a newer version)
-            return {"window": [["user"]], "booking_sent": "sí"}
+            return json.dumps({"window": [["user"]], "booking_sent": "sí"}).encode()
         return await super().load(key)
 
 
@@ -181,7 +183,8 @@ async def test_state_that_cannot_be_loaded_is_never_overwritten(tmp_path: Path,
     store = HeldStore()
     saved = {"window": [["user", "quiero una cita", 1.0], ["assistant", "📅 link", 1.0]], "booking_sent": True,
              "lead": {"nombre": "Juan", "lead_id": 41}, "last_activity": 1.0, "paused_until": 0.0}
-    await store.commit(A, saved)
+    blob = json.dumps(saved).encode()
+    await store.commit(A, blob, StateMeta(last_activity=1.0, size=2))
     store.fail_loads.add(A)
     async with trio.open_nursery() as nursery:
         service = await start(nursery, tmp_path, store, RESTART_INTENSITY=3, RESTART_PERIOD=60)
@@ -189,13 +192,13 @@ async def test_state_that_cannot_be_loaded_is_never_overwritten(tmp_path: Path,
         await trio.sleep(120)   # several activation attempts, past the failed period too
         polite = service.texts.polite_error
         assert replies(service, A) == [polite]
-        assert store._states[A] == saved
+        assert store._states[A] == blob
         assert [row.payload["message_id"] for row in await store.pending_inbox()] != []
         store.fail_loads.clear()
         await trio.sleep(70)
         await wait_for(lambda: len(replies(service, A)) == 2)
         assert replies(service, A) == [polite, "re: ¿cambio la hora?"]
-        state = store._states[A]
+        state = json.loads(store._states[A])
         assert [row[1] for row in state["window"]] == ["quiero una cita", "📅 link", "¿cambio la hora?",
                                                        "re: ¿cambio la hora?"]
         assert state["lead"]["lead_id"] == 41 and state["lead"]["nombre"] == "Juan"
@@ -253,7 +256,7 @@ async def test_lead_id_recorded_during_shutdown_keeps_the_newer_turn(tmp_path: P
         await trio.testing.wait_all_tasks_blocked()
         release.set()
         await drained.wait()
-        state = store._states[A]
+        state = json.loads(store._states[A])
         assert state["lead"]["lead_id"] == 77
         assert [row[1] for row in state["window"]][-2:] == ["lento", "re: lento"]
         nursery.cancel_scope.cancel()

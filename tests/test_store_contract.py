@@ -1,54 +1,32 @@
-"""The Store contract, run against MemoryStore and SqliteStore; then SQLite-only durability,
-group commit, locking, corruption, schema versions and a real SIGKILL."""
+"""The Store contract (runtime/store.py's module docstring), run against every implementation
+through the ``store`` fixture; implementation-specific tests (files, locking, migrations, group
+commit) live beside their implementation's (tests/test_sqlite_store.py)."""
 
 from __future__ import annotations
 
-import os
-import signal
-import sqlite3
-import subprocess
-import sys
-import threading
 from functools import partial
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import pytest
 import trio
 import trio.testing
 
-from runtime.sqlite_store import SCHEMA_VERSION, SqliteStore
-from runtime.store import InboxRow, MemoryStore, Store, StoreError, Summary
+from runtime.memory_store import MemoryStore
+from runtime.sqlite_store import SqliteStore
+from runtime.store import Store, StateMeta
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-class GatedStore(SqliteStore):
-    """A SqliteStore whose COMMITs can be held (in the worker thread) until the test releases them:
-    a transaction in flight, with the event loop free to queue more requests meanwhile."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(path)
-        self._gates: list[tuple[threading.Event, threading.Event]] = []
-
-    def hold_next_commit(self) -> tuple[threading.Event, threading.Event]:
-        """(entered, release): ``entered`` is set when that COMMIT starts; it waits for ``release``."""
-        gate = (threading.Event(), threading.Event())
-        self._gates.append(gate)
-        return gate
-
-    def _commit_sync(self) -> StoreError | None:
-        if self._gates:
-            entered, release = self._gates.pop(0)
-            entered.set()
-            release.wait(10)
-        return super()._commit_sync()
+# One entry per implementation: a new store joins the contract by adding itself here.
+STORES: dict[str, Callable[[Path], Store]] = {
+    "memory": lambda tmp_path: MemoryStore(),
+    "sqlite": lambda tmp_path: SqliteStore(tmp_path / "db" / "agent.sqlite3"),
+}
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=list(STORES))
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
     """An opened store of each kind, closed after the test."""
-    s: Store = MemoryStore() if request.param == "memory" else SqliteStore(tmp_path / "db" / "agent.sqlite3")
+    s = STORES[request.param](tmp_path)
     await s.open()
     try:
         yield s
@@ -56,12 +34,13 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         await s.close()
 
 
-def state(last_activity: float, **extra: Any) -> dict[str, Any]:
-    window = [{"role": "user", "content": f"mensaje {i} ¿sí? 🙏", "timestamp": 1.5 * i} for i in range(50)]
-    return {"last_activity": last_activity, "window": window, "booking_sent": False, **extra}
+def state(tag: str = "") -> bytes:
+    """An opaque state the size of a full conversation; not even UTF-8 (the store never decodes it)."""
+    return (f"{tag}:" + "mensaje ¿sí? 🙏 " * 400).encode() + b"\x00\xff\xfe"
 
 
-# -- the contract (both stores) ----------------------------------------------------------------
+def meta(last_activity: float, size: int = 50, **listing: Any) -> StateMeta:
+    return StateMeta(last_activity=last_activity, size=size, **listing)
 
 
 async def test_accept_numbers_each_key_and_drops_duplicates(store: Store) -> None:
@@ -80,8 +59,8 @@ async def test_commit_saves_state_acks_and_returns_outbox_ids_in_order(store: St
     for i in range(1, 4):
         await store.accept("a@s", f"i:{i}", {"n": i})
     assert await store.load("a@s") is None
-    saved = state(100.0, lead={"nombre": "Ana", "lead_id": 7})
-    ids = await store.commit("a@s", saved, acked=[1, 2],
+    saved = state("lead 7")
+    ids = await store.commit("a@s", saved, meta(100.0), acked=[1, 2],
                              outbox=[("reply", {"text": "uno"}), ("crm", {"jid": "a@s"}), ("reply", {"text": "dos"})])
     assert len(ids) == 3 and ids == sorted(ids) and len(set(ids)) == 3
     assert await store.load("a@s") == saved
@@ -90,19 +69,27 @@ async def test_commit_saves_state_acks_and_returns_outbox_ids_in_order(store: St
     assert [(r.id, r.key, r.kind, r.payload) for r in pending] == [
         (ids[0], "a@s", "reply", {"text": "uno"}), (ids[1], "a@s", "crm", {"jid": "a@s"}),
         (ids[2], "a@s", "reply", {"text": "dos"})]
-    assert await store.commit("a@s", state(101.0), acked=[3, 99]) == []
+    assert await store.commit("a@s", state("later"), meta(101.0), acked=[3, 99]) == []
     assert await store.pending_inbox() == []
-    assert (await store.load("a@s"))["last_activity"] == 101.0  # type: ignore[index]
+    assert await store.load("a@s") == state("later")
+    assert [r.meta.last_activity for r in (await store.listing(now=0.0)).rows] == [101.0]
+
+
+async def test_any_bytes_come_back_exactly(store: Store) -> None:
+    for key, blob in (("empty@s", b""), ("binary@s", bytes(range(256)) * 4), ("text@s", '{"a": "ñ"}'.encode())):
+        await store.commit(key, blob, meta(1.0))
+        loaded = await store.load(key)
+        assert loaded == blob and type(loaded) is bytes
 
 
 async def test_sequence_keeps_increasing_after_ack(store: Store) -> None:
     assert await store.accept("a@s", "i:1", {}) == 1
-    await store.commit("a@s", state(1.0), acked=[1])
+    await store.commit("a@s", state(), meta(1.0), acked=[1])
     assert await store.accept("a@s", "i:2", {}) == 2
 
 
 async def test_settle_removes_only_that_job(store: Store) -> None:
-    first, second = await store.commit("a@s", state(1.0), outbox=[("reply", {"n": 1}), ("reply", {"n": 2})])
+    first, second = await store.commit("a@s", state(), meta(1.0), outbox=[("reply", {"n": 1}), ("reply", {"n": 2})])
     await store.settle(first)
     await store.settle(first)  # settling twice is harmless
     await store.settle(123456)  # so is an unknown id
@@ -110,7 +97,8 @@ async def test_settle_removes_only_that_job(store: Store) -> None:
 
 
 async def test_bury_moves_a_job_to_the_dead_letters(store: Store) -> None:
-    first, second = await store.commit("a", state(1.0), outbox=[("reply", {"text": "uno"}), ("reply", {"text": "dos"})])
+    first, second = await store.commit("a", state(), meta(1.0),
+                                       outbox=[("reply", {"text": "uno"}), ("reply", {"text": "dos"})])
     await store.bury(first, "all candidates rejected (401)")
     assert [row.id for row in await store.pending_outbox()] == [second]
     dead = await store.dead_letters()
@@ -123,7 +111,8 @@ async def test_bury_moves_a_job_to_the_dead_letters(store: Store) -> None:
 
 
 async def test_a_dead_letter_revived_goes_back_to_the_outbox_under_its_id(store: Store) -> None:
-    first, second = await store.commit("a", state(1.0), outbox=[("reply", {"text": "uno"}), ("crm", {"jid": "a"})])
+    first, second = await store.commit("a", state(), meta(1.0),
+                                       outbox=[("reply", {"text": "uno"}), ("crm", {"jid": "a"})])
     await store.bury(first, "gave up")
     await store.bury(second, "gave up too")
     revived = await store.revive(first)
@@ -139,28 +128,27 @@ async def test_a_dead_letter_revived_goes_back_to_the_outbox_under_its_id(store:
     assert await store.pending_outbox() == []
 
 
-async def test_summaries_page_newest_first_with_a_cursor(store: Store) -> None:
+async def test_listing_pages_newest_first_with_a_cursor(store: Store) -> None:
     for i in range(7):
-        await store.commit(f"k{i}@s", state(100.0 + i % 3), summary=Summary(title=f"Cliente {i}", preview=f"p{i}"))
-    first = await store.summaries(now=0.0, limit=3)
+        await store.commit(f"k{i}@s", state(), meta(100.0 + i % 3, title=f"Cliente {i}", preview=f"p{i}"))
+    first = await store.listing(now=0.0, limit=3)
     assert first.total == 7
-    order = [(r.last_activity, r.key) for r in first.rows]
-    rest = await store.summaries(now=0.0, limit=10, after=order[-1])
+    order = [(r.meta.last_activity, r.key) for r in first.rows]
+    rest = await store.listing(now=0.0, limit=10, after=order[-1])
     keys = [r.key for r in first.rows + rest.rows]
     assert keys == ["k5@s", "k2@s", "k4@s", "k1@s", "k6@s", "k3@s", "k0@s"]   # activity desc, then key desc
-    assert first.rows[0].summary == Summary(title="Cliente 5", preview="p5")
-    assert first.rows[0].window_size == 50
+    assert first.rows[0].meta == meta(102.0, title="Cliente 5", preview="p5")
 
 
-async def test_summaries_filter_by_search_status_scope_and_keys(store: Store) -> None:
-    await store.commit("5491100000001@s", state(1.0), summary=Summary(title="José Pérez", scope="ventas"))
-    await store.commit("5491100000002@s", state(2.0), summary=Summary(
-        title="Ana", status="paused", status_until=50.0, status_after="finished", scope="soporte"))
-    await store.commit("77@lid", state(3.0), summary=Summary(title="Bob", status="finished"))
-    await store.commit("88@lid", state(4.0))                                  # no summary: an empty one
+async def test_listing_filters_by_search_status_scope_and_keys(store: Store) -> None:
+    await store.commit("5491100000001@s", state(), meta(1.0, title="José Pérez", scope="ventas"))
+    await store.commit("5491100000002@s", state(), meta(
+        2.0, title="Ana", status="paused", status_until=50.0, status_after="finished", scope="soporte"))
+    await store.commit("77@lid", state(), meta(3.0, title="Bob", status="finished"))
+    await store.commit("88@lid", state(), meta(4.0))                          # an empty listing record
 
     async def keys(**query: Any) -> list[str]:
-        return [r.key for r in (await store.summaries(now=10.0, **query)).rows]
+        return [r.key for r in (await store.listing(now=10.0, **query)).rows]
 
     assert await keys(search="JOSÉ") == ["5491100000001@s"]                   # Unicode case-insensitive
     assert await keys(search="0000002") == ["5491100000002@s"]
@@ -168,24 +156,24 @@ async def test_summaries_filter_by_search_status_scope_and_keys(store: Store) ->
     assert await keys(status="paused") == ["5491100000002@s"]
     assert await keys(status="finished") == ["77@lid"]
     assert await keys(status="") == ["88@lid", "5491100000001@s"]
-    assert [r.key for r in (await store.summaries(now=60.0, status="finished")).rows] == [
+    assert [r.key for r in (await store.listing(now=60.0, status="finished")).rows] == [
         "77@lid", "5491100000002@s"]                                          # the pause ran out
     assert await keys(scope="ventas") == ["5491100000001@s"]
     assert await keys(keys=["77@lid", "nope"]) == ["77@lid"]
-    page = await store.summaries(now=10.0, status="finished", limit=0)
+    page = await store.listing(now=10.0, status="finished", limit=0)
     assert (page.rows, page.total, page.scopes) == ([], 1, ["soporte", "ventas"])
 
 
-async def test_a_commit_without_summary_keeps_it_and_expiry_drops_it(store: Store) -> None:
-    await store.commit("a@s", state(1.0), summary=Summary(title="Ana", preview="hola"))
-    await store.commit("a@s", state(2.0, window=[]))
-    (row,) = (await store.summaries(now=0.0)).rows
-    assert (row.summary.title, row.last_activity, row.window_size) == ("Ana", 2.0, 0)
+async def test_a_commit_replaces_the_meta_and_expiry_drops_it(store: Store) -> None:
+    await store.commit("a@s", state(), meta(1.0, title="Ana", preview="hola"))
+    await store.commit("a@s", state(), meta(2.0, size=0))
+    (row,) = (await store.listing(now=0.0)).rows
+    assert row.meta == meta(2.0, size=0)
     assert await store.expire(3.0) == ["a@s"]
-    assert (await store.summaries(now=0.0)).total == 0
-    await store.commit("b@s", state(1.0), summary=Summary(title="B"))
+    assert (await store.listing(now=0.0)).total == 0
+    await store.commit("b@s", state(), meta(1.0, title="B"))
     assert await store.expire(5.0) == ["b@s"]
-    assert (await store.summaries(now=0.0)).rows == []
+    assert (await store.listing(now=0.0)).rows == []
 
 
 async def test_pending_inbox_is_per_key_in_sequence_order(store: Store) -> None:
@@ -206,35 +194,38 @@ async def test_pending_outbox_is_in_write_order_across_keys(store: Store) -> Non
     written: list[tuple[str, int]] = []
     for i in range(6):
         key = ["b@s", "a@s"][i % 2]
-        await store.commit(key, state(1.0), outbox=[("reply", {"i": i})])
+        await store.commit(key, state(), meta(1.0), outbox=[("reply", {"i": i})])
         written.append((key, i))
     assert [(r.key, r.payload["i"]) for r in await store.pending_outbox()] == written
 
 
 async def test_expire_respects_idle_before_and_keep(store: Store) -> None:
-    await store.commit("old@s", state(100.0))
-    await store.commit("live@s", state(100.0))
-    await store.commit("edge@s", state(500.0))
-    await store.commit("new@s", state(900.0))
+    await store.commit("old@s", state(), meta(100.0))
+    await store.commit("live@s", state(), meta(100.0))
+    await store.commit("edge@s", state(), meta(500.0))
+    await store.commit("new@s", state(), meta(900.0))
     gone = await store.expire(500.0, keep={"live@s"})
     assert sorted(gone) == ["old@s"]
     assert await store.load("old@s") is None
-    assert list(await store.window_sizes()) == ["edge@s", "live@s", "new@s"]
+    assert list(await store.sizes()) == ["edge@s", "live@s", "new@s"]
     assert sorted(await store.expire(1000.0)) == ["edge@s", "live@s", "new@s"]
-    assert await store.window_sizes() == {}
+    assert await store.sizes() == {}
 
 
 async def test_expire_keeps_what_is_still_owed(store: Store) -> None:
     """An accepted message and a queued job outlive the state: they belong to turns still to come
     (a message accepted during the sweep) or to a supervisor still working (a CRM retry)."""
-    await store.commit("old@s", state(100.0), outbox=[("crm", {"c": 1})])
+    await store.commit("old@s", state(), meta(100.0), outbox=[("crm", {"c": 1})])
     assert await store.accept("old@s", "o:1", {"text": "volví"}) == 1
-    await store.commit("quiet@s", state(100.0))
+    await store.commit("quiet@s", state(), meta(100.0))
     assert await store.accept("quiet@s", "q:1", {}) == 1
-    await store.commit("quiet@s", state(100.0), acked=[1])
-    assert sorted(await store.expire(500.0)) == ["old@s", "quiet@s"]
+    await store.commit("quiet@s", state(), meta(100.0), acked=[1])
+    first, = await store.commit("dead@s", state(), meta(100.0), outbox=[("reply", {"d": 1})])
+    await store.bury(first, "gave up")
+    assert sorted(await store.expire(500.0)) == ["dead@s", "old@s", "quiet@s"]
     assert [(r.key, r.seq, r.payload) for r in await store.pending_inbox()] == [("old@s", 1, {"text": "volví"})]
     assert [(r.key, r.payload) for r in await store.pending_outbox()] == [("old@s", {"c": 1})]
+    assert [(d.key, d.payload) for d in await store.dead_letters()] == [("dead@s", {"d": 1})]
     assert await store.accept("old@s", "o:2", {}) == 2       # its pending row keeps the sequence going
     assert await store.accept("quiet@s", "q:2", {}) == 1     # nothing pending: a fresh sequence
     assert await store.accept("quiet@s", "q:1", {}) is None  # dedupe ids outlive the state
@@ -243,389 +234,21 @@ async def test_expire_keeps_what_is_still_owed(store: Store) -> None:
 async def test_expire_never_deletes_a_state_committed_meanwhile(store: Store) -> None:
     """The idleness condition is evaluated where the rows are deleted: a commit queued before the
     expiry (a turn that just ran) wins, whatever the caller believed when it asked."""
-    await store.commit("back@s", state(100.0))
+    await store.commit("back@s", state("before"), meta(100.0))
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(partial(store.commit, "back@s", state(950.0)))
+        nursery.start_soon(partial(store.commit, "back@s", state("after"), meta(950.0)))
         await trio.testing.wait_all_tasks_blocked()
         gone = await store.expire(500.0)
     assert gone == []
-    saved = await store.load("back@s")
-    assert saved is not None and saved["last_activity"] == 950.0
+    assert await store.load("back@s") == state("after")
+    assert await store.sizes() == {"back@s": 50}
 
 
-async def test_expire_runs_in_small_transactions(tmp_path: Path) -> None:
-    """Thousands of expired chats (after downtime) are deleted a batch per transaction, so other
-    requests are not queued behind one huge one."""
-    from runtime.store import EXPIRE_BATCH
-
-    s = SqliteStore(tmp_path / "agent.sqlite3")
-    await s.open()
-    try:
-        count = EXPIRE_BATCH * 4 + 7
-        async with trio.open_nursery() as nursery:
-            for i in range(count):
-                nursery.start_soon(partial(s.commit, f"{i:05d}@s", {"last_activity": 10.0 + i % 3}))
-        await s.commit("keep@s", {"last_activity": 1.0})
-        before = s.transactions
-        gone = await s.expire(100.0, keep={"keep@s"})
-        assert sorted(gone) == sorted(f"{i:05d}@s" for i in range(count))
-        assert s.transactions - before >= count // EXPIRE_BATCH
-        assert list(await s.window_sizes()) == ["keep@s"]
-    finally:
-        await s.close()
-
-
-async def test_window_sizes_list_every_saved_conversation(store: Store) -> None:
-    assert await store.window_sizes() == {}
-    await store.commit("b@s", state(2.0))
-    await store.commit("a@s", state(1.0))
-    await store.commit("a@s", {**state(3.0), "window": state(3.0)["window"][:7]})
-    await store.commit("c@s", {"last_activity": 4.0})   # no window at all
-    assert await store.window_sizes() == {"a@s": 7, "b@s": 50, "c@s": 0}
-    assert list(await store.window_sizes()) == ["a@s", "b@s", "c@s"]
-
-
-# -- SQLite only -------------------------------------------------------------------------------
-
-
-async def test_everything_survives_close_and_reopen(tmp_path: Path) -> None:
-    path = tmp_path / "agent.sqlite3"
-    first = SqliteStore(path)
-    await first.open()
-    for i in range(1, 4):
-        await first.accept("a@s", f"i:{i}", {"text": f"m{i}", "emoji": "📅"})
-    saved = state(42.0, lead={"lead_id": 9})
-    ids = await first.commit("a@s", saved, acked=[1], outbox=[("reply", {"text": "r"}), ("crm", {"c": 1})])
-    await first.settle(ids[0])
-    await first.close()
-
-    second = SqliteStore(path)
-    await second.open()
-    try:
-        assert await second.load("a@s") == saved
-        assert await second.pending_inbox() == [InboxRow("a@s", 2, {"text": "m2", "emoji": "📅"}),
-                                                InboxRow("a@s", 3, {"text": "m3", "emoji": "📅"})]
-        assert [(r.id, r.kind) for r in await second.pending_outbox()] == [(ids[1], "crm")]
-        assert await second.accept("a@s", "i:2", {}) is None  # dedupe ids survive
-        assert await second.accept("a@s", "i:9", {}) == 4  # and so does the sequence
-        new_id, = await second.commit("a@s", saved, outbox=[("reply", {})])
-        assert new_id > ids[1]  # outbox ids are never reused
-    finally:
-        await second.close()
-
-
-async def test_concurrent_accepts_are_group_committed(tmp_path: Path) -> None:
-    s = SqliteStore(tmp_path / "agent.sqlite3")
-    await s.open()
-    before = s.transactions
-    got: dict[tuple[str, int], int | None] = {}
-
-    async def one(i: int) -> None:
-        got[(f"k{i % 20}@s", i)] = await s.accept(f"k{i % 20}@s", f"id:{i}", {"i": i})
-
-    async with trio.open_nursery() as nursery:
-        for i in range(200):
-            nursery.start_soon(one, i)
-    used = s.transactions - before
-    assert 1 <= used <= 10, used
-    inbox = {(r.key, r.seq): r.payload["i"] for r in await s.pending_inbox()}
-    assert len(inbox) == 200
-    for (key, i), seq in got.items():
-        assert seq is not None and inbox[(key, seq)] == i  # each caller got its own row's seq
-    for k in range(20):
-        assert sorted(seq for (key, _), seq in got.items() if key == f"k{k}@s") == list(range(1, 11))  # type: ignore[type-var]
-    await s.close()
-
-
-async def test_batch_max_bounds_a_transaction(tmp_path: Path) -> None:
-    s = SqliteStore(tmp_path / "agent.sqlite3", batch_max=16)
-    await s.open()
-    before = s.transactions
-    async with trio.open_nursery() as nursery:
-        for i in range(200):
-            nursery.start_soon(s.accept, "a@s", f"id:{i}", {})
-    assert s.transactions - before >= 200 // 16
-    assert [r.seq for r in await s.pending_inbox()] == list(range(1, 201))
-    await s.close()
-
-
-async def test_cancelled_queued_request_is_withdrawn_and_the_rest_complete(tmp_path: Path) -> None:
-    s = GatedStore(tmp_path / "agent.sqlite3")
-    await s.open()
-    _, gate = s.hold_next_commit()
-    results: dict[str, int | None] = {}
-
-    async def accept(name: str) -> None:
-        results[name] = await s.accept("a@s", name, {"name": name})
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(s._call, lambda conn: None)  # a transaction in flight
-        await trio.testing.wait_all_tasks_blocked()
-        doomed = trio.CancelScope()
-
-        async def cancelled_accept() -> None:
-            with doomed:
-                await accept("doomed")
-
-        nursery.start_soon(cancelled_accept)  # queued first: it would lead the next transaction
-        await trio.testing.wait_all_tasks_blocked()
-        nursery.start_soon(accept, "kept1")
-        await trio.testing.wait_all_tasks_blocked()
-        nursery.start_soon(accept, "kept2")
-        await trio.testing.wait_all_tasks_blocked()
-        doomed.cancel()
-        await trio.testing.wait_all_tasks_blocked()
-        gate.set()
-    assert "doomed" not in results
-    assert results == {"kept1": 1, "kept2": 2}
-    assert [r.payload["name"] for r in await s.pending_inbox()] == ["kept1", "kept2"]
-    await s.close()
-
-
-async def test_cancelled_request_already_in_a_transaction_gets_its_result(tmp_path: Path) -> None:
-    s = GatedStore(tmp_path / "agent.sqlite3")
-    await s.open()
-    _, first = s.hold_next_commit()
-    entered, second = s.hold_next_commit()
-    results: dict[str, int | None] = {}
-    scope = trio.CancelScope()
-
-    async def accept_then_get_cancelled() -> None:
-        with scope:
-            results["x"] = await s.accept("a@s", "x", {})
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(s._call, lambda conn: None)
-        await trio.testing.wait_all_tasks_blocked()
-        nursery.start_soon(s._call, lambda conn: None)  # leads the next one...
-        await trio.testing.wait_all_tasks_blocked()
-        nursery.start_soon(accept_then_get_cancelled)  # ...which also takes this accept
-        await trio.testing.wait_all_tasks_blocked()
-        first.set()
-        await trio.to_thread.run_sync(entered.wait, 10)  # the second transaction (with the accept) runs
-        scope.cancel()
-        await trio.testing.wait_all_tasks_blocked()
-        second.set()
-    assert results == {"x": 1}
-    assert [r.seq for r in await s.pending_inbox()] == [1]
-    await s.close()
-
-
-async def test_a_failing_operation_fails_only_its_caller(tmp_path: Path) -> None:
-    s = GatedStore(tmp_path / "agent.sqlite3")
-    await s.open()
-    _, gate = s.hold_next_commit()
-    seqs: list[int | None] = []
-    errors: list[StoreError] = []
-
-    async def accept(i: int) -> None:
-        seqs.append(await s.accept("a@s", f"id:{i}", {"i": i}))
-
-    async def broken() -> None:
-        try:
-            await s._call(lambda conn: conn.execute("INSERT INTO no_such_table VALUES (1)"))
-        except StoreError as exc:
-            errors.append(exc)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(s._call, lambda conn: None)
-        await trio.testing.wait_all_tasks_blocked()
-        before = s.transactions
-        for start in (partial(accept, 1), broken, partial(accept, 2)):  # queued in this order,
-            nursery.start_soon(start)  # so they share the next transaction
-            await trio.testing.wait_all_tasks_blocked()
-        gate.set()
-    assert len(errors) == 1 and "no such table" in str(errors[0])
-    assert sorted(seqs) == [1, 2]  # type: ignore[type-var]
-    assert s.transactions - before == 2  # the gate's transaction, then the accepts' (rerun once)
-    assert [r.payload["i"] for r in await s.pending_inbox()] == [1, 2]
-    await s.close()
-
-
-async def test_close_finishes_queued_work_and_then_refuses(tmp_path: Path) -> None:
-    path = tmp_path / "agent.sqlite3"
-    s = GatedStore(path)
-    await s.open()
-    _, gate = s.hold_next_commit()
-    seqs: list[int | None] = []
-    closed = trio.Event()
-
-    async def accept(i: int) -> None:
-        seqs.append(await s.accept("a@s", f"id:{i}", {}))
-
-    async def close() -> None:
-        await s.close()
-        closed.set()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(s._call, lambda conn: None)  # a transaction in flight
-        await trio.testing.wait_all_tasks_blocked()
-        for i in range(20):
-            nursery.start_soon(accept, i)
-        await trio.testing.wait_all_tasks_blocked()
-        nursery.start_soon(close)
-        await trio.testing.wait_all_tasks_blocked()
-        with pytest.raises(StoreError, match="not open"):  # closing: new work is refused at once
-            await s.accept("a@s", "late", {})
-        assert not closed.is_set() and seqs == []
-        gate.set()
-    assert closed.is_set()
-    assert sorted(seqs) == list(range(1, 21))  # type: ignore[type-var]
-    again = SqliteStore(path)
-    await again.open()
-    assert len(await again.pending_inbox()) == 20
-    await again.close()
-
-
-async def test_old_dedupe_ids_are_pruned_after_the_ttl(tmp_path: Path) -> None:
-    now = [1_000_000.0]
-    s = SqliteStore(tmp_path / "agent.sqlite3", dedupe_ttl=3600.0, clock=lambda: now[0])
-    await s.open()
-    assert await s.accept("a@s", "i:1", {}) == 1
-    now[0] += 3000.0
-    assert await s.accept("a@s", "i:1", {}) is None  # within the ttl
-    now[0] += 3600.0
-    await s.accept("a@s", "i:2", {})  # a later transaction prunes ids older than the ttl
-    assert await s.accept("a@s", "i:1", {}) == 3
-    await s.close()
-
-
-async def test_second_store_on_the_same_file_fails_fast_as_locked(tmp_path: Path) -> None:
-    path = tmp_path / "agent.sqlite3"
-    first = SqliteStore(path)
-    await first.open()
-    second = SqliteStore(path)
-    with trio.fail_after(5):
-        with pytest.raises(StoreError, match="locked") as info:
-            await second.open()
-    assert str(path) in str(info.value) and "\n" not in str(info.value)
-    assert await first.accept("a@s", "i:1", {}) == 1  # the first one is unaffected
-    await first.close()
-    await second.open()  # the lock goes with the first store
-    assert [r.seq for r in await second.pending_inbox()] == [1]
-    await second.close()
-
-
-async def test_garbage_file_is_reported_as_corrupt_and_left_alone(tmp_path: Path) -> None:
-    path = tmp_path / "agent.sqlite3"
-    garbage = bytes(range(256)) * 64
-    path.write_bytes(garbage)
-    with pytest.raises(StoreError, match="corrupt or not a database") as info:
-        await SqliteStore(path).open()
-    assert "\n" not in str(info.value)
-    assert path.read_bytes() == garbage  # never a silent reset
-
-
-async def test_foreign_sqlite_file_is_refused(tmp_path: Path) -> None:
-    path = tmp_path / "other.sqlite3"
-    with sqlite3.connect(path) as conn:
-        conn.execute("CREATE TABLE customers (id INTEGER)")
-    conn.close()
-    with pytest.raises(StoreError, match="not an agent store"):
-        await SqliteStore(path).open()
-
-
-async def test_newer_schema_version_is_refused(tmp_path: Path) -> None:
-    path = tmp_path / "agent.sqlite3"
-    s = SqliteStore(path)
-    await s.open()
-    await s.close()
-    conn = sqlite3.connect(path)
-    with conn:
-        conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION + 1,))
-    conn.close()
-    with pytest.raises(StoreError, match=f"schema version {SCHEMA_VERSION + 1} is newer"):
-        await SqliteStore(path).open()
-
-
-CHILD = """
-import sys, trio
-from pathlib import Path
-from runtime.sqlite_store import SqliteStore
-
-async def main() -> None:
-    store = SqliteStore(Path(sys.argv[1]))
-    await store.open()
-    print("open", flush=True)
-
-    async def writer(w: int) -> None:
-        for i in range(100_000):
-            seq = await store.accept(f"k{w}@s", f"{w}:{i}", {"w": w, "i": i})
-            print(f"k{w}@s {seq} {i}", flush=True)
-
-    async with trio.open_nursery() as nursery:
-        for w in range(8):
-            nursery.start_soon(writer, w)
-
-trio.run(main)
-"""
-
-
-@pytest.mark.slow
-async def test_every_acknowledged_accept_survives_sigkill(tmp_path: Path) -> None:
-    path = tmp_path / "agent.sqlite3"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = await trio.lowlevel.open_process([sys.executable, "-c", CHILD, str(path)], cwd=ROOT, env=env,
-                                            stdout=subprocess.PIPE)
-    assert proc.stdout is not None
-    output = b""
-    try:
-        with trio.fail_after(30):
-            while output.count(b"\n") < 300:
-                chunk = await proc.stdout.receive_some()
-                assert chunk, "child exited early"
-                output += chunk
-            with pytest.raises(StoreError, match="locked"):  # a live process holds the file
-                await SqliteStore(path).open()
-            proc.send_signal(signal.SIGKILL)
-            await proc.wait()
-            while chunk := await proc.stdout.receive_some():
-                output += chunk
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        await proc.stdout.aclose()
-    assert proc.returncode == -signal.SIGKILL
-    lines = output.split(b"\n")[1:-1]  # skip "open"; the last piece may be a partial line
-    printed = {(key, int(seq)): int(i) for key, seq, i in (line.decode().split() for line in lines)}
-    assert len(printed) >= 299
-
-    store = SqliteStore(path)
-    await store.open()
-    inbox = {(r.key, r.seq): r.payload["i"] for r in await store.pending_inbox()}
-    await store.close()
-    missing = {k: v for k, v in printed.items() if inbox.get(k) != v}
-    assert not missing, f"{len(missing)} acknowledged accepts lost, e.g. {list(missing.items())[:3]}"
-
-
-async def test_a_version_1_database_is_migrated_in_place(tmp_path: Path) -> None:
-    import sqlite3
-
-    from runtime.sqlite_store import MIGRATIONS, SCHEMA_VERSION
-
-    path = tmp_path / "agent.sqlite3"
-    conn = sqlite3.connect(path)
-    with conn:
-        conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
-        conn.execute("INSERT INTO schema_version (version) VALUES (1)")
-        for statement in MIGRATIONS[1]:
-            conn.execute(statement)
-        conn.execute("INSERT INTO states (key, data, last_activity) VALUES ('a', '{\"window\": []}', 5.0)")
-        conn.execute("INSERT INTO states (key, data, last_activity) VALUES ('b', ?, 6.0)",
-                     ('{"window": [["user", "hola", 1.0], ["assistant", "¡hola!", 1.0]]}',))
-    conn.close()
-    store = SqliteStore(path)
-    await store.open()
-    try:
-        assert await store.load("a") == {"window": []}
-        assert await store.dead_letters() == []
-        assert await store.window_sizes() == {"a": 0, "b": 2}   # version 3 counted the stored windows
-        page = await store.summaries(now=10.0)                   # version 4 listed them, summaries empty
-        assert [(r.key, r.summary, r.last_activity, r.window_size) for r in page.rows] == [
-            ("b", Summary(), 6.0, 2), ("a", Summary(), 5.0, 0)]
-    finally:
-        await store.close()
-    conn = sqlite3.connect(path)
-    assert conn.execute("SELECT version FROM schema_version").fetchone() == (SCHEMA_VERSION,)
-    conn.close()
+async def test_sizes_list_every_stored_key_in_key_order(store: Store) -> None:
+    assert await store.sizes() == {}
+    await store.commit("b@s", state(), meta(2.0))
+    await store.commit("a@s", state(), meta(1.0))
+    await store.commit("a@s", state(), meta(3.0, size=7))
+    await store.commit("c@s", state(), meta(4.0, size=0))
+    assert await store.sizes() == {"a@s": 7, "b@s": 50, "c@s": 0}
+    assert list(await store.sizes()) == ["a@s", "b@s", "c@s"]

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
-from actors.state import ASSISTANT, OPERATOR, USER, ConversationState, Window, WindowEntry
+from actors.state import ASSISTANT, OPERATOR, USER, ConversationState, Window, WindowEntry, state_dict
 
 
 def entries(n: int) -> list[WindowEntry]:
@@ -68,3 +69,18 @@ def test_copy_neither_thaws_nor_shares_changes() -> None:
     copy = live.copy()
     del copy[0]
     assert len(live) == 3 and len(copy) == 2
+
+
+def test_the_stored_form_is_compact_json_and_never_thaws() -> None:
+    """``to_bytes`` is ``to_dict`` as compact UTF-8 JSON (what the store kept as text before the
+    states became opaque), whether the window is live, hibernating or empty."""
+    live = ConversationState(window=entries(10), booking_sent=True, sent_ids=["3EB0A"], paused_until=5.5)
+    idle = live.copy()
+    idle.window.hibernate()
+    blobs = {name: state.to_bytes() for name, state in (("live", live), ("idle", idle), ("empty", ConversationState()))}
+    assert idle.window.hibernating                       # spliced in, not parsed and encoded again
+    assert blobs["idle"] == blobs["live"] == json.dumps(live.to_dict(), separators=(",", ":"),
+                                                        ensure_ascii=False).encode()
+    assert ConversationState.from_bytes(blobs["live"]) == live
+    assert ConversationState.from_bytes(blobs["empty"]) == ConversationState()
+    assert state_dict(blobs["live"]) == live.to_dict()
