@@ -380,6 +380,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None,
             log_dir=settings.log_dir, log_file=settings.log_file, level=settings.log_level,
             max_bytes=settings.log_max_bytes, backup_count=settings.log_backup_count,
             json_lines=settings.log_json, secrets=settings.secret_values(), stderr=settings.log_stderr,
+            names=dict.fromkeys(("actors", "runtime", "app", "__main__"), "python-agent"),
         )
         try:
             await svc.store.open()
@@ -397,8 +398,8 @@ def create_app(settings: Settings | None = None, service: Service | None = None,
         except Exception as exc:  # noqa: BLE001 - reported, then the process ends
             cause = _root_cause(exc)
             svc.failure = f"{type(cause).__name__}: {cause}"[:300]
-            logging.getLogger("python-agent").critical("Service stopped by a fatal error: %s", svc.failure,
-                                                       exc_info=exc)
+            logging.getLogger(__name__).critical("Service stopped by a fatal error: %s", svc.failure,
+                                                 exc_info=exc)
             exit_process(FATAL_EXIT_CODE)
 
     @app.after_serving

@@ -31,7 +31,7 @@ from .prompts import Texts
 from .settings import Settings
 from .state import ASSISTANT, OPERATOR, USER, ConversationState, LeadInfo, WindowEntry, seed_messages
 
-log = logging.getLogger("python-agent")
+log = logging.getLogger(__name__)
 SENT_IDS_KEPT = 50
 MIN_PROMPT_MESSAGE_CHARS = 1000   # the newest message keeps at least this much, however long the system prompt
 PAUSED_UNTIL_RESUMED = 253402300799.0   # paused_until for "until resumed" (9999-12-31, finite for JSON)

@@ -21,7 +21,7 @@ import trio
 from actors.privacy import log_text
 from actors.settings import Settings
 
-log = logging.getLogger("python-agent")
+log = logging.getLogger(__name__)
 
 BASE_BACKOFF_SECONDS = 1.0
 MAX_BACKOFF_SECONDS = 30.0

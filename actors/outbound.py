@@ -23,7 +23,7 @@ from actors.settings import Settings
 from actors.split import split_text
 from runtime.bounded import bounded_key
 
-log = logging.getLogger("python-agent")
+log = logging.getLogger(__name__)
 
 BASE_BACKOFF_SECONDS = 1.0
 MAX_BACKOFF_SECONDS = 30.0

@@ -35,7 +35,7 @@ from .prompts import texts_for
 from .settings import Settings
 from .state import state_dict
 
-log = logging.getLogger("python-agent")
+log = logging.getLogger(__name__)
 GC_THRESHOLDS = (10_000, 20, 20)   # gc.set_threshold once the service is up (the default is 700, 10, 10)
 # "event <name>" is the one ignore reason that carries request content: at most this many names are
 # counted (and exported as a metric label) on their own, the rest as "other".

@@ -43,21 +43,24 @@ class Window:
     packed into one compact UTF-8 JSON bytes object, about half the memory of the live entries
     (one str, one float and one WindowEntry each). Any read of the entries or any change thaws
     it; ``len()`` never does. Only the conversation actor calls ``hibernate()``, once its mailbox
-    is empty, so a turn always works on live entries.
+    is empty, so a turn always works on live entries. The packed form of live entries that
+    ``packed()`` computed for a commit is kept until the next change, so hibernating right after
+    a commit packs nothing again.
     """
 
-    __slots__ = ("_entries", "_packed", "_length")
+    __slots__ = ("_entries", "_packed", "_length", "_encoded")
 
     def __init__(self, entries: Iterable[WindowEntry] = ()) -> None:
         self._entries: list[WindowEntry] = list(entries)
         self._packed: bytes | None = None
         self._length = 0
+        self._encoded: bytes | None = None   # the live entries' packed form, until they change
 
     def copy(self) -> "Window":
         """An independent copy, hibernating if this one is (copying never thaws: the entries and
         the packed bytes are immutable, so sharing them is safe)."""
         twin = Window(self._entries)
-        twin._packed, twin._length = self._packed, self._length
+        twin._packed, twin._length, twin._encoded = self._packed, self._length, self._encoded
         return twin
 
     @property
@@ -69,14 +72,16 @@ class Window:
         if self._packed is None and self._entries:
             self._packed = self.packed()
             self._length = len(self._entries)
-            self._entries = []
+            self._entries, self._encoded = [], None
 
     def packed(self) -> bytes:
         """The entries as compact JSON ``[role, content, at]`` rows, without thawing (a hibernating
         window hands over its packed bytes as they are)."""
         if self._packed is not None:
             return self._packed
-        return _encode([[e.role, e.content, e.at] for e in self._entries])
+        if self._encoded is None:
+            self._encoded = _encode([[e.role, e.content, e.at] for e in self._entries])
+        return self._encoded
 
     def _live(self) -> list[WindowEntry]:
         if self._packed is not None:
@@ -114,6 +119,7 @@ class Window:
 
     def __delitem__(self, index: int | slice) -> None:
         del self._live()[index]
+        self._encoded = None
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Window):
@@ -125,9 +131,10 @@ class Window:
 
     def append(self, entry: WindowEntry) -> None:
         self._live().append(entry)
+        self._encoded = None
 
     def clear(self) -> None:
-        self._entries, self._packed = [], None
+        self._entries, self._packed, self._encoded = [], None, None
 
 
 def _encode(value: Any) -> bytes:

@@ -200,6 +200,7 @@ if __name__ == "__main__":
     parser.add_argument("--turns", type=int, default=10)
     parser.add_argument("--log-mb", type=int, default=25)
     options = parser.parse_args()
-    logging.getLogger("python-agent").setLevel(logging.WARNING)
+    for product in ("actors", "runtime"):
+        logging.getLogger(product).setLevel(logging.WARNING)
     step_timer = StepTimer()
     trio.run(main, options, step_timer, instruments=[step_timer])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from contextvars import ContextVar
 from typing import Any, Generic, Protocol, Sequence, TypeVar
 
@@ -11,7 +10,6 @@ import attrs
 from .mailbox import Mailbox
 
 M = TypeVar("M")
-log = logging.getLogger("python-agent")
 
 #: The key of the actor whose task is running (None outside actors). Tasks spawned from an actor's
 #: task (e.g. its outbound deliveries) inherit it; the log setup stamps it on every record.

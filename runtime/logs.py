@@ -8,9 +8,13 @@ propagates (the service's own, httpx, hypercorn.error, SDKs) go through them:
   ``(backup_count + 1) * max_bytes`` (a record larger than ``max_bytes`` is truncated);
 * stderr (optional: ``stderr=False`` when stderr is itself captured to an unbounded file).
 
-Lines look like the seed's: ``2026-01-20 10:15:23 INFO python-agent: message``; with
-``json_lines=True`` each line is a JSON object with ``time``, ``level``, ``logger``, ``message``,
-``jid`` (when the record has one, e.g. ``log.info("...", extra={"jid": jid})``) and ``exc_info``.
+Lines look like the seed's: ``2026-01-20 10:15:23 INFO python-agent: message``. Modules log under
+their own names (``logging.getLogger(__name__)``); the ``names`` argument maps logger-name prefixes
+to the name a line shows (the service maps ``actors``, ``runtime`` and ``app`` to its product name),
+and a logger no prefix matches shows its own name. With ``json_lines=True`` each line is a JSON
+object with ``time``, ``level``, ``logger`` (that shown name), ``module`` (the logger's own name),
+``message``, ``jid`` (when the record has one, e.g. ``log.info("...", extra={"jid": jid})``) and
+``exc_info``.
 
 Both handlers carry a :class:`RedactionFilter`: before formatting, it renders the message (args
 included) and the exception traceback, then replaces every registered secret value and every
@@ -39,7 +43,7 @@ import sys
 import threading
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 from urllib.parse import quote
 
 import trio
@@ -51,7 +55,7 @@ __all__ = ["configure_logging", "add_secret", "redact", "RedactionFilter", "Gzip
 
 REDACTED = "[REDACTED]"
 MIN_SECRET_LENGTH = 4
-LINE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LINE_FORMAT = "%(asctime)s %(levelname)s %(shown_name)s: %(message)s"   # shown_name: see ShownNames
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
 # Chatty HTTP client loggers: quiet (WARNING) unless the service runs at DEBUG.
 NOISY_LOGGERS = ("httpx", "httpcore", "httpx2")
@@ -152,10 +156,31 @@ class ActorContextFilter(logging.Filter):
         return True
 
 
+class ShownNames:
+    """A logger's name as a line shows it: the name given for its longest matching prefix
+    (``"actors"`` matches ``actors`` and ``actors.conversation``, not ``actorsx``), else its own."""
+
+    def __init__(self, names: Mapping[str, str]) -> None:
+        self._prefixes = sorted(names.items(), key=lambda item: len(item[0]), reverse=True)
+        self._shown: dict[str, str] = {}   # one entry per logger name seen
+
+    def __call__(self, name: str) -> str:
+        shown = self._shown.get(name)
+        if shown is None:
+            shown = next((s for prefix, s in self._prefixes if name == prefix or name.startswith(prefix + ".")), name)
+            self._shown[name] = shown
+        return shown
+
+
 class LineFormatter(logging.Formatter):
     """The seed's line format; a record about a conversation ends with ``[jid]`` unless its text names it."""
 
+    def __init__(self, names: ShownNames) -> None:
+        super().__init__(LINE_FORMAT, DATE_FORMAT)
+        self._names = names
+
     def format(self, record: logging.LogRecord) -> str:
+        record.shown_name = self._names(record.name)
         text = super().format(record)
         jid = getattr(record, "jid", None)
         if jid and jid not in record.getMessage():
@@ -165,13 +190,19 @@ class LineFormatter(logging.Formatter):
 
 
 class JsonLinesFormatter(logging.Formatter):
-    """One JSON object per line: time (ISO 8601, local offset), level, logger, message[, jid][, exc_info]."""
+    """One JSON object per line: time (ISO 8601, local offset), level, logger (the shown name),
+    module (the logger's own name), message[, jid][, exc_info]."""
+
+    def __init__(self, names: ShownNames) -> None:
+        super().__init__()
+        self._names = names
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
             "time": datetime.fromtimestamp(record.created).astimezone().isoformat(timespec="milliseconds"),
             "level": record.levelname,
-            "logger": record.name,
+            "logger": self._names(record.name),
+            "module": record.name,
             "message": record.getMessage(),
         }
         jid = getattr(record, "jid", None)
@@ -336,11 +367,13 @@ def configure_logging(
     json_lines: bool = False,
     secrets: Iterable[str] = (),
     stderr: bool = True,
+    names: Mapping[str, str] | None = None,
 ) -> None:
     """Install the rotating file (+ stderr) handlers on the root logger; see the module docstring.
 
     Idempotent: a second call closes and replaces the handlers of the first (other handlers are left
-    alone). ``log_dir`` is created if missing. ``secrets`` are added to the redaction set.
+    alone). ``log_dir`` is created if missing. ``secrets`` are added to the redaction set. ``names``
+    maps logger-name prefixes to the name lines show (see ShownNames).
     """
     if max_bytes <= 0 or backup_count < 0:
         raise ValueError("max_bytes must be positive and backup_count 0 or more")
@@ -352,7 +385,8 @@ def configure_logging(
 
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
-    formatter = JsonLinesFormatter() if json_lines else LineFormatter(LINE_FORMAT, DATE_FORMAT)
+    shown = ShownNames(names or {})
+    formatter = JsonLinesFormatter(shown) if json_lines else LineFormatter(shown)
     redaction = RedactionFilter()
     context = ActorContextFilter()
     handlers: list[logging.Handler] = [

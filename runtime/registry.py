@@ -28,7 +28,7 @@ from .clock import Clock
 from .mailbox import Mailbox, MailboxClosed, MailboxFull
 
 M = TypeVar("M")
-log = logging.getLogger("python-agent")
+log = logging.getLogger(__name__)
 
 RETRY_BASE_SECONDS = 1.0   # first retry of messages a crash could not handle; doubles per recent crash
 

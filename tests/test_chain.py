@@ -41,7 +41,7 @@ from tests.fakes.server import running_server
 POLITE = "Gracias por contactarnos. En este momento estamos experimentando dificultades técnicas..."
 CUSTOMER_TEXT = "Hola, mi cédula es 30111222 y quiero agendar una cita"
 PROMPT = Prompt("Eres el asistente.", (ChatMessage("user", CUSTOMER_TEXT),))
-LOGGER = "python-agent"
+LOGGER = "actors.llm.chain"
 
 FAKES = {"openai": OpenAIFake, "ollama": OpenAIFake, "anthropic": AnthropicFake, "gemini": GeminiFake,
          "huggingface": HuggingFaceFake}

@@ -110,7 +110,7 @@ async def test_idle_actor_hibernates_its_window_and_thaws_for_the_next_turn(tmp_
 
 async def test_truncation_is_logged(tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
     settings = make_settings(tmp_path, MAX_MESSAGES=4)
-    caplog.set_level(logging.INFO, logger="python-agent")
+    caplog.set_level(logging.INFO, logger="actors")
     async with running_service(settings, ScriptedProvider()) as service:
         for i in range(3):
             await post(service, upsert(f"q{i}"))
@@ -131,7 +131,7 @@ def _booking_provider() -> ScriptedProvider:
 async def test_seed_booking_dialogue(tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
     settings = make_settings(tmp_path, GOOGLE_BOOKING_URL=BOOKING_URL)
     provider = _booking_provider()
-    caplog.set_level(logging.INFO, logger="python-agent")
+    caplog.set_level(logging.INFO, logger="actors")
     async with running_service(settings, provider) as service:
         await post(service, upsert("Quiero agendar una cita"))
         await wait_for(lambda: len(replies(service)) == 1)
@@ -164,7 +164,7 @@ async def test_seed_booking_dialogue(tmp_path, caplog) -> None:  # type: ignore[
 
 async def test_booking_without_url_says_unavailable(tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
     settings = make_settings(tmp_path, GOOGLE_BOOKING_URL="")
-    caplog.set_level(logging.WARNING, logger="python-agent")
+    caplog.set_level(logging.WARNING, logger="actors")
     async with running_service(settings, _booking_provider()) as service:
         await post(service, upsert("necesito una cita"))
         await wait_for(lambda: len(replies(service)) == 1)

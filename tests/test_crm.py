@@ -102,7 +102,7 @@ async def test_new_person_and_lead(caplog: pytest.LogCaptureFixture) -> None:
         "[CRM] ✅ Lead creado en Krayin CRM (ID: 123, Valor: $500)",
     ):
         assert phrase in text
-    assert all(r.getMessage().startswith("[CRM]") for r in caplog.records if r.name == "python-agent")
+    assert all(r.getMessage().startswith("[CRM]") for r in caplog.records if r.name.startswith("actors.crm"))
     assert TOKEN not in text and TOKEN not in repr(stats)
 
 

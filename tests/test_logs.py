@@ -248,3 +248,39 @@ async def test_rotation_compresses_off_the_event_loop(tmp_path: Path, monkeypatc
     numbers = [int(m.group(1)) for m in re.finditer(r"number (\d+)", read_all(log_dir))]
     assert numbers == list(range(numbers[0], 2000))   # newest records, in order, no gap
     assert compressor.compressed > 3
+
+
+def test_module_loggers_show_the_name_given_for_their_prefix(tmp_path: Path) -> None:
+    """Modules log under ``__name__``; the line shows the name mapped to the longest matching
+    prefix (a whole dotted part), else the logger's own name. JSON keeps both."""
+    names = {"actors": "python-agent", "runtime": "python-agent", "actors.llm": "llm"}
+    configure_logging(log_dir=tmp_path / "lines", stderr=False, names=names)
+    for name in ("actors.conversation", "runtime", "actors.llm.chain", "actorsx", "httpx"):
+        logging.getLogger(name).warning("from %s", name)
+    lines = (tmp_path / "lines" / "agent.log").read_text(encoding="utf-8").splitlines()
+    assert [line.split(" ", 3)[3] for line in lines] == [
+        "python-agent: from actors.conversation", "python-agent: from runtime", "llm: from actors.llm.chain",
+        "actorsx: from actorsx", "httpx: from httpx"]
+
+    configure_logging(log_dir=tmp_path / "json", stderr=False, json_lines=True, names=names)
+    logging.getLogger("actors.service").warning("hola")
+    logging.getLogger("hypercorn.error").warning("chau")
+    first, second = (json.loads(line) for line in (tmp_path / "json" / "agent.log").read_text().splitlines())
+    assert (first["logger"], first["module"]) == ("python-agent", "actors.service")
+    assert (second["logger"], second["module"]) == ("hypercorn.error", "hypercorn.error")
+
+
+async def test_the_service_lines_keep_the_product_prefix(tmp_path: Path) -> None:
+    """The app's start-up maps the product's modules (actors, runtime, app) to ``python-agent``."""
+    from app import create_app
+    from tests.conftest import make_settings
+
+    app = create_app(make_settings(tmp_path))
+    async with app.test_app():
+        logging.getLogger("actors.conversation").warning("una línea")
+        logging.getLogger("runtime.registry").warning("otra línea")
+    text = (tmp_path / "logs" / "agent.log").read_text(encoding="utf-8")
+    assert re.search(r"\d\d:\d\d:\d\d WARNING python-agent: una línea$", text, re.M)
+    assert re.search(r"\d\d:\d\d:\d\d WARNING python-agent: otra línea$", text, re.M)
+    assert " INFO python-agent: Service ready: " in text
+    assert not re.search(r" (actors|runtime)\.\w+: ", text)

@@ -71,7 +71,7 @@ async def evolution(fake: FakeEvolution, **env: str) -> AsyncIterator[tuple[Outb
 
 
 async def test_send_text_wire_format_and_delivery(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.DEBUG, logger="python-agent")
+    caplog.set_level(logging.DEBUG, logger="actors")
     fake = FakeEvolution(api_key=KEY, instances={INSTANCE})
     async with evolution(fake) as (sender, settled):
         sender.submit(OutboundMessage(JID, "Hola, ¿en qué te ayudo?", instances=(), outbox_id=7))
@@ -159,7 +159,7 @@ async def test_candidates_order_without_duplicates_or_empties() -> None:
 
 
 async def test_candidate_fallback_then_preferred_first(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.DEBUG, logger="python-agent")
+    caplog.set_level(logging.DEBUG, logger="actors")
     fake = FakeEvolution(api_key=KEY, instances={"good-name"})
     instances = ("bad-id", "good-name")
     async with evolution(fake) as (sender, settled):
@@ -332,7 +332,7 @@ async def test_submit_before_run_is_delivered_once_running() -> None:
 
 
 async def test_local_mode_outbox(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="python-agent")
+    caplog.set_level(logging.INFO, logger="actors")
     settings = load_settings({"EVOLUTION_API_URL": "", "OUTBOUND_MIN_GAP_SECONDS": "5"}, dotenv_file=None)
     other = "5491100000009@s.whatsapp.net"
     async with sender_for(settings) as (sender, settled):

@@ -18,7 +18,7 @@ async def test_huge_messages_keep_the_state_and_the_prompt_bounded(tmp_path: Pat
 
     from actors.service import Service
 
-    caplog.set_level("INFO", logger="python-agent")
+    caplog.set_level("INFO", logger="actors")
     settings = make_settings(tmp_path)
     provider = ScriptedProvider(answer=lambda prompt: "z" * 70_000)   # a model going wild too
     store = MemoryStore()

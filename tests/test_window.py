@@ -84,3 +84,22 @@ def test_the_stored_form_is_compact_json_and_never_thaws() -> None:
     assert ConversationState.from_bytes(blobs["live"]) == live
     assert ConversationState.from_bytes(blobs["empty"]) == ConversationState()
     assert state_dict(blobs["live"]) == live.to_dict()
+
+
+def test_hibernating_after_a_commit_reuses_its_encoding_until_a_change() -> None:
+    """The bytes a commit encoded become the hibernated form; any change drops them first."""
+    new = WindowEntry(USER, "nuevo", 9.0)
+    window = Window(entries(5))
+    encoded = window.packed()
+    assert window.packed() is encoded                          # encoded once while unchanged
+    twin = window.copy()
+    window.hibernate()
+    assert window.hibernating and window.packed() is encoded    # hibernating packs nothing again
+    twin.append(new)                                           # a copy's change is its own
+    assert twin.packed() == Window([*entries(5), new]).packed() and window.packed() is encoded
+    window.append(new)
+    assert window.packed() == Window([*entries(5), new]).packed()
+    del window[0]
+    assert window.packed() == Window([*entries(5)[1:], new]).packed()
+    window.clear()
+    assert window.packed() == b"[]"

@@ -39,7 +39,7 @@ import trio
 from ..settings import Settings
 from .base import ErrorKind, Prompt, Provider, ProviderError
 
-log = logging.getLogger("python-agent")
+log = logging.getLogger(__name__)
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 STALL_FACTOR = 3.0   # a call this many times slower than the recent p95, with no other answer meanwhile, is stalled
