@@ -8,9 +8,9 @@ propagates (the service's own, httpx, hypercorn.error, SDKs) go through them:
   ``(backup_count + 1) * max_bytes`` (a record larger than ``max_bytes`` is truncated);
 * stderr (optional: ``stderr=False`` when stderr is itself captured to an unbounded file).
 
-Lines look like the seed's: ``2026-01-20 10:15:23 INFO python-agent: message``. Modules log under
-their own names (``logging.getLogger(__name__)``); the ``names`` argument maps logger-name prefixes
-to the name a line shows (the service maps ``actors``, ``runtime`` and ``app`` to its product name),
+Lines keep the seed's format, ``2026-01-20 10:15:23 INFO <name>: message``. Modules log under their
+own names (``logging.getLogger(__name__)``); the ``names`` argument maps logger-name prefixes to the
+name a line shows (the service maps its packages to its product name, as the seed's lines show it),
 and a logger no prefix matches shows its own name. With ``json_lines=True`` each line is a JSON
 object with ``time``, ``level``, ``logger`` (that shown name), ``module`` (the logger's own name),
 ``message``, ``jid`` (when the record has one, e.g. ``log.info("...", extra={"jid": jid})``) and
@@ -158,7 +158,7 @@ class ActorContextFilter(logging.Filter):
 
 class ShownNames:
     """A logger's name as a line shows it: the name given for its longest matching prefix
-    (``"actors"`` matches ``actors`` and ``actors.conversation``, not ``actorsx``), else its own."""
+    (``"shop"`` matches ``shop`` and ``shop.orders``, not ``shopping``), else its own."""
 
     def __init__(self, names: Mapping[str, str]) -> None:
         self._prefixes = sorted(names.items(), key=lambda item: len(item[0]), reverse=True)
