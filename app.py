@@ -417,7 +417,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None,
 
     def admin(handler: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[Response]]:
         """Bearer ADMIN_TOKEN (or the admin console's session) when set; otherwise loopback peers
-        only, never through a proxy (SPEC §7). A state-changing request on the console's session
+        only, never through a proxy (docs/behaviour.md §8.1). A state-changing request on the console's session
         needs its CSRF token. Every answer is ``Cache-Control: no-store``."""
 
         @wraps(handler)

@@ -1,4 +1,4 @@
-"""Interpret a model's answer: the booking JSON (bare, fenced or embedded) or plain text (SPEC §2)."""
+"""A model's answer: the booking JSON (bare, fenced or embedded) or plain text (docs/behaviour.md §3.5)."""
 
 from __future__ import annotations
 

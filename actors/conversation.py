@@ -1,6 +1,6 @@
 """The conversation actor: one per chat, owning its window, booking flag, lead info and pause state.
 
-One turn (SPEC §1.4): window += user message → finished-conversation rule → prompt →
+One turn (docs/behaviour.md §3.2): window += user message → finished-conversation rule → prompt →
 ProviderChain.ask → booking JSON or text → outbound (per-JID FIFO) → window += reply →
 truncate → one store commit that saves the state, acks the inbox rows and writes the outbox rows.
 Replies are handed to the outbound supervisor only after that commit, in turn order.

@@ -5,7 +5,7 @@ The deployment *names its instances* when EVOLUTION_INSTANCE or EVOLUTION_INSTAN
 webhook is then for a known instance when its ``instance`` equals EVOLUTION_INSTANCE or its instance
 id equals EVOLUTION_INSTANCE_ID, and its replies go through the configured identifiers only. With
 UNKNOWN_INSTANCES=serve, an unknown instance is answered through its own identifiers only. With no
-instance named (the embedded local mode), a reply goes through the webhook's own id, then name (SPEC §5).
+instance named (the local mode), a reply goes through the webhook's own id, then name (docs/behaviour.md §5.4).
 """
 
 from __future__ import annotations
