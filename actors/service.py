@@ -94,7 +94,7 @@ class Service:
         await self.store.open()   # idempotent: app.py opens it first to report a bad database in one line
         # Shared by the outbound (≤ 48 sendText and ≤ 12 sendPresence requests at once) and CRM (≤ 4)
         # supervisors: as large as all of them together, so requests never queue inside httpcore's
-        # pool (see actors/outbound.py), and every connection may be kept alive (httpcore's pool costs O(connections²) per event when
+        # pool (see actors/outbound/evolution.py), and every connection may be kept alive (httpcore's pool costs O(connections²) per event when
         # it holds more connections than it may keep alive).
         limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
         timeout = httpx.Timeout(settings.http_timeout)
