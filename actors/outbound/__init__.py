@@ -6,6 +6,7 @@
 - evolution.py: the Evolution API v2 transport over HTTP.
 - local.py: the in-process local outbox (``EVOLUTION_API_URL`` empty).
 - pacing.py: the per-instance rate and the per-chat min gap.
+- split.py: cutting a long reply into WhatsApp-sized parts.
 """
 
 from .evolution import HTTP_CONCURRENCY, PRESENCE_CONCURRENCY, EvolutionTransport

@@ -2,7 +2,8 @@
 
 A thin adapter: it knows the paths, the bodies, the ``apikey`` header and how Evolution words its
 errors, and never raises for an HTTP or network failure (the outcome carries it). Which instance to
-try, when to retry and how fast to send is the supervisor's (sender.py).
+try, when to retry and how fast to send is the supervisor's (sender.py). The wire format is
+docs/behaviour.md §5.2 and §5.3.
 """
 
 from __future__ import annotations

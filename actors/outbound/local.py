@@ -3,7 +3,7 @@
 For development and tests: every send is accepted at once (id ``local-N``), logged as
 ``[OUTBOX] -> jid: text`` and kept as an ``OutboxEntry`` (the newest OUTBOX_KEPT) that the admin
 API reads with ``outbox_entries()``. Nothing goes over the network, so nothing is paced and no "typing…"
-is shown.
+is shown (docs/behaviour.md §5.1).
 """
 
 from __future__ import annotations

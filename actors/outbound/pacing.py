@@ -3,7 +3,7 @@
 WhatsApp throttles or bans a number that sends too fast, so the supervisor waits for both before
 each sendText: ``Pacer`` spaces the sends of one instance (OUTBOUND_RATE_PER_INSTANCE) and
 ``ChatGap`` spaces the messages to one chat (OUTBOUND_MIN_GAP_SECONDS) without holding back other
-chats. A rate or gap of 0 turns each off.
+chats. A rate or gap of 0 turns each off (docs/behaviour.md §5.6).
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ Policy lives here, the same whatever carries the sends: per-chat FIFO order (a `
 keyed by JID), instance candidates with the one that worked last remembered, retries
 (``RetryPolicy``), pacing (pacing.py), splitting long replies, dead letters and statistics. The
 transport is chosen once, at construction: the Evolution API (evolution.py), or with
-``EVOLUTION_API_URL`` empty the in-process local outbox (local.py).
+``EVOLUTION_API_URL`` empty the in-process local outbox (local.py). What it does is
+docs/behaviour.md §5.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import httpx
 import trio
 
 from actors.settings import Settings
-from actors.split import split_text
 from runtime.bounded import bounded_key
 from runtime.keyed import KeyedSerialExecutor, MailboxFull
 from runtime.retry import RetryPolicy
@@ -28,6 +28,7 @@ from runtime.retry import RetryPolicy
 from .evolution import EvolutionTransport
 from .local import LocalOutbox, OutboxEntry
 from .pacing import ChatGap, Pacer
+from .split import split_text
 from .transport import SendOutcome, Transport
 
 log = logging.getLogger("python-agent")
