@@ -14,13 +14,14 @@ from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types
 
+from runtime.retry import parse_retry_after
+
 from ..settings import Settings
 from .base import ErrorKind, Prompt, ProviderError, history_roles_alternate
 from .providers import (
     GEMINI_DEFAULT_BASE_URL,
     empty_reply,
     missing_key,
-    parse_retry_after,
     status_error,
     transport_error,
     unexpected_error,
