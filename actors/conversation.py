@@ -169,7 +169,7 @@ class ConversationActor:
         if not isinstance(first, Accepted) or first.message.from_me:
             return 0.0
         settings = self._ctx.settings
-        hold = settings.debounce_seconds or settings.reorder_delay_seconds
+        hold = settings.conversation.debounce_seconds or settings.conversation.reorder_delay_seconds
         return max(0.0, first.arrived + hold - trio.current_time()) if hold else 0.0
 
     async def handle(self, batch: Sequence[Mail]) -> None:
@@ -186,7 +186,7 @@ class ConversationActor:
                 continue
             if run:
                 run.sort(key=lambda a: (a.message.timestamp, a.seq))
-                merge = self._ctx.settings.debounce_seconds > 0
+                merge = self._ctx.settings.conversation.debounce_seconds > 0
                 units.extend([list(run)] if merge else [[m] for m in run])
                 run = []
             if isinstance(item, Control):
@@ -294,18 +294,18 @@ class ConversationActor:
         if message.message_id in state.sent_ids:
             return
         now = ctx.clock.now()
-        if message.text.strip().lower() == ctx.settings.takeover_keyword.lower():
+        if message.text.strip().lower() == ctx.settings.conversation.takeover_keyword.lower():
             state.paused_until, state.pause_reason = 0.0, ""
             log.info("[TAKEOVER] Operator handed %s back to the bot", self.jid)
             return
-        state.paused_until = now + ctx.settings.human_takeover_minutes * 60
+        state.paused_until = now + ctx.settings.conversation.human_takeover_minutes * 60
         state.pause_reason = "takeover"
         state.last_activity = now
         if message.text:
             state.window.append(self._entry(OPERATOR, message.text, now))
             self._truncate()
         log.info("[TAKEOVER] A person answered %s from the phone: the bot is silent for %.0f min",
-                 self.jid, ctx.settings.human_takeover_minutes)
+                 self.jid, ctx.settings.conversation.human_takeover_minutes)
 
     async def _turn(self, items: list[Accepted]) -> None:
         ctx, state = self._ctx, self.state
@@ -347,7 +347,7 @@ class ConversationActor:
         action = parse_answer(answer.text) if not answer.failed else answer.text
         if isinstance(action, BookingAction):
             self._reply(last, self._booking_reply(action))
-            if ctx.settings.google_booking_url:
+            if ctx.settings.conversation.google_booking_url:
                 state.booking_sent = True
                 log.info("[BOOKING] Conversación marcada como completada para user_id=%s", self.jid)
                 self._crm = self._lead_request(action)
@@ -358,13 +358,13 @@ class ConversationActor:
         """The prompt holds at most MAX_MESSAGES history messages within PROMPT_MAX_CHARS; the new
         text is last, verbatim (cut only when it alone exceeds the budget)."""
         ctx = self._ctx
-        limit = ctx.settings.max_messages
+        limit = ctx.settings.conversation.max_messages
         history = [ChatMessage(e.model_role, e.content) for e in self.state.window[-limit:]]
         history[-1] = ChatMessage(USER, self._model_text(items))
         for _ in range(min(len(items), len(history)) - 1):  # merged turn: one user message for all
             history.pop(-2)
         system = ctx.texts.agent_instruction
-        budget = max(ctx.settings.prompt_max_chars - len(system), MIN_PROMPT_MESSAGE_CHARS)
+        budget = max(ctx.settings.conversation.prompt_max_chars - len(system), MIN_PROMPT_MESSAGE_CHARS)
         prompt = Prompt(system=system, messages=tuple(_within(history[-limit:], budget)))
         last = items[-1].message
         await ctx.outbound.typing(last.jid, sender_instances(ctx.settings, last))   # returns at once; best effort
@@ -385,21 +385,21 @@ class ConversationActor:
 
     def _shown(self, text: str) -> str:
         """A customer's or the model's text as LOG_CUSTOMER_TEXT lets a log line show it."""
-        return log_text(text, self._ctx.settings.log_customer_text)
+        return log_text(text, self._ctx.settings.security.log_customer_text)
 
     def _is_reset(self, text: str) -> bool:
         if len(text) > MAX_SCANNED_CHARS:
             return False
         normal = normalise(text)
-        return bool(normal) and normal in {normalise(k) for k in self._ctx.settings.reset_keywords}
+        return bool(normal) and normal in {normalise(k) for k in self._ctx.settings.conversation.reset_keywords}
 
     def _unknown_message_text(self) -> str:
-        configured = self._ctx.settings.unknown_message_text
+        configured = self._ctx.settings.conversation.unknown_message_text
         return self._ctx.texts.unknown_message if configured == "default" else configured
 
     def _flooded(self, now: float, last: InboundMessage) -> bool:
         """At most FLOOD_MAX_PER_MINUTE LLM calls per minute; one notice per minute beyond that."""
-        limit = self._ctx.settings.flood_max_per_minute
+        limit = self._ctx.settings.conversation.flood_max_per_minute
         if not limit:
             return False
         calls = self.state.llm_calls
@@ -421,7 +421,7 @@ class ConversationActor:
         ctx = self._ctx
         log.info("[BOOKING] Generando link de reserva - Motivo: %s",
                  self._shown(action.motivo) if action.motivo else "(sin motivo)")
-        url = ctx.settings.google_booking_url
+        url = ctx.settings.conversation.google_booking_url
         if not url:
             log.warning("[BOOKING] GOOGLE_BOOKING_URL no configurada: no se puede enviar el link de reserva")
             return ctx.texts.booking_unavailable
@@ -430,7 +430,7 @@ class ConversationActor:
 
     def _lead_request(self, action: BookingAction) -> LeadRequest | None:
         ctx = self._ctx
-        if ctx.crm is None or not ctx.settings.crm_enabled:
+        if ctx.crm is None or not ctx.settings.crm.crm_enabled:
             return None
         lead = self.state.lead
         return LeadRequest(
@@ -464,7 +464,7 @@ class ConversationActor:
             control.done.set()
             return
         if control.command == "pause":
-            minutes = self._ctx.settings.human_takeover_minutes if control.value is None else float(control.value)
+            minutes = self._ctx.settings.conversation.human_takeover_minutes if control.value is None else float(control.value)
             state.paused_until = now + minutes * 60 if minutes > 0 else PAUSED_UNTIL_RESUMED
             state.pause_reason = "operator"
         elif control.command == "resume":
@@ -494,11 +494,11 @@ class ConversationActor:
         state.window.append(self._entry(OPERATOR, text, now))
         self._truncate()
         state.last_activity = now
-        state.paused_until = now + self._ctx.settings.human_takeover_minutes * 60
+        state.paused_until = now + self._ctx.settings.conversation.human_takeover_minutes * 60
         state.pause_reason = "takeover"
         self._reply_text(text, self.jid, tuple(state.instances))
         log.info("[TAKEOVER] An operator answered %s from the admin console: the bot is silent for %.0f min",
-                 self.jid, self._ctx.settings.human_takeover_minutes)
+                 self.jid, self._ctx.settings.conversation.human_takeover_minutes)
 
     def summary(self) -> Summary:
         """The store's listing record of this chat (name, last message, pause or booking status)."""
@@ -527,7 +527,7 @@ class ConversationActor:
 
     def _entry(self, role: str, text: str, at: float) -> WindowEntry:
         """A window entry, its text cut to MAX_MESSAGE_CHARS (the reply itself is sent whole)."""
-        limit = self._ctx.settings.max_message_chars
+        limit = self._ctx.settings.conversation.max_message_chars
         if len(text) > limit:
             log.info("Truncated a %s message kept in memory: %d → %d characters", role, len(text), limit)
             text = text[:limit]
@@ -536,11 +536,11 @@ class ConversationActor:
     def _truncate(self) -> None:
         """Keep the newest MAX_MESSAGES messages, and fewer while they exceed MAX_WINDOW_CHARS."""
         window = self.state.window
-        limit = self._ctx.settings.max_messages
+        limit = self._ctx.settings.conversation.max_messages
         before = len(window)
         if before > limit:
             del window[: before - limit]
-        budget = self._ctx.settings.max_window_chars
+        budget = self._ctx.settings.conversation.max_window_chars
         sizes = [len(e.content) for e in window]
         total, cut = sum(sizes), 0
         while total > budget and cut < len(sizes) - 1:

@@ -261,7 +261,7 @@ class OutboundSender:
         on_settled: Callable[[OutboundMessage, Delivery], Awaitable[None]] | None = None,
     ) -> None:
         self._settings = settings
-        self._local = not settings.evolution_api_url
+        self._local = not settings.outbound.evolution_api_url
         self._client: EvolutionClient | None = None
         if http is not None and not self._local:
             self._client = self._make_client(http)
@@ -269,8 +269,8 @@ class OutboundSender:
         self._nursery: trio.Nursery | None = None
         self._queues: dict[str, Deque[OutboundMessage]] = {}
         self._rng = random.Random()
-        self._pacer = _Pacer(0.0 if self._local else settings.outbound_rate_per_instance)
-        self._min_gap = 0.0 if self._local else settings.outbound_min_gap_seconds
+        self._pacer = _Pacer(0.0 if self._local else settings.outbound.outbound_rate_per_instance)
+        self._min_gap = 0.0 if self._local else settings.outbound.outbound_min_gap_seconds
         self._last_sent: dict[str, float] = {}
         self._last_sent_pruned_size = 0
         self._preferred: dict[str, str] = {}
@@ -289,13 +289,13 @@ class OutboundSender:
 
     def _make_client(self, http: httpx.AsyncClient) -> EvolutionClient:
         s = self._settings
-        return EvolutionClient(http, s.evolution_api_url, s.evolution_api_key, s.http_timeout)
+        return EvolutionClient(http, s.outbound.evolution_api_url, s.outbound.evolution_api_key, s.server.http_timeout)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the worker tasks until cancelled. Creates (and closes) the HTTP client if none was given."""
         owned: httpx.AsyncClient | None = None
         if not self._local and self._client is None:
-            owned = httpx.AsyncClient(timeout=httpx.Timeout(self._settings.http_timeout), limits=HTTP_LIMITS)
+            owned = httpx.AsyncClient(timeout=httpx.Timeout(self._settings.server.http_timeout), limits=HTTP_LIMITS)
             self._client = self._make_client(owned)
         try:
             async with trio.open_nursery() as nursery:
@@ -306,8 +306,8 @@ class OutboundSender:
                     log.info("Outbound: local mode (EVOLUTION_API_URL empty): replies go to the in-process outbox")
                 else:
                     log.info("Outbound: sending through Evolution API at %s (rate %s msg/s per instance, "
-                             "min gap %s s per chat)", self._settings.evolution_api_url,
-                             self._settings.outbound_rate_per_instance, self._settings.outbound_min_gap_seconds)
+                             "min gap %s s per chat)", self._settings.outbound.evolution_api_url,
+                             self._settings.outbound.outbound_rate_per_instance, self._settings.outbound.outbound_min_gap_seconds)
                 task_status.started()
                 try:
                     await trio.sleep_forever()
@@ -342,7 +342,7 @@ class OutboundSender:
         nursery, bounded in time), never raises, and is skipped in local mode, when ``TYPING_PRESENCE`` is
         off, when one is already running for ``jid`` or when all PRESENCE_CONCURRENCY slots are taken
         (so it never waits for one, and never takes one of the replies')."""
-        if (self._local or not self._settings.typing_presence or self._nursery is None
+        if (self._local or not self._settings.outbound.typing_presence or self._nursery is None
                 or jid in self._typing or len(self._typing) >= PRESENCE_CONCURRENCY):
             return
         self._typing.add(jid)
@@ -404,7 +404,7 @@ class OutboundSender:
         self._prune_last_sent()
 
     async def _deliver(self, message: OutboundMessage) -> Delivery:
-        parts = split_text(message.text, self._settings.split_max_chars)
+        parts = split_text(message.text, self._settings.outbound.split_max_chars)
         if len(parts) > 1:
             log.info("Outbound: reply to %s is %d characters, sending it in %d parts",
                      message.jid, len(message.text), len(parts))
@@ -431,7 +431,7 @@ class OutboundSender:
             self._outbox_seq += 1
             self._outbox.append(OutboxEntry(self._outbox_seq, message.jid, part, time.time()))
             ids.append(f"local-{self._outbox_seq}")
-            log.info("[OUTBOX] -> %s: %s", message.jid, log_text(part, self._settings.log_customer_text))
+            log.info("[OUTBOX] -> %s: %s", message.jid, log_text(part, self._settings.security.log_customer_text))
         self._sent += 1
         return Delivery("sent", candidate="local", attempts=len(parts), message_id=ids[0],
                         message_ids=tuple(ids), parts=len(parts))
@@ -443,7 +443,7 @@ class OutboundSender:
         UNKNOWN_INSTANCES=serve must not send through a configured one (docs/security.md)."""
         s = self._settings
         ordered: list[str] = []
-        for candidate in message.instances or (s.evolution_instance_id, s.evolution_instance):
+        for candidate in message.instances or (s.outbound.evolution_instance_id, s.outbound.evolution_instance):
             candidate = candidate.strip()
             if candidate and candidate not in ordered:
                 ordered.append(candidate)
@@ -468,7 +468,7 @@ class OutboundSender:
         if not candidates:
             return _PartResult(False, error="no Evolution instance: set EVOLUTION_INSTANCE or EVOLUTION_INSTANCE_ID")
         settings = self._settings
-        max_attempts = max(1, settings.outbound_max_attempts)
+        max_attempts = max(1, settings.outbound.outbound_max_attempts)
         started = trio.current_time()
         rejected: dict[str, str] = {}
         attempt = 0
@@ -499,7 +499,7 @@ class OutboundSender:
             error = outcome.error or f"HTTP {outcome.status}"
             delay = backoff_delay(attempt, self._rng, outcome.retry_after)
             elapsed = trio.current_time() - started
-            if attempt >= max_attempts or elapsed + delay > settings.outbound_max_retry_seconds:
+            if attempt >= max_attempts or elapsed + delay > settings.outbound.outbound_max_retry_seconds:
                 return _PartResult(False, candidate, attempt, error=f"gave up after {attempt} attempts: {error}")
             self._retried += 1
             log.warning("Outbound: sendText to %s failed (candidate=%s, %s); retry %d in %.1f s",
@@ -534,7 +534,7 @@ class OutboundSender:
         try:
             assert self._client is not None
             _, candidates = self._ordered_candidates(OutboundMessage(jid, "", instances))
-            with trio.move_on_after(self._settings.http_timeout + TYPING_DELAY_MS / 1000 + 1):
+            with trio.move_on_after(self._settings.server.http_timeout + TYPING_DELAY_MS / 1000 + 1):
                 for candidate in candidates:
                     outcome = await self._client.send_presence(candidate, jid, "composing", TYPING_DELAY_MS)
                     if outcome.ok or outcome.retryable:
