@@ -68,7 +68,7 @@ def _chat_row(svc: "Service", row: SummaryRow, now: float) -> dict[str, Any]:
     stats = registry.actor_statistics(row.key) if registry is not None else None
     state = row.summary.status_at(now) or "waiting"
     window, depth = row.window_size, 0
-    expires = row.last_activity + svc.settings.actor_idle_ttl
+    expires = row.last_activity + svc.settings.conversation.actor_idle_ttl
     if stats is not None:
         if stats.status == "failed":
             state = "failed"

@@ -59,8 +59,8 @@ def parse_answer(text: str) -> BookingAction | str:
 def booking_reply(settings: Settings, texts: Texts, action: BookingAction) -> str:
     """The booking link message, or the text saying it cannot be sent (no GOOGLE_BOOKING_URL)."""
     log.info("[BOOKING] Generando link de reserva - Motivo: %s",
-             log_text(action.motivo, settings.log_customer_text) if action.motivo else "(sin motivo)")
-    url = settings.google_booking_url
+             log_text(action.motivo, settings.security.log_customer_text) if action.motivo else "(sin motivo)")
+    url = settings.conversation.google_booking_url
     if not url:
         log.warning("[BOOKING] GOOGLE_BOOKING_URL no configurada: no se puede enviar el link de reserva")
         return texts.booking_unavailable

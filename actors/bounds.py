@@ -19,7 +19,7 @@ def trim(text: str, limit: int = 200) -> str:
 
 def bounded_entry(settings: Settings, role: str, text: str, at: float) -> WindowEntry:
     """A window entry, its text cut to MAX_MESSAGE_CHARS."""
-    limit = settings.max_message_chars
+    limit = settings.conversation.max_message_chars
     if len(text) > limit:
         log.info("Truncated a %s message kept in memory: %d → %d characters", role, len(text), limit)
         text = text[:limit]
@@ -28,11 +28,11 @@ def bounded_entry(settings: Settings, role: str, text: str, at: float) -> Window
 
 def truncate(settings: Settings, window: Window) -> None:
     """Keep the newest MAX_MESSAGES messages, and fewer while they exceed MAX_WINDOW_CHARS."""
-    limit = settings.max_messages
+    limit = settings.conversation.max_messages
     before = len(window)
     if before > limit:
         del window[: before - limit]
-    budget = settings.max_window_chars
+    budget = settings.conversation.max_window_chars
     sizes = [len(e.content) for e in window]
     total, cut = sum(sizes), 0
     while total > budget and cut < len(sizes) - 1:

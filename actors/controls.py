@@ -32,7 +32,7 @@ def apply_command(settings: Settings, state: ConversationState, jid: str, comman
     """Carry out an admin command or record the CRM's lead id; for ``reply``, the text to send."""
     reply = None
     if command == "pause":
-        minutes = settings.human_takeover_minutes if value is None else float(value)
+        minutes = settings.conversation.human_takeover_minutes if value is None else float(value)
         state.paused_until = now + minutes * 60 if minutes > 0 else PAUSED_UNTIL_RESUMED
         state.pause_reason = "operator"
     elif command == "resume":
@@ -60,10 +60,10 @@ def _operator_reply(settings: Settings, state: ConversationState, jid: str, text
     state.window.append(bounded_entry(settings, OPERATOR, text, now))
     truncate(settings, state.window)
     state.last_activity = now
-    state.paused_until = now + settings.human_takeover_minutes * 60
+    state.paused_until = now + settings.conversation.human_takeover_minutes * 60
     state.pause_reason = "takeover"
     log.info("[TAKEOVER] An operator answered %s from the admin console: the bot is silent for %.0f min",
-             jid, settings.human_takeover_minutes)
+             jid, settings.conversation.human_takeover_minutes)
     return text
 
 
@@ -72,15 +72,15 @@ def phone_message(settings: Settings, state: ConversationState, jid: str, messag
     """A fromMe message: our own echo (ignored), the hand-back keyword, or a human taking over."""
     if message.message_id in state.sent_ids:
         return
-    if message.text.strip().lower() == settings.takeover_keyword.lower():
+    if message.text.strip().lower() == settings.conversation.takeover_keyword.lower():
         state.paused_until, state.pause_reason = 0.0, ""
         log.info("[TAKEOVER] Operator handed %s back to the bot", jid)
         return
-    state.paused_until = now + settings.human_takeover_minutes * 60
+    state.paused_until = now + settings.conversation.human_takeover_minutes * 60
     state.pause_reason = "takeover"
     state.last_activity = now
     if message.text:
         state.window.append(bounded_entry(settings, OPERATOR, message.text, now))
         truncate(settings, state.window)
     log.info("[TAKEOVER] A person answered %s from the phone: the bot is silent for %.0f min",
-             jid, settings.human_takeover_minutes)
+             jid, settings.conversation.human_takeover_minutes)

@@ -149,7 +149,7 @@ class ConversationActor:
         if not isinstance(first, Accepted) or first.message.from_me:
             return 0.0
         settings = self._ctx.settings
-        hold = settings.debounce_seconds or settings.reorder_delay_seconds
+        hold = settings.conversation.debounce_seconds or settings.conversation.reorder_delay_seconds
         return max(0.0, first.arrived + hold - trio.current_time()) if hold else 0.0
 
     async def handle(self, batch: Sequence[Mail]) -> None:
@@ -166,7 +166,7 @@ class ConversationActor:
                 continue
             if run:
                 run.sort(key=lambda a: (a.message.timestamp, a.seq))
-                merge = self._ctx.settings.debounce_seconds > 0
+                merge = self._ctx.settings.conversation.debounce_seconds > 0
                 units.extend([list(run)] if merge else [[m] for m in run])
                 run = []
             if isinstance(item, Control):
@@ -300,7 +300,7 @@ class ConversationActor:
                 return self._silent(len(items))
             log.info("[BOOKING] Nueva pregunta después del link, continuando conversación: %s", self._shown(text))
             state.booking_sent = False
-        flood = flood_check(state, now, ctx.settings.flood_max_per_minute, self.jid)
+        flood = flood_check(state, now, ctx.settings.conversation.flood_max_per_minute, self.jid)
         if flood is Flood.NOTICE:
             self._reply_text(ctx.texts.flood_notice, self.jid, sender_instances(ctx.settings, last))
         if flood is not Flood.ASK:
@@ -311,10 +311,10 @@ class ConversationActor:
         action = parse_answer(answer.text) if not answer.failed else answer.text
         if isinstance(action, BookingAction):
             self._reply(last, booking_reply(ctx.settings, ctx.texts, action))
-            if ctx.settings.google_booking_url:
+            if ctx.settings.conversation.google_booking_url:
                 state.booking_sent = True
                 log.info("[BOOKING] Conversación marcada como completada para user_id=%s", self.jid)
-                if ctx.crm is not None and ctx.settings.crm_enabled:
+                if ctx.crm is not None and ctx.settings.crm.crm_enabled:
                     self._crm = lead_request(self.jid, state.lead, action)
         else:
             self._reply(last, action)
@@ -330,16 +330,16 @@ class ConversationActor:
 
     def _shown(self, text: str) -> str:
         """A customer's or the model's text as LOG_CUSTOMER_TEXT lets a log line show it."""
-        return log_text(text, self._ctx.settings.log_customer_text)
+        return log_text(text, self._ctx.settings.security.log_customer_text)
 
     def _is_reset(self, text: str) -> bool:
         if len(text) > MAX_SCANNED_CHARS:
             return False
         normal = normalise(text)
-        return bool(normal) and normal in {normalise(k) for k in self._ctx.settings.reset_keywords}
+        return bool(normal) and normal in {normalise(k) for k in self._ctx.settings.conversation.reset_keywords}
 
     def _unknown_message_text(self) -> str:
-        configured = self._ctx.settings.unknown_message_text
+        configured = self._ctx.settings.conversation.unknown_message_text
         return self._ctx.texts.unknown_message if configured == "default" else configured
 
     def _silent(self, count: int) -> None:

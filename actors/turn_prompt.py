@@ -22,12 +22,12 @@ MIN_PROMPT_MESSAGE_CHARS = 1000   # the newest message keeps at least this much,
 
 def build_prompt(settings: Settings, system: str, window: Window, messages: Sequence[InboundMessage]) -> Prompt:
     """The prompt for the turn of ``messages``, whose texts are the newest entries of ``window``."""
-    limit = settings.max_messages
+    limit = settings.conversation.max_messages
     history = [ChatMessage(e.model_role, e.content) for e in window[-limit:]]
     history[-1] = ChatMessage(USER, model_text(messages))
     for _ in range(min(len(messages), len(history)) - 1):  # merged turn: one user message for all
         history.pop(-2)
-    budget = max(settings.prompt_max_chars - len(system), MIN_PROMPT_MESSAGE_CHARS)
+    budget = max(settings.conversation.prompt_max_chars - len(system), MIN_PROMPT_MESSAGE_CHARS)
     return Prompt(system=system, messages=tuple(within(history[-limit:], budget)))
 
 

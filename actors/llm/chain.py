@@ -280,18 +280,18 @@ class ProviderChain:
 
 
 def build_chain(settings: Settings, polite_text: str) -> ProviderChain:
-    """The supervisor for ``settings.provider_order``, with every knob from the settings."""
+    """The supervisor for ``settings.llm.provider_order``, with every knob from the settings."""
     from .providers import build_provider
 
-    providers = [build_provider(name, settings) for name in settings.provider_order]
+    providers = [build_provider(name, settings) for name in settings.llm.provider_order]
     return ProviderChain(
         providers,
         polite_text=polite_text,
-        timeout=settings.llm_timeout,
-        turn_deadline=settings.turn_deadline_seconds,
-        concurrency=settings.llm_concurrency,
-        retry_after_budget=settings.llm_retry_after_budget,
-        failure_threshold=settings.circuit_failure_threshold,
-        cooldown=settings.circuit_cooldown_seconds,
-        stall_seconds=settings.circuit_stall_seconds,
+        timeout=settings.llm.llm_timeout,
+        turn_deadline=settings.llm.turn_deadline_seconds,
+        concurrency=settings.llm.llm_concurrency,
+        retry_after_budget=settings.llm.llm_retry_after_budget,
+        failure_threshold=settings.llm.circuit_failure_threshold,
+        cooldown=settings.llm.circuit_cooldown_seconds,
+        stall_seconds=settings.llm.circuit_stall_seconds,
     )

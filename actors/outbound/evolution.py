@@ -45,10 +45,10 @@ class EvolutionTransport:
     def __init__(self, settings: Settings, http: httpx.AsyncClient | None = None) -> None:
         self._settings = settings
         self._http = http
-        self._base = settings.evolution_api_url.rstrip("/")
-        self._headers = {"apikey": settings.evolution_api_key, "Content-Type": "application/json",
+        self._base = settings.outbound.evolution_api_url.rstrip("/")
+        self._headers = {"apikey": settings.outbound.evolution_api_key, "Content-Type": "application/json",
                          "Accept": "application/json"}
-        self._timeout = settings.http_timeout
+        self._timeout = settings.server.http_timeout
         self._limiter = trio.CapacityLimiter(HTTP_CONCURRENCY)
         self._presence_limiter = trio.CapacityLimiter(PRESENCE_CONCURRENCY)
 
@@ -61,8 +61,8 @@ class EvolutionTransport:
         try:
             s = self._settings
             log.info("Outbound: sending through Evolution API at %s (rate %s msg/s per instance, "
-                     "min gap %s s per chat)", s.evolution_api_url, s.outbound_rate_per_instance,
-                     s.outbound_min_gap_seconds)
+                     "min gap %s s per chat)", s.outbound.evolution_api_url, s.outbound.outbound_rate_per_instance,
+                     s.outbound.outbound_min_gap_seconds)
             yield
         finally:
             if owned is not None:

@@ -136,18 +136,18 @@ class OutboundSender:
     ) -> None:
         self._settings = settings
         self._outbox: LocalOutbox | None = None
-        if settings.evolution_api_url:
+        if settings.outbound.evolution_api_url:
             self._transport: Transport = EvolutionTransport(settings, http)
         else:
-            self._outbox = LocalOutbox(settings.log_customer_text)
+            self._outbox = LocalOutbox(settings.security.log_customer_text)
             self._transport = self._outbox
         paced = self._transport.paced
-        self._pacer = Pacer(settings.outbound_rate_per_instance if paced else 0.0, MAX_INSTANCE_KEYS)
-        self._gap = ChatGap(settings.outbound_min_gap_seconds if paced else 0.0)
+        self._pacer = Pacer(settings.outbound.outbound_rate_per_instance if paced else 0.0, MAX_INSTANCE_KEYS)
+        self._gap = ChatGap(settings.outbound.outbound_min_gap_seconds if paced else 0.0)
         self._retry = RetryPolicy(
-            attempts=max(1, settings.outbound_max_attempts),
+            attempts=max(1, settings.outbound.outbound_max_attempts),
             base=BACKOFF_BASE_SECONDS, cap=BACKOFF_CAP_SECONDS, jitter=BACKOFF_JITTER,
-            budget=max(0.0, settings.outbound_max_retry_seconds),  # below 0 gives up as at 0: on the first failure
+            budget=max(0.0, settings.outbound.outbound_max_retry_seconds),  # below 0 gives up as at 0: on the first failure
         )
         self._chats: KeyedSerialExecutor[str, OutboundMessage] = KeyedSerialExecutor(
             self._handle, queue_capacity=QUEUE_CAPACITY, max_keys_in_flight=MAX_CHATS_IN_FLIGHT, name="Outbound")
@@ -205,7 +205,7 @@ class OutboundSender:
         mode), when ``TYPING_PRESENCE`` is off, when one is already running for ``jid`` or when all the
         transport's presence slots are taken (so it never waits for one, and never takes one of the
         replies')."""
-        if (not self._settings.typing_presence or self._nursery is None
+        if (not self._settings.outbound.typing_presence or self._nursery is None
                 or jid in self._typing or len(self._typing) >= self._transport.presence_slots):
             return
         self._typing.add(jid)
@@ -275,7 +275,7 @@ class OutboundSender:
                 self._refused_idle.set()
 
     async def _deliver(self, message: OutboundMessage) -> Delivery:
-        parts = split_text(message.text, self._settings.split_max_chars)
+        parts = split_text(message.text, self._settings.outbound.split_max_chars)
         if len(parts) > 1:
             log.info("Outbound: reply to %s is %d characters, sending it in %d parts",
                      message.jid, len(message.text), len(parts))
@@ -301,7 +301,7 @@ class OutboundSender:
         UNKNOWN_INSTANCES=serve must not send through a configured one (docs/security.md)."""
         s = self._settings
         ordered: list[str] = []
-        for candidate in message.instances or (s.evolution_instance_id, s.evolution_instance):
+        for candidate in message.instances or (s.outbound.evolution_instance_id, s.outbound.evolution_instance):
             candidate = candidate.strip()
             if candidate and candidate not in ordered:
                 ordered.append(candidate)
@@ -377,7 +377,7 @@ class OutboundSender:
     async def _presence(self, jid: str, instances: tuple[str, ...]) -> None:
         try:
             _, candidates = self._ordered_candidates(OutboundMessage(jid, "", instances))
-            with trio.move_on_after(self._settings.http_timeout + TYPING_DELAY_MS / 1000 + 1):
+            with trio.move_on_after(self._settings.server.http_timeout + TYPING_DELAY_MS / 1000 + 1):
                 for candidate in candidates:
                     outcome = await self._transport.send_presence(candidate, jid, "composing", TYPING_DELAY_MS)
                     if outcome.ok or outcome.retryable:
