@@ -214,7 +214,7 @@ async def _body() -> dict[str, Any] | Response:
 def register_console(app: QuartTrio, settings: Settings, svc: Service, admin: Callable[[Handler], Handler],
                      sessions: Sessions, is_loopback: Callable[[], bool]) -> None:
     """Add ``/admin`` (the page), its session endpoints and its JSON API to ``app``."""
-    page = PAGE.read_text(encoding="utf-8").replace('<html lang="en">', f'<html lang="{settings.language}">', 1)
+    page = PAGE.read_text(encoding="utf-8").replace('<html lang="en">', f'<html lang="{settings.conversation.language}">', 1)
 
     @app.after_request
     async def console_headers(response: Response) -> Response:
@@ -228,19 +228,19 @@ def register_console(app: QuartTrio, settings: Settings, svc: Service, admin: Ca
 
     @app.get("/admin")
     async def console_page() -> Response:
-        if not settings.admin_token and not is_loopback():
+        if not settings.security.admin_token and not is_loopback():
             return _private_error(403, "the admin console is served to loopback clients only when ADMIN_TOKEN is unset")
         return Response(page, content_type="text/html; charset=utf-8", headers={"Cache-Control": "no-store"})
 
     def session_body(session: Session) -> dict[str, Any]:
-        return {"csrf": session.csrf, "expires_at": session.expires_at, "auth_required": bool(settings.admin_token)}
+        return {"csrf": session.csrf, "expires_at": session.expires_at, "auth_required": bool(settings.security.admin_token)}
 
     @app.get("/admin/session")
     async def console_session() -> Response:
         # 200 either way: the page asks on load, and a 401 would be logged as an error in its console
         session = sessions.current()
-        if session is None or (not settings.admin_token and not is_loopback()):
-            return _private_json({"authenticated": False, "auth_required": bool(settings.admin_token)})
+        if session is None or (not settings.security.admin_token and not is_loopback()):
+            return _private_json({"authenticated": False, "auth_required": bool(settings.security.admin_token)})
         return _private_json({"authenticated": True, **session_body(session)})
 
     @app.post("/admin/login")
@@ -248,9 +248,9 @@ def register_console(app: QuartTrio, settings: Settings, svc: Service, admin: Ca
         body = await _body()
         if isinstance(body, Response):
             return body
-        if settings.admin_token:
+        if settings.security.admin_token:
             token = body.get("token")
-            if not isinstance(token, str) or not hmac.compare_digest(token.encode(), settings.admin_token.encode()):
+            if not isinstance(token, str) or not hmac.compare_digest(token.encode(), settings.security.admin_token.encode()):
                 return _private_error(401, "wrong admin token")
         elif not is_loopback():
             return _private_error(403, "the admin console is served to loopback clients only when ADMIN_TOKEN is unset")
@@ -369,17 +369,17 @@ def create_app(settings: Settings | None = None, service: Service | None = None,
     settings = settings if settings is not None else load_settings()
     check_exposure(settings)
     app = QuartTrio(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    app.config["BACKGROUND_TASK_SHUTDOWN_TIMEOUT"] = settings.shutdown_grace_seconds + 5
+    app.config["MAX_CONTENT_LENGTH"] = settings.server.max_body_bytes
+    app.config["BACKGROUND_TASK_SHUTDOWN_TIMEOUT"] = settings.server.shutdown_grace_seconds + 5
     svc = service if service is not None else Service(settings)
     app.extensions["service"] = svc
 
     @app.before_serving
     async def start() -> None:
         configure_logging(
-            log_dir=settings.log_dir, log_file=settings.log_file, level=settings.log_level,
-            max_bytes=settings.log_max_bytes, backup_count=settings.log_backup_count,
-            json_lines=settings.log_json, secrets=settings.secret_values(), stderr=settings.log_stderr,
+            log_dir=settings.logging.log_dir, log_file=settings.logging.log_file, level=settings.logging.log_level,
+            max_bytes=settings.logging.log_max_bytes, backup_count=settings.logging.log_backup_count,
+            json_lines=settings.logging.log_json, secrets=settings.secret_values(), stderr=settings.logging.log_stderr,
             names=dict.fromkeys(("actors", "runtime", "app", "__main__"), "python-agent"),
         )
         try:
@@ -404,29 +404,29 @@ def create_app(settings: Settings | None = None, service: Service | None = None,
 
     @app.after_serving
     async def stop() -> None:
-        await svc.shutdown(settings.shutdown_grace_seconds)
+        await svc.shutdown(settings.server.shutdown_grace_seconds)
 
     @app.after_request
     async def security_headers(response: Response) -> Response:
         response.headers["X-Content-Type-Options"] = "nosniff"
         return response
 
-    sessions = Sessions(settings.admin_session_minutes * 60)
+    sessions = Sessions(settings.security.admin_session_minutes * 60)
 
     def is_loopback() -> bool:
         return _loopback_peer(request.remote_addr, request.headers)
 
     def admin(handler: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[Response]]:
         """Bearer ADMIN_TOKEN (or the admin console's session) when set; otherwise loopback peers
-        only, never through a proxy (SPEC §7). A state-changing request on the console's session
+        only, never through a proxy (docs/behaviour.md §8.1). A state-changing request on the console's session
         needs its CSRF token. Every answer is ``Cache-Control: no-store``."""
 
         @wraps(handler)
         async def guarded(*args: Any, **kwargs: Any) -> Response:
             session = sessions.current()
-            if settings.admin_token:
+            if settings.security.admin_token:
                 supplied = request.headers.get("Authorization", "")
-                expected = f"Bearer {settings.admin_token}"
+                expected = f"Bearer {settings.security.admin_token}"
                 if hmac.compare_digest(supplied.encode(), expected.encode()):
                     session = None   # the Bearer token is no ambient credential: no CSRF token needed
                 elif session is None:
@@ -458,9 +458,9 @@ def create_app(settings: Settings | None = None, service: Service | None = None,
         # Read the (size-limited) body first, even for a request about to be refused: answering
         # with the body unread leaves the keep-alive connection stuck for the client's next request.
         raw = await request.get_data(as_text=False)
-        if settings.webhook_secret:
+        if settings.security.webhook_secret:
             supplied = request.headers.get("x-webhook-token") or request.args.get("token") or ""
-            if not hmac.compare_digest(supplied.encode(), settings.webhook_secret.encode()):
+            if not hmac.compare_digest(supplied.encode(), settings.security.webhook_secret.encode()):
                 return _error(401, "webhook token missing or wrong")
         try:
             text = raw.removeprefix(b"\xef\xbb\xbf").decode("utf-8")   # JSON is UTF-8 (RFC 8259); a BOM is tolerated

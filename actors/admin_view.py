@@ -69,7 +69,7 @@ def _chat_row(svc: "Service", row: MetaRow, now: float) -> dict[str, Any]:
     meta = row.meta
     state = meta.status_at(now) or "waiting"
     window, depth = meta.size, 0
-    expires = meta.last_activity + svc.settings.actor_idle_ttl
+    expires = meta.last_activity + svc.settings.conversation.actor_idle_ttl
     if stats is not None:
         if stats.status == "failed":
             state = "failed"

@@ -1,6 +1,6 @@
 """The conversation actor: one per chat, owning its window, booking flag, lead info and pause state.
 
-One turn (SPEC §1.4): window += user message → finished-conversation rule → prompt →
+One turn (docs/behaviour.md §3.2): window += user message → finished-conversation rule → prompt →
 ProviderChain.ask → booking JSON or text → outbound (per-JID FIFO) → window += reply →
 truncate → one store commit that saves the state, acks the inbox rows and writes the outbox rows.
 Replies are handed to the outbound supervisor only after that commit, in turn order.
@@ -17,24 +17,26 @@ import trio
 from runtime.clock import Clock
 from runtime.store import StateMeta, Store
 
-from .booking import BookingAction, parse_answer
+from .booking import BookingAction, booking_reply, lead_request, parse_answer
+from .bounds import bounded_entry, truncate
+from .bounds import trim as _trim
+from .controls import apply_command, phone_message, remember_sent
 from .crm import LeadRequest
+from .flood import Flood, flood_check
 from .generic import MAX_SCANNED_CHARS, is_generic_message, normalise
 from .inbound import InboundMessage
 from .instances import sender_instances
 from .jid import phone_of
-from .llm.base import ChatMessage, Prompt
+from .llm.base import Prompt
 from .llm.chain import Answer
 from .outbound import OutboundMessage
 from .privacy import log_text
 from .prompts import Texts
 from .settings import Settings
-from .state import ASSISTANT, OPERATOR, USER, ConversationState, LeadInfo, WindowEntry, seed_messages
+from .state import ASSISTANT, OPERATOR, USER, ConversationState, LeadInfo, seed_messages
+from .turn_prompt import build_prompt
 
 log = logging.getLogger(__name__)
-SENT_IDS_KEPT = 50
-MIN_PROMPT_MESSAGE_CHARS = 1000   # the newest message keeps at least this much, however long the system prompt
-PAUSED_UNTIL_RESUMED = 253402300799.0   # paused_until for "until resumed" (9999-12-31, finite for JSON)
 PREVIEW_CHARS = 120
 
 
@@ -108,28 +110,6 @@ class ConversationSnapshot:
     crashes: int
 
 
-def _trim(text: str, limit: int = 200) -> str:
-    return text if len(text) <= limit else text[:limit] + "…"
-
-
-def _within(history: list[ChatMessage], budget: int) -> list[ChatMessage]:
-    """The newest messages whose text fits in ``budget`` characters; the newest always (cut to
-    the budget when it alone is larger), so a huge chat can never make a huge prompt."""
-    kept: list[ChatMessage] = []
-    used = 0
-    for message in reversed(history):
-        room = budget - used
-        if len(message.content) > room:
-            if kept:
-                break
-            log.info("Truncated the prompt's last message: %d → %d characters", len(message.content), room)
-            message = ChatMessage(message.role, message.content[:room])
-        kept.append(message)
-        used += len(message.content)
-    kept.reverse()
-    return kept
-
-
 class ConversationActor:
     """Handles one chat's mail strictly in order (the runtime guarantees one batch at a time)."""
 
@@ -169,7 +149,7 @@ class ConversationActor:
         if not isinstance(first, Accepted) or first.message.from_me:
             return 0.0
         settings = self._ctx.settings
-        hold = settings.debounce_seconds or settings.reorder_delay_seconds
+        hold = settings.conversation.debounce_seconds or settings.conversation.reorder_delay_seconds
         return max(0.0, first.arrived + hold - trio.current_time()) if hold else 0.0
 
     async def handle(self, batch: Sequence[Mail]) -> None:
@@ -186,7 +166,7 @@ class ConversationActor:
                 continue
             if run:
                 run.sort(key=lambda a: (a.message.timestamp, a.seq))
-                merge = self._ctx.settings.debounce_seconds > 0
+                merge = self._ctx.settings.conversation.debounce_seconds > 0
                 units.extend([list(run)] if merge else [[m] for m in run])
                 run = []
             if isinstance(item, Control):
@@ -208,7 +188,8 @@ class ConversationActor:
         customer = []
         for item in items:
             if item.message.from_me:
-                self._operator_message(item)
+                self._acked.append(item.seq)
+                phone_message(self._ctx.settings, self.state, self.jid, item.message, self._ctx.clock.now())
             else:
                 customer.append(item)
         if customer:
@@ -244,7 +225,7 @@ class ConversationActor:
             if message.from_me:
                 continue
             state.messages_in += 1
-            state.window.append(self._entry(USER, message.text, state.last_activity))
+            state.window.append(bounded_entry(self._ctx.settings, USER, message.text, state.last_activity))
             self._reply(message, self._ctx.texts.polite_error)
             log.info("[RESPUESTA]: %s", self._ctx.texts.polite_error)
         await self._commit()
@@ -287,26 +268,6 @@ class ConversationActor:
 
     # -- one batch -------------------------------------------------------------------------------
 
-    def _operator_message(self, item: Accepted) -> None:
-        """A fromMe message: our own echo (ignored), the hand-back keyword, or a human taking over."""
-        ctx, state, message = self._ctx, self.state, item.message
-        self._acked.append(item.seq)
-        if message.message_id in state.sent_ids:
-            return
-        now = ctx.clock.now()
-        if message.text.strip().lower() == ctx.settings.takeover_keyword.lower():
-            state.paused_until, state.pause_reason = 0.0, ""
-            log.info("[TAKEOVER] Operator handed %s back to the bot", self.jid)
-            return
-        state.paused_until = now + ctx.settings.human_takeover_minutes * 60
-        state.pause_reason = "takeover"
-        state.last_activity = now
-        if message.text:
-            state.window.append(self._entry(OPERATOR, message.text, now))
-            self._truncate()
-        log.info("[TAKEOVER] A person answered %s from the phone: the bot is silent for %.0f min",
-                 self.jid, ctx.settings.human_takeover_minutes)
-
     async def _turn(self, items: list[Accepted]) -> None:
         ctx, state = self._ctx, self.state
         now = ctx.clock.now()
@@ -317,7 +278,7 @@ class ConversationActor:
             self._acked.append(item.seq)
             state.messages_in += 1
             state.last_activity = now
-            state.window.append(self._entry(USER, message.text, now))
+            state.window.append(bounded_entry(ctx.settings, USER, message.text, now))
         last = items[-1].message
         text = "\n".join(i.message.text for i in items)
 
@@ -339,108 +300,51 @@ class ConversationActor:
                 return self._silent(len(items))
             log.info("[BOOKING] Nueva pregunta después del link, continuando conversación: %s", self._shown(text))
             state.booking_sent = False
-        if self._flooded(now, last):
+        flood = flood_check(state, now, ctx.settings.conversation.flood_max_per_minute, self.jid)
+        if flood is Flood.NOTICE:
+            self._reply_text(ctx.texts.flood_notice, self.jid, sender_instances(ctx.settings, last))
+        if flood is not Flood.ASK:
             return self._silent(len(items))
 
         answer = await self._ask(items)
         log.info("[RESPUESTA DEL LLM]: %s", self._shown(answer.text))
         action = parse_answer(answer.text) if not answer.failed else answer.text
         if isinstance(action, BookingAction):
-            self._reply(last, self._booking_reply(action))
-            if ctx.settings.google_booking_url:
+            self._reply(last, booking_reply(ctx.settings, ctx.texts, action))
+            if ctx.settings.conversation.google_booking_url:
                 state.booking_sent = True
                 log.info("[BOOKING] Conversación marcada como completada para user_id=%s", self.jid)
-                self._crm = self._lead_request(action)
+                if ctx.crm is not None and ctx.settings.crm.crm_enabled:
+                    self._crm = lead_request(self.jid, state.lead, action)
         else:
             self._reply(last, action)
 
     async def _ask(self, items: list[Accepted]) -> Answer:
-        """The prompt holds at most MAX_MESSAGES history messages within PROMPT_MAX_CHARS; the new
-        text is last, verbatim (cut only when it alone exceeds the budget)."""
+        """Show "typing…" and ask the chain with the turn's prompt (turn_prompt.py)."""
         ctx = self._ctx
-        limit = ctx.settings.max_messages
-        history = [ChatMessage(e.model_role, e.content) for e in self.state.window[-limit:]]
-        history[-1] = ChatMessage(USER, self._model_text(items))
-        for _ in range(min(len(items), len(history)) - 1):  # merged turn: one user message for all
-            history.pop(-2)
-        system = ctx.texts.agent_instruction
-        budget = max(ctx.settings.prompt_max_chars - len(system), MIN_PROMPT_MESSAGE_CHARS)
-        prompt = Prompt(system=system, messages=tuple(_within(history[-limit:], budget)))
-        last = items[-1].message
+        messages = [item.message for item in items]
+        prompt = build_prompt(ctx.settings, ctx.texts.agent_instruction, self.state.window, messages)
+        last = messages[-1]
         await ctx.outbound.typing(last.jid, sender_instances(ctx.settings, last))   # returns at once; best effort
         return await ctx.chain.ask(prompt)
 
-    def _model_text(self, items: list[Accepted]) -> str:
-        """The customers' text(s) verbatim; a quoted message or a group sender's name as context."""
-        parts = []
-        for item in items:
-            message = item.message
-            text = message.text
-            if message.jid.endswith("@g.us") and message.push_name:
-                text = f"{message.push_name}: {text}"
-            if message.quoted_text:
-                text = f"[En respuesta a: \"{_trim(message.quoted_text, 500)}\"]\n{text}"
-            parts.append(text)
-        return "\n".join(parts)
-
     def _shown(self, text: str) -> str:
         """A customer's or the model's text as LOG_CUSTOMER_TEXT lets a log line show it."""
-        return log_text(text, self._ctx.settings.log_customer_text)
+        return log_text(text, self._ctx.settings.security.log_customer_text)
 
     def _is_reset(self, text: str) -> bool:
         if len(text) > MAX_SCANNED_CHARS:
             return False
         normal = normalise(text)
-        return bool(normal) and normal in {normalise(k) for k in self._ctx.settings.reset_keywords}
+        return bool(normal) and normal in {normalise(k) for k in self._ctx.settings.conversation.reset_keywords}
 
     def _unknown_message_text(self) -> str:
-        configured = self._ctx.settings.unknown_message_text
+        configured = self._ctx.settings.conversation.unknown_message_text
         return self._ctx.texts.unknown_message if configured == "default" else configured
-
-    def _flooded(self, now: float, last: InboundMessage) -> bool:
-        """At most FLOOD_MAX_PER_MINUTE LLM calls per minute; one notice per minute beyond that."""
-        limit = self._ctx.settings.flood_max_per_minute
-        if not limit:
-            return False
-        calls = self.state.llm_calls
-        calls[:] = [t for t in calls if now - t < 60.0]
-        if len(calls) < limit:
-            calls.append(now)
-            return False
-        log.warning("Flood control: %s sent more than %d messages in a minute; not sent to the LLM", self.jid, limit)
-        if now - self.state.flood_noticed_at >= 60.0:
-            self.state.flood_noticed_at = now
-            self._reply_text(self._ctx.texts.flood_notice, self.jid, sender_instances(self._ctx.settings, last))
-        return True
 
     def _silent(self, count: int) -> None:
         self.state.ignored += count
-        self._truncate()
-
-    def _booking_reply(self, action: BookingAction) -> str:
-        ctx = self._ctx
-        log.info("[BOOKING] Generando link de reserva - Motivo: %s",
-                 self._shown(action.motivo) if action.motivo else "(sin motivo)")
-        url = ctx.settings.google_booking_url
-        if not url:
-            log.warning("[BOOKING] GOOGLE_BOOKING_URL no configurada: no se puede enviar el link de reserva")
-            return ctx.texts.booking_unavailable
-        log.info("[BOOKING] Link de reserva generado exitosamente")
-        return ctx.texts.booking_message.format(url=url)
-
-    def _lead_request(self, action: BookingAction) -> LeadRequest | None:
-        ctx = self._ctx
-        if ctx.crm is None or not ctx.settings.crm_enabled:
-            return None
-        lead = self.state.lead
-        return LeadRequest(
-            jid=self.jid,
-            name=lead.nombre or "Lead desde WhatsApp",
-            phone=lead.telefono or None,
-            motivo=action.motivo,
-            lead_id=lead.lead_id,
-            alt_jid=lead.alt_jid,
-        )
+        truncate(self._ctx.settings, self.state.window)
 
     def _remember_customer(self, message: InboundMessage) -> None:
         lead: LeadInfo = self.state.lead
@@ -457,48 +361,17 @@ class ConversationActor:
     # -- control -----------------------------------------------------------------------------------
 
     async def _control(self, control: Control) -> None:
-        state, now = self.state, self._ctx.clock.now()
+        state = self.state
         if control.command == "sent":   # bookkeeping only: saved with the next commit
-            state.sent_ids.extend(control.value)
-            del state.sent_ids[:-SENT_IDS_KEPT]
+            remember_sent(state, control.value)
             control.done.set()
             return
-        if control.command == "pause":
-            minutes = self._ctx.settings.human_takeover_minutes if control.value is None else float(control.value)
-            state.paused_until = now + minutes * 60 if minutes > 0 else PAUSED_UNTIL_RESUMED
-            state.pause_reason = "operator"
-        elif control.command == "resume":
-            state.paused_until, state.pause_reason = 0.0, ""
-        elif control.command == "reset":
-            state.window.clear()
-            state.booking_sent = False
-            state.paused_until, state.pause_reason = 0.0, ""
-        elif control.command == "reply":
-            self._operator_reply(str(control.value), now)
-        elif control.command == "lead":
-            state.lead.lead_id = int(control.value)
-        else:
-            raise ValueError(f"unknown control command {control.command!r}")
-        if control.command == "lead":
-            log.info("[CRM] lead_id=%s guardado para user_id=%s", control.value, self.jid)
-        else:
-            log.info("Admin %s for %s", control.command, self.jid)
+        text = apply_command(self._ctx.settings, state, self.jid, control.command, control.value, self._ctx.clock.now())
+        if text is not None:   # an operator's reply: sent behind the bot's earlier replies
+            self._reply_text(text, self.jid, tuple(state.instances))
         await self._commit()
         control.applied = True
         control.done.set()
-
-    def _operator_reply(self, text: str, now: float) -> None:
-        """An operator's reply typed in the admin console: sent behind the bot's earlier replies,
-        kept in the window as the operator's, and a human takeover (the bot stays silent)."""
-        state = self.state
-        state.window.append(self._entry(OPERATOR, text, now))
-        self._truncate()
-        state.last_activity = now
-        state.paused_until = now + self._ctx.settings.human_takeover_minutes * 60
-        state.pause_reason = "takeover"
-        self._reply_text(text, self.jid, tuple(state.instances))
-        log.info("[TAKEOVER] An operator answered %s from the admin console: the bot is silent for %.0f min",
-                 self.jid, self._ctx.settings.human_takeover_minutes)
 
     def meta(self) -> StateMeta:
         """What the store keeps beside this chat's state: its last activity, its window length and
@@ -521,38 +394,12 @@ class ConversationActor:
 
     def _reply(self, message: InboundMessage, text: str) -> None:
         self.state.replies_out += 1
-        self.state.window.append(self._entry(ASSISTANT, text, self.state.last_activity))
-        self._truncate()
+        self.state.window.append(bounded_entry(self._ctx.settings, ASSISTANT, text, self.state.last_activity))
+        truncate(self._ctx.settings, self.state.window)
         self._reply_text(text, message.jid, sender_instances(self._ctx.settings, message))
 
     def _reply_text(self, text: str, jid: str, instances: tuple[str, ...]) -> None:
         self._outbox.append(("reply", {"jid": jid, "text": text, "instances": list(instances)}))
-
-    def _entry(self, role: str, text: str, at: float) -> WindowEntry:
-        """A window entry, its text cut to MAX_MESSAGE_CHARS (the reply itself is sent whole)."""
-        limit = self._ctx.settings.max_message_chars
-        if len(text) > limit:
-            log.info("Truncated a %s message kept in memory: %d → %d characters", role, len(text), limit)
-            text = text[:limit]
-        return WindowEntry(role, text, at)
-
-    def _truncate(self) -> None:
-        """Keep the newest MAX_MESSAGES messages, and fewer while they exceed MAX_WINDOW_CHARS."""
-        window = self.state.window
-        limit = self._ctx.settings.max_messages
-        before = len(window)
-        if before > limit:
-            del window[: before - limit]
-        budget = self._ctx.settings.max_window_chars
-        sizes = [len(e.content) for e in window]
-        total, cut = sum(sizes), 0
-        while total > budget and cut < len(sizes) - 1:
-            total -= sizes[cut]
-            cut += 1
-        if cut:
-            del window[:cut]
-        if len(window) < before:
-            log.info("Truncated memory: %d → %d messages", before, len(window))
 
     async def _commit(self) -> None:
         """One store transaction for the batch; then the replies (in order) and the CRM job go out."""

@@ -234,7 +234,7 @@ class CrmSupervisor:
         on_done: Callable[[LeadRequest, str], Awaitable[None]] | None = None,
     ) -> None:
         self._settings = settings
-        self._enabled = settings.crm_enabled
+        self._enabled = settings.crm.crm_enabled
         self._client: KrayinClient | None = self._make_client(http) if http is not None and self._enabled else None
         self._on_lead = on_lead
         self._on_done = on_done
@@ -254,7 +254,7 @@ class CrmSupervisor:
 
     def _make_client(self, http: httpx.AsyncClient) -> KrayinClient:
         s = self._settings
-        return KrayinClient(http, s.krayin_api_url, s.krayin_api_token, s.http_timeout)
+        return KrayinClient(http, s.crm.krayin_api_url, s.crm.krayin_api_token, s.server.http_timeout)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -263,7 +263,7 @@ class CrmSupervisor:
         s = self._settings
         owned: httpx.AsyncClient | None = None
         if self._enabled and self._client is None:
-            owned = httpx.AsyncClient(timeout=httpx.Timeout(s.http_timeout), limits=HTTP_LIMITS)
+            owned = httpx.AsyncClient(timeout=httpx.Timeout(s.server.http_timeout), limits=HTTP_LIMITS)
             self._client = self._make_client(owned)
         try:
             async with trio.open_nursery() as nursery:
@@ -272,8 +272,8 @@ class CrmSupervisor:
                     for jid in list(self._queues):
                         nursery.start_soon(self._worker, jid)
                     log.info("[CRM] Registro automático de leads activo: Krayin en %s (stage=%s, user=%s, "
-                             "source=%s, type=%s)", s.krayin_api_url, s.krayin_stage_id, s.krayin_user_id,
-                             s.krayin_lead_source_id, s.krayin_lead_type_id)
+                             "source=%s, type=%s)", s.crm.krayin_api_url, s.crm.krayin_stage_id, s.crm.krayin_user_id,
+                             s.crm.krayin_lead_source_id, s.crm.krayin_lead_type_id)
                 else:
                     log.info("[CRM] Registro de leads desactivado (%s)", self._why_disabled())
                 task_status.started()
@@ -289,10 +289,10 @@ class CrmSupervisor:
 
     def _why_disabled(self) -> str:
         s = self._settings
-        if not s.crm_auto_register:
+        if not s.crm.crm_auto_register:
             return "CRM_AUTO_REGISTER=false"
-        missing = [name for name, value in (("KRAYIN_API_URL", s.krayin_api_url),
-                                            ("KRAYIN_API_TOKEN", s.krayin_api_token)) if not value]
+        missing = [name for name, value in (("KRAYIN_API_URL", s.crm.krayin_api_url),
+                                            ("KRAYIN_API_TOKEN", s.crm.krayin_api_token)) if not value]
         return f"falta {', '.join(missing)}"
 
     def submit(self, request: LeadRequest) -> None:
@@ -382,7 +382,7 @@ class CrmSupervisor:
     async def _process(self, job: _Job) -> str:
         """Run one job to completion: retry retryable failures with capped backoff, give up after
         ``CRM_GIVE_UP_SECONDS`` or on a permanent error."""
-        give_up = self._settings.crm_give_up_seconds
+        give_up = self._settings.crm.crm_give_up_seconds
         while True:
             job.attempts += 1
             try:
@@ -507,7 +507,7 @@ class CrmSupervisor:
 
     def _shown(self, value: object) -> str:
         """Lead data (the customer's name, the model's motivo) as LOG_CUSTOMER_TEXT lets a log line show it."""
-        return log_text(str(value), self._settings.log_customer_text)
+        return log_text(str(value), self._settings.security.log_customer_text)
 
     # ------------------------------------------------------------------ Krayin payloads
 
@@ -529,7 +529,7 @@ class CrmSupervisor:
     def _email(self, request: LeadRequest, phone: str | None) -> str:
         if request.email:
             return request.email
-        domain = self._settings.crm_email_domain
+        domain = self._settings.crm.crm_email_domain
         if phone:
             return f"wa-{phone}@{domain}"
         local = re.sub(r"[^0-9A-Za-z]", "", request.jid.split("@", 1)[0]) or "unknown"
@@ -598,10 +598,10 @@ class CrmSupervisor:
             "title": title,
             "description": self._description(request),
             "lead_value": value,
-            "lead_source_id": s.krayin_lead_source_id,
-            "lead_type_id": s.krayin_lead_type_id,
-            "lead_pipeline_stage_id": s.krayin_stage_id,
-            "user_id": s.krayin_user_id,
+            "lead_source_id": s.crm.krayin_lead_source_id,
+            "lead_type_id": s.crm.krayin_lead_type_id,
+            "lead_pipeline_stage_id": s.crm.krayin_stage_id,
+            "user_id": s.crm.krayin_user_id,
             "person": {"id": person_id},
         }
 

@@ -1,4 +1,4 @@
-"""Parse Evolution API ``messages.upsert`` webhooks (v2, and v1's extendedTextMessage) — SPEC §9."""
+"""Parse Evolution API ``messages.upsert`` webhooks, v2 and v1 (docs/behaviour.md §2.2)."""
 
 from __future__ import annotations
 

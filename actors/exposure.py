@@ -69,7 +69,7 @@ def served_binds(settings: Settings, argv: Sequence[str] | None = None) -> list[
     argv = sys.argv if argv is None else argv
     if run_by_hypercorn(argv):
         return hypercorn_binds(argv)
-    return [f"[{settings.host}]:{settings.port}" if ":" in settings.host else f"{settings.host}:{settings.port}"]
+    return [f"[{settings.server.host}]:{settings.server.port}" if ":" in settings.server.host else f"{settings.server.host}:{settings.server.port}"]
 
 
 def is_loopback_address(host: str | None) -> bool:
@@ -105,10 +105,10 @@ def exposure_error(settings: Settings, binds: Sequence[str]) -> str | None:
     if not public:
         return None
     where = ", ".join(public)
-    if not settings.webhook_secret and not settings.allow_open_webhook:
+    if not settings.security.webhook_secret and not settings.security.allow_open_webhook:
         return (f"WEBHOOK_SECRET: required on a non-loopback bind ({where}): set WEBHOOK_SECRET (and send it "
                 f"from Evolution as x-webhook-token), or accept an open webhook with ALLOW_OPEN_WEBHOOK=true")
-    if not settings.admin_token and not settings.admin_loopback_only:
+    if not settings.security.admin_token and not settings.security.admin_loopback_only:
         return (f"ADMIN_TOKEN: required on a non-loopback bind ({where}): set ADMIN_TOKEN, or serve the admin "
                 f"endpoints to loopback peers only with ADMIN_LOOPBACK_ONLY=true")
     return None

@@ -1,4 +1,4 @@
-"""The generic-message rule (SPEC §3): greetings and thanks that need no answer after a booking."""
+"""The generic-message rule (docs/behaviour.md §3.6): greetings and thanks that need no answer after a booking."""
 
 from __future__ import annotations
 

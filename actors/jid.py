@@ -1,4 +1,4 @@
-"""WhatsApp JID grammar (SPEC §1.7): which chats exist and how they are addressed."""
+"""WhatsApp JID grammar (docs/behaviour.md §2.4): which chats exist and how they are addressed."""
 
 from __future__ import annotations
 

@@ -53,10 +53,10 @@ class IntakeResult:
 
 def make_store(settings: Settings) -> Store:
     """The configured store (SQLite in DATA_DIR, or memory)."""
-    if settings.store == "sqlite":
+    if settings.storage.store == "sqlite":
         from runtime.sqlite_store import SqliteStore
 
-        return SqliteStore(settings.data_dir / "agent.sqlite3")
+        return SqliteStore(settings.storage.data_dir / "agent.sqlite3")
     return MemoryStore()
 
 
@@ -66,7 +66,7 @@ class Service:
     def __init__(self, settings: Settings, *, store: Store | None = None, chain: ProviderChain | None = None) -> None:
         """``store`` and ``chain`` default to the configured ones (tests inject their own)."""
         self.settings = settings
-        self.texts = texts_for(settings.language, settings.agent_instruction)
+        self.texts = texts_for(settings.conversation.language, settings.conversation.agent_instruction)
         self.store: Store = store if store is not None else make_store(settings)
         self.ready = False
         self.clock: Clock | None = None
@@ -78,7 +78,7 @@ class Service:
         self.received = 0
         self.ignored: dict[str, int] = {}
         self._event_reasons: set[str] = set()
-        self._new_chats = NewChatLimiter(settings.new_chats_per_minute)
+        self._new_chats = NewChatLimiter(settings.security.new_chats_per_minute)
         self.new_chats_refused = 0
         self._new_chats_warned = float("-inf")   # trio time of the last warning (one a minute at most)
         self._aliases: dict[str, str] = {}   # @lid ↔ phone JID of one chat → its actor key
@@ -96,10 +96,10 @@ class Service:
         await self.store.open()   # idempotent: app.py opens it first to report a bad database in one line
         # Shared by the outbound (≤ 48 sendText and ≤ 12 sendPresence requests at once) and CRM (≤ 4)
         # supervisors: as large as all of them together, so requests never queue inside httpcore's
-        # pool (see actors/outbound.py), and every connection may be kept alive (httpcore's pool costs O(connections²) per event when
+        # pool (see actors/outbound/evolution.py), and every connection may be kept alive (httpcore's pool costs O(connections²) per event when
         # it holds more connections than it may keep alive).
         limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-        timeout = httpx.Timeout(settings.http_timeout)
+        timeout = httpx.Timeout(settings.server.http_timeout)
         try:
             async with httpx.AsyncClient(timeout=timeout, limits=limits) as http:
                 if self.chain is None:
@@ -108,16 +108,16 @@ class Service:
                 self.crm = CrmSupervisor(settings, http=http, on_lead=self._lead_created, on_done=self._crm_done)
                 context = ConversationContext(
                     settings=settings, texts=self.texts, chain=self.chain, outbound=self.outbound,
-                    store=self.store, clock=self.clock, crm=self.crm if settings.crm_enabled else None,
+                    store=self.store, clock=self.clock, crm=self.crm if settings.crm.crm_enabled else None,
                     observe_turn=self.metrics.turn_seconds.observe,
                 )
                 self.registry = Registry(
                     lambda jid: ConversationActor(jid, context),
                     clock=self.clock,
-                    mailbox_size=settings.mailbox_size,
-                    idle_ttl=settings.actor_idle_ttl,
-                    intensity=settings.restart_intensity,
-                    period=settings.restart_period,
+                    mailbox_size=settings.conversation.mailbox_size,
+                    idle_ttl=settings.conversation.actor_idle_ttl,
+                    intensity=settings.conversation.restart_intensity,
+                    period=settings.conversation.restart_period,
                     on_idle_sweep=self._expire_stored,
                 )
                 async with trio.open_nursery() as nursery:
@@ -138,8 +138,8 @@ class Service:
                     gc.set_threshold(*GC_THRESHOLDS)
                     self.ready = True
                     log.info("Service ready: provider chain %s, store %s, outbound %s",
-                             " → ".join(settings.provider_order), settings.store,
-                             "evolution" if settings.evolution_api_url else "local outbox")
+                             " → ".join(settings.llm.provider_order), settings.storage.store,
+                             "evolution" if settings.outbound.evolution_api_url else "local outbox")
                     task_status.started()
         finally:
             self.ready = False
@@ -205,7 +205,7 @@ class Service:
 
     async def intake(self, payload: Any) -> IntakeResult:
         """Validate, dedupe, store and deliver one webhook. Raises WebhookError for a bad body."""
-        message = parse_webhook(payload, groups_enabled=self.settings.groups_enabled)
+        message = parse_webhook(payload, groups_enabled=self.settings.conversation.groups_enabled)
         if isinstance(message, Ignored):
             return self._ignore(message.reason)
         self.received += 1
@@ -254,11 +254,11 @@ class Service:
         settings = self.settings
         names = {message.jid, message.alt_jid} - {""}
         kinds = {"@" + message.jid.split("@", 1)[1]}
-        if names & set(settings.ignore_jids) or kinds & set(settings.ignore_jids):
+        if names & set(settings.conversation.ignore_jids) or kinds & set(settings.conversation.ignore_jids):
             return "ignore list"
-        if settings.allow_jids and not names & set(settings.allow_jids):
+        if settings.conversation.allow_jids and not names & set(settings.conversation.allow_jids):
             return "not in allow list"
-        if message.kind == "media" and not settings.unknown_message_text and not message.from_me:
+        if message.kind == "media" and not settings.conversation.unknown_message_text and not message.from_me:
             return "no text"
         if unknown_instance(settings, message):
             return "unknown_instance"
@@ -370,7 +370,7 @@ class Service:
         gone = await self.store.expire(idle_before, keep=live)
         self._aliases = {alias: key for alias, key in self._aliases.items() if key in live}  # re-learnt on demand
         if gone:
-            log.info("Expired %d stored conversations idle for over %.0fs", len(gone), self.settings.actor_idle_ttl)
+            log.info("Expired %d stored conversations idle for over %.0fs", len(gone), self.settings.conversation.actor_idle_ttl)
 
     # -- admin reads -------------------------------------------------------------------------
 

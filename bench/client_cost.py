@@ -8,7 +8,7 @@ Measures, in this process (time.process_time), one chat-completion call made fiv
 * ``openai-post``: ``AsyncOpenAI.post("/chat/completions", body=..., cast_to=ChatCompletion)``, what
   ``OpenAIProvider.complete`` sends: the SDK's transport, auth, error classes and response model,
   without ``create``'s per-message parameter transform;
-* ``httpx``: ``httpx.AsyncClient.post(json=body)`` + ``response.json()`` (what ``EvolutionClient`` uses);
+* ``httpx``: ``httpx.AsyncClient.post(json=body)`` + ``response.json()`` (what ``EvolutionTransport`` uses);
 * ``httpx2``: the same with ``httpx2`` (the fork the openai SDK ships with; its pool is O(n), not O(n*m));
 * ``h11-raw``: a minimal keep-alive HTTP/1.1 client on trio sockets + h11 + json (the floor).
 """

@@ -1,4 +1,4 @@
-"""Durable intake throughput (issue 5): accepted webhooks/s and ack latency, SQLite vs in-memory store.
+"""Durable intake throughput (docs/durability.md): accepted webhooks/s and ack latency, SQLite vs memory store.
 
     .venv/bin/python bench/intake.py [--seconds 15] [--concurrency 64]
 

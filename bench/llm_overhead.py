@@ -71,14 +71,14 @@ async def measure(calls: int, warmup: int) -> dict[str, list[float]]:
             {"LLM_PROVIDER": "openai", "OPENAI_API_KEY": "sk-bench", "OPENAI_BASE_URL": url, "LLM_TIMEOUT": "20"},
             dotenv_file=None,
         )
-        direct = openai.AsyncOpenAI(api_key="sk-bench", base_url=url, timeout=settings.llm_timeout, max_retries=0)
+        direct = openai.AsyncOpenAI(api_key="sk-bench", base_url=url, timeout=settings.llm.llm_timeout, max_retries=0)
         chain = build_chain(settings, "polite")
 
         async def direct_call() -> None:   # the very request OpenAIProvider.complete sends
             response = await direct.post(
                 "/chat/completions", cast_to=ChatCompletion, options={"security": {"bearer_auth": True}},
-                body={"model": settings.openai_model, "messages": chat_messages(PROMPT),
-                      "max_completion_tokens": settings.llm_max_tokens},
+                body={"model": settings.llm.openai_model, "messages": chat_messages(PROMPT),
+                      "max_completion_tokens": settings.llm.llm_max_tokens},
             )
             assert response.choices[0].message.content
 

@@ -1,4 +1,4 @@
-"""How long the event loop is blocked by the three things issue 11 bounded, measured in-process.
+"""How long the event loop is blocked by admin listings, big-state turns and log rotation, in-process.
 
     .venv/bin/python bench/loop_block.py [--actors 100000] [--turns 10] [--log-mb 25]
 

@@ -18,7 +18,7 @@ from pathlib import Path
 # Exclusive categories: a sample goes to the first whose pattern matches its stack.
 BUCKETS = [
     ("LLM call: openai SDK + httpx2 (OpenAIProvider.complete)", re.compile(r"OpenAIProvider\.complete")),
-    ("outbound sendText: httpx (EvolutionClient)", re.compile(r"EvolutionClient\.")),
+    ("outbound sendText: httpx (EvolutionTransport)", re.compile(r"EvolutionTransport\.")),
     ("outbound other (worker, on_settled, store.settle)", re.compile(r"OutboundSender\.|_reply_settled")),
     ("store (sqlite_store.py, trio side)", re.compile(r"sqlite_store\.py")),
     ("webhook view (app.webhook: json, intake)", re.compile(r"webhook \(app\.py")),

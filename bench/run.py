@@ -1,4 +1,4 @@
-"""End-to-end benchmark of the service (issue 8): fakes + service + load generator as separate processes.
+"""End-to-end benchmark (docs/performance.md): fakes + service + load generator as separate processes.
 
     .venv/bin/python bench/run.py [--scenarios crowd,rate,burst,hot,memory,outage] [--quick] [--json FILE]
 
@@ -501,7 +501,7 @@ def _terminate(signum: int, frame: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
-    parser = argparse.ArgumentParser(description="End-to-end benchmark (issue 8)")
+    parser = argparse.ArgumentParser(description="End-to-end benchmark of the service against the fakes")
     parser.add_argument("--scenarios", default=",".join(ALL), help=f"comma-separated, from {','.join(ALL)}")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, a few seconds per scenario")
     parser.add_argument("--json", type=Path, help="write every measurement to this file")

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from actors.conversation import SENT_IDS_KEPT  # noqa: E402
+from actors.controls import SENT_IDS_KEPT  # noqa: E402
 from actors.state import ASSISTANT, USER, ConversationState, LeadInfo, WindowEntry  # noqa: E402
 from loadgen import FILLER, jid_of  # noqa: E402
 from runtime.sqlite_store import SqliteStore  # noqa: E402

@@ -1,4 +1,4 @@
-"""Reply settle time with typing presence on, under many concurrent turns (issue 11, item 7).
+"""Reply settle time with typing presence on, under many concurrent turns (docs/performance.md).
 
 The Evolution fake runs as a separate process (``python -m tests.fakes.evolution``) and, like
 Evolution, answers ``sendPresence`` only after its ``delay`` (3 s). In this process the service's

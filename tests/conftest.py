@@ -45,8 +45,8 @@ class LoopbackClient(TrioClient):
 
 
 def chain_of(settings: Settings, *providers: Provider) -> ProviderChain:
-    return ProviderChain(list(providers), polite_text=texts_for(settings.language).polite_error,
-                         timeout=settings.llm_timeout)
+    return ProviderChain(list(providers), polite_text=texts_for(settings.conversation.language).polite_error,
+                         timeout=settings.llm.llm_timeout)
 
 
 @asynccontextmanager

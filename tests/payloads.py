@@ -20,7 +20,7 @@ def upsert(
     message: dict[str, Any] | None = None,
     **key_extra: Any,
 ) -> dict[str, Any]:
-    """A real Evolution API v2 ``messages.upsert`` payload (SPEC §9)."""
+    """A real Evolution API v2 ``messages.upsert`` payload (docs/behaviour.md §2.2)."""
     return {
         "event": "messages.upsert",
         "instance": instance,

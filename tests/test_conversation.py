@@ -81,7 +81,7 @@ async def test_window_keeps_last_50_and_prompt_is_bounded(tmp_path) -> None:  # 
         contents = [c for _, c, *_ in found[0]["window"]]
         assert len(contents) == 50
         assert contents[0] == "q5" and contents[-1] == "re: q29"
-        assert max(len(p.messages) for p in provider.prompts) <= settings.max_messages
+        assert max(len(p.messages) for p in provider.prompts) <= settings.conversation.max_messages
         assert provider.prompts[-1].messages[-1].content == "q29"
         last = provider.prompts[-1].messages
         assert [(m.role, m.content) for m in last[-3:]] == [("user", "q28"), ("assistant", "re: q28"), ("user", "q29")]

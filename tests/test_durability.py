@@ -1,4 +1,4 @@
-"""Durable state with real processes and real files (issue 5): SIGKILL, clean restarts, duplicates,
+"""Durable state with real processes and real files (docs/durability.md): SIGKILL, clean restarts, duplicates,
 unusable databases. The service runs as ``hypercorn --worker-class trio app:app``."""
 
 from __future__ import annotations

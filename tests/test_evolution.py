@@ -1,4 +1,4 @@
-"""Parsing Evolution API messages.upsert webhooks (SPEC §9)."""
+"""Parsing Evolution API messages.upsert webhooks (docs/behaviour.md §2.2)."""
 
 import pytest
 

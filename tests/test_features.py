@@ -1,4 +1,4 @@
-"""Operator-facing conversation features (issue 7): debounce, reordering, human takeover, resets,
+"""Operator-facing conversation features (docs/behaviour.md §3): debounce, reordering, human takeover, resets,
 lists, media, LID addressing, quoted context, admin pause/resume/reset."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Flood control (issue 6): a flooding chat costs at most FLOOD_MAX_PER_MINUTE LLM calls and never slows others."""
+"""Flood control (docs/behaviour.md §3.9): a flooder gets at most FLOOD_MAX_PER_MINUTE LLM calls, slows nobody."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Property-based fuzzing of ``POST /webhook`` with hypothesis, through the real app and SQLite store.
 
-Bodies are generated from the payload's shape (tests/payloads.py, SPEC §9): a real ``messages.upsert``
+Bodies follow the payload's shape (tests/payloads.py, docs/behaviour.md §2.2): a real ``messages.upsert``
 whose fields are swapped for wrong types, deleted, made huge or deep; strings carrying unpaired
 surrogates (escaped ``\\ud800`` and raw bytes ED A0 80), NULs, RTL marks and 1 MB runs; and raw byte
 damage (truncation, invalid UTF-8). Every answer must be a 2xx, or a 4xx with a JSON reason, never a

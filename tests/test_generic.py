@@ -1,4 +1,4 @@
-"""The generic-message rule (SPEC §3): what gets no reply after the booking link."""
+"""The generic-message rule (docs/behaviour.md §3.6): what gets no reply after the booking link."""
 
 import pytest
 

@@ -1,4 +1,8 @@
-"""actors.outbound: the Evolution API sender, against a fake Evolution over real HTTP on 127.0.0.1."""
+"""actors.outbound: the outbound supervisor, against a fake Evolution over real HTTP on 127.0.0.1.
+
+The policy tests (order per chat, split, settling, statistics, dead letters) take the ``wire``
+fixture and run once per transport: Evolution (the fake) and the local outbox.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import pytest
 import trio
 
 from actors.outbound import PRESENCE_CONCURRENCY, Delivery, OutboundMessage, OutboundSender
+from actors.outbound.sender import QUEUE_CAPACITY
 from actors.settings import Settings, load_settings
 from tests.fakes.evolution import FakeEvolution
 from tests.fakes.server import running_server
@@ -61,6 +66,32 @@ async def sender_for(settings: Settings) -> AsyncIterator[tuple[OutboundSender, 
         await nursery.start(sender.run)
         yield sender, settled
         nursery.cancel_scope.cancel()
+
+
+@attrs.frozen
+class Wire:
+    """One transport for the policy tests: its settings and what it accepted, read the same way."""
+
+    name: str                       # "evolution" | "local"
+    settings: Settings
+    fake: FakeEvolution | None      # None: the local outbox
+    candidate: str                  # the candidate a reply is sent through
+
+    def sent(self, sender: OutboundSender) -> list[tuple[str, str, str]]:
+        """Accepted sends as (number, text, message id), in the order they were accepted."""
+        if self.fake is not None:
+            return [(r.json["number"], r.json["text"], r.message_id) for r in self.fake.sent]
+        return [(e.jid, e.text, f"local-{e.seq}") for e in sender.outbox_entries(limit=100_000)]
+
+
+@pytest.fixture(params=["evolution", "local"])
+async def wire(request: pytest.FixtureRequest) -> AsyncIterator[Wire]:
+    if request.param == "local":
+        yield Wire("local", make_settings(""), None, "local")
+        return
+    fake = FakeEvolution(api_key=KEY, instances={INSTANCE})
+    async with running_server(fake) as url:
+        yield Wire("evolution", make_settings(url), fake, INSTANCE)
 
 
 @asynccontextmanager
@@ -273,22 +304,21 @@ async def test_all_candidates_rejected_is_dead_at_once() -> None:
     assert "all candidates rejected" in delivery.error
 
 
-async def test_long_reply_is_split_into_ordered_parts() -> None:
-    fake = FakeEvolution(api_key=KEY, instances={INSTANCE})
+async def test_long_reply_is_split_into_ordered_parts(wire: Wire) -> None:
     paragraphs = [(f"Párrafo {i:02d}: " + "palabra " * 70)[:497] + "." for i in range(18)]
     text = "\n\n".join(paragraphs) + "!!"
     assert len(text) == 9000
-    async with evolution(fake) as (sender, settled):
+    async with sender_for(wire.settings) as (sender, settled):
         sender.submit(OutboundMessage(JID, text))
         sender.submit(OutboundMessage(JID, "corto"))
         await settled.wait_for(2)
-    texts = [t for _, _, t in fake.texts()]
+    texts = [t for _, t, _ in wire.sent(sender)]
     assert len(texts) == 4 and texts[-1] == "corto"
     assert all(len(t) <= 4000 for t in texts[:3])
     assert "\n\n".join(texts[:3]) == text
     delivery = settled.items[0][1]
     assert (delivery.status, delivery.parts) == ("sent", 3)
-    assert list(delivery.message_ids) == [r.message_id for r in fake.sent[:3]]
+    assert list(delivery.message_ids) == [i for _, _, i in wire.sent(sender)[:3]]
 
 
 async def test_instance_rate_holds_under_a_burst(autojump_clock: trio.testing.MockClock) -> None:
@@ -317,18 +347,93 @@ async def test_min_gap_per_jid_does_not_hold_back_other_chats(autojump_clock: tr
     assert times["b0"] < times["a1"]
 
 
-async def test_submit_before_run_is_delivered_once_running() -> None:
-    fake = FakeEvolution(api_key=KEY, instances={INSTANCE})
-    async with running_server(fake) as url:
-        settled = Settled()
-        sender = OutboundSender(make_settings(url), on_settled=settled)
-        sender.submit(OutboundMessage(JID, "temprano"))
-        assert sender.statistics().queued == 1
-        async with trio.open_nursery() as nursery:
-            await nursery.start(sender.run)
-            await settled.wait_for(1)
-            nursery.cancel_scope.cancel()
-    assert fake.texts() == [(INSTANCE, JID, "temprano")]
+async def test_submit_before_run_is_delivered_once_running(wire: Wire) -> None:
+    settled = Settled()
+    sender = OutboundSender(wire.settings, on_settled=settled)
+    sender.submit(OutboundMessage(JID, "temprano"))
+    assert sender.statistics().queued == 1
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sender.run)
+        await settled.wait_for(1)
+        nursery.cancel_scope.cancel()
+    assert [(n, t) for n, t, _ in wire.sent(sender)] == [(JID, "temprano")]
+    assert settled.items[0][1].candidate == wire.candidate
+
+
+async def test_per_chat_order_each_message_settled_once_in_order(wire: Wire) -> None:
+    jids = [f"54911000000{i}@s.whatsapp.net" for i in range(5)]
+    async with sender_for(wire.settings) as (sender, settled):
+        for n in range(20):
+            for jid in jids:
+                sender.submit(OutboundMessage(jid, f"{jid} #{n}", outbox_id=n))
+        queued = sender.statistics()
+        with trio.fail_after(60):
+            await sender.drain()
+        after = sender.statistics()
+    assert (queued.queued, queued.max_queued_per_jid, queued.active_jids, queued.in_flight) == (100, 20, 5, 0)
+    sent = wire.sent(sender)
+    for jid in jids:
+        expected = [f"{jid} #{n}" for n in range(20)]
+        assert [t for number, t, _ in sent if number == jid] == expected          # in order, each exactly once
+        assert [m.text for m, _ in settled.items if m.jid == jid] == expected     # settled once each, in order
+    assert all((d.status, d.candidate, d.attempts, d.parts) == ("sent", wire.candidate, 1, 1) for _, d in settled.items)
+    assert sorted(d.message_id for _, d in settled.items) == sorted(i for _, _, i in sent)
+    assert len({i for _, _, i in sent}) == 100 and "" not in {i for _, _, i in sent}
+    assert (after.mode, after.sent, after.failed, after.retried, after.dead_letters) == (wire.name, 100, 0, 0, ())
+    assert (after.queued, after.max_queued_per_jid, after.active_jids, after.in_flight) == (0, 0, 0, 0)
+    assert after.preferred_candidates == ({INSTANCE: INSTANCE} if wire.fake is not None else {})
+    assert after.outbox_size == (0 if wire.fake is not None else 100)
+
+
+async def test_a_failing_on_settled_is_logged_and_the_chat_goes_on(wire: Wire,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="actors")
+    calls: list[str] = []
+
+    async def on_settled(message: OutboundMessage, delivery: Delivery) -> None:
+        calls.append(message.text)
+        if message.text == "uno":
+            raise RuntimeError("store down")
+
+    sender = OutboundSender(wire.settings, on_settled=on_settled)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sender.run)
+        sender.submit(OutboundMessage(JID, "uno"))
+        sender.submit(OutboundMessage(JID, "dos"))
+        with trio.fail_after(10):
+            await sender.drain()
+        nursery.cancel_scope.cancel()
+    assert calls == ["uno", "dos"]
+    assert [t for _, t, _ in wire.sent(sender)] == ["uno", "dos"]
+    assert f"Outbound: on_settled callback failed for {JID}" in caplog.text
+    assert (sender.statistics().sent, sender.statistics().failed) == (2, 0)
+
+
+async def test_a_full_chat_queue_dead_letters_the_overflow(wire: Wire, caplog: pytest.LogCaptureFixture) -> None:
+    """Past QUEUE_CAPACITY waiting replies in one chat, submit() neither raises nor drops: the reply is
+    a dead letter, counted, logged and settled once; the chat's queued replies and other chats go on."""
+    caplog.set_level(logging.INFO, logger="actors")
+    other = "5491100000009@s.whatsapp.net"
+    async with sender_for(wire.settings) as (sender, settled):
+        for n in range(QUEUE_CAPACITY + 1):
+            sender.submit(OutboundMessage(JID, f"#{n}", outbox_id=n))
+        sender.submit(OutboundMessage(other, "otro chat"))
+        queued = sender.statistics()
+        with trio.fail_after(120):
+            await sender.drain()    # also waits for the refused reply to be settled
+        stats = sender.statistics()
+    assert (queued.queued, queued.max_queued_per_jid, queued.failed) == (QUEUE_CAPACITY + 1, QUEUE_CAPACITY, 1)
+    assert len(settled.items) == QUEUE_CAPACITY + 2
+    [(refused, dead)] = [(m, d) for m, d in settled.items if d.status == "dead"]
+    assert (refused.jid, refused.outbox_id, dead.attempts) == (JID, QUEUE_CAPACITY, 0)
+    assert f"{QUEUE_CAPACITY} replies already waiting" in dead.error
+    assert [m.outbox_id for m, d in settled.items if m.jid == JID and d.status == "sent"] == list(range(QUEUE_CAPACITY))
+    assert [t for n, t, _ in wire.sent(sender) if n == JID] == [f"#{n}" for n in range(QUEUE_CAPACITY)]
+    assert [t for n, t, _ in wire.sent(sender) if n == other] == ["otro chat"]
+    assert (stats.sent, stats.failed, stats.queued, stats.active_jids) == (QUEUE_CAPACITY + 1, 1, 0, 0)
+    [letter] = stats.dead_letters
+    assert (letter.jid, letter.outbox_id, letter.attempts, letter.error) == (JID, QUEUE_CAPACITY, 0, dead.error)
+    assert any(r.levelno == logging.ERROR and "queue full" in r.getMessage() for r in caplog.records)
 
 
 async def test_local_mode_outbox(caplog: pytest.LogCaptureFixture) -> None:

@@ -10,8 +10,9 @@ import pytest
 import trio
 
 from actors.llm.base import ChatMessage, ErrorKind, Prompt, Provider, ProviderError
-from actors.llm.providers import build_provider, parse_retry_after
+from actors.llm.providers import build_provider
 from actors.settings import Settings, load_settings
+from runtime.retry import parse_retry_after
 from tests.fakes.llm import (
     GEMINI_BAD_KEY_BODY,
     AnthropicFake,

@@ -1,4 +1,4 @@
-"""Races and faults between the runtime, the store and the conversation actors (issue 11): each test
+"""Races and faults between the runtime, the store and the conversation actors: each test
 holds one await open at the moment that mattered and checks that nothing is lost, doubled or
 overwritten."""
 

@@ -1,4 +1,4 @@
-"""actors.split: long replies become WhatsApp-sized parts at natural boundaries."""
+"""actors.outbound.split: long replies become WhatsApp-sized parts at natural boundaries."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from actors.split import split_text
+from actors.outbound.split import split_text
 
 
 def _words(text: str) -> list[str]:

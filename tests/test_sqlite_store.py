@@ -499,9 +499,9 @@ async def test_a_restart_after_the_migration_keeps_every_window_and_booking_flag
     from tests.payloads import upsert
 
     settings = make_settings(tmp_path, STORE="sqlite", GOOGLE_BOOKING_URL="https://calendar.app.google/x")
-    settings.data_dir.mkdir(parents=True)
+    settings.storage.data_dir.mkdir(parents=True)
     old = _old_states(time.time())
-    _version_4_file(settings.data_dir / "agent.sqlite3", old, {BOOKED: "José", CHATTING: "Ana"})
+    _version_4_file(settings.storage.data_dir / "agent.sqlite3", old, {BOOKED: "José", CHATTING: "Ana"})
     service = Service(settings, chain=chain_of(settings, ScriptedProvider()))
     async with trio.open_nursery() as nursery:
         await nursery.start(service.run)

@@ -33,11 +33,11 @@ async def test_huge_messages_keep_the_state_and_the_prompt_bounded(tmp_path: Pat
         nursery.cancel_scope.cancel()
 
     state = json.loads(store._states[JID])
-    assert len(json.dumps(state)) <= settings.max_window_chars + 5_000
-    assert all(len(row[1]) <= settings.max_message_chars for row in state["window"])
+    assert len(json.dumps(state)) <= settings.conversation.max_window_chars + 5_000
+    assert all(len(row[1]) <= settings.conversation.max_message_chars for row in state["window"])
     assert state["window"][-2][1].startswith("11y")          # the newest turn is kept
     for turn, prompt in enumerate(provider.prompts):
-        assert len(prompt.system) + sum(len(m.content) for m in prompt.messages) <= settings.prompt_max_chars
+        assert len(prompt.system) + sum(len(m.content) for m in prompt.messages) <= settings.conversation.prompt_max_chars
         assert prompt.messages[-1].content[:2] == f"{turn:02d}"   # the customer's own newest text, last
     # The reply itself reaches the customer whole (split into 4,000-character parts).
     parts = service.outbound.outbox_entries(limit=10_000)

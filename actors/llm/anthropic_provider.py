@@ -42,15 +42,15 @@ class AnthropicProvider:
     name = "anthropic"
 
     def __init__(self, settings: Settings) -> None:
-        self._model = settings.anthropic_model
-        self._timeout = settings.llm_timeout
-        self._max_tokens = settings.llm_max_tokens
+        self._model = settings.llm.anthropic_model
+        self._timeout = settings.llm.llm_timeout
+        self._max_tokens = settings.llm.llm_max_tokens
         self._client: anthropic.AsyncAnthropic | None = None
-        if settings.anthropic_api_key:
+        if settings.llm.anthropic_api_key:
             self._client = anthropic.AsyncAnthropic(
-                api_key=settings.anthropic_api_key,
-                base_url=settings.anthropic_base_url or ANTHROPIC_DEFAULT_BASE_URL,
-                timeout=settings.llm_timeout,
+                api_key=settings.llm.anthropic_api_key,
+                base_url=settings.llm.anthropic_base_url or ANTHROPIC_DEFAULT_BASE_URL,
+                timeout=settings.llm.llm_timeout,
                 max_retries=0,
             )
 

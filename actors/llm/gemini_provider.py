@@ -14,13 +14,14 @@ from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types
 
+from runtime.retry import parse_retry_after
+
 from ..settings import Settings
 from .base import ErrorKind, Prompt, ProviderError, history_roles_alternate
 from .providers import (
     GEMINI_DEFAULT_BASE_URL,
     empty_reply,
     missing_key,
-    parse_retry_after,
     status_error,
     transport_error,
     unexpected_error,
@@ -85,19 +86,19 @@ class GeminiProvider:
     name = "gemini"
 
     def __init__(self, settings: Settings) -> None:
-        self._model = settings.gemini_model
-        self._timeout = settings.llm_timeout
-        self._max_tokens = settings.llm_max_tokens
+        self._model = settings.llm.gemini_model
+        self._timeout = settings.llm.llm_timeout
+        self._max_tokens = settings.llm.llm_max_tokens
         self._http: httpx2.AsyncClient | None = None
         self._client: genai.Client | None = None
-        if settings.gemini_api_key:
-            self._http = httpx2.AsyncClient(timeout=settings.llm_timeout)
+        if settings.llm.gemini_api_key:
+            self._http = httpx2.AsyncClient(timeout=settings.llm.llm_timeout)
             self._client = genai.Client(
-                api_key=settings.gemini_api_key,
+                api_key=settings.llm.gemini_api_key,
                 vertexai=False,
                 http_options=types.HttpOptions(
-                    base_url=settings.gemini_base_url or GEMINI_DEFAULT_BASE_URL,
-                    timeout=max(1, int(settings.llm_timeout * 1000)),
+                    base_url=settings.llm.gemini_base_url or GEMINI_DEFAULT_BASE_URL,
+                    timeout=max(1, int(settings.llm.llm_timeout * 1000)),
                     httpx_async_client=self._http,
                 ),
             )

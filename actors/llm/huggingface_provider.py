@@ -33,16 +33,16 @@ class HuggingFaceProvider:
     name = "huggingface"
 
     def __init__(self, settings: Settings) -> None:
-        self._model = settings.hf_model
-        self._timeout = settings.llm_timeout
-        self._max_tokens = settings.llm_max_tokens
+        self._model = settings.llm.hf_model
+        self._timeout = settings.llm.llm_timeout
+        self._max_tokens = settings.llm.llm_max_tokens
         self._client: AsyncInferenceClient | None = None
-        if settings.huggingface_api_key:
+        if settings.llm.huggingface_api_key:
             self._client = AsyncInferenceClient(
-                base_url=settings.hf_base_url or None,
-                provider=None if settings.hf_base_url else "auto",
-                api_key=settings.huggingface_api_key,
-                timeout=settings.llm_timeout,
+                base_url=settings.llm.hf_base_url or None,
+                provider=None if settings.llm.hf_base_url else "auto",
+                api_key=settings.llm.huggingface_api_key,
+                timeout=settings.llm.llm_timeout,
             )
 
     @property

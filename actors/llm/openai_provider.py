@@ -54,11 +54,11 @@ class OpenAIProvider:
     def for_openai(cls, settings: Settings) -> OpenAIProvider:
         return cls(
             "openai",
-            model=settings.openai_model,
-            base_url=settings.openai_base_url or OPENAI_DEFAULT_BASE_URL,
-            api_key=settings.openai_api_key,
-            timeout=settings.llm_timeout,
-            max_tokens=settings.llm_max_tokens,
+            model=settings.llm.openai_model,
+            base_url=settings.llm.openai_base_url or OPENAI_DEFAULT_BASE_URL,
+            api_key=settings.llm.openai_api_key,
+            timeout=settings.llm.llm_timeout,
+            max_tokens=settings.llm.llm_max_tokens,
         )
 
     @classmethod
@@ -66,11 +66,11 @@ class OpenAIProvider:
         """Ollama needs no key; local servers take ``max_tokens`` rather than ``max_completion_tokens``."""
         return cls(
             "ollama",
-            model=settings.ollama_model,
-            base_url=settings.ollama_base_url or OLLAMA_DEFAULT_BASE_URL,
-            api_key=settings.ollama_api_key or OLLAMA_DUMMY_KEY,
-            timeout=settings.llm_timeout,
-            max_tokens=settings.llm_max_tokens,
+            model=settings.llm.ollama_model,
+            base_url=settings.llm.ollama_base_url or OLLAMA_DEFAULT_BASE_URL,
+            api_key=settings.llm.ollama_api_key or OLLAMA_DUMMY_KEY,
+            timeout=settings.llm.llm_timeout,
+            max_tokens=settings.llm.llm_max_tokens,
             tokens_field="max_tokens",
         )
 

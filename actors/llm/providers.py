@@ -7,12 +7,12 @@ machine-readable error code, never the server's free text (it may quote a masked
 
 from __future__ import annotations
 
-import email.utils
 import http
-import time
 from typing import Any, Mapping
 
 import httpx2
+
+from runtime.retry import parse_retry_after
 
 from ..settings import Settings
 from .base import ErrorKind, Prompt, Provider, ProviderError
@@ -78,33 +78,6 @@ def kind_for_status(status: int) -> ErrorKind:
     if 400 <= status < 500:
         return ErrorKind.BAD_REQUEST
     return ErrorKind.OTHER
-
-
-def parse_retry_after(headers: Mapping[str, str] | None, *, now: float | None = None) -> float | None:
-    """Seconds to wait from ``retry-after-ms`` or ``Retry-After`` (seconds or an HTTP date); None if absent."""
-    if not headers:
-        return None
-    raw_ms = headers.get("retry-after-ms")
-    if raw_ms:
-        try:
-            return max(0.0, float(raw_ms) / 1000.0)
-        except ValueError:
-            pass
-    raw = headers.get("retry-after")
-    if not raw:
-        return None
-    raw = raw.strip()
-    try:
-        return max(0.0, float(raw))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(raw)
-    except (TypeError, ValueError):
-        return None
-    if when is None:
-        return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 def status_error(status: int, code: Any = None, headers: Mapping[str, str] | None = None,

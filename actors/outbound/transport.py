@@ -1,0 +1,60 @@
+"""The one small interface every way of sending a reply implements, and what a send gives back.
+
+The supervisor (sender.py) decides order, candidates, retries, pacing and splitting; a transport
+only carries one text or one "typing…" to one chat and says how it went. Two exist: the Evolution
+API over HTTP (evolution.py) and the in-process local outbox (local.py). A transport never raises
+for a failed send: the failure is in the ``SendOutcome``.
+"""
+
+from __future__ import annotations
+
+from typing import AsyncContextManager, Protocol
+
+import attrs
+
+STATUS_NETWORK_ERROR = 0        # the pseudo status of a request that got no HTTP answer
+
+
+@attrs.frozen
+class SendOutcome:
+    """What one send gave. ``status`` is HTTP's; 0 means no answer (network error or timeout)."""
+
+    status: int
+    message_id: str = ""
+    error: str = ""
+    retry_after: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status < 300
+
+    @property
+    def retryable(self) -> bool:
+        """Worth retrying later on the same candidate: no answer, 408, 429 or a server error."""
+        return self.status in (STATUS_NETWORK_ERROR, 408, 429) or self.status >= 500
+
+
+class Transport(Protocol):
+    """Carries sends for the supervisor; its attributes tell the supervisor what applies to it."""
+
+    #: ``"evolution"`` or ``"local"``, reported in the statistics.
+    mode: str
+    #: Whether the per-instance rate and the per-chat min gap apply (a real WhatsApp number's limits).
+    paced: bool
+    #: How many "typing…" calls may run at once (they are skipped beyond it); 0: it shows none.
+    presence_slots: int
+    #: The one candidate every send goes to, for a transport without Evolution instances; None: the
+    #: message's instance candidates, the one that worked last first.
+    fixed_candidate: str | None
+
+    def open(self) -> AsyncContextManager[None]:
+        """Hold what the sends need (connections) while the supervisor runs; logs how replies go."""
+        ...
+
+    async def send_text(self, candidate: str, number: str, text: str) -> SendOutcome:
+        """Send ``text`` to ``number`` through instance ``candidate``."""
+        ...
+
+    async def send_presence(self, candidate: str, number: str, presence: str, delay_ms: int) -> SendOutcome:
+        """Show ``presence`` (e.g. ``"composing"``) in the chat for ``delay_ms``."""
+        ...
