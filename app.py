@@ -17,12 +17,11 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from actors import admin_api, admin_view
+from actors import admin_api, admin_view, lifecycle
 from actors.admin_sessions import Session, Sessions
 from actors.evolution import WebhookError
 from actors.exposure import is_loopback_address
 from actors.jid import is_chat_jid
-from actors.lifecycle import Lifecycle, configured_or_exit, exit_process as _exit_process
 from actors.payload_guard import BadPayload, decode_payload
 from actors.service import Service
 from actors.settings import Settings, load_settings
@@ -263,7 +262,7 @@ def _private_error(status: int, message: str) -> Response:
 
 
 def create_app(settings: Settings | None = None, service: Service | None = None, *,
-               exit_process: Callable[[int], None] = _exit_process) -> QuartTrio:
+               exit_process: Callable[[int], None] = lifecycle.exit_process) -> QuartTrio:
     """Build the app for ``settings`` (default: loaded from the environment) around ``service``
     (default: the configured one), started and stopped by actors/lifecycle.py.
 
@@ -272,7 +271,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None,
     own; the default ends the process with FATAL_EXIT_CODE so a supervisor restarts it).
     """
     settings = settings if settings is not None else load_settings()
-    life = Lifecycle(settings, service, exit_process=exit_process)
+    life = lifecycle.Lifecycle(settings, service, exit_process=exit_process)
     svc = life.service
     app = QuartTrio(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.server.max_body_bytes
@@ -342,12 +341,8 @@ def create_app(settings: Settings | None = None, service: Service | None = None,
             if not hmac.compare_digest(supplied.encode(), settings.security.webhook_secret.encode()):
                 return _error(401, "webhook token missing or wrong")
         try:
-            payload = decode_payload(raw)
-        except BadPayload as exc:
-            return _error(400, str(exc))
-        try:
-            result = await svc.intake(payload)
-        except WebhookError as exc:
+            result = await svc.intake(decode_payload(raw))
+        except (BadPayload, WebhookError) as exc:   # not JSON we read, or not a webhook we know
             return _error(400, str(exc))
         headers = {"Retry-After": str(result.retry_after)} if result.retry_after else None
         return _json(result.body, result.status, headers)
@@ -449,4 +444,4 @@ def create_app(settings: Settings | None = None, service: Service | None = None,
     return app
 
 
-app = configured_or_exit(create_app)
+app = lifecycle.configured_or_exit(create_app)
