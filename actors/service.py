@@ -14,8 +14,8 @@ import attrs
 import httpx
 import trio
 
-from runtime.bounded import OTHER, bounded_key
 from runtime.actor import ActorStatistics
+from runtime.bounded import OTHER, bounded_key
 from runtime.clock import Clock
 from runtime.logs import LogCompressor
 from runtime.registry import MailboxFull, Registry, ShuttingDown
