@@ -1,4 +1,5 @@
-"""The CRM side: booking leads registered in Krayin CRM without ever delaying a conversation.
+"""The CRM side: booking leads registered in Krayin CRM without ever delaying a conversation
+(docs/behaviour.md §6).
 
 - ``records``: the value types (``LeadRequest`` in; ``CrmStatistics``, ``PendingJob``, ``CrmFailure`` out).
 - ``krayin``: the Krayin REST adapter (``KrayinClient``, ``KrayinError`` and what a status means).
