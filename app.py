@@ -6,13 +6,7 @@ Run with ``hypercorn --worker-class trio --bind 127.0.0.1:5000 app:app``.
 from __future__ import annotations
 
 import hmac
-import logging
-import os
 import json
-import re
-import secrets
-import sys
-import time
 from functools import wraps
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -20,29 +14,22 @@ from typing import Any, Awaitable, Callable
 import attrs
 from prometheus_client import CONTENT_TYPE_LATEST
 from quart import Response, request
-import trio
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from actors import admin_view
-from actors.conversation import ConversationActor
+from actors import admin_api, admin_view, lifecycle
+from actors.admin_sessions import Session, Sessions
 from actors.evolution import WebhookError
-from actors.exposure import check_exposure, is_loopback_address, refuse_to_start, stop_hypercorn_parent
+from actors.exposure import is_loopback_address
 from actors.jid import is_chat_jid
+from actors.payload_guard import BadPayload, decode_payload
 from actors.service import Service
-from actors.settings import ConfigError, Settings, load_settings
-from actors.state import seed_messages
-from runtime.logs import configure_logging, redact
+from actors.settings import Settings, load_settings
 from runtime.registry import MailboxFull, ShuttingDown
-from runtime.store import StoreError
 
-MAX_JSON_DEPTH = 32
 PAGE_DEFAULT, PAGE_MAX = 100, 1000
-FATAL_EXIT_CODE = 70   # EX_SOFTWARE: the service died of an error; systemd's Restart= brings it back
 # Set by reverse proxies: a request carrying one came through a proxy, whatever its socket peer is.
 PROXY_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Real-IP")
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -54,43 +41,11 @@ def _error(status: int, message: str, **headers: str) -> Response:
     return _json({"error": message}, status, headers)
 
 
-def _depth(value: Any, limit: int) -> int:
-    """Nesting depth of a JSON value, stopping at ``limit + 1``."""
-    stack = [(value, 1)]
-    deepest = 0
-    while stack:
-        node, depth = stack.pop()
-        deepest = max(deepest, depth)
-        if deepest > limit:
-            return deepest
-        if isinstance(node, dict):
-            stack.extend((child, depth + 1) for child in node.values())
-        elif isinstance(node, list):
-            stack.extend((child, depth + 1) for child in node)
-    return deepest
-
-
 def _loopback_peer(remote_addr: str | None, headers: Any) -> bool:
     """The socket peer is 127.0.0.0/8 or ::1 (never ``<local>``, a unix socket) and no proxy header came."""
     if any(name in headers for name in PROXY_HEADERS):
         return False
     return remote_addr != "localhost" and is_loopback_address(remote_addr)
-
-
-def _map_strings(value: Any, change: Callable[[str], str]) -> Any:
-    """``value`` (decoded JSON) with ``change`` applied to every string in it, keys included."""
-    if isinstance(value, str):
-        return change(value)
-    if isinstance(value, list):
-        return [_map_strings(item, change) for item in value]
-    if isinstance(value, dict):
-        return {_map_strings(k, change): _map_strings(v, change) for k, v in value.items()}
-    return value
-
-
-def _without_surrogates(text: str) -> str:
-    """Every unpaired UTF-16 surrogate (valid in JSON, not in Unicode) replaced by U+FFFD."""
-    return _SURROGATE.sub("\ufffd", text)
 
 
 def _no_store(response: Response) -> Response:
@@ -99,34 +54,14 @@ def _no_store(response: Response) -> Response:
     return response
 
 
-def _root_cause(exc: BaseException) -> BaseException:
-    """The first real error inside nested exception groups (what an operator needs to read)."""
-    while isinstance(exc, BaseExceptionGroup):
-        inner = [e for e in exc.exceptions if not isinstance(e, trio.Cancelled)]
-        if not inner:
-            break
-        exc = inner[0]
-    return exc
-
-
-def _exit_process(code: int) -> None:
-    """End the process at once (hypercorn would otherwise keep serving a dead service), and its
-    hypercorn parent with it, so the exit is seen as a failure (see actors/exposure.py)."""
-    logging.shutdown()
-    stop_hypercorn_parent()
-    os._exit(code)
-
-
 # -- the admin console: the page (static/admin/), its login sessions and its JSON API ----------------
 #
-# Sessions live in memory (a restart logs everyone out): ``POST /admin/login`` exchanges ADMIN_TOKEN
-# (or, without one, a loopback connection) for a random id in an HttpOnly, SameSite=Strict cookie and
-# a per-session CSRF token that admin.js sends in ``X-CSRF-Token`` with every state-changing request.
+# A login (actors/admin_sessions.py) puts its session id in an HttpOnly, SameSite=Strict cookie;
+# admin.js sends the session's CSRF token in ``X-CSRF-Token`` with every state-changing request.
 
 COOKIE = "agent_admin"
 CSRF_HEADER = "X-CSRF-Token"
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
-SESSIONS_KEPT = 1000
 REPLY_MAX_CHARS = 4096
 PAUSE_MAX_MINUTES = 7 * 24 * 60
 PAGE = Path(__file__).resolve().parent / "static" / "admin" / "index.html"
@@ -140,58 +75,25 @@ PAGE_HEADERS = {
 Handler = Callable[..., Awaitable[Response]]
 
 
-@attrs.define
-class Session:
-    id: str
-    csrf: str
-    expires_at: float
+def _session(sessions: Sessions) -> Session | None:
+    """The request's session (from its cookie), unless unknown or expired."""
+    return sessions.find(request.cookies.get(COOKIE, ""))
 
 
-class Sessions:
-    """The console's logins, in memory, each expiring ``ttl`` seconds after it was made."""
-
-    def __init__(self, ttl: float, clock: Callable[[], float] = time.time) -> None:
-        self.ttl = ttl
-        self._clock = clock
-        self._by_id: dict[str, Session] = {}
-
-    def create(self) -> Session:
-        now = self._clock()
-        self._by_id = {k: s for k, s in self._by_id.items() if s.expires_at > now}
-        while len(self._by_id) >= SESSIONS_KEPT:  # the oldest login goes first
-            self._by_id.pop(next(iter(self._by_id)))
-        session = Session(secrets.token_urlsafe(32), secrets.token_urlsafe(32), now + self.ttl)
-        self._by_id[session.id] = session
-        return session
-
-    def current(self) -> Session | None:
-        """The request's session (from its cookie), unless unknown or expired."""
-        session = self._by_id.get(request.cookies.get(COOKIE, ""))
-        if session is None:
+def _csrf_refusal(session: Session | None) -> Response | None:
+    """403 for a state-changing request that a browser could have been tricked into sending:
+    one riding on the session cookie without its CSRF token, or (no session) one with a
+    browser's Origin / Sec-Fetch-Site headers. Bearer and plain loopback clients (curl) pass."""
+    if request.method in SAFE_METHODS:
+        return None
+    if session is not None:
+        if session.csrf_matches(request.headers.get(CSRF_HEADER, "")):
             return None
-        if session.expires_at <= self._clock():
-            del self._by_id[session.id]
-            return None
-        return session
-
-    def end(self, session: Session) -> None:
-        self._by_id.pop(session.id, None)
-
-    def csrf_refusal(self, session: Session | None) -> Response | None:
-        """403 for a state-changing request that a browser could have been tricked into sending:
-        one riding on the session cookie without its CSRF token, or (no session) one with a
-        browser's Origin / Sec-Fetch-Site headers. Bearer and plain loopback clients (curl) pass."""
-        if request.method in SAFE_METHODS:
-            return None
-        if session is not None:
-            supplied = request.headers.get(CSRF_HEADER, "")
-            if hmac.compare_digest(supplied.encode(), session.csrf.encode()):
-                return None
-            return _private_error(403, f"CSRF token missing or wrong (send the {CSRF_HEADER} header of your session)")
-        if request.headers.get("Authorization") or not (
-                request.headers.get("Origin") or request.headers.get("Sec-Fetch-Site")):
-            return None
-        return _private_error(403, "a browser's state-changing request needs the admin console's session and CSRF token")
+        return _private_error(403, f"CSRF token missing or wrong (send the {CSRF_HEADER} header of your session)")
+    if request.headers.get("Authorization") or not (
+            request.headers.get("Origin") or request.headers.get("Sec-Fetch-Site")):
+        return None
+    return _private_error(403, "a browser's state-changing request needs the admin console's session and CSRF token")
 
 
 def _cookie(response: Response, value: str, max_age: int) -> None:
@@ -238,7 +140,7 @@ def register_console(app: QuartTrio, settings: Settings, svc: Service, admin: Ca
     @app.get("/admin/session")
     async def console_session() -> Response:
         # 200 either way: the page asks on load, and a 401 would be logged as an error in its console
-        session = sessions.current()
+        session = _session(sessions)
         if session is None or (not settings.security.admin_token and not is_loopback()):
             return _private_json({"authenticated": False, "auth_required": bool(settings.security.admin_token)})
         return _private_json({"authenticated": True, **session_body(session)})
@@ -262,7 +164,7 @@ def register_console(app: QuartTrio, settings: Settings, svc: Service, admin: Ca
     @app.post("/admin/logout")
     @admin
     async def console_logout() -> Response:
-        session = sessions.current()
+        session = _session(sessions)
         if session is not None:
             sessions.end(session)
         response = _private_json({"status": "logged out"})
@@ -314,7 +216,7 @@ def register_console(app: QuartTrio, settings: Settings, svc: Service, admin: Ca
             value = body.get("text")
             if not isinstance(value, str) or not value.strip() or len(value) > REPLY_MAX_CHARS:
                 return _private_error(400, f"text must be a non-empty string of at most {REPLY_MAX_CHARS} characters")
-        if await svc.conversation_state(jid) is None:
+        if await svc.conversation(jid) is None:
             return _private_error(404, "no conversation for this JID")
         try:
             order = await svc.command(jid, command, value)
@@ -349,6 +251,7 @@ def register_console(app: QuartTrio, settings: Settings, svc: Service, admin: Ca
     async def console_overview() -> Response:
         return _private_json(await admin_view.overview(svc))
 
+
 def _private_json(body: Any, status: int = 200) -> Response:
     """JSON for the console: never kept by a browser or proxy cache."""
     return _no_store(_json(body, status))
@@ -359,52 +262,27 @@ def _private_error(status: int, message: str) -> Response:
 
 
 def create_app(settings: Settings | None = None, service: Service | None = None, *,
-               exit_process: Callable[[int], None] = _exit_process) -> QuartTrio:
-    """Build the app for ``settings`` (default: loaded from the environment).
+               exit_process: Callable[[int], None] = lifecycle.exit_process) -> QuartTrio:
+    """Build the app for ``settings`` (default: loaded from the environment) around ``service``
+    (default: the configured one), started and stopped by actors/lifecycle.py.
 
     Raises ConfigError when the settings must not be served on this process's bind (actors/exposure.py).
     ``exit_process`` is called when the service dies of an error after start-up (tests pass their
     own; the default ends the process with FATAL_EXIT_CODE so a supervisor restarts it).
     """
     settings = settings if settings is not None else load_settings()
-    check_exposure(settings)
+    life = lifecycle.Lifecycle(settings, service, exit_process=exit_process)
+    svc = life.service
     app = QuartTrio(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.server.max_body_bytes
     app.config["BACKGROUND_TASK_SHUTDOWN_TIMEOUT"] = settings.server.shutdown_grace_seconds + 5
-    svc = service if service is not None else Service(settings)
     app.extensions["service"] = svc
 
     @app.before_serving
     async def start() -> None:
-        configure_logging(
-            log_dir=settings.logging.log_dir, log_file=settings.logging.log_file, level=settings.logging.log_level,
-            max_bytes=settings.logging.log_max_bytes, backup_count=settings.logging.log_backup_count,
-            json_lines=settings.logging.log_json, secrets=settings.secret_values(), stderr=settings.logging.log_stderr,
-            names=dict.fromkeys(("actors", "runtime", "app", "__main__"), "python-agent"),
-        )
-        try:
-            await svc.store.open()
-        except StoreError as exc:
-            # One clear line, then stop the worker at once: raising here would make hypercorn print a
-            # traceback, and SystemExit would make it carry on serving without lifespan support.
-            print(f"Store error: {exc}", file=sys.stderr, flush=True)
-            _exit_process(3)
-        await app.nursery.start(run_service)
+        await life.start(app.nursery)
 
-    async def run_service(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run the service; if it dies of an error, /health says so and the process exits non-zero."""
-        try:
-            await svc.run(task_status=task_status)
-        except Exception as exc:  # noqa: BLE001 - reported, then the process ends
-            cause = _root_cause(exc)
-            svc.failure = f"{type(cause).__name__}: {cause}"[:300]
-            logging.getLogger(__name__).critical("Service stopped by a fatal error: %s", svc.failure,
-                                                 exc_info=exc)
-            exit_process(FATAL_EXIT_CODE)
-
-    @app.after_serving
-    async def stop() -> None:
-        await svc.shutdown(settings.server.shutdown_grace_seconds)
+    app.after_serving(life.stop)
 
     @app.after_request
     async def security_headers(response: Response) -> Response:
@@ -423,7 +301,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None,
 
         @wraps(handler)
         async def guarded(*args: Any, **kwargs: Any) -> Response:
-            session = sessions.current()
+            session = _session(sessions)
             if settings.security.admin_token:
                 supplied = request.headers.get("Authorization", "")
                 expected = f"Bearer {settings.security.admin_token}"
@@ -434,7 +312,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None,
             elif not is_loopback():
                 return _no_store(_error(403, "admin endpoints are served to loopback clients only when "
                                              "ADMIN_TOKEN is unset (never through a proxy or a unix socket)"))
-            if (refused := sessions.csrf_refusal(session)) is not None:
+            if (refused := _csrf_refusal(session)) is not None:
                 return _no_store(refused)
             return _no_store(await handler(*args, **kwargs))
 
@@ -463,20 +341,8 @@ def create_app(settings: Settings | None = None, service: Service | None = None,
             if not hmac.compare_digest(supplied.encode(), settings.security.webhook_secret.encode()):
                 return _error(401, "webhook token missing or wrong")
         try:
-            text = raw.removeprefix(b"\xef\xbb\xbf").decode("utf-8")   # JSON is UTF-8 (RFC 8259); a BOM is tolerated
-        except UnicodeDecodeError:
-            return _error(400, "body is not valid UTF-8")
-        try:
-            payload = json.loads(text)
-        except (ValueError, RecursionError):
-            return _error(400, "body is not valid JSON")
-        if _depth(payload, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
-            return _error(400, f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
-        if _SURROGATE_ESCAPE.search(text):
-            payload = _map_strings(payload, _without_surrogates)
-        try:
-            result = await svc.intake(payload)
-        except WebhookError as exc:
+            result = await svc.intake(decode_payload(raw))
+        except (BadPayload, WebhookError) as exc:   # not JSON we read, or not a webhook we know
             return _error(400, str(exc))
         headers = {"Retry-After": str(result.retry_after)} if result.retry_after else None
         return _json(result.body, result.status, headers)
@@ -507,11 +373,8 @@ def create_app(settings: Settings | None = None, service: Service | None = None,
     async def memory_of(jid: str) -> Response:
         if (bad := chat_jid(jid)) is not None:
             return bad
-        found = await svc.conversation_state(jid)
-        if found is None:
-            return _error(404, "no conversation for this JID")
-        window = found[0].get("window", [])
-        return _json({"user_id": jid, "count": len(window), "messages": seed_messages(window)})
+        detail = await admin_api.memory_of(svc, jid)
+        return _json(detail) if detail is not None else _error(404, "no conversation for this JID")
 
     @app.get("/actors")
     @admin
@@ -524,45 +387,15 @@ def create_app(settings: Settings | None = None, service: Service | None = None,
             return _error(400, "limit must be an integer")
         if not 1 <= limit <= PAGE_MAX:
             return _error(400, f"limit must be between 1 and {PAGE_MAX}")
-        cursor = request.args.get("cursor") or None
-        rows = []
-        registry = svc.registry
-        keys = registry.page(cursor, limit + 1) if registry is not None else []
-        for jid in keys[:limit]:
-            stats = registry.actor_statistics(jid) if registry is not None else None
-            if stats is None:
-                continue
-            rows.append({
-                "jid": stats.key, "status": stats.status, "window_size": stats.state.window_size,
-                "booking_sent": stats.state.booking_sent, "mailbox_depth": stats.mailbox_depth,
-                "last_activity": stats.last_activity, "expires_at": stats.expires_at,
-                "crashes": stats.crashes,
-            })
-        next_cursor = keys[limit - 1] if len(keys) > limit else None
-        return _json({"actors": rows, "next_cursor": next_cursor})
+        return _json(admin_api.actor_list(svc, request.args.get("cursor") or None, limit))
 
     @app.get("/actors/<path:jid>")
     @admin
     async def actor(jid: str) -> Response:
         if (bad := chat_jid(jid)) is not None:
             return bad
-        registry = svc.registry
-        stats = registry.actor_statistics(jid) if registry is not None else None
-        if stats is not None:
-            body = {"live": True, **attrs.asdict(stats)}
-            live_actor = registry.actor(jid) if registry is not None else None
-            if isinstance(live_actor, ConversationActor):
-                body["state"]["messages"] = live_actor.messages()
-            return _json(body)
-        found = await svc.conversation_state(jid)
-        if found is None:
-            return _error(404, "no conversation for this JID")
-        state = found[0]
-        return _json({"live": False, "key": jid, "status": "stored", "state": {
-            **{k: v for k, v in state.items() if k != "window"},
-            "window_size": len(state.get("window", [])),
-            "messages": seed_messages(state.get("window", [])),
-        }})
+        detail = await admin_api.actor_detail(svc, jid)
+        return _json(detail) if detail is not None else _error(404, "no conversation for this JID")
 
     @app.post("/actors/<path:jid>/<command>")
     @admin
@@ -571,7 +404,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None,
             return _error(404, "unknown command (pause, resume or reset)")
         if (bad := chat_jid(jid)) is not None:
             return bad
-        if await svc.conversation_state(jid) is None:
+        if await svc.conversation(jid) is None:
             return _error(404, "no conversation for this JID")
         try:
             applied = await svc.control(jid, command)
@@ -579,27 +412,12 @@ def create_app(settings: Settings | None = None, service: Service | None = None,
             return _error(503, "the chat's mailbox is full or the service is stopping", **{"Retry-After": "5"})
         if not applied:
             return _json({"status": "queued", "command": command}, 202)
-        found = await svc.conversation_state(jid)
-        state = found[0] if found is not None else {}
-        return _json({"status": "applied", "command": command, "paused_until": state.get("paused_until"),
-                      "window_size": len(state.get("window", [])), "booking_sent": state.get("booking_sent")})
+        return _json(await admin_api.control_applied(svc, jid, command))
 
     @app.get("/supervisors")
     @admin
     async def supervisors() -> Response:
-        body: dict[str, Any] = {"ready": svc.ready}
-        if svc.registry is not None:
-            body["registry"] = attrs.asdict(svc.registry.statistics())
-        if svc.chain is not None:
-            body["llm"] = attrs.asdict(svc.chain.statistics())
-        if svc.outbound is not None:
-            body["outbound"] = attrs.asdict(svc.outbound.statistics())
-        if svc.crm is not None:
-            body["crm"] = attrs.asdict(svc.crm.statistics())
-        body["intake"] = {"received": svc.received, "ignored": dict(svc.ignored),
-                          "new_chats_refused": svc.new_chats_refused}
-        body["dead_letters"] = [attrs.asdict(row) for row in await svc.store.dead_letters(20)]
-        return _json(_map_strings(body, redact))   # error texts (last_error, dead letters)
+        return _json(await admin_api.supervisors(svc))
 
     @app.get("/metrics")
     @admin
@@ -626,12 +444,4 @@ def create_app(settings: Settings | None = None, service: Service | None = None,
     return app
 
 
-def _app_or_exit() -> QuartTrio:
-    try:
-        return create_app(load_settings())
-    except ConfigError as exc:
-        refuse_to_start(f"Configuration error: {redact(str(exc))}")
-        raise  # not reached: refuse_to_start raises SystemExit
-
-
-app = _app_or_exit()
+app = lifecycle.configured_or_exit(create_app)

@@ -1,8 +1,8 @@
 """Read models of the admin console: the chat list, one chat, delivery health and the overview.
 
-Each function turns the service's snapshots (the store's listing, registry statistics, supervisor
-statistics) into JSON-able dicts; nothing here changes state. Errors and reasons shown to the
-operator go through the log redaction, so no secret reaches the page.
+Each function turns the service's snapshots (the store's listing, conversation views, registry and
+supervisor statistics) into JSON-able dicts; nothing here changes state. Errors and reasons shown
+to the operator go through the log redaction, so no secret reaches the page.
 """
 
 from __future__ import annotations
@@ -114,26 +114,23 @@ async def chat_list(svc: "Service", *, search: str = "", state: str = "", instan
 
 async def chat_detail(svc: "Service", jid: str) -> dict[str, Any] | None:
     """One chat: its transcript (role user | assistant | operator, text, unix time) and its flags."""
-    found = await svc.conversation_state(jid)
-    if found is None:
+    chat = await svc.conversation(jid)
+    if chat is None:
         return None
-    state, live = found
-    registry = svc.registry
-    stats = registry.actor_statistics(jid) if registry is not None else None
+    stats = chat.actor
     page = await svc.store.listing(now=time.time(), keys=[jid], limit=1)
     row = _chat_row(svc, page.rows[0], time.time()) if page.rows else {"state": "answering"}
-    lead = state.get("lead", {})
     last_error = stats.last_error if stats is not None else None
     return {
-        "jid": jid, "number": phone_of(jid) or jid, "name": lead.get("nombre", ""),
-        "instance": state.get("instance", ""), "state": row["state"], "live": live,
-        "messages": [{"role": r[0], "text": r[1], "at": r[2]} for r in state.get("window", [])],
-        "booking_sent": bool(state.get("booking_sent")), "lead_id": lead.get("lead_id"),
-        "paused_until": state.get("paused_until", 0.0), "pause_reason": state.get("pause_reason", ""),
-        "crashes": max(int(state.get("crashes", 0)), stats.crashes if stats is not None else 0),
+        "jid": jid, "number": phone_of(jid) or jid, "name": chat.lead.nombre,
+        "instance": chat.instance, "state": row["state"], "live": chat.live,
+        "messages": [{"role": e.role, "text": e.content, "at": e.at} for e in chat.window],
+        "booking_sent": chat.booking_sent, "lead_id": chat.lead.lead_id,
+        "paused_until": chat.paused_until, "pause_reason": chat.pause_reason,
+        "crashes": max(chat.crashes, stats.crashes if stats is not None else 0),
         "last_error": redact(last_error) if last_error else None,
         "mailbox_depth": stats.mailbox_depth if stats is not None else 0,
-        "messages_in": state.get("messages_in", 0), "replies_out": state.get("replies_out", 0),
+        "messages_in": chat.messages_in, "replies_out": chat.replies_out,
     }
 
 

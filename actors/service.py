@@ -14,6 +14,7 @@ import attrs
 import httpx
 import trio
 
+from runtime.actor import ActorStatistics
 from runtime.bounded import OTHER, bounded_key
 from runtime.clock import Clock
 from runtime.logs import LogCompressor
@@ -23,6 +24,7 @@ from runtime.store import OutboxRow, Store, StoreError
 
 from .admin_view import Activity
 from .conversation import Accepted, Control, ConversationActor, ConversationContext
+from .conversation_view import ConversationView
 from .crm import CrmSupervisor, LeadRequest
 from .evolution import Ignored, parse_webhook
 from .inbound import InboundMessage
@@ -33,7 +35,7 @@ from .new_chats import NewChatLimiter
 from .outbound import Delivery, OutboundMessage, OutboundSender
 from .prompts import texts_for
 from .settings import Settings
-from .state import state_dict
+from .state import ConversationState, state_dict
 
 log = logging.getLogger(__name__)
 GC_THRESHOLDS = (10_000, 20, 20)   # gc.set_threshold once the service is up (the default is 700, 10, 10)
@@ -93,7 +95,7 @@ class Service:
         """Open the store, start every supervisor and the registry, recover pending work, serve."""
         settings = self.settings
         self.clock = Clock()
-        await self.store.open()   # idempotent: app.py opens it first to report a bad database in one line
+        await self.store.open()   # idempotent: Lifecycle.start opens it first to report a bad database in one line
         # Shared by the outbound (≤ 48 sendText and ≤ 12 sendPresence requests at once) and CRM (≤ 4)
         # supervisors: as large as all of them together, so requests never queue inside httpcore's
         # pool (see actors/outbound/evolution.py), and every connection may be kept alive (httpcore's pool costs O(connections²) per event when
@@ -397,3 +399,23 @@ class Service:
                 return actor.state.to_dict(), True
         saved = await self.store.load(jid)
         return (state_dict(saved), False) if saved is not None else None
+
+    async def conversation(self, jid: str) -> ConversationView | None:
+        """A chat's conversation (None when there is none), with the registry's facts about its
+        actor when it is live."""
+        found = await self.conversation_state(jid)
+        if found is None:
+            return None
+        state, live = found
+        actor = self.registry.actor_statistics(jid) if live and self.registry is not None else None
+        return ConversationView.of(jid, ConversationState.from_dict(state), live=live, actor=actor)
+
+    def live_actors(self, after: str | None, limit: int) -> tuple[list[ActorStatistics], str | None]:
+        """Up to ``limit`` live actors after the key ``after`` in key order (each one's ``state`` is
+        its ConversationSnapshot), and the cursor of the next page (None on the last)."""
+        registry = self.registry
+        if registry is None:
+            return [], None
+        keys = registry.page(after, limit + 1)
+        page = [stats for key in keys[:limit] if (stats := registry.actor_statistics(key)) is not None]
+        return page, keys[limit - 1] if len(keys) > limit else None

@@ -246,7 +246,7 @@ class ConversationState:
         )
 
 
-def seed_messages(window: Window | list[list[Any]]) -> list[dict[str, str]]:
+def seed_messages(window: Iterable[WindowEntry] | list[list[Any]]) -> list[dict[str, str]]:
     """The window in the seed's ``/memory/{jid}`` shape."""
     out = []
     for entry in window:

@@ -314,22 +314,6 @@ async def test_a_stuck_on_lead_holds_no_slot_and_the_lead_stays_known(
     assert caplog.text.count("[CRM] Lead id not recorded in the chat within") == len(jids)
 
 
-async def test_update_lead_stage_and_note() -> None:
-    fake = FakeKrayin(token=TOKEN)
-    async with crm_for(fake) as (crm, events):
-        crm.submit(LeadRequest(JID, "Juan", PHONE))
-        await events.wait_done(1)
-        assert await crm.update_lead(123, 2, "Cliente confirmó la cita")
-        assert not await crm.update_lead(999, 2, "")
-    edit = fake.calls_to("PUT", "/leads/stage/edit/123")
-    assert [c.json for c in edit] == [{"lead_pipeline_stage_id": 2}]
-    assert fake.activities[-1] == {"type": "note", "comment": "Cliente confirmó la cita", "lead_id": 123,
-                                   "id": 900, "is_done": 1}
-    assert fake.leads[123]["lead_pipeline_stage_id"] == 2
-    assert [c.status for c in fake.calls_to("PUT", "/leads/stage/edit/999")] == [404]
-    _headers_ok(fake)
-
-
 async def test_disabled_crm_logs_once_and_ignores_requests(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     settings = load_settings({"CRM_AUTO_REGISTER": "true", "KRAYIN_API_URL": "http://127.0.0.1:9/api/v1"},

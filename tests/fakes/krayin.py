@@ -1,4 +1,4 @@
-"""A fake Krayin CRM REST API (plain ASGI): persons search/create, leads, stage edit, activities.
+"""A fake Krayin CRM REST API (plain ASGI): persons search/create, leads, activities.
 
 Speaks the JSON of krayin/rest-api v2 under ``prefix`` (``/api/v1``): ``{"data": ..., "message": ...}``,
 422 with ``errors`` for validation and duplicates, 401 ``Unauthenticated.``, and a 302 to the login page
@@ -110,9 +110,6 @@ class FakeKrayin:
             return self._create_person(payload) + ([],)
         if method == "POST" and path == "/leads":
             return self._create_lead(payload) + ([],)
-        match = re.fullmatch(r"/leads/stage/edit/(\d+)", path)
-        if method == "PUT" and match:
-            return self._edit_stage(int(match.group(1)), payload) + ([],)
         if method == "POST" and path == "/activities":
             return self._create_activity(payload) + ([],)
         return 404, {"message": "resource-not-found"}, []
@@ -185,16 +182,6 @@ class FakeKrayin:
                 "person": self.persons[person["id"]]}
         self.leads[lead_id] = lead
         return 200, {"data": lead, "message": "Lead created successfully."}
-
-    def _edit_stage(self, lead_id: int, payload: Any) -> tuple[int, Any]:
-        stage = payload.get("lead_pipeline_stage_id") if isinstance(payload, dict) else None
-        if stage is None:
-            return 422, {"message": "The lead pipeline stage id field is required.",
-                         "errors": {"lead_pipeline_stage_id": ["The lead pipeline stage id field is required."]}}
-        if lead_id not in self.leads or stage not in self.stages:
-            return 404, {"message": "resource-not-found"}
-        self.leads[lead_id]["lead_pipeline_stage_id"] = stage
-        return 200, {"data": self.leads[lead_id], "message": "Lead updated successfully."}
 
     def _create_activity(self, payload: Any) -> tuple[int, Any]:
         if not isinstance(payload, dict) or not payload.get("type"):

@@ -1,0 +1,82 @@
+"""The bodies of the operator's JSON API (``/memory/{jid}``, ``/actors...``, ``/supervisors``).
+
+Each function turns the service's snapshots (conversation views, registry and supervisor
+statistics) into JSON-able dicts; nothing here changes state. The admin console's own bodies are
+in admin_view.py.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from runtime.logs import redact
+
+from .payload_guard import map_strings
+
+if TYPE_CHECKING:
+    from .service import Service
+
+DEAD_LETTERS_SHOWN = 20
+
+
+async def memory_of(svc: "Service", jid: str) -> dict[str, Any] | None:
+    """A chat's window in the seed's shape, None when there is none."""
+    chat = await svc.conversation(jid)
+    if chat is None:
+        return None
+    return {"user_id": jid, "count": chat.window_size, "messages": chat.seed_messages()}
+
+
+def actor_list(svc: "Service", cursor: str | None, limit: int) -> dict[str, Any]:
+    """One page of live actors in key order, with the cursor of the next page (None on the last)."""
+    page, next_cursor = svc.live_actors(cursor, limit)
+    rows = [{
+        "jid": stats.key, "status": stats.status, "window_size": stats.state.window_size,
+        "booking_sent": stats.state.booking_sent, "mailbox_depth": stats.mailbox_depth,
+        "last_activity": stats.last_activity, "expires_at": stats.expires_at, "crashes": stats.crashes,
+    } for stats in page]
+    return {"actors": rows, "next_cursor": next_cursor}
+
+
+async def actor_detail(svc: "Service", jid: str) -> dict[str, Any] | None:
+    """A live chat's runtime facts and snapshot with its timed transcript, else its stored state
+    (every field but the window) with its transcript in the seed's shape; None when there is none."""
+    chat = await svc.conversation(jid)
+    if chat is None:
+        return None
+    if chat.actor is not None:
+        body = {"live": True, **attrs.asdict(chat.actor)}
+        body["state"]["messages"] = chat.timed_messages()
+        return body
+    return {"live": False, "key": jid, "status": "stored", "state": {
+        **chat.state_fields(), "window_size": chat.window_size, "messages": chat.seed_messages(),
+    }}
+
+
+async def control_applied(svc: "Service", jid: str, command: str) -> dict[str, Any]:
+    """The answer to a command the chat's actor carried out: the flags it changes, as they are now."""
+    chat = await svc.conversation(jid)
+    if chat is None:   # none any more
+        return {"status": "applied", "command": command, "paused_until": None, "window_size": 0, "booking_sent": None}
+    return {"status": "applied", "command": command, "paused_until": chat.paused_until,
+            "window_size": chat.window_size, "booking_sent": chat.booking_sent}
+
+
+async def supervisors(svc: "Service") -> dict[str, Any]:
+    """Readiness, the statistics of the registry and of every supervisor, intake counters and the
+    latest dead letters, with every text (last errors, dead letter reasons) redacted."""
+    body: dict[str, Any] = {"ready": svc.ready}
+    if svc.registry is not None:
+        body["registry"] = attrs.asdict(svc.registry.statistics())
+    if svc.chain is not None:
+        body["llm"] = attrs.asdict(svc.chain.statistics())
+    if svc.outbound is not None:
+        body["outbound"] = attrs.asdict(svc.outbound.statistics())
+    if svc.crm is not None:
+        body["crm"] = attrs.asdict(svc.crm.statistics())
+    body["intake"] = {"received": svc.received, "ignored": dict(svc.ignored),
+                      "new_chats_refused": svc.new_chats_refused}
+    body["dead_letters"] = [attrs.asdict(row) for row in await svc.store.dead_letters(DEAD_LETTERS_SHOWN)]
+    return map_strings(body, redact)
