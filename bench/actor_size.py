@@ -3,8 +3,8 @@
     .venv/bin/python bench/actor_size.py [--actors 5000] [--window 50] [--chars 150]
 
 Builds what the registry holds for one live, idle chat (``ActorCell`` + ``Mailbox`` + a
-``ConversationActor`` whose state was loaded the way ``activate()`` does it: ``json.loads`` of the
-stored row, then ``ConversationState.from_dict``, then ``hibernate()`` as the registry does once
+``ConversationActor`` whose state was loaded the way ``activate()`` does it:
+``ConversationState.from_bytes`` of the stored bytes, then ``hibernate()`` as the registry does once
 the mailbox is empty; ``--live`` skips that) for N chats seeded like ``bench/seed_store.py``, and
 prints the traced bytes per actor and the top allocation sites. This is the Python-heap share of the RSS the memory scenario measures (RSS adds allocator slack and the process's fixed costs).
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import sys
 import time
 import tracemalloc
@@ -40,7 +39,7 @@ def main() -> None:
     parser.add_argument("--live", action="store_true", help="keep the windows live (no hibernation)")
     args = parser.parse_args()
     now = time.time()
-    rows = [json.dumps(state_for(u, args.window, args.chars, now)) for u in range(args.actors)]
+    rows = [state_for(u, args.window, args.chars, now).to_bytes() for u in range(args.actors)]
     context = object()   # the actor only keeps a reference to the shared context
     cells: dict[str, ActorCell] = {}
     gc.collect()
@@ -49,7 +48,7 @@ def main() -> None:
     for u, row in enumerate(rows):
         jid = jid_of(u)
         actor = ConversationActor(jid, context)  # type: ignore[arg-type]
-        actor.state = ConversationState.from_dict(json.loads(row))
+        actor.state = ConversationState.from_bytes(row)
         if not args.live:
             actor.hibernate()   # what the registry does when the actor's mailbox is empty
         cells[jid] = ActorCell(key=jid, actor=actor, mailbox=Mailbox(100), last_activity=0.0, activated=True)
