@@ -3,8 +3,9 @@
     .venv/bin/python bench/seed_store.py DATA_DIR --actors 30000 [--window 50] [--chars 150] [--first 0]
 
 Uses the service's own ``SqliteStore`` and ``ConversationState`` so the states are exactly what the
-service writes (their meta: last activity and window length, an empty listing record): ``window`` holds ``--window`` entries alternating user / assistant, each ``--chars``
-characters long (ASCII, distinct per entry), ``last_activity`` now. Chats are ``bench/loadgen.py``'s
+service writes (their meta: last activity and window length, an empty listing record): ``window``
+holds ``--window`` entries alternating user / assistant, each ``--chars`` characters long (ASCII,
+distinct per entry), ``last_activity`` now. Chats are ``bench/loadgen.py``'s
 ``jid_of(u)`` for u in [first, first + actors). One webhook per chat then makes the service spawn
 the actor, load that window, add the new message and the reply and truncate back to the window:
 N live actors holding full windows for N webhooks instead of 25 x N.
