@@ -81,6 +81,7 @@ class Lifecycle:
             log_dir=logs.log_dir, log_file=logs.log_file, level=logs.log_level, max_bytes=logs.log_max_bytes,
             backup_count=logs.log_backup_count, json_lines=logs.log_json, secrets=settings.secret_values(),
             stderr=logs.log_stderr, names=dict.fromkeys(("actors", "runtime", "app", "__main__"), "python-agent"),
+            key_field="jid",   # the actor key is the chat's JID, as the seed's lines name it
         )
         try:
             await self.service.store.open()   # Service.run opens it too (idempotent); first here for the one line

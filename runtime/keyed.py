@@ -1,6 +1,6 @@
 """A keyed serial executor: per key, one item at a time in submission order; keys run concurrently.
 
-What the outbound supervisor (replies per chat) and the CRM supervisor (jobs per chat) both need:
+What a supervisor of per-key jobs needs (e.g. one queue of replies per recipient):
 a key's items are handled strictly one after another, different keys do not wait for each other,
 and nothing grows without bound. In the style of trio's memory channels, ``submit_nowait`` never
 blocks (it raises ``MailboxFull`` when the key's queue is full and ``ExecutorClosed`` after

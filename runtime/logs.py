@@ -13,7 +13,8 @@ own names (``logging.getLogger(__name__)``); the ``names`` argument maps logger-
 name a line shows (the service maps its packages to its product name, as the seed's lines show it),
 and a logger no prefix matches shows its own name. With ``json_lines=True`` each line is a JSON
 object with ``time``, ``level``, ``logger`` (that shown name), ``module`` (the logger's own name),
-``message``, ``jid`` (when the record has one, e.g. ``log.info("...", extra={"jid": jid})``) and
+``message``, the actor key (when the record has one: the key of the actor whose task logged it,
+or ``extra={<key_field>: key}``; ``key_field`` names it) and
 ``exc_info``.
 
 Both handlers carry a :class:`RedactionFilter`: before formatting, it renders the message (args
@@ -148,11 +149,15 @@ class RedactionFilter(logging.Filter):
 
 
 class ActorContextFilter(logging.Filter):
-    """Stamps ``record.jid`` with the key of the actor whose task logged it (unless already set)."""
+    """Stamps the record's ``field`` with the key of the actor whose task logged it (unless set)."""
+
+    def __init__(self, field: str) -> None:
+        super().__init__()
+        self._field = field
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if getattr(record, "jid", None) is None:
-            record.jid = current_actor.get()
+        if getattr(record, self._field, None) is None:
+            setattr(record, self._field, current_actor.get())
         return True
 
 
@@ -173,29 +178,31 @@ class ShownNames:
 
 
 class LineFormatter(logging.Formatter):
-    """The seed's line format; a record about a conversation ends with ``[jid]`` unless its text names it."""
+    """The seed's line format; a record about an actor ends with ``[key]`` unless its text names it."""
 
-    def __init__(self, names: ShownNames) -> None:
+    def __init__(self, names: ShownNames, key_field: str) -> None:
         super().__init__(LINE_FORMAT, DATE_FORMAT)
         self._names = names
+        self._key_field = key_field
 
     def format(self, record: logging.LogRecord) -> str:
         record.shown_name = self._names(record.name)
         text = super().format(record)
-        jid = getattr(record, "jid", None)
-        if jid and jid not in record.getMessage():
+        key = getattr(record, self._key_field, None)
+        if key and key not in record.getMessage():
             first, newline, rest = text.partition("\n")
-            text = f"{first} [{jid}]{newline}{rest}"
+            text = f"{first} [{key}]{newline}{rest}"
         return text
 
 
 class JsonLinesFormatter(logging.Formatter):
     """One JSON object per line: time (ISO 8601, local offset), level, logger (the shown name),
-    module (the logger's own name), message[, jid][, exc_info]."""
+    module (the logger's own name), message[, the actor key under ``key_field``][, exc_info]."""
 
-    def __init__(self, names: ShownNames) -> None:
+    def __init__(self, names: ShownNames, key_field: str) -> None:
         super().__init__()
         self._names = names
+        self._key_field = key_field
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
@@ -205,9 +212,9 @@ class JsonLinesFormatter(logging.Formatter):
             "module": record.name,
             "message": record.getMessage(),
         }
-        jid = getattr(record, "jid", None)
-        if jid:
-            entry["jid"] = str(jid)
+        key = getattr(record, self._key_field, None)
+        if key:
+            entry[self._key_field] = str(key)
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:
@@ -368,12 +375,14 @@ def configure_logging(
     secrets: Iterable[str] = (),
     stderr: bool = True,
     names: Mapping[str, str] | None = None,
+    key_field: str = "actor",
 ) -> None:
     """Install the rotating file (+ stderr) handlers on the root logger; see the module docstring.
 
     Idempotent: a second call closes and replaces the handlers of the first (other handlers are left
     alone). ``log_dir`` is created if missing. ``secrets`` are added to the redaction set. ``names``
-    maps logger-name prefixes to the name lines show (see ShownNames).
+    maps logger-name prefixes to the name lines show (see ShownNames); ``key_field`` is the record
+    attribute (and JSON field) that carries the actor key.
     """
     if max_bytes <= 0 or backup_count < 0:
         raise ValueError("max_bytes must be positive and backup_count 0 or more")
@@ -386,9 +395,9 @@ def configure_logging(
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     shown = ShownNames(names or {})
-    formatter = JsonLinesFormatter(shown) if json_lines else LineFormatter(shown)
+    formatter = JsonLinesFormatter(shown, key_field) if json_lines else LineFormatter(shown, key_field)
     redaction = RedactionFilter()
-    context = ActorContextFilter()
+    context = ActorContextFilter(key_field)
     handlers: list[logging.Handler] = [
         GzipRotatingFileHandler(log_dir / log_file, max_bytes=max_bytes, backup_count=backup_count)
     ]

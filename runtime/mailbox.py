@@ -2,7 +2,7 @@
 
 Like trio's memory channels it has a non-blocking twin (``put_nowait`` raises ``MailboxFull``)
 and explicit closing (``MailboxClosed``), but it also lets its owner take everything queued
-at once (``take_all``), which the conversation actor uses to merge bursts.
+at once (``take_all``), which an actor uses to handle a burst as one batch.
 """
 
 from __future__ import annotations

@@ -149,7 +149,7 @@ def test_http_client_loggers_are_quiet_unless_debug(tmp_path: Path) -> None:
 
 
 def test_json_lines_are_parseable_and_carry_jid(tmp_path: Path) -> None:
-    configure_logging(log_dir=tmp_path, json_lines=True, secrets=["json-secret-777"], stderr=False)
+    configure_logging(log_dir=tmp_path, json_lines=True, secrets=["json-secret-777"], stderr=False, key_field="jid")
     log = logging.getLogger("python-agent")
     log.info('quote " and json-secret-777', extra={"jid": "5491131376731@s.whatsapp.net"})
     try:
@@ -193,7 +193,7 @@ async def test_lines_about_a_conversation_carry_the_jid(tmp_path) -> None:  # ty
 
     from runtime.actor import current_actor
 
-    configure_logging(log_dir=tmp_path, json_lines=False, stderr=False)
+    configure_logging(log_dir=tmp_path, json_lines=False, stderr=False, key_field="jid")
     log = logging.getLogger("python-agent")
 
     async def actor_task() -> None:
