@@ -12,7 +12,6 @@ import trio
 from actors.llm.base import ChatMessage, ErrorKind, Prompt, Provider, ProviderError
 from actors.llm.providers import build_provider
 from actors.settings import Settings, load_settings
-from runtime.retry import parse_retry_after
 from tests.fakes.llm import (
     GEMINI_BAD_KEY_BODY,
     AnthropicFake,
@@ -290,11 +289,3 @@ async def test_provider_without_key_is_unavailable(name: str) -> None:
 def test_unknown_provider_name_is_rejected() -> None:
     with pytest.raises(ValueError):
         build_provider("nope", settings())
-
-
-def test_parse_retry_after_forms() -> None:
-    assert parse_retry_after({"retry-after": "3"}) == 3.0
-    assert parse_retry_after({"retry-after": "1.5", "retry-after-ms": "250"}) == 0.25
-    assert parse_retry_after({"retry-after": "Wed, 21 Oct 2015 07:28:10 GMT"}, now=1445412480.0) == 10.0
-    assert parse_retry_after({"retry-after": "soon"}) is None
-    assert parse_retry_after({}) is None
