@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import attrs
+import trio
 from prometheus_client import CONTENT_TYPE_LATEST
 from quart import Response, request
 from quart_trio import QuartTrio
@@ -23,7 +24,7 @@ from actors.evolution import WebhookError
 from actors.exposure import is_loopback_address
 from actors.jid import is_chat_jid
 from actors.payload_guard import BadPayload, decode_payload
-from actors.service import Service
+from actors.service import IntakeResult, Service
 from actors.settings import Settings, load_settings
 from runtime.registry import MailboxFull, ShuttingDown
 
@@ -330,22 +331,33 @@ def create_app(settings: Settings | None = None, service: Service | None = None,
 
     # -- webhook -----------------------------------------------------------------------------
 
-    @app.post("/webhook")
-    @app.post("/webhook/<path:event>")
-    async def webhook(event: str = "") -> Response:
+    async def answer_webhook() -> IntakeResult:
         # Read the (size-limited) body first, even for a request about to be refused: answering
         # with the body unread leaves the keep-alive connection stuck for the client's next request.
         raw = await request.get_data(as_text=False)
         if settings.security.webhook_secret:
             supplied = request.headers.get("x-webhook-token") or request.args.get("token") or ""
             if not hmac.compare_digest(supplied.encode(), settings.security.webhook_secret.encode()):
-                return _error(401, "webhook token missing or wrong")
+                return IntakeResult(401, {"error": "webhook token missing or wrong"})
         try:
-            result = await svc.intake(decode_payload(raw))
+            return await svc.intake(decode_payload(raw))
         except (BadPayload, WebhookError) as exc:   # not JSON we read, or not a webhook we know
-            return _error(400, str(exc))
-        headers = {"Retry-After": str(result.retry_after)} if result.retry_after else None
-        return _json(result.body, result.status, headers)
+            return IntakeResult(400, {"error": str(exc)})
+
+    @app.post("/webhook")
+    @app.post("/webhook/<path:event>")
+    async def webhook(event: str = "") -> Response:
+        started = trio.current_time()     # the ack histogram (/metrics): from here to the answer
+        result = IntakeResult(500, {})    # counted as such if answering raises
+        try:
+            result = await answer_webhook()
+            headers = {"Retry-After": str(result.retry_after)} if result.retry_after else None
+            return _json(result.body, result.status, headers)
+        except HTTPException as exc:      # 413 from get_data, answered by http_error
+            result = IntakeResult(exc.code or 500, {})
+            raise
+        finally:
+            svc.metrics.observe_ack(result.status, result.body, trio.current_time() - started)
 
     # -- health ------------------------------------------------------------------------------
 

@@ -77,6 +77,7 @@ async def supervisors(svc: "Service") -> dict[str, Any]:
     if svc.crm is not None:
         body["crm"] = attrs.asdict(svc.crm.statistics())
     body["intake"] = {"received": svc.received, "ignored": dict(svc.ignored),
-                      "new_chats_refused": svc.new_chats_refused}
+                      "new_chats_refused": svc.new_chats_refused, "refused": dict(svc.intake_refused),
+                      "storing": svc.storing}
     body["dead_letters"] = [attrs.asdict(row) for row in await svc.store.dead_letters(DEAD_LETTERS_SHOWN)]
     return map_strings(body, redact)

@@ -1,6 +1,6 @@
 """Prometheus metrics, built at scrape time from the supervisors' snapshots (never live state).
 
-Only the turn-latency histogram is recorded as turns happen; everything else is read from the
+Only the two latency histograms (a turn's, a webhook's ack) are recorded as they happen; everything else is read from the
 ``statistics()`` snapshots of the registry, the LLM chain, the outbound and CRM supervisors and
 the intake counters.
 """
@@ -18,6 +18,9 @@ if TYPE_CHECKING:
 
 CIRCUIT_STATES = ("closed", "half_open", "open")
 TURN_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0)
+# 1 ms to Evolution's 30 s timeout: a fast ack is a few ms, one past 30 s is a webhook Evolution sends again.
+ACK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0)
+ACK_OUTCOMES = ("accepted", "ignored", "refused", "unavailable")   # 200 accepted, 200 ignored, 4xx, 5xx
 
 
 class ServiceCollector(Collector):
@@ -38,6 +41,11 @@ class ServiceCollector(Collector):
         refused = CounterMetricFamily("agent_new_chats_refused", "Webhooks answered 429 past NEW_CHATS_PER_MINUTE")
         refused.add_metric([], svc.new_chats_refused)
         yield refused
+        busy = CounterMetricFamily("agent_intake_refused", "Webhooks answered 503 before any state changed "
+                                   "(busy: INTAKE_MAX_IN_FLIGHT; backlog: OUTBOUND_MAX_BACKLOG)", labels=["reason"])
+        for reason, count in sorted(svc.intake_refused.items()):
+            busy.add_metric([reason], count)
+        yield busy
 
         registry = svc.registry
         if registry is not None:
@@ -92,6 +100,15 @@ class ServiceCollector(Collector):
             queue = GaugeMetricFamily("agent_outbound_queued", "Replies waiting to be sent")
             queue.add_metric([], ostats.queued)
             yield queue
+            for name, doc, value in (
+                ("agent_outbound_backlog", "Replies handed over and not yet settled (OUTBOUND_MAX_BACKLOG)", ostats.backlog),
+                ("agent_outbound_backlog_oldest_seconds", "How long the oldest unsettled reply has waited",
+                 ostats.backlog_oldest_seconds),
+                ("agent_outbound_pacing_waiting", "Sends waiting for their per-instance pacing slot", ostats.pacing_waiting),
+            ):
+                gauge = GaugeMetricFamily(name, doc)
+                gauge.add_metric([], value)
+                yield gauge
             sends = CounterMetricFamily("agent_outbound_messages", "Replies by outcome", labels=["outcome"])
             sends.add_metric(["sent"], ostats.sent)
             sends.add_metric(["dead_letter"], ostats.failed)
@@ -112,13 +129,25 @@ class ServiceCollector(Collector):
 
 
 class Metrics:
-    """The app's own registry (not the global one): the collector plus the turn-latency histogram."""
+    """The app's own registry (not the global one): the collector plus the two latency histograms."""
 
     def __init__(self, service: "Service") -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(ServiceCollector(service))
         self.turn_seconds = Histogram("agent_turn_seconds", "Time from a message's arrival to its committed reply",
                                       buckets=TURN_BUCKETS, registry=self.registry)
+        self.ack_seconds = Histogram("agent_webhook_ack_seconds", "A webhook's time from the handler's start to its "
+                                     "answer, by outcome", ["outcome"], buckets=ACK_BUCKETS, registry=self.registry)
+        for outcome in ACK_OUTCOMES:   # every outcome shows from the first scrape, at 0
+            self.ack_seconds.labels(outcome)
+
+    def observe_ack(self, status: int, body: dict[str, object], seconds: float) -> None:
+        """One webhook answered with ``status`` and ``body`` after ``seconds``."""
+        if status < 300:
+            outcome = "accepted" if body.get("status") == "accepted" else "ignored"
+        else:
+            outcome = "refused" if status < 500 else "unavailable"
+        self.ack_seconds.labels(outcome).observe(seconds)
 
     def render(self) -> bytes:
         """The Prometheus text exposition."""

@@ -42,6 +42,8 @@ GC_THRESHOLDS = (10_000, 20, 20)   # gc.set_threshold once the service is up (th
 # "event <name>" is the one ignore reason that carries request content: at most this many names are
 # counted (and exported as a metric label) on their own, the rest as "other".
 MAX_EVENT_REASONS = 16
+BUSY_RETRY_AFTER = 1       # seconds: webhooks past INTAKE_MAX_IN_FLIGHT wait for a group commit or two
+BACKLOG_RETRY_AFTER = 10   # seconds: the outbound backlog drains at OUTBOUND_RATE_PER_INSTANCE (20/s by default)
 
 
 @attrs.frozen
@@ -82,6 +84,9 @@ class Service:
         self._event_reasons: set[str] = set()
         self._new_chats = NewChatLimiter(settings.security.new_chats_per_minute)
         self.new_chats_refused = 0
+        self.intake_refused = {"busy": 0, "backlog": 0}   # 503s before any state changed (§2.9)
+        self.storing = 0                     # webhooks past screening and not yet answered (INTAKE_MAX_IN_FLIGHT)
+        self._refusals_warned = float("-inf")   # trio time of the last such warning (one a minute at most)
         self._new_chats_warned = float("-inf")   # trio time of the last warning (one a minute at most)
         self._aliases: dict[str, str] = {}   # @lid ↔ phone JID of one chat → its actor key
         self._alias_lock = trio.Lock()       # one resolution at a time: both forms never spawn two actors
@@ -216,11 +221,33 @@ class Service:
         registry = self.registry
         if registry is None or not self.ready:
             return IntakeResult(503, {"error": "starting up"}, retry_after=5)
+        if (refusal := self._admission()) is not None:
+            return refusal
+        self.storing += 1
         try:
             return await self._accept(message, registry)
         except StoreError as exc:   # nothing was accepted: Evolution retries later
             log.error("Store error: webhook answered 503: %s", exc)
             return IntakeResult(503, {"error": "store unavailable"}, retry_after=5)
+        finally:
+            self.storing -= 1
+
+    def _admission(self) -> IntakeResult | None:
+        """A 503 for a message the service cannot take now, before anything is reserved or stored:
+        too many webhooks already waiting for the store (an ack that would be slow), or too many
+        replies waiting to go out (a new turn would only add to them). None: go on."""
+        if self.storing >= self.settings.server.intake_max_in_flight:
+            reason, error, retry_after = "busy", "busy", BUSY_RETRY_AFTER
+        elif self.outbound is not None and self.outbound.backlog >= self.settings.outbound.outbound_max_backlog:
+            reason, error, retry_after = "backlog", "outbound backlog full", BACKLOG_RETRY_AFTER
+        else:
+            return None
+        self.intake_refused[reason] += 1
+        if trio.current_time() - self._refusals_warned >= 60:
+            self._refusals_warned = trio.current_time()
+            log.warning("Intake: answering 503 %r (INTAKE_MAX_IN_FLIGHT %d, OUTBOUND_MAX_BACKLOG %d)", error,
+                        self.settings.server.intake_max_in_flight, self.settings.outbound.outbound_max_backlog)
+        return IntakeResult(503, {"error": error}, retry_after=retry_after)
 
     async def _accept(self, message: InboundMessage, registry: Registry[Accepted]) -> IntakeResult:
         key = await self._actor_key(message)

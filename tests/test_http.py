@@ -240,3 +240,27 @@ async def test_a_fatal_service_error_fails_health_and_exits_non_zero(tmp_path) -
         assert response.status_code == 503
         body = await response.get_json()
         assert body["status"] == "failed" and "a supervisor's bug" in body["error"]
+
+
+async def test_ack_seconds_histogram_counts_each_outcome(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Every webhook's time from the handler's start to its answer lands in one outcome's histogram,
+    whose buckets run from 1 ms to Evolution's 30 s."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with client_for(tmp_path, WEBHOOK_SECRET="hook-secret-123") as (app, client):
+        token = {"token": "hook-secret-123"}
+        assert (await client.post("/webhook", json=upsert("hola"), query_string=token)).status_code == 200
+        assert (await client.post("/webhook", json=upsert("otra"), query_string=token)).status_code == 200
+        assert (await client.post("/webhook", json=upsert(jid="status@broadcast"), query_string=token)).status_code == 200
+        assert (await client.post("/webhook", json=upsert("sin token"))).status_code == 401
+        assert (await client.post("/webhook", data=b"{not json", query_string=token)).status_code == 400
+        assert (await client.post("/webhook", json=upsert("x" * 1_100_000), query_string=token)).status_code == 413
+        text = await (await client.get("/metrics")).get_data(as_text=True)
+    samples = [s for family in text_string_to_metric_families(text) for s in family.samples
+               if s.name.startswith("agent_webhook_ack_seconds")]
+    counts = {s.labels["outcome"]: s.value for s in samples if s.name.endswith("_count")}
+    assert counts == {"accepted": 2, "ignored": 1, "refused": 3, "unavailable": 0}
+    bounds = sorted({float(s.labels["le"]) for s in samples if s.name.endswith("_bucket")})
+    assert bounds[0] == 0.001 and bounds[-2] == 30.0 and bounds[-1] == float("inf")
+    fast = {s.labels["outcome"]: s.value for s in samples if s.name.endswith("_bucket") and s.labels["le"] == "1.0"}
+    assert fast["accepted"] == 2   # an in-memory accept answers well within a second

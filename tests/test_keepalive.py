@@ -7,6 +7,7 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.payloads import upsert
 from tests.procs import ServiceProcess
@@ -31,4 +32,9 @@ async def test_refused_requests_leave_the_connection_usable(tmp_path: Path) -> N
                                           headers={"x-webhook-token": "hook-secret-0123"})).status_code == 400
                 ok = await client.post("/webhook", json=upsert("hola"), headers={"x-webhook-token": "hook-secret-0123"})
                 assert ok.status_code == 200 and ok.json()["status"] == "accepted"
+                # the webhook's ack time, measured inside the service, by outcome (docs/behaviour.md §2.9)
+                metrics = (await client.get("/metrics")).text
+        counts = {s.labels["outcome"]: s.value for family in text_string_to_metric_families(metrics)
+                  for s in family.samples if s.name == "agent_webhook_ack_seconds_count"}
+        assert counts == {"accepted": 1, "ignored": 0, "refused": 3, "unavailable": 0}
         await service.terminate()

@@ -25,6 +25,7 @@ class Pacer:
         self._interval = 1.0 / rate if rate > 0 else 0.0
         self._max_keys = max_keys
         self._next: dict[str, float] = {}
+        self.waiting = 0                 # callers sleeping until their slot (one timer each, no polling)
 
     async def acquire(self, key: str) -> None:
         if not self._interval:
@@ -34,7 +35,11 @@ class Pacer:
         slot = max(now, self._next.get(key, now))
         self._next[key] = slot + self._interval  # reserve before sleeping: concurrent callers queue up
         if slot > now:
-            await trio.sleep_until(slot)
+            self.waiting += 1
+            try:
+                await trio.sleep_until(slot)
+            finally:
+                self.waiting -= 1
 
 
 class ChatGap:

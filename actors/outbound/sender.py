@@ -105,6 +105,9 @@ class OutboundStatistics:
     preferred_candidates: dict[str, str]        # instance -> candidate that worked last
     outbox_size: int                            # local mode: entries kept
     typing_in_flight: int
+    backlog: int                                # replies submitted and not yet settled (OUTBOUND_MAX_BACKLOG)
+    backlog_oldest_seconds: float               # how long the oldest of them has waited (0 when none)
+    pacing_waiting: int                         # sends waiting for their per-instance pacing slot
 
 
 @attrs.define
@@ -149,7 +152,12 @@ class OutboundSender:
             base=BACKOFF_BASE_SECONDS, cap=BACKOFF_CAP_SECONDS, jitter=BACKOFF_JITTER,
             budget=max(0.0, settings.outbound.outbound_max_retry_seconds),  # below 0 gives up as at 0: on the first failure
         )
-        self._chats: KeyedSerialExecutor[str, OutboundMessage] = KeyedSerialExecutor(
+        # Per chat, the items are (backlog token, message): the token finds the reply's submit time in
+        # _pending, whose first entry is the oldest unsettled reply (a waiting reply costs that entry,
+        # its queue slot and, for the chat at the head, one parked worker task: nothing polls).
+        self._pending: collections.OrderedDict[int, float] = collections.OrderedDict()
+        self._tokens = 0
+        self._chats: KeyedSerialExecutor[str, tuple[int, OutboundMessage]] = KeyedSerialExecutor(
             self._handle, queue_capacity=QUEUE_CAPACITY, max_keys_in_flight=MAX_CHATS_IN_FLIGHT, name="Outbound")
         self._on_settled = on_settled
         self._nursery: trio.Nursery | None = None
@@ -183,8 +191,10 @@ class OutboundSender:
 
     def submit(self, message: OutboundMessage) -> None:
         """Queue ``message`` behind the JID's earlier messages; never blocks, never raises for I/O."""
+        self._tokens += 1
         try:
-            self._chats.submit_nowait(message.jid, message)
+            self._chats.submit_nowait(message.jid, (self._tokens, message))
+            self._pending[self._tokens] = trio.current_time()
         except MailboxFull:
             error = f"outbound queue full: {QUEUE_CAPACITY} replies already waiting for this chat"
             self._refused.append((message, self._dead_letter(message, error, 0)))
@@ -213,8 +223,14 @@ class OutboundSender:
 
     # ------------------------------------------------------------------ snapshots
 
+    @property
+    def backlog(self) -> int:
+        """Replies submitted and not yet settled: queued, waiting for pacing, being sent or retried."""
+        return len(self._pending)
+
     def statistics(self) -> OutboundStatistics:
         chats = self._chats.statistics()
+        oldest = next(iter(self._pending.values()), None)
         return OutboundStatistics(
             mode=self._transport.mode,
             queued=chats.queued,
@@ -228,6 +244,9 @@ class OutboundSender:
             preferred_candidates=dict(self._preferred),
             outbox_size=len(self._outbox) if self._outbox is not None else 0,
             typing_in_flight=len(self._typing),
+            backlog=len(self._pending),
+            backlog_oldest_seconds=trio.current_time() - oldest if oldest is not None else 0.0,
+            pacing_waiting=self._pacer.waiting,
         )
 
     def outbox_entries(self, *, after: int = 0, jid: str | None = None, limit: int = 100) -> list[OutboxEntry]:
@@ -239,8 +258,9 @@ class OutboundSender:
 
     # ------------------------------------------------------------------ delivery
 
-    async def _handle(self, jid: str, message: OutboundMessage) -> None:
+    async def _handle(self, jid: str, item: tuple[int, OutboundMessage]) -> None:
         """One message of a chat, the executor's handler: deliver it, then settle it."""
+        token, message = item
         self._in_flight += 1
         try:
             delivery = await self._deliver(message)
@@ -249,6 +269,7 @@ class OutboundSender:
             delivery = self._dead_letter(message, f"internal error: {type(exc).__name__}", 0)
         finally:
             self._in_flight -= 1
+            self._pending.pop(token, None)
         await self._settle(message, delivery)
 
     async def _settle(self, message: OutboundMessage, delivery: Delivery) -> None:

@@ -44,6 +44,7 @@ class ServerSettings:
     max_body_bytes: int = setting(integer(1))    # /webhook bodies above this get 413
     shutdown_grace_seconds: float = setting(number())
     http_timeout: float = setting(number(positive=True))   # per Evolution / Krayin request
+    intake_max_in_flight: int = setting(integer(1))   # webhooks storing at once; past it 503 at once
 
 
 @attrs.frozen(kw_only=True)
@@ -164,6 +165,7 @@ class OutboundSettings:
     outbound_max_retry_seconds: float = setting(number())
     split_max_chars: int = setting(integer(100), per_instance=True)
     typing_presence: bool = setting(of_type(bool))
+    outbound_max_backlog: int = setting(integer(1))   # unsettled replies; past it /webhook refuses new turns
     evolution_api_key: str = secret(per_instance=True)
 
     @property
