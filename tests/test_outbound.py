@@ -464,3 +464,37 @@ async def test_local_mode_outbox(caplog: pytest.LogCaptureFixture) -> None:
     assert f"[OUTBOX] -> {JID}: hola" in caplog.text
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         entries[0].text = "changed"  # type: ignore[misc]
+
+
+class StepCounter(trio.abc.Instrument):
+    """Counts the steps (wake-ups) of the outbound supervisor's per-chat workers."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task.name.startswith("Outbound:"):
+            self.steps += 1
+
+
+async def test_replies_waiting_for_pacing_sleep_without_polling_or_a_connection() -> None:
+    """A pacing backlog is one timer per waiting chat: no worker wakes until its slot, none holds an
+    HTTP slot or connection meanwhile, and the backlog's depth and oldest wait are in the statistics."""
+    fake = FakeEvolution(api_key=KEY, instances={INSTANCE})
+    async with evolution(fake, OUTBOUND_RATE_PER_INSTANCE="0.2") as (sender, settled):   # a slot every 5 s
+        for i in range(5):
+            sender.submit(OutboundMessage(f"54911{i:08d}@s.whatsapp.net", "promo"))
+        await settled.wait_for(1)          # the first took the free slot; four wait for theirs
+        await trio.testing.wait_all_tasks_blocked()
+        counter = StepCounter()
+        trio.lowlevel.add_instrument(counter)
+        try:
+            await trio.sleep(1.0)
+        finally:
+            trio.lowlevel.remove_instrument(counter)
+        stats = sender.statistics()
+        assert counter.steps == 0                                   # nothing woke while waiting
+        assert (stats.backlog, stats.pacing_waiting, stats.in_flight) == (4, 4, 4)
+        assert 1.0 <= stats.backlog_oldest_seconds < 5.0
+        assert sender._transport._limiter.borrowed_tokens == 0      # no sendText slot held ...
+        assert len(fake.sent) == 1                                  # ... and no request made
