@@ -332,8 +332,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None,
     # -- webhook -----------------------------------------------------------------------------
 
     async def answer_webhook() -> IntakeResult:
-        # Read the (size-limited) body first, even for a request about to be refused: answering
-        # with the body unread leaves the keep-alive connection stuck for the client's next request.
+        # The (size-limited) body is read first, even for a refusal: unread, it stalls the keep-alive connection.
         raw = await request.get_data(as_text=False)
         if settings.security.webhook_secret:
             supplied = request.headers.get("x-webhook-token") or request.args.get("token") or ""
@@ -363,15 +362,11 @@ def create_app(settings: Settings | None = None, service: Service | None = None,
 
     @app.get("/health")
     async def health() -> Response:
-        if svc.failure is not None:
-            return _json({"status": "failed", "error": svc.failure}, 503)
-        return _json({"status": "ok"})
+        return _json({"status": "ok"}) if svc.failure is None else _json({"status": "failed", "error": svc.failure}, 503)
 
     @app.get("/ready")
     async def ready() -> Response:
-        if svc.ready:
-            return _json({"status": "ready"})
-        return _json({"status": "not ready"}, 503)
+        return _json({"status": "ready"}) if svc.ready else _json({"status": "not ready"}, 503)
 
     # -- admin -------------------------------------------------------------------------------
 
