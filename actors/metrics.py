@@ -1,8 +1,8 @@
 """Prometheus metrics, built at scrape time from the supervisors' snapshots (never live state).
 
-Only the two latency histograms (a turn's, a webhook's ack) are recorded as they happen; everything else is read from the
-``statistics()`` snapshots of the registry, the LLM chain, the outbound and CRM supervisors and
-the intake counters.
+Only the two latency histograms (a turn's, a webhook's ack) are recorded as they happen; everything
+else is read from the ``statistics()`` snapshots of the registry, the LLM chain, the outbound and
+CRM supervisors and the intake counters.
 """
 
 from __future__ import annotations
