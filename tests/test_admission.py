@@ -83,14 +83,14 @@ async def test_a_full_outbound_backlog_refuses_new_messages_and_answers_the_acce
     fake = FakeEvolution(api_key=KEY, instances={INSTANCE})
     async with running_server(fake) as url:
         settings = make_settings(tmp_path, EVOLUTION_API_URL=url, EVOLUTION_API_KEY=KEY, EVOLUTION_INSTANCE=INSTANCE,
-                                 OUTBOUND_RATE_PER_INSTANCE="1", OUTBOUND_MAX_BACKLOG="2")
+                                 OUTBOUND_RATE_PER_INSTANCE="0.5", OUTBOUND_MAX_BACKLOG="2")
         app = create_app(settings)
         app.test_client_class = LoopbackClient
         async with app.test_app() as test_app:
             client = test_app.test_client()
             svc: Service = app.extensions["service"]
             assert svc.outbound is not None
-            for n in range(3):   # the first reply takes the pacing slot at once, the next two wait for theirs
+            for n in range(3):   # the first reply takes the pacing slot at once, the next two wait 2 and 4 s
                 response = await client.post("/webhook", json=upsert(f"hola {n}", jid=chat(n)))
                 assert (await response.get_json())["status"] == "accepted"
             await wait_for(lambda: svc.outbound.backlog == 2 and len(fake.sent) == 1)
