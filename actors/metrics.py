@@ -89,6 +89,7 @@ class ServiceCollector(Collector):
             for name, doc, value in (
                 ("agent_llm_fallbacks", "Answers given by a fallback provider", cstats.fallbacks_used),
                 ("agent_llm_polite_answers", "Turns answered with the polite error text", cstats.polite_answers),
+                ("agent_llm_hedges", "Slow LLM calls that also asked the fallback", cstats.hedges),
             ):
                 counter = CounterMetricFamily(name, doc)
                 counter.add_metric([], value)

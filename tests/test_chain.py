@@ -236,15 +236,20 @@ async def test_stalled_primary_opens_the_circuit_long_before_its_timeout(clock) 
                 nursery.start_soon(ask)
                 await trio.sleep(0.1)
         stats = stats_of(chain, "openai")
+        chain_stats = chain.statistics()
 
     assert len(answers) == 60 and all(provider == "anthropic" for provider, _ in answers)
-    # every call caught by the hang moved on to the fallback once the stall was seen (after about 2 s),
-    # instead of waiting out the 20 s timeout; later messages did not try the primary at all
-    assert max(latency for _, latency in answers) < 3.0
+    # every call caught by the hang was hedged to the fallback after 2 x p95 (0.4 s), instead of waiting
+    # out the 20 s timeout; the stall was seen once three of them had had no answer for 2 s, and later
+    # messages did not try the primary at all
+    assert max(latency for _, latency in answers) < 0.4 + 0.3
     hung = fakes["openai"].calls - 10
     assert 3 <= hung <= 25
     assert stats.stalls == 1 and stats.circuit == "open" and stats.in_flight == 0
-    assert stats.failures == {"timeout": hung}
+    # the hedged calls were cancelled when the fallback answered: no failures; the calls still in
+    # flight when the stall was seen were cancelled by it and count as timeouts
+    assert chain_stats.hedges == chain_stats.hedges_won >= 3
+    assert stats.failures == {"timeout": hung - chain_stats.hedges}
 
 
 async def test_probe_of_a_stalled_provider_costs_its_customer_only_the_stall_limit(clock) -> None:
@@ -254,9 +259,11 @@ async def test_probe_of_a_stalled_provider_costs_its_customer_only_the_stall_lim
             await chain.ask(PROMPT)
         fakes["openai"].default = Hang()
         async with trio.open_nursery() as nursery:
-            for _ in range(5):   # the stall opens the circuit
+            for _ in range(5):   # hedged to the fallback after 0.4 s each
                 nursery.start_soon(chain.ask, PROMPT)
                 await trio.sleep(0.1)
+        await trio.sleep(2)
+        await chain.ask(PROMPT)   # its admission sees the stall (five calls without an answer for 2 s)
         assert stats_of(chain, "openai").circuit == "open"
         await trio.sleep(30)
         started = trio.current_time()
@@ -414,8 +421,11 @@ async def test_calls_slower_than_the_limit_are_no_stall_while_others_are_answere
                 nursery.start_soon(ask)
                 await trio.sleep(0.1)
         stats = stats_of(chain, "openai")
-    assert answers == ["openai"] * 50
-    assert stats.stalls == 0 and stats.circuit == "closed"
+        hedges = chain.statistics().hedges
+    # the slow calls were hedged after 0.4 s (2 x p95) and the fallback answered them; hedged away,
+    # they are no failures, and the fast answers meanwhile show the provider is no stalled one
+    assert sorted(answers) == ["anthropic"] * 25 + ["openai"] * 25 and hedges == 25
+    assert stats.stalls == 0 and stats.circuit == "closed" and not stats.failures
 
 
 @pytest.mark.parametrize("probe_latency", [1.0, 5.0])

@@ -84,12 +84,12 @@ async def test_a_stall_cancels_every_call_in_flight_only_when_enough_are_past_th
     assert stall is not None and (stall.stalled, stall.in_flight, stall.limit) == (3, 4, 2.0)
     assert all(scope.cancel_called for scope in scopes) and detector.stalls == 1
     for call in calls:
-        detector.end(call, 3.1)
+        detector.end(call, 3.1, completed=False)
     assert detector.in_flight == 0
 
     fresh = [trio.CancelScope() for _ in range(3)]
     calls = [detector.begin(10.0, scope) for scope in fresh]
-    detector.end(calls[0], 11.0)   # an answer 1 s before the check: the provider still answers
+    detector.end(calls[0], 11.0, completed=True)   # an answer 1 s before the check: the provider still answers
     detector.begin(10.0, trio.CancelScope())
     assert detector.check(12.5, watching=True) is None
     assert not any(scope.cancel_called for scope in fresh)

@@ -15,6 +15,14 @@ customer whose message triggers the probe does not wait that timeout every cool-
 service), the customer waits for it at most the stall limit and then moves on to the fallback,
 while the probe goes on until it is answered or times out. Without a fallback, or before ``run()``
 started, the probe runs in the customer's task.
+
+Two things keep the customer's wait short while the primary goes down, before and after its circuit
+opens. A call that has had no answer after ``hedge_factor`` x its provider's recent p95 is *hedged*:
+the rest of the chain is asked too, in the customer's task; the first answer wins and the other call
+is cancelled (a cancelled call is neither a failure nor a completion for the stall detector, so it
+makes no circuit look better or worse). And a provider carries the bound of every earlier provider
+whose circuit is not closed (``concurrency`` x (1 + that many)): the fallback takes the rerouted load
+without queueing it behind its own slots.
 """
 
 from __future__ import annotations
@@ -60,6 +68,8 @@ class ChainStatistics:
     fallbacks_used: int
     polite_answers: int
     deadline_exceeded: int
+    hedges: int        # calls without an answer after hedge_factor x p95, so the rest of the chain was asked too
+    hedges_won: int    # of those, the ones the rest of the chain answered first
 
 
 @attrs.define
@@ -78,7 +88,8 @@ class ProviderChain:
     ``retry_after_budget`` seconds is retried once on the same provider, and ``failure_threshold``
     consecutive provider-level failures (or one auth failure) open a provider's circuit for ``cooldown``
     seconds (a per-request failure, ``ProviderError.per_request``, only sends its request on),
-    and so does a stall (see stall.py; ``stall_seconds`` 0 turns stall detection off).
+    and so does a stall (see stall.py; ``stall_seconds`` 0 turns stall detection off). A call
+    without an answer after ``hedge_factor`` x its provider's p95 is hedged (0: never).
     """
 
     def __init__(
@@ -94,8 +105,10 @@ class ProviderChain:
         cooldown: float = 30.0,
         stall_seconds: float = 2.0,
         latency_window: int = 512,
+        hedge_factor: float = 2.0,
     ) -> None:
         self._polite_text = polite_text
+        self._hedge_factor = hedge_factor
         self._timeout = timeout
         self._turn_deadline = turn_deadline
         # A 429 whose Retry-After fits the budget is retried once on the same provider, after exactly that wait.
@@ -111,6 +124,7 @@ class ProviderChain:
                              timeout=timeout)
             )
         self._asks = self._fallbacks_used = self._polite_answers = self._deadline_exceeded = 0
+        self._hedges = self._hedges_won = 0
         self._nursery: trio.Nursery | None = None   # while run() runs: where hedged probes go on
         for slot in self._slots:
             if not slot.provider.available:
@@ -146,32 +160,88 @@ class ProviderChain:
             self._fallbacks_used += 1
         return answer
 
-    async def _ask_in_order(self, prompt: Prompt) -> Answer | None:
-        for index, slot in enumerate(self._slots):
+    async def _ask_in_order(self, prompt: Prompt, start: int = 0) -> Answer | None:
+        """The providers from index ``start`` on, in order: the first answer, or None."""
+        for index in range(start, len(self._slots)):
+            slot = self._slots[index]
             if not slot.provider.available:
                 continue
             fallback = any(later.provider.available for later in self._slots[index + 1:])
-            text = await self._attempt(slot, prompt, primary=index == 0, hedge=fallback)
+            self._size_bounds()
+            admission = slot.admit(trio.current_time())
+            if admission is Admission.DENY:
+                log.debug("LLM provider %s skipped: circuit %s", slot.name, slot.breaker.state(trio.current_time()))
+                continue
+            if index > 0:
+                log.warning("⚠️ Intentando con proveedor de respaldo: %s", slot.name)
+            hedge_after = self._hedge_after(slot) if fallback and admission is Admission.PASS else None
+            if hedge_after is not None:
+                return await self._hedged(index, prompt, hedge_after)
+            if admission is Admission.PROBE and fallback and self._nursery is not None:
+                # a probe is not answered within the stall limit: it goes on in the chain's nursery
+                text = await self._hedged_probe(self._nursery, slot, prompt, primary=index == 0)
+            else:
+                text = await self._decide(slot, prompt, admission, primary=index == 0)
             if text is not None:
-                if index > 0:
-                    log.info("✅ Respuesta exitosa con proveedor de respaldo: %s", slot.name)
-                return Answer(text=text, provider=slot.name, fallback_used=index > 0)
+                return self._answer(index, text)
         return None
 
-    async def _attempt(self, slot: ProviderSlot, prompt: Prompt, *, primary: bool, hedge: bool) -> str | None:
-        """One provider: the text, or None after logging why it failed (or that its circuit is open).
+    def _answer(self, index: int, text: str) -> Answer:
+        slot = self._slots[index]
+        if index > 0:
+            log.info("✅ Respuesta exitosa con proveedor de respaldo: %s", slot.name)
+        return Answer(text=text, provider=slot.name, fallback_used=index > 0)
 
-        ``hedge``: a fallback exists, so a half-open probe that is not answered within the stall limit
-        goes on in the chain's nursery while this request moves on."""
-        admission = slot.admit(trio.current_time())
-        if admission is Admission.DENY:
-            log.debug("LLM provider %s skipped: circuit %s", slot.name, slot.breaker.state(trio.current_time()))
+    def _size_bounds(self) -> None:
+        """Each provider's bound: its own slots plus those of every earlier provider whose circuit is
+        not closed, whose load comes to it."""
+        carried = 0
+        for slot in self._slots:
+            slot.size_bound(1 + carried)
+            if slot.provider.available and not slot.breaker.closed:
+                carried += 1
+
+    def _hedge_after(self, slot: ProviderSlot) -> float | None:
+        """Seconds after which a call to ``slot`` is hedged: hedge_factor x its typical latency, the
+        larger of its p95 and its slowest recent answer (as for the stall limit: a provider that became
+        slower but answers is not hedged away for good); None: never (off, or no latency known yet)."""
+        latencies = slot.latencies
+        if self._hedge_factor <= 0 or not latencies:
             return None
-        if not primary:
-            log.warning("⚠️ Intentando con proveedor de respaldo: %s", slot.name)
-        if admission is Admission.PROBE and hedge and self._nursery is not None:
-            return await self._hedged_probe(self._nursery, slot, prompt, primary=primary)
-        return await self._decide(slot, prompt, admission, primary=primary)
+        return self._hedge_factor * max(latencies.p95_ms(), latencies.slowest_recent_ms()) / 1000.0
+
+    async def _hedged(self, index: int, prompt: Prompt, hedge_after: float) -> Answer | None:
+        """Call provider ``index``; without an answer after ``hedge_after`` seconds, ask the providers
+        after it too. The first answer wins and the other call is cancelled; a failure waits for the other."""
+        slot = self._slots[index]
+        winner: Answer | None = None
+        async with trio.open_nursery() as nursery:
+            called = trio.Event()
+
+            async def call() -> None:
+                nonlocal winner
+                try:
+                    text = await self._decide(slot, prompt, Admission.PASS, primary=index == 0)
+                    if text is not None:
+                        winner = self._answer(index, text)
+                        nursery.cancel_scope.cancel()   # the rest of the chain, if it was asked
+                finally:
+                    called.set()
+
+            nursery.start_soon(call)
+            with trio.move_on_after(hedge_after):
+                await called.wait()
+            hedged = not called.is_set()
+            if hedged:
+                self._hedges += 1
+                log.info("LLM provider %s: no answer after %.2fs (%g x its p95): asking the fallback too",
+                         slot.name, hedge_after, self._hedge_factor)
+            rest = await self._ask_in_order(prompt, index + 1)
+            if rest is not None:
+                winner = rest
+                self._hedges_won += hedged
+                nursery.cancel_scope.cancel()   # the slower call: cancelled, neither a failure nor an answer
+        return winner
 
     async def _hedged_probe(self, nursery: trio.Nursery, slot: ProviderSlot, prompt: Prompt, *, primary: bool) -> str | None:
         """Start the probe in ``nursery``; its text if it is decided within the stall limit, else None."""
@@ -231,9 +301,13 @@ class ProviderChain:
                 timeout = self._timeout   # a probe too: only an answer or a failure decides the circuit
                 with trio.CancelScope() as stall_scope:   # cancelled by the slot when the provider stalls
                     call = slot.begin(started, stall_scope)
+                    completed = True   # unless cancelled: by a stall, a won hedge or the turn deadline
                     try:
                         with trio.fail_after(timeout):
                             text = await slot.provider.complete(prompt)
+                    except trio.Cancelled:
+                        completed = False
+                        raise
                     except trio.TooSlowError:
                         error = ProviderError(ErrorKind.TIMEOUT, f"timeout after {timeout:g}s")
                     except ProviderError as exc:
@@ -241,7 +315,7 @@ class ProviderChain:
                     except Exception as exc:  # an adapter bug must not break the conversation
                         error = ProviderError(ErrorKind.OTHER, f"unexpected error ({type(exc).__name__})")
                     finally:
-                        slot.end(call, trio.current_time())
+                        slot.end(call, trio.current_time(), completed=completed)
             now = trio.current_time()
             if stall_scope.cancelled_caught:   # counted and logged by the slot when it opened the circuit
                 raise ProviderError(ErrorKind.TIMEOUT, f"no answer after {now - started:.1f}s (provider stalled)")
@@ -268,6 +342,8 @@ class ProviderChain:
             fallbacks_used=self._fallbacks_used,
             polite_answers=self._polite_answers,
             deadline_exceeded=self._deadline_exceeded,
+            hedges=self._hedges,
+            hedges_won=self._hedges_won,
         )
 
     async def aclose(self) -> None:
@@ -294,4 +370,5 @@ def build_chain(settings: Settings, polite_text: str) -> ProviderChain:
         failure_threshold=settings.llm.circuit_failure_threshold,
         cooldown=settings.llm.circuit_cooldown_seconds,
         stall_seconds=settings.llm.circuit_stall_seconds,
+        hedge_factor=settings.llm.llm_hedge_factor,
     )

@@ -34,6 +34,7 @@ class ProviderStatistics:
     reopens_in_seconds: float | None
     in_flight: int
     waiting: int
+    concurrency: int    # the bound now: its own, plus that of every earlier provider whose circuit is not closed
     stall_after_seconds: float | None
     stalls: int
     calls: int
@@ -51,6 +52,7 @@ class ProviderSlot:
                  latency_window: int, stall_seconds: float, timeout: float) -> None:
         self.provider = provider
         self.name = provider.name
+        self.concurrency = concurrency
         self.limiter = trio.CapacityLimiter(concurrency)
         self.breaker = CircuitBreaker(provider.name, threshold=threshold, cooldown=cooldown)
         self.latencies = LatencyStats(latency_window)
@@ -77,8 +79,15 @@ class ProviderSlot:
         self.calls += 1
         return self.stall.begin(now, scope)
 
-    def end(self, call: int, now: float) -> None:
-        self.stall.end(call, now)
+    def end(self, call: int, now: float, *, completed: bool) -> None:
+        self.stall.end(call, now, completed=completed)
+
+    def size_bound(self, shares: int) -> None:
+        """Bound the calls in flight to ``shares`` x the configured concurrency (raising it wakes
+        waiters; lowering it lets the calls in flight finish)."""
+        tokens = shares * self.concurrency
+        if self.limiter.total_tokens != tokens:
+            self.limiter.total_tokens = tokens
 
     def record_success(self, latency: float) -> None:
         self.breaker.record_success()
@@ -108,6 +117,7 @@ class ProviderSlot:
             reopens_in_seconds=self.breaker.reopens_in(now),
             in_flight=self.stall.in_flight,
             waiting=self.limiter.statistics().tasks_waiting,
+            concurrency=int(self.limiter.total_tokens),
             stall_after_seconds=self.stall.limit(),
             stalls=self.stall.stalls,
             calls=self.calls,

@@ -7,6 +7,11 @@ limit and no call at all completed meanwhile, the provider counts as stalled: ev
 is cancelled at once (the younger ones wait on the same dead provider too), and the caller opens
 the circuit, so their turns move on to the fallback instead of waiting out the timeout.
 
+A call cancelled from outside (the loser of a hedge, a turn past its deadline) says nothing of the
+provider: it is no completion and no failure. It stays watched as a *ghost*, as if it still ran,
+until the provider completes any call (or the ghost's timeout passes): hedging a call away neither
+hides a hang from the detector nor makes the provider look worse than the call itself would have.
+
 The limit follows the provider's latency: ``STALL_FACTOR`` x the larger of its recent p95 and the
 slowest of its last ``latency.RECENT_ANSWERS`` answers, at least ``floor`` (CIRCUIT_STALL_SECONDS)
 and at most the call timeout. The slowest recent answer counts so that one success past the old
@@ -44,6 +49,7 @@ class StallDetector:
         self.timeout = timeout
         # Calls in flight: start time and the scope that cancels the call on a stall.
         self._running: dict[int, tuple[float, trio.CancelScope]] = {}
+        self._ghosts: dict[int, float] = {}   # calls cancelled from outside before any completion: start time
         self._next_call = 0
         self._last_completion = 0.0
         self.stalls = 0
@@ -58,9 +64,15 @@ class StallDetector:
         self._running[self._next_call] = (now, scope)
         return self._next_call
 
-    def end(self, call: int, now: float) -> None:
-        del self._running[call]
-        self._last_completion = now
+    def end(self, call: int, now: float, *, completed: bool) -> None:
+        """A call ends; ``completed``: the provider answered or failed it. One cancelled from outside
+        becomes a ghost (see the module docstring); one cancelled by a stall is simply gone."""
+        started, scope = self._running.pop(call)
+        if completed:
+            self._last_completion = now
+            self._ghosts.clear()
+        elif not scope.cancel_called:
+            self._ghosts[call] = started
 
     def limit(self) -> float | None:
         """Seconds in flight, with no other call completing, after which calls count as stalled."""
@@ -74,14 +86,18 @@ class StallDetector:
         """When the provider stopped answering: cancel every call in flight and say so.
         ``watching``: the circuit is closed (an open one lets no new call wait on the provider)."""
         limit = self.limit()
-        if limit is None or not watching or len(self._running) < self.threshold:
+        if self._ghosts:
+            self._ghosts = {call: started for call, started in self._ghosts.items() if now - started < self.timeout}
+        if limit is None or not watching or len(self._running) + len(self._ghosts) < self.threshold:
             return None
         if now - self._last_completion < limit:
             return None
-        stalled = sum(1 for started, _ in self._running.values() if now - started >= limit)
+        starts = [started for started, _ in self._running.values()] + list(self._ghosts.values())
+        stalled = sum(1 for started in starts if now - started >= limit)
         if stalled < self.threshold:
             return None
         self.stalls += 1
+        self._ghosts.clear()
         for _, scope in self._running.values():
             scope.cancel()
         return Stall(stalled=stalled, in_flight=len(self._running), limit=limit)

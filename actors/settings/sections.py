@@ -121,6 +121,7 @@ class LLMSettings:
     llm_timeout: float = setting(number(positive=True))
     llm_max_tokens: int = setting(integer(1))
     llm_concurrency: int = setting(integer(1))
+    llm_hedge_factor: float = setting(number())
     llm_retry_after_budget: float = setting(number())
     turn_deadline_seconds: float = setting(number(positive=True))
     circuit_failure_threshold: int = setting(integer(1))
