@@ -457,6 +457,131 @@ async def test_half_open_sends_exactly_one_probe_and_its_success_closes(probe_la
         assert (await chain.ask(PROMPT)).provider == "openai"
 
 
+# -- hedging and the fallback's bound -------------------------------------------------------
+async def warmed(chain: ProviderChain, fakes: dict[str, FakeAPI], delay: float = 0.2) -> None:
+    """Ten answers from the primary (openai) in ``delay`` seconds: its p95, so a hedge after 2 x that."""
+    fakes["openai"].script(*[Reply("rápido", delay=delay)] * 10)
+    for _ in range(10):
+        assert (await chain.ask(PROMPT)).provider == "openai"
+
+
+async def timed_ask(chain: ProviderChain) -> tuple[object, float]:
+    started = trio.current_time()
+    answer = await chain.ask(PROMPT)
+    return answer, trio.current_time() - started
+
+
+async def test_a_call_past_twice_the_p95_is_hedged_and_the_fallback_answer_wins(clock, caplog) -> None:
+    caplog.set_level(logging.INFO)
+    async with chain_with(["openai", "anthropic"]) as (chain, fakes):
+        await warmed(chain, fakes)
+        fakes["openai"].script(Reply("lento", delay=5.0))
+        fakes["anthropic"].script(Reply("respaldo", delay=0.3))
+        answer, waited = await timed_ask(chain)
+        chain_stats, primary = chain.statistics(), stats_of(chain, "openai")
+        await trio.sleep(6)   # the primary's cancelled call does not come back as an answer later
+        later = stats_of(chain, "openai")
+    assert (answer.text, answer.provider, answer.fallback_used) == ("respaldo", "anthropic", True)
+    assert 0.4 + 0.3 <= waited < 0.4 + 0.3 + 0.1   # hedged after 2 x 0.2 s, not the primary's 5 s
+    assert (chain_stats.hedges, chain_stats.hedges_won, chain_stats.fallbacks_used) == (1, 1, 1)
+    # the losing call was cancelled: not in flight, no failure, no success, the circuit untouched
+    assert (primary.in_flight, primary.failures, primary.last_error, primary.circuit) == (0, {}, None, "closed")
+    assert (later.successes, later.calls) == (10, 11)
+    assert (LOGGER, logging.INFO, "LLM provider openai: no answer after 0.40s (2 x its p95): asking the fallback too") in records(caplog)
+    assert (LOGGER, logging.INFO, "✅ Respuesta exitosa con proveedor de respaldo: anthropic") in records(caplog)
+
+
+async def test_a_hedged_primary_that_answers_first_wins_and_the_fallback_call_is_cancelled(clock) -> None:
+    async with chain_with(["openai", "anthropic"]) as (chain, fakes):
+        await warmed(chain, fakes)
+        fakes["openai"].script(Reply("principal", delay=0.6))
+        fakes["anthropic"].script(Reply("respaldo", delay=3.0))
+        answer, waited = await timed_ask(chain)
+        chain_stats, fallback = chain.statistics(), stats_of(chain, "anthropic")
+    assert (answer.text, answer.provider, answer.fallback_used) == ("principal", "openai", False)
+    assert 0.6 - 1e-9 <= waited < 0.7
+    assert (chain_stats.hedges, chain_stats.hedges_won, chain_stats.fallbacks_used) == (1, 0, 0)
+    assert fakes["anthropic"].calls == 1
+    assert (fallback.in_flight, fallback.failures, fallback.successes, fallback.circuit) == (0, {}, 0, "closed")
+
+
+async def test_no_hedge_without_a_fallback(clock) -> None:
+    async with chain_with(["openai"]) as (chain, fakes):
+        await warmed(chain, fakes)
+        fakes["openai"].script(Reply("lento", delay=3.0))
+        answer, waited = await timed_ask(chain)
+        chain_stats = chain.statistics()
+    assert (answer.text, answer.provider) == ("lento", "openai")
+    assert 3.0 <= waited < 3.1 and fakes["openai"].calls == 11
+    assert (chain_stats.hedges, chain_stats.hedges_won) == (0, 0)
+
+
+async def test_no_hedge_when_hedging_is_off(clock) -> None:
+    async with chain_with(["openai", "anthropic"], LLM_HEDGE_FACTOR="0") as (chain, fakes):
+        await warmed(chain, fakes)
+        fakes["openai"].script(Reply("lento", delay=3.0))
+        answer, _ = await timed_ask(chain)
+    assert answer.provider == "openai" and fakes["anthropic"].calls == 0 and chain.statistics().hedges == 0
+
+
+async def test_a_hedged_call_whose_fallback_fails_waits_for_the_primary_and_both_failing_is_polite(clock, caplog) -> None:
+    caplog.set_level(logging.INFO)
+    async with chain_with(["openai", "anthropic"]) as (chain, fakes):
+        await warmed(chain, fakes)
+        # hedged after 0.4 s; then, its slowest recent answer being 1.5 s, after 3 s
+        fakes["openai"].script(Reply("tarde", delay=1.5), Fail(500, delay=4.0))
+        fakes["anthropic"].script(Fail(500), Fail(500))
+        late, late_wait = await timed_ask(chain)     # the fallback fails at once: the primary still answers
+        failed, failed_wait = await timed_ask(chain)  # both fail: the polite text, once both have failed
+        chain_stats = chain.statistics()
+    assert (late.text, late.provider, 1.5 <= late_wait < 1.6) == ("tarde", "openai", True)
+    assert (failed.text, failed.provider, 4.0 <= failed_wait < 4.1) == (POLITE, None, True)
+    assert (chain_stats.hedges, chain_stats.hedges_won, chain_stats.polite_answers) == (2, 0, 1)
+    assert [sum(p.failures.values()) for p in chain_stats.providers] == [1, 2]
+    messages = [m for _, _, m in records(caplog)]
+    assert "❌ Error también con proveedor de respaldo (anthropic): 500 api_error" in messages
+    assert [m for m in messages if m.startswith("Error con LLM provider principal (openai): 500")]
+
+
+async def test_the_turn_deadline_holds_over_a_hedge(clock, caplog) -> None:
+    caplog.set_level(logging.INFO)
+    async with chain_with(["openai", "anthropic"], TURN_DEADLINE_SECONDS="10") as (chain, fakes):
+        await warmed(chain, fakes)
+        fakes["openai"].default = Hang()
+        fakes["anthropic"].default = Hang()
+        answer, waited = await timed_ask(chain)
+        chain_stats = chain.statistics()
+    assert (answer.text, answer.failed) == (POLITE, True)
+    assert 10 <= waited < 10.1
+    assert (chain_stats.hedges, chain_stats.deadline_exceeded, chain_stats.polite_answers) == (1, 1, 1)
+    # both calls were cut by the deadline: neither provider's fault
+    assert [p.failures for p in chain_stats.providers] == [{}, {}]
+    assert [p.in_flight for p in chain_stats.providers] == [0, 0]
+    assert (LOGGER, logging.ERROR, "LLM turn deadline of 10s exceeded: answering with the polite text") in records(caplog)
+
+
+async def test_the_fallback_carries_the_bound_of_a_primary_whose_circuit_is_open(clock) -> None:
+    async with chain_with(["openai", "anthropic"], LLM_CONCURRENCY="4") as (chain, fakes):
+        fakes["anthropic"].default = Reply("respaldo", delay=0.5)
+        assert stats_of(chain, "anthropic").concurrency == 4
+        fakes["openai"].default = Fail(401)   # opens the primary's circuit at once
+        assert (await chain.ask(PROMPT)).provider == "anthropic"
+        assert stats_of(chain, "openai").circuit == "open"
+        async with trio.open_nursery() as nursery:
+            for _ in range(16):
+                nursery.start_soon(chain.ask, PROMPT)
+        opened = stats_of(chain, "anthropic")
+        await trio.sleep(30)   # the cool-down: the probe (anthropic's answer wins) and the primary still failing
+        fakes["openai"].default = Reply("sano")
+        await trio.sleep(30)
+        assert (await chain.ask(PROMPT)).provider == "openai"   # the probe closes the circuit
+        await chain.ask(PROMPT)   # the bounds are sized at each admission
+        closed = chain.statistics()
+    # the primary's four slots came to the fallback while its circuit was open, and went back after
+    assert opened.concurrency == 8 and fakes["anthropic"].max_in_flight == 8
+    assert [p.concurrency for p in closed.providers] == [4, 4]
+
+
 def raising(*errors: ProviderError):
     """An answer function for ScriptedProvider that raises ``errors`` in turn, then answers "sano"."""
     pending = list(errors)
