@@ -471,13 +471,18 @@ async def timed_ask(chain: ProviderChain) -> tuple[object, float]:
     return answer, trio.current_time() - started
 
 
+async def race(chain: ProviderChain, fakes: dict[str, FakeAPI], primary: Reply, fallback: Reply) -> tuple[object, float]:
+    """After the primary's warm-up, one message the primary and the fallback answer as given; its answer and wait."""
+    await warmed(chain, fakes)
+    fakes["openai"].script(primary)
+    fakes["anthropic"].script(fallback)
+    return await timed_ask(chain)
+
+
 async def test_a_call_past_twice_the_p95_is_hedged_and_the_fallback_answer_wins(clock, caplog) -> None:
     caplog.set_level(logging.INFO)
     async with chain_with(["openai", "anthropic"]) as (chain, fakes):
-        await warmed(chain, fakes)
-        fakes["openai"].script(Reply("lento", delay=5.0))
-        fakes["anthropic"].script(Reply("respaldo", delay=0.3))
-        answer, waited = await timed_ask(chain)
+        answer, waited = await race(chain, fakes, Reply("lento", delay=5.0), Reply("respaldo", delay=0.3))
         chain_stats, primary = chain.statistics(), stats_of(chain, "openai")
         await trio.sleep(6)   # the primary's cancelled call does not come back as an answer later
         later = stats_of(chain, "openai")
@@ -493,10 +498,7 @@ async def test_a_call_past_twice_the_p95_is_hedged_and_the_fallback_answer_wins(
 
 async def test_a_hedged_primary_that_answers_first_wins_and_the_fallback_call_is_cancelled(clock) -> None:
     async with chain_with(["openai", "anthropic"]) as (chain, fakes):
-        await warmed(chain, fakes)
-        fakes["openai"].script(Reply("principal", delay=0.6))
-        fakes["anthropic"].script(Reply("respaldo", delay=3.0))
-        answer, waited = await timed_ask(chain)
+        answer, waited = await race(chain, fakes, Reply("principal", delay=0.6), Reply("respaldo", delay=3.0))
         chain_stats, fallback = chain.statistics(), stats_of(chain, "anthropic")
     assert (answer.text, answer.provider, answer.fallback_used) == ("principal", "openai", False)
     assert 0.6 - 1e-9 <= waited < 0.7
