@@ -34,7 +34,8 @@ from typing import Any, AsyncIterator
 import httpx
 import trio
 
-from run import cpu_seconds, status_kb   # bench/run.py (this directory is on sys.path when run as a script)
+from evolution_shape import EvolutionSender   # bench/ is on sys.path when run as a script
+from run import cpu_seconds, status_kb
 
 MARKER = re.compile(r"m:(\d+):(\d+)")
 SHARD = 32          # connections per httpx.AsyncClient (see Harness.__init__)
@@ -70,12 +71,12 @@ def summary(samples: list[float], scale: float = 1000.0) -> dict[str, float | No
 
 
 class Msg:
-    __slots__ = ("user", "seq", "sent", "acked", "status", "retries", "answered", "reply_at", "event",
+    __slots__ = ("user", "seq", "sent", "acked", "ack_s", "status", "retries", "answered", "reply_at", "event",
                  "llm", "polite")
 
     def __init__(self, user: int, seq: int, llm: float) -> None:
         self.user, self.seq, self.llm = user, seq, llm
-        self.sent = self.acked = self.reply_at = 0.0
+        self.sent = self.acked = self.ack_s = self.reply_at = 0.0
         self.status = 0
         self.retries = 0
         self.answered = 0
@@ -105,12 +106,15 @@ class Harness:
         self.cursor = 0
         self.first_send = 0.0
         self.last_reply = 0.0
+        # "pooled": the httpx clients below; "evolution": one connection per POST in flight, no cap
+        # (bench/evolution_shape.py)
+        self.shape = cfg.get("shape", "pooled")
         # httpcore's pool scans every connection and every queued request on each request start and
         # end (O(n)): one client with 512 connections costs ~20 ms of loadgen CPU per POST under load
         # and steals the service's core. So the connections are split over a few long-lived clients
         # of SHARD connections each; a user always posts through the same one (its order is kept).
         connections = int(cfg.get("connections", 256))
-        shards = max(1, math.ceil(connections / SHARD))
+        shards = max(1, math.ceil(connections / SHARD)) if self.shape == "pooled" else 0
         limits = httpx.Limits(max_connections=SHARD, max_keepalive_connections=SHARD)
         self.clients = [httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(60.0)) for _ in range(shards)]
         # ... and never more requests than connections in a client: the waiting is done in a trio
@@ -118,6 +122,8 @@ class Harness:
         self.slots = [trio.CapacityLimiter(SHARD) for _ in range(shards)]
         self.deadline = trio.current_time() + float(cfg.get("max_s", 600.0))
         self.admin = httpx.AsyncClient(timeout=httpx.Timeout(30.0))
+        self.evolution_sender = (EvolutionSender(self.webhook, self.counts, self.error_kinds)
+                                 if self.shape == "evolution" else None)
         self.done_polling = False
         self.pids = [int(p) for p in cfg.get("pids", [])]
         self.cpu_start = [0.0 for _ in self.pids]
@@ -163,11 +169,16 @@ class Harness:
         """POST the webhook; on 503 wait Retry-After and post again (like Evolution). Records the ack."""
         payload = upsert(jid_of(msg.user), text, f"BENCH{msg.user:09d}X{msg.seq:06d}", self.instance)
         body = json.dumps(payload).encode()
+        if not self.first_send:
+            self.first_send = time.time()
+        if self.evolution_sender is not None:
+            await self.evolution_sender.send(msg, body, self.deadline)
+            if msg.acked:
+                self.ack_lat.append(msg.ack_s)
+            return
         headers = {"content-type": "application/json"}
         while True:
             started = time.time()
-            if not self.first_send:
-                self.first_send = started
             try:
                 shard = msg.user % len(self.clients)
                 async with self.slots[shard]:
@@ -185,7 +196,7 @@ class Harness:
                 msg.retries += 1
                 await trio.sleep(float(response.headers.get("retry-after", "1")))
                 continue
-            msg.sent, msg.acked, msg.status = started, now, response.status_code
+            msg.sent, msg.acked, msg.status, msg.ack_s = started, now, response.status_code, now - started
             self.ack_lat.append(now - started)
             if response.status_code != 200:
                 self.counts["http_errors"] += 1
@@ -321,28 +332,34 @@ class Harness:
             "lost": len(msgs) - len(answered),
             **self.counts,
             "error_kinds": dict(self.error_kinds),
-            "ack_ms": summary([m.acked - m.sent for m in msgs if m.acked]),
+            "ack_ms": summary([m.ack_s for m in msgs if m.acked]),
             "reply_ms": summary(latency),
             "overhead_ms": summary(overhead),
             "duration_s": round(duration, 2),
             "answered_per_s": round(len(answered) / duration, 1) if duration > 0 else None,
             "service_cpu_measured_s": round(self.service_cpu(), 2) if self.pids else None,
+            "shape": self.shape,
+            # the pooled shape waits 60 s and does not re-send: its answers slower than Evolution would wait
+            "acks_over_30s": self.counts.get("acks_over_30s", sum(1 for m in msgs if m.acked and m.ack_s > 30.0)),
+            **({"connections": self.evolution_sender.connections.stats()} if self.evolution_sender else {}),
         }
 
     async def aclose(self) -> None:
         for client in self.clients:
             await client.aclose()
         await self.admin.aclose()
+        if self.evolution_sender is not None:
+            await self.evolution_sender.aclose()
 
 
 def upsert(jid: str, text: str, message_id: str, instance: str) -> dict[str, Any]:
-    """The shape of tests/payloads.py::upsert (Evolution API v2 messages.upsert)."""
+    """Every field of SPEC §9's messages.upsert example (Evolution API v2), as Evolution sends it."""
     return {
         "event": "messages.upsert",
         "instance": instance,
         "data": {
             "key": {"remoteJid": jid, "fromMe": False, "id": message_id, "participant": None,
-                    "addressingMode": "pn"},
+                    "remoteJidAlt": None, "addressingMode": "pn"},
             "pushName": "Cliente",
             "status": "DELIVERY_ACK",
             "message": {"conversation": text},

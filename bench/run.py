@@ -8,7 +8,8 @@ For every scenario it starts, on 127.0.0.1 and free ports, fresh processes:
   ``outage``), and the Evolution fake (``python -m tests.fakes.evolution``);
 * the service exactly as deployed: ``hypercorn --worker-class trio --bind 127.0.0.1:PORT app:app``
   from the repository root, configured only by environment variables, with a fresh DATA_DIR;
-* the load generator (``bench/loadgen.py``, trio + one httpx.AsyncClient) once everything is ready.
+* the load generator (``bench/loadgen.py``: trio + httpx clients, or ``--shape evolution``'s
+  h11 client of bench/evolution_shape.py) once everything is ready.
 
 It then prints one table (and, with ``--json``, writes every measurement). CPU seconds are
 utime+stime from ``/proc/<pid>/stat`` counted from "ready" to the end of the scenario; the service's
@@ -420,12 +421,12 @@ def pair(d: dict[str, Any] | None) -> str:
 
 def table(rows: list[dict[str, Any]]) -> str:
     head = ["scenario", "msgs", "lost", "dup", "order", "misrt", "msg/s", "ack p50/p99 ms", "reply p50/p99 ms",
-            "ovh p50/p99 ms", "svc CPU s", "CPU ms/msg", "svc RSS MB", "fakes CPU s", "lg CPU s", "other CPU s",
+            "ovh p50/p99 ms", "acks>30s", "svc CPU s", "CPU ms/msg", "svc RSS MB", "fakes CPU s", "lg CPU s", "other CPU s",
             "notes"]
     lines = []
     for r in rows:
         if "error" in r:
-            lines.append([r.get("name", r["scenario"]), *["-"] * 15, "ERROR: " + r["error"][:80]])
+            lines.append([r.get("name", r["scenario"]), *["-"] * 16, "ERROR: " + r["error"][:80]])
             continue
         svc = r["service"]
         notes = ""
@@ -438,7 +439,7 @@ def table(rows: list[dict[str, Any]]) -> str:
                 notes += f"; slope {m['kb_per_actor_slope']} KB/actor -> 100k: {m['projected_100k_mb']} MB"
             msgs = r["stages"][-1]["messages"]
             lines.append([r.get("name", r["scenario"]), msgs, "-", "-", "-", "-", "-", pair(r.get("ack_ms")), "-", "-",
-                          fmt(svc["cpu_s_measured"]), fmt(svc["cpu_ms_per_msg"]), fmt(svc["peak_rss_mb"]),
+                          fmt(r.get("acks_over_30s")), fmt(svc["cpu_s_measured"]), fmt(svc["cpu_ms_per_msg"]), fmt(svc["peak_rss_mb"]),
                           "-", fmt(r["loadgen_cpu_s"]), fmt(r["foreign_cpu_s"]), notes])
             continue
         if r["scenario"] == "hot":
@@ -453,17 +454,21 @@ def table(rows: list[dict[str, Any]]) -> str:
                      f"polite {o['polite_answers']}")
         if r.get("polite") and r["scenario"] != "outage":
             notes += f" polite={r['polite']}"
-        for key in ("unexpected", "http_errors", "ignored", "unsent"):
+        for key in ("unexpected", "http_errors", "ignored", "unsent", "resends", "resend_duplicates", "gave_up"):
             if r.get(key):
                 notes += f" {key}={r[key]}"
         if r.get("error_kinds"):
             notes += " (" + ", ".join(f"{kind} x {n}" for kind, n in r["error_kinds"].items()) + ", retried)"
         if r.get("retries_503") and r["scenario"] != "hot":
             notes += f" 503s={r['retries_503']}"
+        if r.get("connections"):
+            c = r["connections"]
+            notes += f" connections opened={c['opened']} reused={c['reused']} max open={c['open_max']}"
         fakes = sum(r["fakes_cpu_s"].values())
         lines.append([r.get("name", r["scenario"]), r["messages"], r["lost"], r["duplicates"], r["out_of_order"],
                       r["misrouted"],
                       fmt(r["answered_per_s"]), pair(r["ack_ms"]), pair(r["reply_ms"]), pair(r["overhead_ms"]),
+                      fmt(r.get("acks_over_30s")),
                       fmt(svc["cpu_s_measured"]), fmt(svc["cpu_ms_per_msg"]), fmt(svc["peak_rss_mb"]), fmt(fakes),
                       fmt(r["loadgen_cpu_s"]), fmt(r["foreign_cpu_s"]), notes.strip()])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
@@ -514,6 +519,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a scenario parameter (e.g. stages=[10000,20000]); repeatable")
     parser.add_argument("--experiment", default="", metavar="NAME[,NAME]",
                         help="start the service with bench/experiments patches (timing, switch_interval, raw_llm)")
+    parser.add_argument("--shape", choices=("pooled", "evolution"), default="pooled",
+                        help="webhook traffic: through the scenario's pool of connections, or Evolution's "
+                             "(one connection per POST in flight, no cap, 30 s timeout, re-sent; bench/evolution_shape.py)")
     parser.add_argument("--label", default="", help="suffix for the scenario names in the table")
     parser.add_argument("--timeout", type=float, default=900, help="per scenario, seconds")
     parser.add_argument("--quiet-wait", type=float, default=None, metavar="S",
@@ -549,6 +557,8 @@ def main(argv: list[str] | None = None) -> int:
             for item in args.set:
                 key, _, value = item.partition("=")
                 params[key] = json.loads(value)
+            if args.shape != "pooled":
+                params["shape"] = args.shape
             if args.env:
                 params.setdefault("env", {}).update(dict(item.split("=", 1) for item in args.env))
             if args.experiment:

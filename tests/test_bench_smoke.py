@@ -11,14 +11,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_bench_harness_tiny_crowd_and_burst(tmp_path: Path) -> None:
+@pytest.mark.parametrize("shape", ["pooled", "evolution"])
+def test_bench_harness_tiny_crowd_and_burst(tmp_path: Path, shape: str) -> None:
     out = tmp_path / "bench.json"
     completed = subprocess.run(
         [sys.executable, "bench/run.py", "--scenarios", "crowd,burst", "--quick", "--users", "20",
-         "--messages", "2", "--llm-latency", "fixed:0.05", "--json", str(out)],
+         "--messages", "2", "--llm-latency", "fixed:0.05", "--shape", shape, "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     assert out.exists(), completed.stdout + completed.stderr
@@ -31,4 +34,7 @@ def test_bench_harness_tiny_crowd_and_burst(tmp_path: Path) -> None:
         assert (row["lost"], row["duplicates"], row["out_of_order"], row["misrouted"]) == (0, 0, 0, 0), row
         assert row["unexpected"] == 0 and row["polite"] == 0, row
         assert row["service"]["cpu_s"] > 0 and row["service"]["peak_rss_mb"] > 0, row
+        assert row["shape"] == shape and row["acks_over_30s"] == 0, row
+        if shape == "evolution":   # its own connections, kept alive between a user's messages
+            assert row["connections"]["opened"] + row["connections"]["reused"] >= row["messages"], row
     assert completed.returncode == 0, completed.stdout + completed.stderr
