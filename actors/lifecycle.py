@@ -46,8 +46,18 @@ def configured_or_exit(build: Callable[[Settings], T]) -> T:
     try:
         return build(load_settings())
     except ConfigError as exc:
-        refuse_to_start(f"Configuration error: {redact(str(exc))}")
+        refuse_to_start(f"Configuration error: {_shown(exc)}")
         raise  # not reached: refuse_to_start raises SystemExit
+
+
+def _shown(error: ConfigError) -> str:
+    """A ConfigError as stderr shows it: ``<VAR>: <why>`` with the reason redacted, never the name.
+    (Redacting the whole line would take ``WEBHOOK_SECRET: required …`` for a credential pair.)"""
+    text = str(error)
+    name, sep, reason = text.partition(": ")
+    if sep and name.replace("_", "").isalnum() and name.upper() == name:
+        return f"{name}{sep}{redact(reason)}"
+    return redact(text)
 
 
 def _root_cause(exc: BaseException) -> BaseException:
