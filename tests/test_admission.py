@@ -72,7 +72,8 @@ async def test_webhooks_past_the_in_flight_bound_get_503_at_once_and_nothing_cha
         assert again.body == {"status": "ignored", "reason": "duplicate"}
         assert service.outbound is not None
         await wait_for(lambda: len(service.outbound.outbox_entries(limit=100)) == 7)
-        await trio.sleep(0.2)
+        # idle: no turn running and no reply left to send, so no later reply can come
+        await wait_for(lambda: service.outbound.backlog == 0 and service.registry.statistics().running_actors == 0)
         sent = Counter(e.jid for e in service.outbound.outbox_entries(limit=100))
         assert sent == {chat(n): 1 for n in range(7)}     # every acked message answered exactly once
         assert await store.pending_inbox() == [] and service.storing == 0
@@ -114,6 +115,6 @@ async def test_a_full_outbound_backlog_refuses_new_messages_and_answers_the_acce
             retried = await client.post("/webhook", json=upsert("hola 3", jid=chat(3), message_id="LATE"))
             assert (await retried.get_json())["status"] == "accepted"
             await wait_for(lambda: len(fake.sent) == 4, timeout=10)
-            await trio.sleep(0.6)
+            await wait_for(lambda: svc.outbound.backlog == 0 and svc.registry.statistics().running_actors == 0)
             assert Counter(r.json["number"] for r in fake.sent) == {chat(n): 1 for n in range(4)}
             assert svc.outbound.statistics().backlog_oldest_seconds == 0.0

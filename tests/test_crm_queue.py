@@ -9,6 +9,7 @@ import trio
 import trio.testing
 
 from actors.crm import QUEUE_CAPACITY, CrmSupervisor, LeadRequest
+from tests.conftest import wait_for
 from tests.fakes.krayin import FakeKrayin
 from tests.fakes.server import running_server
 from tests.test_crm import JID, PHONE, TOKEN, Events, crm_for, make_settings
@@ -21,9 +22,7 @@ async def test_a_job_refused_by_a_full_queue_is_given_up(autojump_clock: trio.te
     fake.down_for(3600)   # the first job keeps retrying, so the chat's later jobs wait in its queue
     async with crm_for(fake) as (crm, events):
         crm.submit(LeadRequest(JID, "Juan", PHONE, job_id=1))
-        with trio.fail_after(60):
-            while crm.statistics().running == 0:
-                await trio.sleep(0.1)
+        await wait_for(lambda: crm.statistics().running == 1, timeout=60)
         for job_id in range(2, QUEUE_CAPACITY + 2):
             crm.submit(LeadRequest(JID, "Juan", PHONE, job_id=job_id))
         assert crm.statistics().failed == 0
