@@ -19,6 +19,8 @@ import attrs
 
 __all__ = ["RetryPolicy", "parse_retry_after"]
 
+_JITTER = random.Random()   # the default source of jitter (tests pass a seeded one)
+
 
 def _non_negative(instance: object, attribute: attrs.Attribute, value: float) -> None:  # type: ignore[type-arg]
     if not value >= 0:
@@ -46,12 +48,12 @@ class RetryPolicy:
         if self.attempts is not None and self.attempts < 1:
             raise ValueError(f"attempts must be at least 1 (or None), got {self.attempts!r}")
 
-    def backoff(self, retry: int, rng: random.Random) -> float:
+    def backoff(self, retry: int, rng: random.Random = _JITTER) -> float:
         """The jittered exponential delay before retry number ``retry`` (1-based), Retry-After aside."""
         ceiling = min(self.cap, self.base * 2 ** min(retry - 1, 64))
         return ceiling * rng.uniform(1.0 - self.jitter, 1.0)
 
-    def delay(self, retry: int, *, elapsed: float, rng: random.Random,
+    def delay(self, retry: int, *, elapsed: float, rng: random.Random = _JITTER,
               retry_after: float | None = None) -> float | None:
         """Seconds to wait before retry number ``retry`` (1-based: after the first failed attempt),
         or None to give up. ``elapsed``: seconds since the first attempt started."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import random
 import time
 from typing import Awaitable, Callable, Deque
 
@@ -85,7 +84,6 @@ class CrmSupervisor:
         self._running: dict[str, _Job] = {}
         self._limiter = trio.CapacityLimiter(CONCURRENT_JOBS)
         self._leads: dict[str, int] = {}
-        self._rng = random.Random()
         self._failures: Deque[CrmFailure] = collections.deque(maxlen=FAILURES_KEPT)
         self._created = 0
         self._noted = 0
@@ -214,7 +212,7 @@ class CrmSupervisor:
                     log.error("[CRM] Error al crear lead: status=%s, error=%s", exc.status, short(exc.body or exc))
                     return self._give_up(job, str(exc))
                 waited = trio.current_time() - job.submitted_at
-                delay = self._retry.delay(job.attempts, elapsed=waited, rng=self._rng, retry_after=exc.retry_after)
+                delay = self._retry.delay(job.attempts, elapsed=waited, retry_after=exc.retry_after)
                 if delay is None:
                     return self._give_up(job, f"sin éxito tras {job.attempts} intentos en {waited:.0f}s: {exc}")
                 if exc.status == 0:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 from typing import Sequence
 
 import attrs
@@ -43,7 +42,6 @@ from .circuit import Admission
 from .slot import ProviderSlot, ProviderStatistics
 
 log = logging.getLogger(__name__)
-_NO_JITTER = random.Random()   # RetryPolicy.delay takes a generator; the rate-limit policy draws nothing from it
 
 
 @attrs.frozen
@@ -325,7 +323,7 @@ class ProviderChain:
             slot.record_failure(error, now, probe=admission is Admission.PROBE)
             delay = None
             if error.kind is ErrorKind.RATE_LIMIT and error.retry_after is not None and slot.breaker.closed:
-                delay = self._rate_limit_retry.delay(attempt, elapsed=now - first_started, rng=_NO_JITTER,
+                delay = self._rate_limit_retry.delay(attempt, elapsed=now - first_started,
                                                      retry_after=error.retry_after)
             if delay is None:
                 raise error

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import random
 import time
 from typing import Awaitable, Callable, Deque, Iterable
 
@@ -164,7 +163,6 @@ class OutboundSender:
         self._refused: Deque[tuple[OutboundMessage, Delivery]] = collections.deque()  # not yet settled
         self._refused_idle: trio.Event | None = None
         self._settling_refused = False
-        self._rng = random.Random()
         self._preferred: dict[str, str] = {}
         self._dead: Deque[DeadLetter] = collections.deque(maxlen=DEAD_LETTERS_KEPT)
         self._typing: set[str] = set()
@@ -377,7 +375,7 @@ class OutboundSender:
                 return _PartResult(False, attempts=attempt, error=f"all candidates rejected ({reasons})")
             candidate, outcome = retry
             error = outcome.error or f"HTTP {outcome.status}"
-            delay = self._retry.delay(attempt, elapsed=trio.current_time() - started, rng=self._rng,
+            delay = self._retry.delay(attempt, elapsed=trio.current_time() - started,
                                       retry_after=outcome.retry_after)
             if delay is None:
                 return _PartResult(False, candidate, attempt, error=f"gave up after {attempt} attempts: {error}")
