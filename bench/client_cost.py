@@ -24,11 +24,11 @@ import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-import h11
 import trio
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
+from evolution_shape import Connections  # noqa: E402
 from run import Proc, read_listening_url  # noqa: E402
 
 SYSTEM = "Eres el asistente virtual de WhatsApp de un negocio. " * 10
@@ -45,11 +45,11 @@ def messages(history: int) -> list[dict[str, str]]:
 
 
 class RawClient:
-    """A tiny HTTP/1.1 keep-alive client (one connection per concurrent caller)."""
+    """A tiny HTTP/1.1 keep-alive client: the h11 connections of evolution_shape.py, at most ``size``
+    requests at once."""
 
     def __init__(self, host: str, port: int, size: int) -> None:
-        self.host, self.port = host, port
-        self.free: list[tuple[trio.SocketStream, h11.Connection]] = []
+        self.connections = Connections(host, port)
         self.slots = trio.Semaphore(size)
 
     async def post_json(self, path: str, body: dict[str, Any]) -> Any:
@@ -60,35 +60,8 @@ class RawClient:
     async def request_json(self, path: str, body: dict[str, Any]) -> tuple[int, Any]:
         """POST ``body`` as JSON; the status and the decoded JSON answer."""
         async with self.slots:
-            if self.free:
-                stream, conn = self.free.pop()
-            else:
-                stream, conn = await trio.open_tcp_stream(self.host, self.port), h11.Connection(h11.CLIENT)
-            data = json.dumps(body).encode()
-            out = conn.send(h11.Request(method="POST", target=path, headers=[
-                ("Host", f"{self.host}:{self.port}"), ("Content-Type", "application/json"),
-                ("Content-Length", str(len(data)))]))
-            out += conn.send(h11.Data(data=data)) + conn.send(h11.EndOfMessage())
-            await stream.send_all(out)
-            chunks = []
-            status = 0
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    conn.receive_data(await stream.receive_some(65536))
-                    continue
-                if isinstance(event, h11.Response):
-                    status = event.status_code
-                elif isinstance(event, h11.Data):
-                    chunks.append(event.data)
-                elif isinstance(event, h11.EndOfMessage):
-                    break
-            if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
-                conn.start_next_cycle()
-                self.free.append((stream, conn))
-            else:  # the server closes after keep_alive_max_requests (hypercorn: 1000)
-                await stream.aclose()
-            return status, json.loads(b"".join(chunks))
+            status, _, data = await self.connections.post(path, json.dumps(body).encode())
+        return status, json.loads(data)
 
 
 async def measure(kind: str, url: str, calls: int, concurrency: int, history: int) -> float:
@@ -131,9 +104,7 @@ async def measure(kind: str, url: str, calls: int, concurrency: int, history: in
             r = await raw.post_json("/v1/chat/completions", body)
             assert r["choices"][0]["message"]["content"]
 
-        async def closer() -> None:
-            for stream, _ in raw.free:
-                await stream.aclose()
+        closer = raw.connections.aclose
 
     async def worker(n: int) -> None:
         for _ in range(n):
