@@ -160,9 +160,10 @@ class OutboundSender:
             self._handle, queue_capacity=QUEUE_CAPACITY, max_keys_in_flight=MAX_CHATS_IN_FLIGHT, name="Outbound")
         self._on_settled = on_settled
         self._nursery: trio.Nursery | None = None
-        self._refused: Deque[tuple[OutboundMessage, Delivery]] = collections.deque()  # not yet settled
-        self._refused_idle: trio.Event | None = None
-        self._settling_refused = False
+        # Replies submit() refused (a full chat queue) are dead letters at once; their on_settled
+        # (burying the durable row) runs here, per chat in order, off the caller's path.
+        self._refusals: KeyedSerialExecutor[str, tuple[OutboundMessage, Delivery]] = KeyedSerialExecutor(
+            self._settle_refused, queue_capacity=QUEUE_CAPACITY, max_keys_in_flight=1, name="Outbound refusals")
         self._preferred: dict[str, str] = {}
         self._dead: Deque[DeadLetter] = collections.deque(maxlen=DEAD_LETTERS_KEPT)
         self._typing: set[str] = set()
@@ -179,8 +180,7 @@ class OutboundSender:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 await nursery.start(self._chats.run)   # handles what was submitted before run() started
-                if self._refused:
-                    self._settle_refused_soon()
+                await nursery.start(self._refusals.run)
                 task_status.started()
                 try:
                     await trio.sleep_forever()
@@ -195,17 +195,20 @@ class OutboundSender:
             self._pending[self._tokens] = trio.current_time()
         except MailboxFull:
             error = f"outbound queue full: {QUEUE_CAPACITY} replies already waiting for this chat"
-            self._refused.append((message, self._dead_letter(message, error, 0)))
-            self._settle_refused_soon()
+            delivery = self._dead_letter(message, error, 0)
+            try:
+                self._refusals.submit_nowait(message.jid, (message, delivery))
+            except MailboxFull:   # its durable row stays: the next start sends it again
+                log.error("Outbound: %s's refused replies are not settled yet; this one stays in the store "
+                          "until the next start", message.jid)
 
     async def drain(self) -> None:
         """Wait until every queued reply was sent or given up (the caller bounds it with a cancel scope)."""
         while True:
             await self._chats.drain()
-            if not self._refused and not self._settling_refused:
+            await self._refusals.drain()
+            if not self._chats.statistics().keys:
                 return
-            self._refused_idle = trio.Event()
-            await self._refused_idle.wait()
 
     async def typing(self, jid: str, instances: Iterable[str] = ()) -> None:
         """Show "typing…" in the chat, best effort: returns at once (the call runs in the supervisor's
@@ -277,21 +280,8 @@ class OutboundSender:
             except Exception:
                 log.exception("Outbound: on_settled callback failed for %s", message.jid)
 
-    def _settle_refused_soon(self) -> None:
-        if self._nursery is not None and not self._settling_refused:
-            self._settling_refused = True
-            self._nursery.start_soon(self._settle_refused)
-
-    async def _settle_refused(self) -> None:
-        """Settle the messages ``submit()`` refused, in the order it refused them."""
-        try:
-            while self._refused:
-                message, delivery = self._refused.popleft()
-                await self._settle(message, delivery)
-        finally:
-            self._settling_refused = False
-            if self._refused_idle is not None:
-                self._refused_idle.set()
+    async def _settle_refused(self, jid: str, item: tuple[OutboundMessage, Delivery]) -> None:
+        await self._settle(*item)
 
     async def _deliver(self, message: OutboundMessage) -> Delivery:
         parts = split_text(message.text, self._settings.outbound.split_max_chars)
