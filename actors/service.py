@@ -56,11 +56,17 @@ class IntakeResult:
 
 
 def make_store(settings: Settings) -> Store:
-    """The configured store (SQLite in DATA_DIR, or memory)."""
-    if settings.storage.store == "sqlite":
+    """The configured store: PostgreSQL (STORE_URL), SQLite in DATA_DIR, or memory."""
+    storage = settings.storage
+    if storage.kind == "postgresql":
+        from runtime.postgres_store import PostgresStore
+
+        return PostgresStore(storage.postgres_url, pool_size=storage.store_pool_size,
+                             connect_timeout=settings.server.http_timeout)
+    if storage.kind == "sqlite":
         from runtime.sqlite_store import SqliteStore
 
-        return SqliteStore(settings.storage.data_dir / "agent.sqlite3")
+        return SqliteStore(storage.data_dir / "agent.sqlite3")
     return MemoryStore()
 
 
@@ -145,7 +151,7 @@ class Service:
                     gc.set_threshold(*GC_THRESHOLDS)
                     self.ready = True
                     log.info("Service ready: provider chain %s, store %s, outbound %s",
-                             " → ".join(settings.llm.provider_order), settings.storage.store,
+                             " → ".join(settings.llm.provider_order), settings.storage.kind,
                              "evolution" if settings.outbound.evolution_api_url else "local outbox")
                     task_status.started()
         finally:

@@ -70,3 +70,32 @@ async def wait_for(condition, *, timeout: float = 10.0, interval: float = 0.005)
             await trio.sleep(interval)
         return
     pytest.fail(f"condition not met within {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Any:
+    """One throwaway PostgreSQL cluster for the session (tests/postgres.py). Skipped with the reason
+    when none can be started here, unless REQUIRE_POSTGRES_TESTS=1 (CI), where that is a failure."""
+    import os
+
+    from tests.postgres import PostgresCluster, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason is not None:
+        if os.environ.get("REQUIRE_POSTGRES_TESTS") == "1":
+            pytest.fail(f"PostgreSQL tests required but: {reason}")
+        pytest.skip(reason)
+    cluster = PostgresCluster().start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def durable_store_env(request: pytest.FixtureRequest) -> dict[str, str]:
+    """The environment of each durable store, for real-process tests that run against both: SQLite in
+    DATA_DIR, or a fresh database of the session's PostgreSQL cluster through STORE_URL."""
+    if request.param == "sqlite":
+        return {"STORE": "sqlite"}
+    return {"STORE_URL": request.getfixturevalue("postgres_cluster").create_database()}

@@ -46,13 +46,14 @@ def service_env(tmp_path: Path, llm_url: str, evo_url: str, **extra: str) -> dic
     return env
 
 
-async def test_sigkill_mid_traffic_loses_nothing_and_keeps_order(tmp_path: Path) -> None:
+async def test_sigkill_mid_traffic_loses_nothing_and_keeps_order(tmp_path: Path,
+                                                                 durable_store_env: dict[str, str]) -> None:
     llm = OpenAIFake(default=echo(0.3), record=False)
     evolution = FakeEvolution(api_key="k", instances={"prueba-py-agent"})
     jids = [f"5491100{i:06d}@s.whatsapp.net" for i in range(50)]
     accepted: dict[str, list[str]] = defaultdict(list)
     async with running_server(llm) as llm_url, running_server(evolution) as evo_url:
-        env = service_env(tmp_path, llm_url, evo_url)
+        env = service_env(tmp_path, llm_url, evo_url, **durable_store_env)
         with ServiceProcess(env, tmp_path / "service.log") as service:
             service.start()
             await service.wait_ready()
@@ -111,12 +112,13 @@ async def test_sigkill_mid_traffic_loses_nothing_and_keeps_order(tmp_path: Path)
     assert window["count"] == 20 and [m["content"] for m in window["messages"][::2]] == [f"r{i}" for i in range(10)]
 
 
-async def test_clean_restart_keeps_booking_flag_and_memory(tmp_path: Path) -> None:
+async def test_clean_restart_keeps_booking_flag_and_memory(tmp_path: Path,
+                                                           durable_store_env: dict[str, str]) -> None:
     llm = OpenAIFake(default=echo(0.0), record=False)
     evolution = FakeEvolution(api_key="k", instances={"prueba-py-agent"})
     jid = "5491131376731@s.whatsapp.net"
     async with running_server(llm) as llm_url, running_server(evolution) as evo_url:
-        env = service_env(tmp_path, llm_url, evo_url)
+        env = service_env(tmp_path, llm_url, evo_url, **durable_store_env)
         with ServiceProcess(env, tmp_path / "a.log") as service:
             service.start()
             await service.wait_ready()

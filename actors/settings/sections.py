@@ -26,7 +26,7 @@ from typing import Iterator
 
 import attrs
 
-from .fields import at_least_setting, domain, integer, names, number, of_type, secret, setting, text, url
+from .fields import ConfigError, at_least_setting, domain, integer, names, number, of_type, secret, setting, text, url
 
 PROVIDERS = ("offline", "huggingface", "anthropic", "openai", "gemini", "ollama")
 
@@ -64,10 +64,34 @@ class SecuritySettings:
 
 @attrs.frozen(kw_only=True)
 class StorageSettings:
-    """Where conversations are kept. Process-wide. (Named as its config.toml header: ``store`` is a field.)"""
+    """Where conversations are kept. Process-wide. (Named as its config.toml header: ``store`` is a field.)
+
+    ``STORE_URL`` (or ``DATABASE_URL``, the name many hosts set) selects PostgreSQL whatever ``STORE``
+    says; it holds the database password, so it is a secret (environment or .env only, never shown)."""
 
     data_dir: Path = setting(of_type(Path))
-    store: str = setting(text("sqlite", "memory"))
+    store: str = setting(text("sqlite", "memory", "postgresql"))
+    store_pool_size: int = setting(integer(1, 100))   # PostgreSQL connections (and store threads) at once
+    store_url: str = secret()
+    database_url: str = secret()
+
+    def __attrs_post_init__(self) -> None:
+        url = self.postgres_url
+        if url and not url.startswith(("postgresql://", "postgres://")):
+            raise ConfigError(f"{'STORE_URL' if self.store_url else 'DATABASE_URL'}: "
+                              "must be a postgresql://user:password@host:port/dbname URL")
+        if self.store == "postgresql" and not url:
+            raise ConfigError("STORE_URL: required when STORE=postgresql")
+
+    @property
+    def postgres_url(self) -> str:
+        """STORE_URL, else DATABASE_URL ("" when neither is set)."""
+        return self.store_url or self.database_url
+
+    @property
+    def kind(self) -> str:
+        """The store in use: postgresql when a URL is set, else STORE."""
+        return "postgresql" if self.postgres_url else self.store
 
 
 @attrs.frozen(kw_only=True)

@@ -1,0 +1,440 @@
+"""The Store contract (``runtime.store``) in PostgreSQL, for several processes and machines on one
+database.
+
+Driver
+    psycopg 3 (libpq). Its async API runs on asyncio only, so each operation is a function run with
+    the sync API in a worker thread (``trio.to_thread.run_sync``) on a connection from a
+    ``psycopg_pool.ConnectionPool``, at most ``pool_size`` at once (a ``trio.CapacityLimiter`` of
+    the same size, so no thread ever waits inside the pool). Every operation is one transaction;
+    its statements are sent in pipeline mode, so a turn's commit (state, meta, acks, outbox rows)
+    costs one round trip to the server, not one per statement.
+
+Cancellation
+    A call cancelled while it waits for a connection slot never starts; once its thread runs, the
+    transaction completes and the caller gets its result (``run_sync`` is not abandoned on cancel).
+
+Schema
+    Versioned migrations (``MIGRATIONS``, never edit a released one), applied at ``open`` under a
+    transaction-level advisory lock, so nodes starting together migrate once. A database with a
+    newer version than this code knows, or with tables of its own and no ``agent_schema_version``
+    table, is refused with one line. The tables are prefixed ``agent_`` so the service can share a
+    database (e.g. Evolution API's) without clashing.
+
+One process per database (for now)
+    With ``exclusive`` (the default) ``open`` takes a session-level advisory lock on a connection of
+    its own and holds it until ``close``: a second process on the same database is refused with one
+    line, as SQLite's exclusive lock refuses a second process on its file. Several processes on one
+    database need shard ownership with fenced commits (leases), which is not built yet; a session
+    lock alone is not enough for that (a dead session frees it while its process may still run).
+
+Errors
+    Every failure is a ``StoreError`` with one line naming the database as ``host:port/dbname``:
+    the connection string's password never appears in it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Callable, Collection, Sequence, TypeVar
+from urllib.parse import urlsplit
+
+import trio
+
+from .store import (DEAD_LETTERS_KEPT, EXPIRE_BATCH, Cursor, DeadLetterRow, InboxRow, MetaPage, MetaRow, OutboxRow,
+                    StateMeta, StoreError)
+
+T = TypeVar("T")
+
+# MIGRATIONS[n] brings a database from version n-1 to version n (never edit a released one).
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        "CREATE TABLE agent_states (key TEXT PRIMARY KEY, data BYTEA NOT NULL)",
+        "CREATE TABLE agent_meta (key TEXT PRIMARY KEY, last_activity DOUBLE PRECISION NOT NULL,"
+        " size INTEGER NOT NULL DEFAULT 0, title TEXT NOT NULL DEFAULT '', preview TEXT NOT NULL DEFAULT '',"
+        " status TEXT NOT NULL DEFAULT '', status_until DOUBLE PRECISION NOT NULL DEFAULT 0,"
+        " status_after TEXT NOT NULL DEFAULT '', scope TEXT NOT NULL DEFAULT '', search TEXT NOT NULL DEFAULT '')",
+        "CREATE INDEX agent_meta_activity ON agent_meta (last_activity, key)",
+        "CREATE INDEX agent_meta_scope ON agent_meta (scope)",
+        "CREATE TABLE agent_seqs (key TEXT PRIMARY KEY, last BIGINT NOT NULL)",
+        "CREATE TABLE agent_inbox (key TEXT NOT NULL, seq BIGINT NOT NULL, payload TEXT NOT NULL,"
+        " PRIMARY KEY (key, seq))",
+        "CREATE TABLE agent_seen (dedupe_id TEXT PRIMARY KEY, at DOUBLE PRECISION NOT NULL)",
+        "CREATE INDEX agent_seen_at ON agent_seen (at)",
+        "CREATE TABLE agent_outbox (id BIGSERIAL PRIMARY KEY, key TEXT NOT NULL, kind TEXT NOT NULL,"
+        " payload TEXT NOT NULL)",
+        "CREATE INDEX agent_outbox_key ON agent_outbox (key)",
+        "CREATE TABLE agent_dead_letters (id BIGINT PRIMARY KEY, key TEXT NOT NULL, kind TEXT NOT NULL,"
+        " payload TEXT NOT NULL, reason TEXT NOT NULL, at DOUBLE PRECISION NOT NULL)",
+    ),
+}
+SCHEMA_VERSION = len(MIGRATIONS)
+MIGRATION_LOCK = 0x6167656E74   # pg_advisory_xact_lock key held while migrating ("agent")
+OWNER_LOCK = 0x6167656E75       # pg_try_advisory_lock key held by the one process using the database
+HOUSEKEEPING_INTERVAL = 60.0
+_STATUS_AT = "(CASE WHEN status_until = 0 OR status_until > %(now)s THEN status ELSE status_after END)"
+_META_COLUMNS = "last_activity, size, title, preview, status, status_until, status_after, scope"
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _search_text(key: str, title: str) -> str:
+    return f"{key}\n{title}".lower()
+
+
+def describe_url(url: str) -> str:
+    """``host:port/dbname`` of a connection URL: what errors and logs may show (never a password)."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or "localhost"
+        port = parts.port or 5432
+    except ValueError:
+        return "postgresql (unparsable URL)"
+    return f"postgresql {host}:{port}{parts.path or '/'}"
+
+
+class PostgresStore:
+    """The Store contract in PostgreSQL (see the module docstring)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool_size: int = 8,
+        connect_timeout: float = 5.0,
+        statement_timeout: float = 10.0,
+        dedupe_ttl: float = 86400.0,
+        clock: Callable[[], float] = time.time,
+        exclusive: bool = True,
+    ) -> None:
+        self._url = url
+        self._exclusive = exclusive
+        self._owner: Any = None   # the connection holding OWNER_LOCK
+        self.name = describe_url(url)
+        self._pool_size = pool_size
+        self._connect_timeout = connect_timeout
+        self._statement_timeout = statement_timeout
+        self.dedupe_ttl = dedupe_ttl
+        self._clock = clock
+        self._pool: Any = None
+        self._limiter = trio.CapacityLimiter(pool_size)
+        self._next_housekeeping = 0.0
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    def _error(self, exc: BaseException) -> StoreError:
+        first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
+        return StoreError(f"{self.name}: {first[:300]}")
+
+    async def _run(self, fn: Callable[[Any], T]) -> T:
+        """Run ``fn(conn)`` in one transaction on a pooled connection, in a worker thread."""
+        if self._pool is None:
+            raise StoreError(f"{self.name}: store is not open")
+        return await trio.to_thread.run_sync(self._in_transaction, fn, limiter=self._limiter)
+
+    def _in_transaction(self, fn: Callable[[Any], T]) -> T:
+        import psycopg
+
+        try:
+            with self._pool.connection(timeout=self._connect_timeout) as conn:
+                with conn.transaction():
+                    return fn(conn)
+        except StoreError:
+            raise
+        except (psycopg.Error, OSError) as exc:
+            raise self._error(exc) from None
+        except Exception as exc:   # the pool's own errors (PoolTimeout is a psycopg.Error subclass too)
+            if exc.__class__.__module__.startswith("psycopg"):
+                raise self._error(exc) from None
+            raise
+
+    def _configure(self, conn: Any) -> None:
+        conn.execute(f"SET statement_timeout = {int(self._statement_timeout * 1000)}")
+        conn.commit()
+
+    async def open(self) -> None:
+        """Connect, create or migrate the schema; StoreError with one line when unusable."""
+        if self._pool is not None:
+            return
+        await trio.to_thread.run_sync(self._open_sync)
+
+    def _open_sync(self) -> None:
+        import psycopg
+        import psycopg_pool
+
+        try:
+            with psycopg.connect(self._url, connect_timeout=max(1, int(self._connect_timeout)),
+                                 autocommit=False) as conn:
+                self._migrate(conn)
+            if self._exclusive:
+                self._owner = psycopg.connect(self._url, connect_timeout=max(1, int(self._connect_timeout)),
+                                              autocommit=True)
+                if not self._owner.execute("SELECT pg_try_advisory_lock(%s)", (OWNER_LOCK,)).fetchone()[0]:
+                    self._owner.close()
+                    self._owner = None
+                    raise StoreError(f"{self.name}: another process already uses this database "
+                                     "(one process per database)")
+        except StoreError:
+            raise
+        except (psycopg.Error, OSError) as exc:
+            raise self._error(exc) from None
+        pool = psycopg_pool.ConnectionPool(
+            self._url, min_size=1, max_size=self._pool_size, open=False, configure=self._configure,
+            kwargs={"connect_timeout": max(1, int(self._connect_timeout))}, timeout=self._connect_timeout,
+            name="agent-store")
+        try:
+            pool.open(wait=True, timeout=self._connect_timeout)
+        except Exception as exc:
+            pool.close()
+            if self._owner is not None:
+                self._owner.close()
+                self._owner = None
+            raise self._error(exc) from None
+        self._pool = pool
+
+    def _migrate(self, conn: Any) -> None:
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+            has_version = conn.execute("SELECT to_regclass('agent_schema_version') IS NOT NULL").fetchone()[0]
+            if not has_version:
+                if conn.execute("SELECT to_regclass('agent_states') IS NOT NULL").fetchone()[0]:
+                    raise StoreError(f"{self.name}: not an agent store (agent_states without agent_schema_version)")
+                conn.execute("CREATE TABLE agent_schema_version (version INTEGER NOT NULL)")
+                conn.execute("INSERT INTO agent_schema_version VALUES (0)")
+            (version,) = conn.execute("SELECT version FROM agent_schema_version").fetchone()
+            if version > SCHEMA_VERSION:
+                raise StoreError(f"{self.name}: schema version {version} is newer than this code supports "
+                                 f"({SCHEMA_VERSION})")
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[target]:
+                    conn.execute(statement)
+                conn.execute("UPDATE agent_schema_version SET version = %s", (target,))
+
+    async def close(self) -> None:
+        """Close the pool; operations already running finish first (no cancellation interrupts it)."""
+        pool, self._pool = self._pool, None
+        owner, self._owner = self._owner, None
+        with trio.CancelScope(shield=True):
+            if pool is not None:
+                await trio.to_thread.run_sync(pool.close)
+            if owner is not None:
+                await trio.to_thread.run_sync(owner.close)   # ends the session: frees OWNER_LOCK
+
+    def _housekeeping(self, conn: Any, now: float) -> None:
+        if now >= self._next_housekeeping:
+            self._next_housekeeping = now + HOUSEKEEPING_INTERVAL
+            conn.execute("DELETE FROM agent_seen WHERE at < %s", (now - self.dedupe_ttl,))
+
+    # -- the contract ------------------------------------------------------------------------
+
+    async def accept(self, key: str, dedupe_id: str, payload: dict[str, Any]) -> int | None:
+        """Record an inbound message durably; its inbox sequence number, or None for a duplicate."""
+        data, at = _dumps(payload), self._clock()
+
+        def op(conn: Any) -> int | None:
+            self._housekeeping(conn, at)
+            row = conn.execute(
+                "WITH fresh AS (INSERT INTO agent_seen (dedupe_id, at) VALUES (%s, %s)"
+                " ON CONFLICT DO NOTHING RETURNING 1),"
+                " next AS (INSERT INTO agent_seqs (key, last) SELECT %s, 1 FROM fresh"
+                " ON CONFLICT (key) DO UPDATE SET last = agent_seqs.last + 1 RETURNING last)"
+                " INSERT INTO agent_inbox (key, seq, payload) SELECT %s, last, %s FROM next RETURNING seq",
+                (dedupe_id, at, key, key, data)).fetchone()
+            return int(row[0]) if row is not None else None
+
+        return await self._run(op)
+
+    async def load(self, key: str) -> bytes | None:
+        """The key's state as last committed, or None."""
+
+        def op(conn: Any) -> bytes | None:
+            row = conn.execute("SELECT data FROM agent_states WHERE key = %s", (key,)).fetchone()
+            return bytes(row[0]) if row is not None else None
+
+        return await self._run(op)
+
+    async def commit(
+        self,
+        key: str,
+        state: bytes,
+        meta: StateMeta,
+        *,
+        acked: Sequence[int] = (),
+        outbox: Sequence[tuple[str, dict[str, Any]]] = (),
+    ) -> list[int]:
+        """Atomically replace the state and meta, ack the inbox rows ``acked`` and add ``outbox``
+        rows (one round trip: pipeline mode); the new outbox ids. The meta row is written first, as
+        ``expire`` deletes it first: both lock a key's rows in the same order (no deadlock)."""
+        meta_row = (key, meta.last_activity, meta.size, meta.title, meta.preview, meta.status, meta.status_until,
+                    meta.status_after, meta.scope, _search_text(key, meta.title))
+        acks = [int(seq) for seq in acked]
+        jobs = [(kind, _dumps(payload)) for kind, payload in outbox]
+
+        def op(conn: Any) -> list[int]:
+            with conn.pipeline():
+                conn.execute(f"INSERT INTO agent_meta (key, {_META_COLUMNS}, search)"
+                             " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (key) DO UPDATE SET"
+                             " last_activity = excluded.last_activity, size = excluded.size, title = excluded.title,"
+                             " preview = excluded.preview, status = excluded.status,"
+                             " status_until = excluded.status_until, status_after = excluded.status_after,"
+                             " scope = excluded.scope, search = excluded.search", meta_row)
+                conn.execute("INSERT INTO agent_states (key, data) VALUES (%s, %s)"
+                             " ON CONFLICT (key) DO UPDATE SET data = excluded.data", (key, state))
+                if acks:
+                    conn.execute("DELETE FROM agent_inbox WHERE key = %s AND seq = ANY(%s)", (key, acks))
+                cursors = [conn.execute("INSERT INTO agent_outbox (key, kind, payload) VALUES (%s, %s, %s)"
+                                        " RETURNING id", (key, kind, payload)) for kind, payload in jobs]
+            return [int(cur.fetchone()[0]) for cur in cursors]
+
+        return await self._run(op)
+
+    async def settle(self, outbox_id: int) -> None:
+        """Delete a performed (or given up) outbox row."""
+        await self._run(lambda conn: conn.execute("DELETE FROM agent_outbox WHERE id = %s", (outbox_id,)))
+
+    async def bury(self, outbox_id: int, reason: str) -> None:
+        """Move a job that was given up to the dead letters (the newest 1,000 are kept)."""
+        now = self._clock()
+
+        def op(conn: Any) -> None:
+            with conn.pipeline():
+                conn.execute("INSERT INTO agent_dead_letters (id, key, kind, payload, reason, at)"
+                             " SELECT id, key, kind, payload, %s, %s FROM agent_outbox WHERE id = %s"
+                             " ON CONFLICT (id) DO UPDATE SET reason = excluded.reason, at = excluded.at",
+                             (reason[:500], now, outbox_id))
+                conn.execute("DELETE FROM agent_outbox WHERE id = %s", (outbox_id,))
+                conn.execute("DELETE FROM agent_dead_letters WHERE id NOT IN"
+                             " (SELECT id FROM agent_dead_letters ORDER BY at DESC, id DESC LIMIT %s)",
+                             (DEAD_LETTERS_KEPT,))
+
+        await self._run(op)
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetterRow]:
+        """The newest dead letters, newest first."""
+
+        def op(conn: Any) -> list[DeadLetterRow]:
+            rows = conn.execute("SELECT id, key, kind, payload, reason, at FROM agent_dead_letters"
+                                " ORDER BY at DESC, id DESC LIMIT %s", (limit,)).fetchall()
+            return [DeadLetterRow(int(i), k, kind, json.loads(p), r, at) for i, k, kind, p, r, at in rows]
+
+        return await self._run(op)
+
+    async def revive(self, dead_letter_id: int) -> OutboxRow | None:
+        """Move a dead letter back to the outbox under its old id; None when there is none."""
+
+        def op(conn: Any) -> OutboxRow | None:
+            found = conn.execute("DELETE FROM agent_dead_letters WHERE id = %s RETURNING id, key, kind, payload",
+                                 (dead_letter_id,)).fetchone()
+            if found is None:
+                return None
+            conn.execute("INSERT INTO agent_outbox (id, key, kind, payload) VALUES (%s, %s, %s, %s)", found)
+            return OutboxRow(int(found[0]), found[1], found[2], json.loads(found[3]))
+
+        return await self._run(op)
+
+    async def discard(self, dead_letter_id: int) -> bool:
+        """Delete a dead letter; False when there is none."""
+        return await self._run(lambda conn: bool(conn.execute(
+            "DELETE FROM agent_dead_letters WHERE id = %s", (dead_letter_id,)).rowcount))
+
+    async def pending_inbox(self) -> list[InboxRow]:
+        """Accepted but unacknowledged messages, per key in sequence order."""
+
+        def op(conn: Any) -> list[InboxRow]:
+            rows = conn.execute("SELECT key, seq, payload FROM agent_inbox ORDER BY key, seq").fetchall()
+            return [InboxRow(key, int(seq), json.loads(payload)) for key, seq, payload in rows]
+
+        return await self._run(op)
+
+    async def pending_outbox(self) -> list[OutboxRow]:
+        """Unsettled jobs in the order they were written."""
+
+        def op(conn: Any) -> list[OutboxRow]:
+            rows = conn.execute("SELECT id, key, kind, payload FROM agent_outbox ORDER BY id").fetchall()
+            return [OutboxRow(int(id), key, kind, json.loads(payload)) for id, key, kind, payload in rows]
+
+        return await self._run(op)
+
+    async def expire(self, idle_before: float, keep: Collection[str] = ()) -> list[str]:
+        """Delete the state of every key idle since before ``idle_before``, except ``keep``, in
+        transactions of at most ``EXPIRE_BATCH`` keys; the condition is re-checked by the DELETE."""
+        kept = list(set(keep))
+        gone: list[str] = []
+        cursor: tuple[float, str] = (float("-inf"), "")
+
+        def op(conn: Any) -> tuple[list[str], tuple[float, str] | None]:
+            rows = conn.execute(
+                "SELECT key, last_activity FROM agent_meta WHERE last_activity < %s"
+                " AND (last_activity, key) > (%s, %s) ORDER BY last_activity, key LIMIT %s",
+                (idle_before, cursor[0], cursor[1], EXPIRE_BATCH)).fetchall()
+            candidates = [key for key, _ in rows]
+            deleted = [key for (key,) in conn.execute(
+                "DELETE FROM agent_meta WHERE key = ANY(%s) AND NOT key = ANY(%s) AND last_activity < %s"
+                " RETURNING key", (candidates, kept, idle_before)).fetchall()]
+            with conn.pipeline():
+                conn.execute("DELETE FROM agent_states WHERE key = ANY(%s)", (deleted,))
+                conn.execute("DELETE FROM agent_seqs WHERE key = ANY(%s) AND NOT EXISTS"
+                             " (SELECT 1 FROM agent_inbox i WHERE i.key = agent_seqs.key)", (candidates,))
+            last = (float(rows[-1][1]), str(rows[-1][0])) if len(rows) == EXPIRE_BATCH else None
+            gone_now = set(deleted)
+            return [key for key in candidates if key in gone_now], last
+
+        while True:
+            deleted, last = await self._run(op)
+            gone.extend(deleted)
+            if last is None:
+                return gone
+            cursor = last
+
+    async def sizes(self) -> dict[str, int]:
+        """Every stored key's size, in key order."""
+        return await self._run(lambda conn: {key: int(size) for key, size in conn.execute(
+            "SELECT key, size FROM agent_meta ORDER BY key").fetchall()})
+
+    async def listing(
+        self,
+        *,
+        now: float,
+        search: str = "",
+        status: str | None = None,
+        scope: str | None = None,
+        keys: Collection[str] | None = None,
+        after: Cursor | None = None,
+        limit: int = 50,
+    ) -> MetaPage:
+        """A page of meta rows, newest activity first, walked from the cursor on the
+        (last_activity, key) index."""
+        where, args = [], {"now": now, "limit": limit}
+        if search:
+            where.append("strpos(search, %(search)s) > 0")
+            args["search"] = search.lower()
+        if status is not None:
+            where.append(f"{_STATUS_AT} = %(status)s")
+            args["status"] = status
+        if scope is not None:
+            where.append("scope = %(scope)s")
+            args["scope"] = scope
+        if keys is not None:
+            where.append("key = ANY(%(keys)s)")
+            args["keys"] = list(keys)
+        condition = " AND ".join(where) or "TRUE"
+        page = condition
+        if after is not None:
+            page += " AND (last_activity, key) < (%(after_at)s, %(after_key)s)"
+            args["after_at"], args["after_key"] = after
+
+        def op(conn: Any) -> MetaPage:
+            rows = conn.execute(f"SELECT key, {_META_COLUMNS} FROM agent_meta WHERE {page}"
+                                " ORDER BY last_activity DESC, key DESC LIMIT %(limit)s", args).fetchall()
+            found = [MetaRow(key, StateMeta(*fields)) for key, *fields in rows]
+            if after is None and len(found) < limit:
+                total = len(found)
+            else:
+                (total,) = conn.execute(f"SELECT count(*) FROM agent_meta WHERE {condition}", args).fetchone()
+            scopes = [s for (s,) in conn.execute(
+                "SELECT DISTINCT scope FROM agent_meta WHERE scope != '' ORDER BY scope").fetchall()]
+            return MetaPage(found, int(total), scopes)
+
+        return await self._run(op)

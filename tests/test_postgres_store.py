@@ -1,0 +1,171 @@
+"""PostgreSQL-only store tests (the shared contract is tests/test_store_contract.py): durability
+across reopening, two stores (two nodes) on one database, schema checks, errors that never show the
+password, and an outage of the server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from runtime.postgres_store import SCHEMA_VERSION, PostgresStore
+from runtime.store import StateMeta, StoreError
+from tests.postgres import PASSWORD
+from tests.procs import ServiceProcess
+
+
+async def test_everything_survives_reopening(postgres_cluster: Any) -> None:
+    url = postgres_cluster.create_database()
+    first = PostgresStore(url)
+    await first.open()
+    assert await first.accept("k", "i:1", {"text": "hola"}) == 1
+    assert await first.accept("k", "i:2", {"text": "otra"}) == 2
+    ids = await first.commit("k", b"\x00state\xff", StateMeta(last_activity=5.0, size=2, scope="acme"),
+                             acked=[1], outbox=[("reply", {"text": "r"})])
+    await first.close()
+    again = PostgresStore(url)
+    await again.open()
+    try:
+        assert await again.load("k") == b"\x00state\xff"
+        assert [(r.key, r.seq) for r in await again.pending_inbox()] == [("k", 2)]
+        assert [r.id for r in await again.pending_outbox()] == ids
+        assert await again.accept("k", "i:1", {"text": "re-sent"}) is None   # dedupe kept
+        assert await again.accept("k", "i:3", {"text": "next"}) == 3
+    finally:
+        await again.close()
+
+
+async def test_two_stores_on_one_database_number_a_key_without_gaps(postgres_cluster: Any) -> None:
+    """Two nodes accepting one chat's messages at once: every sequence number once, in 1..N, and a
+    message id accepted by both is stored once."""
+    url = postgres_cluster.create_database()
+    a, b = PostgresStore(url, pool_size=4, exclusive=False), PostgresStore(url, pool_size=4, exclusive=False)
+    await a.open()
+    await b.open()
+    seqs: list[int | None] = []
+    try:
+        async def post(store: PostgresStore, n: int) -> None:
+            seqs.append(await store.accept("chat", f"i:{n}", {"n": n}))
+
+        async with trio.open_nursery() as nursery:
+            for n in range(60):
+                nursery.start_soon(post, a, n)
+                nursery.start_soon(post, b, n)   # the same message id through the other node
+        accepted = sorted(s for s in seqs if s is not None)
+        assert accepted == list(range(1, 61))
+        assert seqs.count(None) == 60
+        rows = await a.pending_inbox()
+        assert sorted(r.payload["n"] for r in rows) == list(range(60))
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_newer_schema_and_a_foreign_database_are_refused(postgres_cluster: Any) -> None:
+    url = postgres_cluster.create_database()
+    store = PostgresStore(url)
+    await store.open()
+    await store.close()
+    name = url.rsplit("/", 1)[1]
+    postgres_cluster.sql(f"UPDATE agent_schema_version SET version = {SCHEMA_VERSION + 1}", name)
+    with pytest.raises(StoreError, match="newer than this code supports"):
+        await PostgresStore(url).open()
+
+    foreign = postgres_cluster.create_database()
+    postgres_cluster.sql("CREATE TABLE agent_states (x int)", foreign.rsplit("/", 1)[1])
+    with pytest.raises(StoreError, match="not an agent store"):
+        await PostgresStore(foreign).open()
+
+
+async def test_errors_name_the_database_and_never_the_password(postgres_cluster: Any) -> None:
+    good = postgres_cluster.create_database()
+    wrong = good.replace(PASSWORD, "not-the-password-123")
+    with pytest.raises(StoreError) as refused:
+        await PostgresStore(wrong, connect_timeout=3).open()
+    text = str(refused.value)
+    assert f"127.0.0.1:{postgres_cluster.port}/" in text and "authentication failed" in text
+    assert "not-the-password-123" not in text and PASSWORD not in text
+
+    store = PostgresStore(good)
+    with pytest.raises(StoreError, match="not open"):
+        await store.load("k")
+
+
+async def test_calls_fail_while_the_server_is_down_and_work_again_after(postgres_cluster: Any) -> None:
+    """An outage: each call raises StoreError (one line, no password) instead of hanging, and the
+    same store serves again once the server is back, without being reopened."""
+    url = postgres_cluster.create_database()
+    store = PostgresStore(url, connect_timeout=2)
+    await store.open()
+    try:
+        assert await store.accept("k", "i:1", {}) == 1
+        await trio.to_thread.run_sync(postgres_cluster.pg_ctl, "stop")
+        try:
+            with trio.fail_after(15):
+                with pytest.raises(StoreError) as down:
+                    await store.accept("k", "i:2", {})
+            assert PASSWORD not in str(down.value)
+        finally:
+            await trio.to_thread.run_sync(postgres_cluster.pg_ctl, "start")
+        with trio.fail_after(20):
+            while True:   # the pool drops the connections the restart broke, then reconnects
+                try:
+                    seq = await store.accept("k", "i:2", {})
+                    break
+                except StoreError:
+                    await trio.sleep(0.2)
+        assert seq == 2
+    finally:
+        await store.close()
+
+
+async def test_a_second_process_on_the_same_database_is_refused(postgres_cluster: Any) -> None:
+    """Until shard ownership exists, one process per database, as SQLite's exclusive lock does; the
+    database is free again once the first store closes."""
+    url = postgres_cluster.create_database()
+    first = PostgresStore(url)
+    await first.open()
+    try:
+        with pytest.raises(StoreError, match="another process already uses this database"):
+            await PostgresStore(url).open()
+    finally:
+        await first.close()
+    second = PostgresStore(url)
+    await second.open()
+    await second.close()
+
+
+def _start_failure(tmp_path: Path, store_url: str, name: str) -> tuple[int, str]:
+    env = {"DATA_DIR": str(tmp_path / "data"), "LOG_DIR": str(tmp_path / "logs"), "STORE_URL": store_url,
+           "LOG_STDERR": "true"}
+    with ServiceProcess(env, tmp_path / f"{name}.log") as service:
+        service.start()
+        assert service.proc is not None
+        service.proc.wait(timeout=30)
+        return service.proc.returncode, service.output()
+
+
+@pytest.mark.slow
+def test_a_refused_database_stops_start_up_with_one_line_and_no_password(postgres_cluster: Any,
+                                                                       tmp_path: Path) -> None:
+    """The service as deployed (hypercorn): a wrong password, and a database another process
+    already serves, each stop start-up with one ``Store error:`` line naming host:port/dbname."""
+    url = postgres_cluster.create_database()
+    wrong = url.replace(PASSWORD, "wrong-password-5150")
+    code, output = _start_failure(tmp_path, wrong, "wrong")
+    assert code != 0 and "Store error:" in output and f"127.0.0.1:{postgres_cluster.port}/" in output, output
+    assert "wrong-password-5150" not in output and "Traceback" not in output, output
+
+    async def hold_and_start() -> tuple[int, str]:
+        holder = PostgresStore(url)
+        await holder.open()
+        try:
+            return await trio.to_thread.run_sync(_start_failure, tmp_path, url, "second")
+        finally:
+            await holder.close()
+
+    code, output = trio.run(hold_and_start)
+    assert code != 0 and "another process already uses this database" in output, output
+    assert PASSWORD not in output, output
