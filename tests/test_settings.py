@@ -117,7 +117,10 @@ def test_service_refuses_to_start_with_one_clear_line(tmp_path: Path, workers: s
         ({"ADMIN_LOOPBACK_ONLY": "2"}, "ADMIN_LOOPBACK_ONLY: invalid value '2' (expected bool)"),
         ({"UNKNOWN_INSTANCES": "all"}, "UNKNOWN_INSTANCES: must be ignore or serve (or empty: the default)"),
         # storage
-        ({"STORE": "postgres"}, "STORE: must be sqlite or memory"),
+        ({"STORE": "postgres"}, "STORE: must be sqlite, memory or postgresql"),
+        ({"STORE": "postgresql"}, "STORE_URL: required when STORE=postgresql"),
+        ({"STORE_URL": "mysql://u:p@h/db"}, "STORE_URL: must be a postgresql://user:password@host:port/dbname URL"),
+        ({"DATABASE_URL": "sqlite:///x"}, "DATABASE_URL: must be a postgresql://user:password@host:port/dbname URL"),
         # logging
         ({"LOG_MAX_BYTES": "0"}, "LOG_MAX_BYTES: must be at least 1"),
         ({"LOG_BACKUP_COUNT": "-1"}, "LOG_BACKUP_COUNT: must be 0 or more"),
@@ -231,3 +234,12 @@ def test_a_setting_the_logs_refuse_stops_start_up_in_one_line(tmp_path: Path) ->
     )
     assert result.stderr.strip().splitlines() == ["Configuration error: LOG_MAX_BYTES: must be at least 1"]
     assert result.returncode == 2
+
+
+def test_a_store_url_selects_postgresql_and_is_a_secret() -> None:
+    url = "postgresql://agent:pw-0123456789@db:5432/agent"
+    for name in ("STORE_URL", "DATABASE_URL"):
+        s = load_settings({name: url}, dotenv_file=None)
+        assert s.storage.kind == "postgresql" and s.storage.postgres_url == url
+        assert url in s.secret_values() and "pw-0123456789" not in repr(s)
+    assert load_settings({}, dotenv_file=None).storage.kind == "sqlite"
