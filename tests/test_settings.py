@@ -119,8 +119,8 @@ def test_service_refuses_to_start_with_one_clear_line(tmp_path: Path, workers: s
         # storage
         ({"STORE": "postgres"}, "STORE: must be sqlite, memory or postgresql"),
         ({"STORE": "postgresql"}, "STORE_URL: required when STORE=postgresql"),
-        ({"STORE_URL": "mysql://u:p@h/db"}, "STORE_URL: must be a postgresql://user:password@host:port/dbname URL"),
-        ({"DATABASE_URL": "sqlite:///x"}, "DATABASE_URL: must be a postgresql://user:password@host:port/dbname URL"),
+        ({"STORE_URL": "mysql://u:p@h/db"}, "STORE_URL: must be a PostgreSQL URL starting with postgresql://"),
+        ({"DATABASE_URL": "sqlite:///x"}, "DATABASE_URL: must be a PostgreSQL URL starting with postgresql://"),
         # logging
         ({"LOG_MAX_BYTES": "0"}, "LOG_MAX_BYTES: must be at least 1"),
         ({"LOG_BACKUP_COUNT": "-1"}, "LOG_BACKUP_COUNT: must be 0 or more"),

@@ -79,7 +79,7 @@ class StorageSettings:
         url = self.postgres_url
         if url and not url.startswith(("postgresql://", "postgres://")):
             raise ConfigError(f"{'STORE_URL' if self.store_url else 'DATABASE_URL'}: "
-                              "must be a postgresql://user:password@host:port/dbname URL")
+                              "must be a PostgreSQL URL starting with postgresql://")
         if self.store == "postgresql" and not url:
             raise ConfigError("STORE_URL: required when STORE=postgresql")
 
