@@ -2,13 +2,14 @@
 
 Usage::
 
-    .venv/bin/python bench/store_intake.py [--concurrency 200] [--duration 5] [--dir DIR]
+    .venv/bin/python bench/store_intake.py [--concurrency 200] [--duration 5] [--dir DIR] [--postgres]
 
-For each store (MemoryStore, SqliteStore synchronous=FULL, SqliteStore synchronous=NORMAL) it runs
+For each store (MemoryStore, SqliteStore synchronous=FULL, SqliteStore synchronous=NORMAL, and with
+``--postgres`` a PostgresStore on a throwaway local cluster, tests/postgres.py) it runs
 ``concurrency`` tasks for ``duration`` seconds; every task loops ``await store.accept(...)`` with
 its own key and a webhook-sized payload, timing each call. It prints accepted messages/s, accept
-latency p50/p99 and, for SQLite, the transactions run and the mean group-commit size, as a
-Markdown table. SQLite files go to a fresh temporary directory inside ``--dir`` (default: the
+latency p50/p99, the benchmark process's CPU per message (for PostgreSQL the server's CPU is not
+in it) and, for SQLite, the transactions run and the mean group-commit size, as a Markdown table. SQLite files go to a fresh temporary directory inside ``--dir`` (default: the
 system temp dir), so pass the data directory's file system to measure its fsync cost.
 """
 
@@ -41,6 +42,7 @@ class Result:
     p50_ms: float
     p99_ms: float
     transactions: int | None
+    cpu_ms: float = 0.0
 
     @property
     def rate(self) -> float:
@@ -72,17 +74,18 @@ async def run_one(name: str, store: Store, concurrency: int, duration: float) ->
             assert seq == i, (key, seq, i)
             await trio.lowlevel.checkpoint()  # MemoryStore never yields: keep the tasks fair
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     async with trio.open_nursery() as nursery:
         for c in range(concurrency):
             nursery.start_soon(client, c)
     seconds = time.perf_counter() - start
     q = statistics.quantiles(latencies, n=100, method="inclusive")
+    cpu_ms = (time.process_time() - cpu) * 1000 / max(1, len(latencies))
     transactions = store.transactions if isinstance(store, SqliteStore) else None
-    return Result(name, len(latencies), seconds, q[49] * 1000, q[98] * 1000, transactions)
+    return Result(name, len(latencies), seconds, q[49] * 1000, q[98] * 1000, transactions, cpu_ms)
 
 
-async def main(concurrency: int, duration: float, base: Path | None) -> list[Result]:
+async def main(concurrency: int, duration: float, base: Path | None, postgres: bool) -> list[Result]:
     results = []
     workdir = Path(tempfile.mkdtemp(prefix="store-bench-", dir=base))
     try:
@@ -97,18 +100,31 @@ async def main(concurrency: int, duration: float, base: Path | None) -> list[Res
             result = await run_one(f"SqliteStore synchronous={sync}", store, concurrency, duration)
             results.append(attrs.evolve(result, transactions=store.transactions - before))
             await store.close()
+        if postgres:
+            from runtime.postgres_store import PostgresStore
+            from tests.postgres import PostgresCluster
+
+            cluster = await trio.to_thread.run_sync(lambda: PostgresCluster().start())
+            try:
+                pg = PostgresStore(await trio.to_thread.run_sync(cluster.create_database))
+                await pg.open()
+                results.append(await run_one(f"PostgresStore pool={pg._pool_size}", pg, concurrency, duration))
+                await pg.close()
+            finally:
+                await trio.to_thread.run_sync(cluster.stop)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return results
 
 
 def table(results: list[Result]) -> str:
-    lines = ["| store | accepted | msg/s | p50 ms | p99 ms | transactions | msgs/transaction |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| store | accepted | msg/s | p50 ms | p99 ms | CPU ms/msg (client) | transactions | msgs/transaction |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         tx = f"{r.transactions}" if r.transactions is not None else "–"
         per = f"{r.accepted / r.transactions:.1f}" if r.transactions else "–"
-        lines.append(f"| {r.name} | {r.accepted} | {r.rate:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {tx} | {per} |")
+        lines.append(f"| {r.name} | {r.accepted} | {r.rate:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.cpu_ms:.3f}"
+                     f" | {tx} | {per} |")
     return "\n".join(lines)
 
 
@@ -117,7 +133,8 @@ if __name__ == "__main__":
     parser.add_argument("--concurrency", "-c", type=int, default=200, help="concurrent accepting tasks (200)")
     parser.add_argument("--duration", "-d", type=float, default=5.0, help="seconds per store (5)")
     parser.add_argument("--dir", type=Path, default=None, help="where the SQLite files go (system temp dir)")
+    parser.add_argument("--postgres", action="store_true", help="add a PostgresStore on a throwaway cluster")
     args = parser.parse_args()
     print(f"concurrency={args.concurrency} duration={args.duration}s python={sys.version.split()[0]}"
           f" sqlite={__import__('sqlite3').sqlite_version}")
-    print(table(trio.run(main, args.concurrency, args.duration, args.dir)))
+    print(table(trio.run(main, args.concurrency, args.duration, args.dir, args.postgres)))

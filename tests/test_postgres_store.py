@@ -169,3 +169,30 @@ def test_a_refused_database_stops_start_up_with_one_line_and_no_password(postgre
     code, output = trio.run(hold_and_start)
     assert code != 0 and "another process already uses this database" in output, output
     assert PASSWORD not in output, output
+
+
+async def test_a_commit_is_all_or_nothing_in_its_one_round_trip(postgres_cluster: Any) -> None:
+    """A turn's commit runs as the pipeline's one implicit transaction: when its last statement fails
+    (here a trigger refuses the outbox row), the state, meta and acks before it are rolled back."""
+    url = postgres_cluster.create_database()
+    store = PostgresStore(url)
+    await store.open()
+    try:
+        assert await store.accept("k", "i:1", {"text": "hola"}) == 1
+        await store.commit("k", b"before", StateMeta(last_activity=1.0, size=1))
+        postgres_cluster.sql(
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS"
+            " $$ BEGIN IF NEW.kind = 'boom' THEN RAISE EXCEPTION 'refused by the test'; END IF; RETURN NEW; END $$;"
+            " CREATE TRIGGER refuse BEFORE INSERT ON agent_outbox FOR EACH ROW EXECUTE FUNCTION refuse()",
+            url.rsplit("/", 1)[1])
+        with pytest.raises(StoreError, match="refused by the test"):
+            await store.commit("k", b"after", StateMeta(last_activity=2.0, size=2), acked=[1],
+                               outbox=[("reply", {"text": "r"}), ("boom", {})])
+        assert await store.load("k") == b"before"
+        assert [(r.key, r.seq) for r in await store.pending_inbox()] == [("k", 1)]
+        assert await store.pending_outbox() == []
+        assert await store.sizes() == {"k": 1}
+        assert await store.commit("k", b"after", StateMeta(last_activity=2.0, size=2), acked=[1]) == []
+        assert await store.load("k") == b"after"   # the connection is usable after the failure
+    finally:
+        await store.close()
