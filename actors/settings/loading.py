@@ -47,7 +47,7 @@ def read_dotenv(path: Path) -> dict[str, str]:
     return values
 
 
-def _convert(name: str, kind: Any, raw: Any) -> Any:
+def convert(name: str, kind: Any, raw: Any) -> Any:
     """``raw`` (text from the environment, or a TOML value) as the field's type ``kind``."""
     env_name = name.upper()
     text = raw if isinstance(raw, str) else None
@@ -144,6 +144,6 @@ def load_settings(
                 continue
             else:
                 raise ConfigError(f"{env_name}: missing (no default in {config_file.name})")
-            values[f.name] = _convert(f.name, f.type, raw)
+            values[f.name] = convert(f.name, f.type, raw)
         sections[section] = cls(**values)
     return Settings(**sections)
