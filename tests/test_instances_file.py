@@ -216,9 +216,7 @@ def test_no_file_is_the_single_tenant_service(tmp_path: Path) -> None:
     settings = load_settings({}, config_file=config, dotenv_file=None)
     assert instances_path(settings, config) is None
     assert configured_instances(settings, config_file=config, dotenv_file=None) == {}
-    # the repository itself ships only the example: tests and a fresh checkout are single-tenant
-    assert not (PROJECT_ROOT / "instances.toml").exists() and instances_path(base_settings()) is None
-    life = Lifecycle(make_settings(tmp_path))
+    life = Lifecycle(make_settings(tmp_path), instances=configured_instances(settings, config_file=config))
     assert life.instances == {} and life.service.instances == {}
 
 
