@@ -29,7 +29,7 @@ import attrs
 import trio
 
 from ..settings import Settings
-from .chain import Link, ProviderChain, chain_options, close_providers, size_bounds
+from .chain import Link, Precedence, ProviderChain, chain_options, close_providers, precedence, size_bounds
 from .providers import (ANTHROPIC_DEFAULT_BASE_URL, GEMINI_DEFAULT_BASE_URL, OLLAMA_DEFAULT_BASE_URL,
                         OPENAI_DEFAULT_BASE_URL, build_provider)
 from .slot import ProviderSlot, ProviderStatistics
@@ -83,6 +83,7 @@ class ChainPool:
     def __init__(self) -> None:
         self._slots: dict[Account, ProviderSlot] = {}
         self._chains: dict[tuple[Any, ...], ProviderChain] = {}
+        self._precedence: Precedence = {}   # across every chain: see chain.py precedence()
         self._nursery: trio.Nursery | None = None
 
     def chain_for(self, settings: Settings, polite_text: str) -> ProviderChain:
@@ -97,6 +98,7 @@ class ChainPool:
                                   **chain_options(settings))
             chain.use_nursery(self._nursery)
             self._chains[key] = chain
+            self._precedence = precedence(chain.slots for chain in self._chains.values())
         return chain
 
     def _slot(self, provider: str, settings: Settings) -> ProviderSlot:
@@ -113,7 +115,7 @@ class ChainPool:
         return slot
 
     def _size_bounds(self) -> None:
-        size_bounds(chain.slots for chain in self._chains.values())
+        size_bounds(self._precedence)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the hedged half-open probes of every chain, in one nursery, until cancelled."""

@@ -83,18 +83,24 @@ class Link:
     model: str | None = None
 
 
-def size_bounds(orders: Iterable[Sequence[ProviderSlot]]) -> None:
-    """Size each slot's bound: its own slots, plus those of every distinct provider before it in any
-    of ``orders`` whose circuit is not closed, whose load comes to it."""
-    carried: dict[ProviderSlot, set[ProviderSlot]] = {}
+Precedence = dict[ProviderSlot, tuple[ProviderSlot, ...]]
+
+
+def precedence(orders: Iterable[Sequence[ProviderSlot]]) -> Precedence:
+    """Each slot of ``orders``, with every distinct slot before it in any of them: those whose load
+    comes to it when their circuit is not closed."""
+    earlier: dict[ProviderSlot, dict[ProviderSlot, None]] = {}
     for slots in orders:
-        earlier: list[ProviderSlot] = []
-        for slot in slots:
-            carried.setdefault(slot, set()).update(earlier)
-            if slot.provider.available and not slot.breaker.closed:
-                earlier.append(slot)
-    for slot, load in carried.items():
-        slot.size_bound(1 + len(load))
+        for index, slot in enumerate(slots):
+            earlier.setdefault(slot, {}).update(dict.fromkeys(slots[:index]))
+    return {slot: tuple(before) for slot, before in earlier.items()}
+
+
+def size_bounds(precedence: Precedence) -> None:
+    """Size each slot's bound: its own slots, plus those of every slot before it (``precedence``)
+    that is configured and whose circuit is not closed."""
+    for slot, before in precedence.items():
+        slot.size_bound(1 + sum(1 for other in before if other.provider.available and not other.breaker.closed))
 
 
 @attrs.define
@@ -159,7 +165,8 @@ class ProviderChain:
                 self._owned.append(slot)
             self._slots.append(slot)
             self._models[slot] = model
-        self._size_bounds = sized_by or (lambda: size_bounds([self._slots]))
+        own = precedence([self._slots])
+        self._size_bounds = sized_by or (lambda: size_bounds(own))
         self._asks = self._fallbacks_used = self._polite_answers = self._deadline_exceeded = 0
         self._hedges = self._hedges_won = 0
         self._nursery: trio.Nursery | None = None   # while run() runs: where hedged probes go on
