@@ -8,12 +8,15 @@ rest; its absence is the single-tenant service as before.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import attrs
 import httpx
 import pytest
+import trio
 
 from actors.lifecycle import Lifecycle, _shown
 from actors.settings import (PROJECT_ROOT, ConfigError, Settings, configured_instances, instances_path, load_instances,
@@ -289,3 +292,56 @@ def test_settings_built_in_code_are_checked_like_a_file(tmp_path: Path) -> None:
     acme = load_instances(base_settings(), write(tmp_path, ACME + "max_messages = 5\n"), {}, dotenv_file=None)["acme-bot"]
     with pytest.raises(ConfigError):
         attrs.evolve(acme.conversation, max_messages=0)
+
+
+# -- checking before a restart, and SIGHUP ----------------------------------------------------------
+
+def check_config(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    environ = {**os.environ, "LOG_DIR": str(tmp_path / "logs"), **env}
+    return subprocess.run([sys.executable, str(PROJECT_ROOT / "scripts" / "check_config.py")], cwd=tmp_path,
+                          env=environ, capture_output=True, text=True, timeout=60)
+
+
+def test_the_check_script_reads_the_file_as_start_up_does(tmp_path: Path) -> None:
+    good = write(tmp_path, ACME + 'evolution_api_key_env = "ACME_EVOLUTION_API_KEY"\n[instances."beta-shop"]\n')
+    result = check_config(tmp_path, INSTANCES_FILE=str(good), ACME_EVOLUTION_API_KEY="acme-evo-key-123456")
+    assert (result.returncode, result.stdout, result.stderr) == (
+        0, f"Configuration OK: {good}: 2 instance(s): acme-bot, beta-shop\n", "")
+    bad = write(tmp_path, ACME + 'max_messages = "abc"\n', "bad.toml")
+    result = check_config(tmp_path, INSTANCES_FILE=str(bad))
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == ('Configuration error: INSTANCES_FILE [instances."acme-bot"].max_messages: '
+                             "invalid value 'abc' (expected int)\n")
+
+
+def _count(service: ServiceProcess, text: str) -> int:
+    return service.log_path.read_text(errors="replace").count(text)
+
+
+async def test_sighup_restarts_the_worker_which_reads_the_file_anew(tmp_path: Path) -> None:
+    """hypercorn's parent answers SIGHUP by stopping its worker (an orderly shutdown) and starting a new
+    one, which loads the instances file again: a good file serves on, a broken one ends the process
+    with the one line (so check it first: scripts/check_config.py)."""
+    path = write(tmp_path, ACME + "max_messages = 10\n")
+    env = {"INSTANCES_FILE": str(path), "LOG_DIR": str(tmp_path / "logs"), "DATA_DIR": str(tmp_path / "data"),
+           "STORE": "sqlite"}
+    with ServiceProcess(env, tmp_path / "service.out") as service:
+        service.start()
+        await service.wait_ready()
+        assert service.proc is not None
+        path.write_text(ACME + "max_messages = 20\n" + '[instances."beta-shop"]\n')
+        service.proc.send_signal(signal.SIGHUP)
+        with trio.fail_after(30):
+            while _count(service, "Service ready") < 2:
+                assert service.proc.poll() is None, service.output()
+                await trio.sleep(0.05)
+        await service.wait_ready()
+        path.write_text(ACME + 'max_messages = "abc"\n')
+        service.proc.send_signal(signal.SIGHUP)
+        with trio.fail_after(30):
+            while service.proc.poll() is None:
+                await trio.sleep(0.05)
+        assert service.proc.returncode != 0
+        out = service.output()
+        assert ('Configuration error: INSTANCES_FILE [instances."acme-bot"].max_messages: invalid value \'abc\' '
+                '(expected int)') in out and "Traceback" not in out
