@@ -61,6 +61,10 @@ def refusal(tmp_path: Path, text: str, environ: dict[str, str] | None = None) ->
     # wrong type (the issue's own example)
     (ACME + 'max_messages = "abc"\n',
      'INSTANCES_FILE [instances."acme-bot"].max_messages: invalid value \'abc\' (expected int)'),
+    (ACME + "max_messages = 3.5\n",
+     'INSTANCES_FILE [instances."acme-bot"].max_messages: invalid value \'3.5\' (expected int)'),
+    (ACME + "agent_instruction = 5\n",
+     'INSTANCES_FILE [instances."acme-bot"].agent_instruction: invalid value \'5\' (expected str)'),
     (ACME + 'groups_enabled = "maybe"\n',
      'INSTANCES_FILE [instances."acme-bot"].groups_enabled: invalid value \'maybe\' (expected bool)'),
     # a secret reference to a variable that is not set

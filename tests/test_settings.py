@@ -231,3 +231,16 @@ def test_a_setting_the_logs_refuse_stops_start_up_in_one_line(tmp_path: Path) ->
     )
     assert result.stderr.strip().splitlines() == ["Configuration error: LOG_MAX_BYTES: must be at least 1"]
     assert result.returncode == 2
+
+
+@pytest.mark.parametrize(("extra", "line"), [
+    ("[conversation]\nmax_messages = 3.5\n", "MAX_MESSAGES: invalid value '3.5' (expected int)"),
+    ("[conversation]\nagent_instruction = 5\n", "AGENT_INSTRUCTION: invalid value '5' (expected str)"),
+])
+def test_a_toml_value_of_another_type_is_refused_not_bent(tmp_path: Path, extra: str, line: str) -> None:
+    """3.5 used to become 3 and 5 the text "5" without a word (the instances file reads values the same way)."""
+    config = tmp_path / "config.toml"
+    config.write_text(extra)
+    with pytest.raises(ConfigError) as info:
+        load_settings({}, config_file=config, dotenv_file=None)
+    assert str(info.value) == line
