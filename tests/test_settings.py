@@ -233,14 +233,16 @@ def test_a_setting_the_logs_refuse_stops_start_up_in_one_line(tmp_path: Path) ->
     assert result.returncode == 2
 
 
-@pytest.mark.parametrize(("extra", "line"), [
-    ("[conversation]\nmax_messages = 3.5\n", "MAX_MESSAGES: invalid value '3.5' (expected int)"),
-    ("[conversation]\nagent_instruction = 5\n", "AGENT_INSTRUCTION: invalid value '5' (expected str)"),
+@pytest.mark.parametrize(("default", "value", "line"), [
+    ("max_messages = 50", "max_messages = 3.5", "MAX_MESSAGES: invalid value '3.5' (expected int)"),
+    ('agent_instruction = ""', "agent_instruction = 5", "AGENT_INSTRUCTION: invalid value '5' (expected str)"),
 ])
-def test_a_toml_value_of_another_type_is_refused_not_bent(tmp_path: Path, extra: str, line: str) -> None:
+def test_a_toml_value_of_another_type_is_refused_not_bent(tmp_path: Path, default: str, value: str, line: str) -> None:
     """3.5 used to become 3 and 5 the text "5" without a word (the instances file reads values the same way)."""
     config = tmp_path / "config.toml"
-    config.write_text(extra)
+    text = (PROJECT_ROOT / "config.toml").read_text()
+    assert default in text
+    config.write_text(text.replace(default, value, 1))
     with pytest.raises(ConfigError) as info:
         load_settings({}, config_file=config, dotenv_file=None)
     assert str(info.value) == line
