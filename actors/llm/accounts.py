@@ -7,7 +7,7 @@ the account's, not an instance's: a circuit opened by one instance's calls is op
 instance with a key of its own gets a slot of its own. The model is not part of the account: each
 chain asks the shared provider for its own instance's model (``Link.model``).
 
-``ChainPool.chain_for(settings, polite_text)`` hands out a ``ProviderChain`` per distinct provider
+``ChainPool.chain_for(settings, polite_error)`` hands out a ``ProviderChain`` per distinct provider
 order (same accounts, models and polite text: the same chain), whose links point at the pool's
 slots. The pool owns the hedged half-open probes of all of them in one nursery (``run``), sizes the
 shared bounds across every chain (chain.py ``size_bounds``) and closes every account's SDK client
@@ -86,15 +86,16 @@ class ChainPool:
         self._precedence: Precedence = {}   # across every chain: see chain.py precedence()
         self._nursery: trio.Nursery | None = None
 
-    def chain_for(self, settings: Settings, polite_text: str) -> ProviderChain:
+    def chain_for(self, settings: Settings, polite_error: str) -> ProviderChain:
         """The chain for ``settings.llm.provider_order`` on the pool's shared slots, each link asking
-        for ``settings``' own model; the same chain for the same accounts, models and polite text."""
+        for ``settings``' own model, answering ``polite_error`` when every provider fails; the same
+        chain for the same accounts, models and polite text."""
         order = settings.llm.provider_order
         links = [Link(self._slot(name, settings), model_of(name, settings)) for name in order]
-        key = (tuple((account_of(name, settings), link.model) for name, link in zip(order, links)), polite_text)
+        key = (tuple((account_of(name, settings), link.model) for name, link in zip(order, links)), polite_error)
         chain = self._chains.get(key)
         if chain is None:
-            chain = ProviderChain(links, polite_text=polite_text, sized_by=self._size_bounds,
+            chain = ProviderChain(links, polite_text=polite_error, sized_by=self._size_bounds,
                                   **chain_options(settings))
             chain.use_nursery(self._nursery)
             self._chains[key] = chain
