@@ -4,7 +4,8 @@ app.py hands ``Lifecycle.start`` and ``Lifecycle.stop`` to the web server's life
 turns SIGTERM and SIGINT into that lifespan's shutdown). Every way out of the process that is not
 an orderly stop ends it with one readable line and a non-zero status, never a traceback:
 
-- a bad setting, or settings unsafe on this process's binds (actors/exposure.py): exit 2;
+- a bad setting, a bad instances file (actors/settings/instances.py), or settings unsafe on this
+  process's binds (actors/exposure.py): exit 2;
 - a store that cannot be opened (corrupt file, a newer schema): exit STORE_EXIT_CODE;
 - the service dying of an error after start-up: /health answers 503 and the process exits
   FATAL_EXIT_CODE, so systemd's Restart= (or the manager script) brings it back.
@@ -24,7 +25,7 @@ from runtime.store import StoreError
 
 from .exposure import check_exposure, refuse_to_start, stop_hypercorn_parent
 from .service import Service
-from .settings import ConfigError, Settings, load_settings
+from .settings import ConfigError, Settings, configured_instances, load_settings
 
 FATAL_EXIT_CODE = 70   # EX_SOFTWARE: the service died of an error
 STORE_EXIT_CODE = 3
@@ -51,8 +52,11 @@ def configured_or_exit(build: Callable[[Settings], T]) -> T:
 
 
 def _shown(error: ConfigError) -> str:
-    """A ConfigError as stderr shows it: ``<VAR>: <why>`` with the reason redacted, never the name.
-    (Redacting the whole line would take ``WEBHOOK_SECRET: required …`` for a credential pair.)"""
+    """A ConfigError as stderr shows it: ``<VAR>: <why>`` (or ``<subject>: <why>``, e.g. a place in the
+    instances file) with the reason redacted, never the name. (Redacting the whole line would take
+    ``WEBHOOK_SECRET: required …`` for a credential pair.)"""
+    if error.subject is not None and error.reason is not None:
+        return f"{error.subject}: {redact(error.reason)}"
     text = str(error)
     name, sep, reason = text.partition(": ")
     if sep and name.replace("_", "").isalnum() and name.upper() == name:
@@ -74,13 +78,17 @@ class Lifecycle:
     """Starts, watches and stops one Service inside the web server's lifespan."""
 
     def __init__(self, settings: Settings, service: Service | None = None, *,
+                 instances: dict[str, Settings] | None = None,
                  exit_process: Callable[[int], None] = exit_process) -> None:
-        """Raises ConfigError when ``settings`` must not be served on this process's binds.
-        ``service`` defaults to the configured one; ``exit_process`` is called with FATAL_EXIT_CODE
-        when the service dies of an error after start-up (tests pass their own)."""
+        """Raises ConfigError when ``settings`` must not be served on this process's binds, or when
+        the instances file (actors/settings/instances.py) is wrong: before anything is served.
+        ``instances`` defaults to that file's (``{}`` without one: single-tenant); ``service`` to
+        the configured one; ``exit_process`` is called with FATAL_EXIT_CODE when the service dies
+        of an error after start-up (tests pass their own)."""
         check_exposure(settings)
         self.settings = settings
-        self.service = service if service is not None else Service(settings)
+        self.instances = instances if instances is not None else configured_instances(settings)
+        self.service = service if service is not None else Service(settings, instances=self.instances)
         self._exit_process = exit_process
 
     async def start(self, nursery: trio.Nursery) -> None:
@@ -89,7 +97,7 @@ class Lifecycle:
         logs = settings.logging
         configure_logging(
             log_dir=logs.log_dir, log_file=logs.log_file, level=logs.log_level, max_bytes=logs.log_max_bytes,
-            backup_count=logs.log_backup_count, json_lines=logs.log_json, secrets=settings.secret_values(),
+            backup_count=logs.log_backup_count, json_lines=logs.log_json, secrets=self.secret_values(),
             stderr=logs.log_stderr, names=dict.fromkeys(("actors", "runtime", "app", "__main__"), "python-agent"),
             key_field="jid",   # the actor key is the chat's JID, as the seed's lines name it
         )
@@ -101,6 +109,11 @@ class Lifecycle:
             print(f"Store error: {exc}", file=sys.stderr, flush=True)
             exit_process(STORE_EXIT_CODE)
         await nursery.start(self._run)
+
+    def secret_values(self) -> list[str]:
+        """Every secret in force, the instances' own included (the log redaction filter's list)."""
+        return [*self.settings.secret_values(),
+                *(value for instance in self.instances.values() for value in instance.secret_values())]
 
     async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the service; if it dies of an error, /health says so and the process exits non-zero."""

@@ -73,9 +73,13 @@ def make_store(settings: Settings) -> Store:
 class Service:
     """Builds and runs the whole actor system for one process."""
 
-    def __init__(self, settings: Settings, *, store: Store | None = None, chain: ProviderChain | None = None) -> None:
-        """``store`` and ``chain`` default to the configured ones (tests inject their own)."""
+    def __init__(self, settings: Settings, *, store: Store | None = None, chain: ProviderChain | None = None,
+                 instances: dict[str, Settings] | None = None) -> None:
+        """``store`` and ``chain`` default to the configured ones (tests inject their own).
+        ``instances``: each configured instance's effective settings (actors/settings/instances.py);
+        empty: single-tenant."""
         self.settings = settings
+        self.instances: dict[str, Settings] = dict(instances or {})
         self.texts = texts_for(settings.conversation.language, settings.conversation.agent_instruction)
         self.store: Store = store if store is not None else make_store(settings)
         self.ready = False

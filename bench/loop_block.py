@@ -130,7 +130,7 @@ async def big_state_turns(turns: int, tmp: Path, timer: StepTimer, *, bounded: b
     class Verbose:
         name, available = "verbose", True
 
-        async def complete(self, prompt: Prompt) -> str:
+        async def complete(self, prompt: Prompt, model: str | None = None) -> str:
             await trio.sleep(0.01)
             return "z" * 65_536
 

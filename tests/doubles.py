@@ -28,12 +28,14 @@ class ScriptedProvider:
         hook: Callable[[Prompt], Awaitable[None]] | None = None,
     ) -> None:
         self.prompts: list[Prompt] = []
+        self.models: list[str | None] = []   # the model each call asked for (None: the provider's own)
         self._answer = answer or (lambda p: f"re: {p.messages[-1].content}")
         self._latency = latency or (lambda p: 0.0)
         self._hook = hook
 
-    async def complete(self, prompt: Prompt) -> str:
+    async def complete(self, prompt: Prompt, model: str | None = None) -> str:
         self.prompts.append(prompt)
+        self.models.append(model)
         if self._hook is not None:
             await self._hook(prompt)
         delay = self._latency(prompt)

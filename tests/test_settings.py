@@ -243,3 +243,18 @@ def test_a_store_url_selects_postgresql_and_is_a_secret() -> None:
         assert s.storage.kind == "postgresql" and s.storage.postgres_url == url
         assert url in s.secret_values() and "pw-0123456789" not in repr(s)
     assert load_settings({}, dotenv_file=None).storage.kind == "sqlite"
+
+
+@pytest.mark.parametrize(("default", "value", "line"), [
+    ("max_messages = 50", "max_messages = 3.5", "MAX_MESSAGES: invalid value '3.5' (expected int)"),
+    ('agent_instruction = ""', "agent_instruction = 5", "AGENT_INSTRUCTION: invalid value '5' (expected str)"),
+])
+def test_a_toml_value_of_another_type_is_refused_not_bent(tmp_path: Path, default: str, value: str, line: str) -> None:
+    """3.5 used to become 3 and 5 the text "5" without a word (the instances file reads values the same way)."""
+    config = tmp_path / "config.toml"
+    text = (PROJECT_ROOT / "config.toml").read_text()
+    assert default in text
+    config.write_text(text.replace(default, value, 1))
+    with pytest.raises(ConfigError) as info:
+        load_settings({}, config_file=config, dotenv_file=None)
+    assert str(info.value) == line

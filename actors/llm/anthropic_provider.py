@@ -58,7 +58,7 @@ class AnthropicProvider:
     def available(self) -> bool:
         return self._client is not None
 
-    async def complete(self, prompt: Prompt) -> str:
+    async def complete(self, prompt: Prompt, model: str | None = None) -> str:
         if self._client is None:
             raise missing_key(self.name)
         messages = anthropic_messages(prompt)
@@ -67,7 +67,7 @@ class AnthropicProvider:
         extra: dict[str, Any] = {"system": prompt.system} if prompt.system else {}
         try:
             response = await self._client.messages.create(
-                model=self._model, max_tokens=self._max_tokens, messages=messages, **extra  # type: ignore[arg-type]
+                model=model or self._model, max_tokens=self._max_tokens, messages=messages, **extra  # type: ignore[arg-type]
             )
         except anthropic.AnthropicError as exc:
             raise map_anthropic_error(exc, self._timeout) from None

@@ -79,10 +79,11 @@ class Provider(Protocol):
     def available(self) -> bool:
         """False when the provider cannot be used (e.g. its API key is missing)."""
 
-    async def complete(self, prompt: Prompt) -> str:
+    async def complete(self, prompt: Prompt, model: str | None = None) -> str:
         """Answer the prompt with the model's text. Raises ProviderError on any failure.
 
-        The caller applies the timeout; the adapter must not retry on its own.
+        ``model``: this call's model (instances sharing one account may each use their own); None:
+        the provider's configured one. The caller applies the timeout; the adapter must not retry on its own.
         """
 
     async def aclose(self) -> None:

@@ -1,4 +1,4 @@
-"""The fallback supervisor: one per service, shared by every conversation actor.
+"""The fallback supervisor: one per provider order, shared by every conversation actor that uses it.
 
 Tries LLM_PROVIDER, then each LLM_PROVIDER_FALLBACK in order (never the same provider twice), then
 answers the polite error text. Per provider (a ``ProviderSlot``, slot.py) it bounds concurrent calls
@@ -23,13 +23,17 @@ is cancelled (a cancelled call is neither a failure nor a completion for the sta
 makes no circuit look better or worse). And a provider carries the bound of every earlier provider
 whose circuit is not closed (``concurrency`` x (1 + that many)): the fallback takes the rerouted load
 without queueing it behind its own slots.
+
+A chain's providers may be shared with other chains (actors/llm/accounts.py: one ``ProviderSlot``
+per provider account, whatever instance uses it): a ``Link`` brings such a slot and the model this
+chain asks it for, and the owner of the slots sizes their bounds across every chain (``size_bounds``).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from typing import Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import attrs
 import trio
@@ -39,7 +43,7 @@ from runtime.retry import RetryPolicy
 from ..settings import Settings
 from .base import ErrorKind, Prompt, Provider, ProviderError
 from .circuit import Admission
-from .slot import ProviderSlot, ProviderStatistics
+from .slot import LATENCY_WINDOW, ProviderSlot, ProviderStatistics
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +74,35 @@ class ChainStatistics:
     hedges_won: int    # of those, the ones the rest of the chain answered first
 
 
+@attrs.frozen(eq=False)
+class Link:
+    """A provider as one chain uses it: its slot, possibly shared with other chains (one per provider
+    account), and the model this chain asks it for (None: the provider's configured one)."""
+
+    slot: ProviderSlot
+    model: str | None = None
+
+
+Precedence = dict[ProviderSlot, tuple[ProviderSlot, ...]]
+
+
+def precedence(orders: Iterable[Sequence[ProviderSlot]]) -> Precedence:
+    """Each slot of ``orders``, with every distinct slot before it in any of them: those whose load
+    comes to it when their circuit is not closed."""
+    earlier: dict[ProviderSlot, dict[ProviderSlot, None]] = {}
+    for slots in orders:
+        for index, slot in enumerate(slots):
+            earlier.setdefault(slot, {}).update(dict.fromkeys(slots[:index]))
+    return {slot: tuple(before) for slot, before in earlier.items()}
+
+
+def size_bounds(precedence: Precedence) -> None:
+    """Size each slot's bound: its own slots, plus those of every slot before it (``precedence``)
+    that is configured and whose circuit is not closed."""
+    for slot, before in precedence.items():
+        slot.size_bound(1 + sum(1 for other in before if other.provider.available and not other.breaker.closed))
+
+
 @attrs.define
 class _Probe:
     """A hedged probe's outcome, for the customer waiting on it."""
@@ -88,11 +121,14 @@ class ProviderChain:
     seconds (a per-request failure, ``ProviderError.per_request``, only sends its request on),
     and so does a stall (see stall.py; ``stall_seconds`` 0 turns stall detection off). A call
     without an answer after ``hedge_factor`` x its provider's p95 is hedged (0: never).
+
+    Each of ``providers`` is a Provider, which gets a slot of its own (built from the knobs here,
+    closed by ``aclose``), or a ``Link`` to a slot its owner shares, sizes (``sized_by``) and closes.
     """
 
     def __init__(
         self,
-        providers: Sequence[Provider],
+        providers: Sequence[Provider | Link],
         *,
         polite_text: str,
         timeout: float = 20.0,
@@ -102,8 +138,9 @@ class ProviderChain:
         failure_threshold: int = 3,
         cooldown: float = 30.0,
         stall_seconds: float = 2.0,
-        latency_window: int = 512,
+        latency_window: int = LATENCY_WINDOW,
         hedge_factor: float = 2.0,
+        sized_by: Callable[[], None] | None = None,
     ) -> None:
         self._polite_text = polite_text
         self._hedge_factor = hedge_factor
@@ -113,14 +150,23 @@ class ProviderChain:
         self._rate_limit_retry = RetryPolicy(attempts=2, base=0.0, cap=math.inf, jitter=0.0,
                                              retry_after_budget=retry_after_budget)
         self._slots: list[ProviderSlot] = []
-        for provider in providers:
-            if any(slot.name == provider.name for slot in self._slots):
+        self._models: dict[ProviderSlot, str | None] = {}
+        self._owned: list[ProviderSlot] = []   # the slots built here, whose providers aclose() closes
+        for item in providers:
+            if isinstance(item, Link):
+                slot, model = item.slot, item.model
+            else:
+                slot, model = ProviderSlot(item, concurrency=concurrency, threshold=max(1, failure_threshold),
+                                           cooldown=cooldown, latency_window=latency_window,
+                                           stall_seconds=stall_seconds, timeout=timeout), None
+            if any(s.provider.name == slot.provider.name for s in self._slots):
                 continue  # never the same provider twice
-            self._slots.append(
-                ProviderSlot(provider, concurrency=concurrency, threshold=max(1, failure_threshold),
-                             cooldown=cooldown, latency_window=latency_window, stall_seconds=stall_seconds,
-                             timeout=timeout)
-            )
+            if not isinstance(item, Link):
+                self._owned.append(slot)
+            self._slots.append(slot)
+            self._models[slot] = model
+        own = precedence([self._slots])
+        self._size_bounds = sized_by or (lambda: size_bounds(own))
         self._asks = self._fallbacks_used = self._polite_answers = self._deadline_exceeded = 0
         self._hedges = self._hedges_won = 0
         self._nursery: trio.Nursery | None = None   # while run() runs: where hedged probes go on
@@ -132,15 +178,25 @@ class ProviderChain:
         else:
             log.info("LLM providers in order: %s", ", ".join(slot.name for slot in self._slots))
 
+    @property
+    def slots(self) -> tuple[ProviderSlot, ...]:
+        """The providers in order, as their slots."""
+        return tuple(self._slots)
+
+    def use_nursery(self, nursery: trio.Nursery | None) -> None:
+        """Where hedged half-open probes go on (None: in the customer's task). ``run`` sets its own;
+        a ChainPool sets its one nursery for all its chains."""
+        self._nursery = nursery
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the hedged half-open probes (see the module docstring) until cancelled."""
         async with trio.open_nursery() as nursery:
-            self._nursery = nursery
+            self.use_nursery(nursery)
             task_status.started()
             try:
                 await trio.sleep_forever()
             finally:
-                self._nursery = None
+                self.use_nursery(None)
 
     async def ask(self, prompt: Prompt) -> Answer:
         """The first successful provider's text, or the polite text when all fail or the turn runs out."""
@@ -189,15 +245,6 @@ class ProviderChain:
         if index > 0:
             log.info("✅ Respuesta exitosa con proveedor de respaldo: %s", slot.name)
         return Answer(text=text, provider=slot.name, fallback_used=index > 0)
-
-    def _size_bounds(self) -> None:
-        """Each provider's bound: its own slots plus those of every earlier provider whose circuit is
-        not closed, whose load comes to it."""
-        carried = 0
-        for slot in self._slots:
-            slot.size_bound(1 + carried)
-            if slot.provider.available and not slot.breaker.closed:
-                carried += 1
 
     def _hedge_after(self, slot: ProviderSlot) -> float | None:
         """Seconds after which a call to ``slot`` is hedged: hedge_factor x its typical latency, the
@@ -302,7 +349,7 @@ class ProviderChain:
                     completed = True   # unless cancelled: by a stall, a won hedge or the turn deadline
                     try:
                         with trio.fail_after(timeout):
-                            text = await slot.provider.complete(prompt)
+                            text = await slot.provider.complete(prompt, model=self._models[slot])
                     except trio.Cancelled:
                         completed = False
                         raise
@@ -345,28 +392,32 @@ class ProviderChain:
         )
 
     async def aclose(self) -> None:
-        """Close every provider's SDK client (one failing to close does not stop the others)."""
-        for slot in self._slots:
-            try:
-                await slot.provider.aclose()
-            except Exception as exc:
-                log.warning("Closing LLM provider %s failed (%s)", slot.name, type(exc).__name__)
+        """Close the SDK client of every provider this chain built (shared ones are their owner's)."""
+        await close_providers(self._owned)
+
+
+async def close_providers(slots: Iterable[ProviderSlot]) -> None:
+    """Close each slot's provider (one failing to close does not stop the others)."""
+    for slot in slots:
+        try:
+            await slot.provider.aclose()
+        except Exception as exc:
+            log.warning("Closing LLM provider %s failed (%s)", slot.name, type(exc).__name__)
+
+
+def chain_options(settings: Settings) -> dict[str, Any]:
+    """A chain's knobs from the settings (all process-wide: the same for every instance)."""
+    llm = settings.llm
+    return dict(timeout=llm.llm_timeout, turn_deadline=llm.turn_deadline_seconds, concurrency=llm.llm_concurrency,
+                retry_after_budget=llm.llm_retry_after_budget, failure_threshold=llm.circuit_failure_threshold,
+                cooldown=llm.circuit_cooldown_seconds, stall_seconds=llm.circuit_stall_seconds,
+                hedge_factor=llm.llm_hedge_factor)
 
 
 def build_chain(settings: Settings, polite_text: str) -> ProviderChain:
-    """The supervisor for ``settings.llm.provider_order``, with every knob from the settings."""
+    """The supervisor for ``settings.llm.provider_order`` with providers of its own (a single-tenant
+    service; several instances share their accounts' providers through actors/llm/accounts.py)."""
     from .providers import build_provider
 
     providers = [build_provider(name, settings) for name in settings.llm.provider_order]
-    return ProviderChain(
-        providers,
-        polite_text=polite_text,
-        timeout=settings.llm.llm_timeout,
-        turn_deadline=settings.llm.turn_deadline_seconds,
-        concurrency=settings.llm.llm_concurrency,
-        retry_after_budget=settings.llm.llm_retry_after_budget,
-        failure_threshold=settings.llm.circuit_failure_threshold,
-        cooldown=settings.llm.circuit_cooldown_seconds,
-        stall_seconds=settings.llm.circuit_stall_seconds,
-        hedge_factor=settings.llm.llm_hedge_factor,
-    )
+    return ProviderChain(providers, polite_text=polite_text, **chain_options(settings))

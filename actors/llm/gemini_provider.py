@@ -107,7 +107,7 @@ class GeminiProvider:
     def available(self) -> bool:
         return self._client is not None
 
-    async def complete(self, prompt: Prompt) -> str:
+    async def complete(self, prompt: Prompt, model: str | None = None) -> str:
         if self._client is None:
             raise missing_key(self.name)
         contents = gemini_contents(prompt)
@@ -118,7 +118,7 @@ class GeminiProvider:
         )
         try:
             response = await self._client.aio.models.generate_content(
-                model=self._model, contents=contents, config=config  # type: ignore[arg-type]
+                model=model or self._model, contents=contents, config=config  # type: ignore[arg-type]
             )
         except (genai_errors.APIError, httpx2.HTTPError) as exc:
             raise map_gemini_error(exc, self._timeout) from None

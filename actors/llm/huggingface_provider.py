@@ -49,12 +49,12 @@ class HuggingFaceProvider:
     def available(self) -> bool:
         return self._client is not None
 
-    async def complete(self, prompt: Prompt) -> str:
+    async def complete(self, prompt: Prompt, model: str | None = None) -> str:
         if self._client is None:
             raise missing_key(self.name)
         try:
             response = await self._client.chat_completion(
-                chat_messages(prompt), model=self._model, max_tokens=self._max_tokens
+                chat_messages(prompt), model=model or self._model, max_tokens=self._max_tokens
             )
         except httpx2.HTTPError as exc:  # HfHubHTTPError and InferenceTimeoutError derive from it
             raise map_huggingface_error(exc, self._timeout) from None

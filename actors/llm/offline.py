@@ -33,7 +33,7 @@ class OfflineProvider:
     name = "offline"
     available = True
 
-    async def complete(self, prompt: Prompt) -> str:
+    async def complete(self, prompt: Prompt, model: str | None = None) -> str:
         last = prompt.messages[-1].content if prompt.messages else ""
         folded = _fold(last)
         booking = _BOOKING_WORDS.search(folded)

@@ -78,10 +78,10 @@ class OpenAIProvider:
     def available(self) -> bool:
         return self._client is not None
 
-    async def complete(self, prompt: Prompt) -> str:
+    async def complete(self, prompt: Prompt, model: str | None = None) -> str:
         if self._client is None:
             raise missing_key(self.name)
-        body: dict[str, Any] = {"model": self._model, "messages": chat_messages(prompt),
+        body: dict[str, Any] = {"model": model or self._model, "messages": chat_messages(prompt),
                                 self._tokens_field: self._max_tokens}
         try:
             # The SDK's own request path (transport, bearer auth, error classes, ChatCompletion model),

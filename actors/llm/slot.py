@@ -19,6 +19,7 @@ from .latency import LatencyStats
 from .stall import StallDetector
 
 log = logging.getLogger(__name__)
+LATENCY_WINDOW = 512   # recent successful calls the latency percentiles are taken over
 
 
 @attrs.frozen
@@ -46,15 +47,19 @@ class ProviderStatistics:
 
 
 class ProviderSlot:
-    """A provider with its limiter, circuit breaker, stall detector, latencies and counters."""
+    """A provider with its limiter, circuit breaker, stall detector, latencies and counters.
+
+    One per provider account (actors/llm/accounts.py): every chain on that account shares it.
+    ``name`` is what logs and statistics call it (default: the provider's name)."""
 
     def __init__(self, provider: Provider, *, concurrency: int, threshold: int, cooldown: float,
-                 latency_window: int, stall_seconds: float, timeout: float) -> None:
+                 latency_window: int = LATENCY_WINDOW, stall_seconds: float, timeout: float,
+                 name: str | None = None) -> None:
         self.provider = provider
-        self.name = provider.name
+        self.name = name or provider.name
         self.concurrency = concurrency
         self.limiter = trio.CapacityLimiter(concurrency)
-        self.breaker = CircuitBreaker(provider.name, threshold=threshold, cooldown=cooldown)
+        self.breaker = CircuitBreaker(self.name, threshold=threshold, cooldown=cooldown)
         self.latencies = LatencyStats(latency_window)
         self.stall = StallDetector(self.latencies, threshold=threshold, floor=stall_seconds, timeout=timeout)
         self.calls = 0

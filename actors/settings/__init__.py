@@ -4,9 +4,11 @@
   :class:`Settings`; which are secret, which an instance may override.
 - ``fields.py``: how a setting is declared and checked (:class:`ConfigError`, one line naming the variable).
 - ``loading.py``: reading ``config.toml``, ``.env`` and the environment into :class:`Settings`.
+- ``instances.py``: the instances file: each Evolution instance's own :class:`Settings`.
 """
 
 from .fields import ConfigError
+from .instances import configured_instances, instances_path, load_instances
 from .loading import DEFAULT_CONFIG_FILE, PROJECT_ROOT, load_settings, read_dotenv
 from .sections import (PROVIDERS, SECTIONS, ConversationSettings, CRMSettings, LLMSettings, LoggingSettings,
                        OutboundSettings, SecuritySettings, ServerSettings, Settings, StorageSettings,
@@ -14,6 +16,7 @@ from .sections import (PROVIDERS, SECTIONS, ConversationSettings, CRMSettings, L
 
 __all__ = [
     "ConfigError", "DEFAULT_CONFIG_FILE", "PROJECT_ROOT", "load_settings", "read_dotenv", "PROVIDERS",
+    "configured_instances", "instances_path", "load_instances",
     "SECTIONS", "ConversationSettings", "CRMSettings", "LLMSettings", "LoggingSettings", "OutboundSettings",
     "SecuritySettings", "ServerSettings", "Settings", "StorageSettings", "setting_fields",
 ]

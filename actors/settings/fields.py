@@ -17,7 +17,15 @@ Check = Callable[[Any, "attrs.Attribute[Any]", Any], None]
 
 
 class ConfigError(Exception):
-    """A setting is missing or malformed; the message names the variable and is one line."""
+    """A setting is missing or malformed; the message names the variable and is one line.
+
+    ``subject`` (when given) is what the message names before its reason, e.g. a place in the instances
+    file (``INSTANCES_FILE [instances."acme-bot"].max_messages``): shown as written, never redacted."""
+
+    def __init__(self, message: str, *, subject: str | None = None) -> None:
+        super().__init__(f"{subject}: {message}" if subject is not None else message)
+        self.subject = subject
+        self.reason = message if subject is not None else None
 
 
 def setting(check: Check, *, per_instance: bool = False, lower: bool = False) -> Any:

@@ -47,15 +47,18 @@ def read_dotenv(path: Path) -> dict[str, str]:
     return values
 
 
-def _convert(name: str, kind: Any, raw: Any) -> Any:
-    """``raw`` (text from the environment, or a TOML value) as the field's type ``kind``."""
+def convert(name: str, kind: Any, raw: Any) -> Any:
+    """``raw`` (text from the environment, or a TOML value) as the field's type ``kind``. A TOML value
+    of another type is refused rather than bent: ``3.5`` is no int, ``5`` no text."""
     env_name = name.upper()
     text = raw if isinstance(raw, str) else None
     try:
         if kind == "str":
-            return str(raw)
+            if text is None:
+                raise ValueError
+            return text
         if kind == "int":
-            if isinstance(raw, bool):
+            if isinstance(raw, bool) or isinstance(raw, float) and not raw.is_integer():
                 raise ValueError
             return int(text.strip()) if text is not None else int(raw)
         if kind == "float":
@@ -144,6 +147,6 @@ def load_settings(
                 continue
             else:
                 raise ConfigError(f"{env_name}: missing (no default in {config_file.name})")
-            values[f.name] = _convert(f.name, f.type, raw)
+            values[f.name] = convert(f.name, f.type, raw)
         sections[section] = cls(**values)
     return Settings(**sections)

@@ -179,11 +179,13 @@ class LLMSettings:
 
 @attrs.frozen(kw_only=True)
 class OutboundSettings:
-    """The Evolution API server, the instance this deployment names, and how replies are paced and retried."""
+    """The Evolution API server, the instances this deployment names, and how replies are paced and retried."""
 
     evolution_api_url: str = setting(url())   # empty: replies go to the in-process outbox
     evolution_instance: str = setting(text())
     evolution_instance_id: str = setting(text())
+    # the per-instance settings file (actors/settings/instances.py); empty: instances.toml beside config.toml, if any
+    instances_file: str = setting(text())
     outbound_min_gap_seconds: float = setting(number(), per_instance=True)
     outbound_rate_per_instance: float = setting(number(), per_instance=True)
     outbound_max_attempts: int = setting(integer(1))
