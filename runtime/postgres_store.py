@@ -43,8 +43,9 @@ from urllib.parse import urlsplit
 
 import trio
 
-from .store import (DEAD_LETTERS_KEPT, EXPIRE_BATCH, Cursor, DeadLetterRow, InboxRow, MetaPage, MetaRow, OutboxRow,
-                    StateMeta, StoreError)
+from .shards import Lease, LeaseRow
+from .store import (DEAD_LETTERS_KEPT, EXPIRE_BATCH, Cursor, DeadLetterRow, Fenced, InboxRow, MetaPage, MetaRow,
+                    OutboxRow, StateMeta, StoreError)
 
 T = TypeVar("T")
 Mode = Literal["statement", "batch", "transaction"]
@@ -71,7 +72,23 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         " payload TEXT NOT NULL, reason TEXT NOT NULL, at DOUBLE PRECISION NOT NULL)",
     ),
 }
+MIGRATIONS[2] = (   # shard ownership (runtime/shards.py): leases, node heartbeats, the fence
+    "CREATE TABLE agent_config (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "CREATE TABLE agent_shards (shard INTEGER PRIMARY KEY, owner TEXT, epoch BIGINT NOT NULL DEFAULT 0,"
+    " expires_at DOUBLE PRECISION NOT NULL DEFAULT 0)",
+    "CREATE TABLE agent_nodes (node TEXT PRIMARY KEY, seen_at DOUBLE PRECISION NOT NULL)",
+    # A turn's writes are fenced by its first statement: it locks the shard's row (FOR SHARE, so a
+    # takeover waits for the turn to commit) and fails the transaction unless this owner's epoch
+    # still holds it.
+    "CREATE FUNCTION agent_fence(p_owner TEXT, p_shard INTEGER, p_epoch BIGINT) RETURNS void"
+    " LANGUAGE plpgsql AS $$ BEGIN"
+    " PERFORM 1 FROM agent_shards WHERE shard = p_shard AND epoch = p_epoch AND owner = p_owner FOR SHARE;"
+    " IF NOT FOUND THEN RAISE EXCEPTION 'shard % lease lost (epoch %)', p_shard, p_epoch"
+    " USING ERRCODE = 'AG001'; END IF; END $$",
+)
 SCHEMA_VERSION = len(MIGRATIONS)
+FENCED = "AG001"   # the SQLSTATE agent_fence raises
+_NOW = "extract(epoch FROM clock_timestamp())"   # the store's clock: one for every machine
 MIGRATION_LOCK = 0x6167656E74   # pg_advisory_xact_lock key held while migrating ("agent")
 OWNER_LOCK = 0x6167656E75       # pg_try_advisory_lock key held by the one process using the database
 HOUSEKEEPING_INTERVAL = 60.0
@@ -121,8 +138,10 @@ class PostgresStore:
         dedupe_ttl: float = 86400.0,
         clock: Callable[[], float] = time.time,
         exclusive: bool = True,
+        shards: int = 1024,
     ) -> None:
         self._url = url
+        self.shards = shards
         self._exclusive = exclusive
         self._owner: Any = None   # the connection holding OWNER_LOCK
         self.name = describe_url(url)
@@ -139,7 +158,8 @@ class PostgresStore:
 
     def _error(self, exc: BaseException) -> StoreError:
         first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
-        return StoreError(f"{self.name}: {first[:300]}")
+        kind = Fenced if getattr(exc, "sqlstate", None) == FENCED else StoreError
+        return kind(f"{self.name}: {first[:300]}")
 
     async def _run(self, fn: Callable[[Any], T], *, mode: Mode = "transaction") -> T:
         """Run ``fn(conn)`` on a pooled (autocommit) connection in a worker thread, as ``mode`` says:
@@ -240,6 +260,13 @@ class PostgresStore:
                 for statement in MIGRATIONS[target]:
                     conn.execute(statement)
                 conn.execute("UPDATE agent_schema_version SET version = %s", (target,))
+            row = conn.execute("SELECT value FROM agent_config WHERE name = 'shards'").fetchone()
+            if row is None:   # a new database: its shard count is fixed from now on
+                conn.execute("INSERT INTO agent_config VALUES ('shards', %s)", (str(self.shards),))
+                conn.execute("INSERT INTO agent_shards (shard) SELECT generate_series(0, %s - 1)", (self.shards,))
+            elif int(row[0]) != self.shards:
+                raise StoreError(f"{self.name}: SHARDS={self.shards} but this database was created with {row[0]}"
+                                 " (the shard count is fixed for the life of a database)")
 
     async def close(self) -> None:
         """Close the pool; operations already running finish first (no cancellation interrupts it)."""
@@ -292,16 +319,21 @@ class PostgresStore:
         *,
         acked: Sequence[int] = (),
         outbox: Sequence[tuple[str, dict[str, Any]]] = (),
+        fence: tuple[str, Lease] | None = None,
     ) -> list[int]:
         """Atomically replace the state and meta, ack the inbox rows ``acked`` and add ``outbox``
-        rows (one round trip: pipeline mode); the new outbox ids. The meta row is written first, as
-        ``expire`` deletes it first: both lock a key's rows in the same order (no deadlock)."""
+        rows (one round trip: pipeline mode); the new outbox ids. With ``fence`` (owner, lease),
+        only while that owner still holds the key's shard under that epoch, else ``Fenced`` and
+        nothing is written. The meta row is written first, as ``expire`` deletes it first: both
+        lock a key's rows in the same order (no deadlock)."""
         meta_row = (key, meta.last_activity, meta.size, meta.title, meta.preview, meta.status, meta.status_until,
                     meta.status_after, meta.scope, _search_text(key, meta.title))
         acks = [int(seq) for seq in acked]
         jobs = [(kind, _dumps(payload)) for kind, payload in outbox]
 
         def op(conn: Any) -> AfterCommit:
+            if fence is not None:
+                conn.execute("SELECT agent_fence(%s, %s, %s)", (fence[0], fence[1].shard, fence[1].epoch))
             conn.execute(f"INSERT INTO agent_meta (key, {_META_COLUMNS}, search)"
                          " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (key) DO UPDATE SET"
                          " last_activity = excluded.last_activity, size = excluded.size, title = excluded.title,"
@@ -465,3 +497,72 @@ class PostgresStore:
             return MetaPage(found, int(total), scopes)
 
         return await self._run(op, mode="statement")   # reads only: no transaction needed
+
+    # -- shard leases (runtime.shards.LeaseStore) --------------------------------------------------
+
+    async def heartbeat(self, node: str, ttl: float) -> list[str]:
+        """Record that ``node`` is alive; the live nodes (seen within ``ttl`` seconds), sorted.
+        Nodes silent for ten times that are forgotten."""
+
+        def op(conn: Any) -> AfterCommit:
+            conn.execute(f"INSERT INTO agent_nodes (node, seen_at) VALUES (%s, {_NOW})"
+                         " ON CONFLICT (node) DO UPDATE SET seen_at = excluded.seen_at", (node,))
+            conn.execute(f"DELETE FROM agent_nodes WHERE seen_at < {_NOW} - %s", (10 * ttl,))
+            live = conn.execute(f"SELECT node FROM agent_nodes WHERE seen_at >= {_NOW} - %s ORDER BY node", (ttl,))
+            return AfterCommit(lambda: [name for (name,) in live.fetchall()])
+
+        return await self._run(op, mode="batch")
+
+    async def acquire(self, node: str, shards: Sequence[int], lease_seconds: float, limit: int) -> list[Lease]:
+        """Take up to ``limit`` of ``shards`` that are free or expired, lowest first (epoch + 1);
+        rows another node is taking at the same moment are skipped, never waited for."""
+
+        def op(conn: Any) -> list[Lease]:
+            rows = conn.execute(
+                f"UPDATE agent_shards SET owner = %(node)s, epoch = epoch + 1, expires_at = {_NOW} + %(lease)s"
+                " WHERE shard IN (SELECT shard FROM agent_shards WHERE shard = ANY(%(wanted)s)"
+                f" AND (owner IS NULL OR expires_at < {_NOW}) ORDER BY shard LIMIT %(limit)s"
+                " FOR UPDATE SKIP LOCKED) RETURNING shard, epoch",
+                {"node": node, "lease": lease_seconds, "wanted": list(shards), "limit": limit}).fetchall()
+            return sorted(Lease(int(shard), int(epoch)) for shard, epoch in rows)
+
+        return await self._run(op, mode="statement")
+
+    async def renew(self, node: str, leases: Sequence[Lease], lease_seconds: float) -> list[Lease]:
+        """Extend the leases ``node`` still holds under their epochs; the ones renewed."""
+        if not leases:
+            return []
+
+        def op(conn: Any) -> list[Lease]:
+            rows = conn.execute(
+                f"UPDATE agent_shards s SET expires_at = {_NOW} + %s FROM unnest(%s::int[], %s::bigint[])"
+                " AS l(shard, epoch) WHERE s.shard = l.shard AND s.epoch = l.epoch AND s.owner = %s"
+                " RETURNING s.shard, s.epoch",
+                (lease_seconds, [x.shard for x in leases], [x.epoch for x in leases], node)).fetchall()
+            return sorted(Lease(int(shard), int(epoch)) for shard, epoch in rows)
+
+        return await self._run(op, mode="statement")
+
+    async def release(self, node: str, leases: Sequence[Lease]) -> None:
+        """Free the leases ``node`` still holds under their epochs, for any node to take at once."""
+        if not leases:
+            return
+        await self._run(lambda conn: conn.execute(
+            "UPDATE agent_shards s SET owner = NULL, expires_at = 0 FROM unnest(%s::int[], %s::bigint[])"
+            " AS l(shard, epoch) WHERE s.shard = l.shard AND s.epoch = l.epoch AND s.owner = %s",
+            ([x.shard for x in leases], [x.epoch for x in leases], node)), mode="statement")
+
+    async def leave(self, node: str) -> None:
+        """Forget ``node``'s heartbeat (it is going away): the others' fair shares grow at once."""
+        await self._run(lambda conn: conn.execute("DELETE FROM agent_nodes WHERE node = %s", (node,)),
+                        mode="statement")
+
+    async def lease_rows(self) -> list[LeaseRow]:
+        """Every shard's lease, by shard."""
+
+        def op(conn: Any) -> list[LeaseRow]:
+            rows = conn.execute(f"SELECT shard, owner, epoch, expires_at - {_NOW} FROM agent_shards"
+                                " ORDER BY shard").fetchall()
+            return [LeaseRow(int(s), owner, int(epoch), float(left)) for s, owner, epoch, left in rows]
+
+        return await self._run(op, mode="statement")

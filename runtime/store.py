@@ -233,3 +233,7 @@ DEAD_LETTERS_KEPT = 1000   # the newest dead letters ``Store.bury`` keeps
 
 class StoreError(Exception):
     """The store cannot do what was asked (corrupt, locked, newer schema, closed); one line."""
+
+
+class Fenced(StoreError):
+    """A fenced write was refused: this process no longer holds the key's shard (runtime/shards.py)."""

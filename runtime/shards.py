@@ -1,0 +1,223 @@
+"""Shard ownership by leases: which process runs the actors of which keys, when several processes
+(on one or several machines) share one store.
+
+The keyspace is cut into a fixed number of shards (``shard_of``: a hash that is the same in every
+process, unlike Python's salted ``hash``). A process owns a shard through a lease row
+``(shard, owner, epoch, expires_at)`` in the shared store:
+
+- it *acquires* a shard only when the row is free or expired, raising its epoch by one;
+- it *renews* its leases every ``lease_seconds / 3``; a lease it fails to renew (taken over, or
+  the store unreachable for longer than the lease) is *lost* at once, and the shard's actors are
+  stopped (``on_lost``);
+- every write of a shard's state is *fenced*: done only if the row still holds this owner and
+  epoch, checked under a row lock in the writing transaction, so a process that lost a lease
+  (paused, partitioned) can no longer write, whatever it believes;
+- it aims at its fair share of the shards among the live processes (heartbeats in the store):
+  it acquires free and expired ones up to its share and hands back its excess gracefully
+  (``on_release`` lets the shard's work in flight finish first), so a joining process gets
+  shards without waiting for anyone to die, and a dead one's shards are taken after its leases
+  expire.
+
+Time: expiry is judged by the store's clock (one clock for every machine); a process judges its
+own deadline by its monotonic clock from the moment it *sent* the renewal, so it always gives a
+lease up before the store could hand it to another process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from typing import Awaitable, Callable, Protocol, Sequence
+
+import attrs
+import trio
+
+from .store import StoreError
+
+log = logging.getLogger(__name__)
+
+
+def shard_of(key: str, shards: int) -> int:
+    """The shard of ``key``: stable across processes, machines and Python versions."""
+    digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % shards
+
+
+@attrs.frozen(order=True)
+class Lease:
+    """A shard this process owns, under the epoch its writes are fenced with."""
+
+    shard: int
+    epoch: int
+
+
+@attrs.frozen
+class LeaseRow:
+    """One shard's lease as the store holds it (for admin views)."""
+
+    shard: int
+    owner: str | None
+    epoch: int
+    expires_in: float
+
+
+class LeaseStore(Protocol):
+    """What the shared store offers for leases (``runtime.postgres_store.PostgresStore``)."""
+
+    async def heartbeat(self, node: str, ttl: float) -> list[str]:
+        """Record that ``node`` is alive; the live nodes (heartbeat within ``ttl``), sorted."""
+
+    async def acquire(self, node: str, shards: Sequence[int], lease_seconds: float, limit: int) -> list[Lease]:
+        """Take up to ``limit`` of ``shards`` that are free or expired (epoch + 1)."""
+
+    async def renew(self, node: str, leases: Sequence[Lease], lease_seconds: float) -> list[Lease]:
+        """Extend the leases still held under their epoch; the ones renewed."""
+
+    async def release(self, node: str, leases: Sequence[Lease]) -> None:
+        """Give leases back (free at once for others)."""
+
+    async def leave(self, node: str) -> None:
+        """Remove ``node``'s heartbeat (it is going away)."""
+
+    async def lease_rows(self) -> list[LeaseRow]:
+        """Every shard's lease."""
+
+
+def fair_share(node: str, live: Sequence[str], shards: int) -> int:
+    """How many shards ``node`` should own: an even split among the live nodes, the first
+    ``shards % len(live)`` nodes (in sorted order) taking one more."""
+    nodes = sorted(set(live) | {node})
+    base, extra = divmod(shards, len(nodes))
+    return base + (1 if nodes.index(node) < extra else 0)
+
+
+class ShardOwner:
+    """Keeps this process's fair share of shards (see the module docstring).
+
+    ``on_gained(shards)`` runs once a shard is owned (load its pending work); ``on_lost(shards)`` as
+    soon as one is lost (stop its actors at once, nothing more may be written); ``on_release(shards)``
+    before an excess shard is handed back (finish its work in flight), after which the lease is
+    released. Callbacks run in this task, one at a time.
+    """
+
+    def __init__(
+        self,
+        store: LeaseStore,
+        node: str,
+        *,
+        shards: int,
+        lease_seconds: float = 15.0,
+        on_gained: Callable[[list[int]], Awaitable[None]],
+        on_lost: Callable[[list[int]], Awaitable[None]],
+        on_release: Callable[[list[int]], Awaitable[None]],
+        max_acquire: int | None = None,
+    ) -> None:
+        self.store = store
+        self.node = node
+        self.shards = shards
+        self.lease_seconds = lease_seconds
+        self._on_gained, self._on_lost, self._on_release = on_gained, on_lost, on_release
+        self.max_acquire = max_acquire if max_acquire is not None else max(1, math.ceil(shards / 4))
+        self.owned: dict[int, int] = {}   # shard -> epoch
+        self._deadline = -math.inf        # trio time after which our leases may be someone else's
+        self.live: list[str] = []
+        self._stopping = False
+
+    # -- what the rest of the process asks -----------------------------------------------------
+
+    def fence(self, key: str) -> Lease | None:
+        """The lease a write of ``key`` must be fenced with, or None when this process does not
+        own its shard (or its leases may have run out)."""
+        shard = shard_of(key, self.shards)
+        epoch = self.owned.get(shard)
+        if epoch is None or trio.current_time() >= self._deadline:
+            return None
+        return Lease(shard, epoch)
+
+    def owns(self, key: str) -> bool:
+        return self.fence(key) is not None
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    @property
+    def interval(self) -> float:
+        return self.lease_seconds / 3
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Balance once (so a lone process owns its shards before it serves), then every
+        ``lease_seconds / 3`` until cancelled or ``leave`` is called."""
+        await self.step()
+        task_status.started()
+        while not self._stopping:
+            await trio.sleep(self.interval)
+            if not self._stopping:
+                await self.step()
+
+    async def step(self) -> None:
+        """One round: heartbeat, renew, drop what was lost, then acquire or hand back toward the
+        fair share. A store error keeps what is owned until the local deadline passes."""
+        sent = trio.current_time()
+        try:
+            self.live = await self.store.heartbeat(self.node, self.lease_seconds)
+            renewed = await self.store.renew(self.node, [Lease(s, e) for s, e in self.owned.items()],
+                                             self.lease_seconds)
+        except StoreError as exc:
+            log.warning("Shards: renewal failed (%s); %d shards kept until their leases run out",
+                        exc, len(self.owned))
+            await self._expire_if_past_deadline()
+            return
+        self._deadline = sent + self.lease_seconds * 0.9   # a margin for the store's clock step
+        kept = {lease.shard: lease.epoch for lease in renewed}
+        lost = sorted(set(self.owned) - set(kept))
+        self.owned = kept
+        if lost:
+            log.warning("Shards: %d leases lost (taken over): %s", len(lost), _span(lost))
+            await self._on_lost(lost)
+        await self._balance()
+
+    async def _expire_if_past_deadline(self) -> None:
+        if self.owned and trio.current_time() >= self._deadline:
+            lost = sorted(self.owned)
+            self.owned = {}
+            log.warning("Shards: leases ran out without renewal; %d shards dropped", len(lost))
+            await self._on_lost(lost)
+
+    async def _balance(self) -> None:
+        target = fair_share(self.node, self.live, self.shards)
+        if len(self.owned) < target:
+            wanted = [s for s in range(self.shards) if s not in self.owned]
+            gained = await self.store.acquire(self.node, wanted, self.lease_seconds,
+                                              min(target - len(self.owned), self.max_acquire))
+            if gained:
+                self.owned.update({lease.shard: lease.epoch for lease in gained})
+                log.info("Shards: acquired %d (%s), own %d of %d (fair share %d among %d nodes)",
+                         len(gained), _span(sorted(g.shard for g in gained)), len(self.owned), self.shards,
+                         target, len(self.live) or 1)
+                await self._on_gained(sorted(lease.shard for lease in gained))
+        elif len(self.owned) > target:
+            excess = sorted(self.owned)[target:]
+            await self.hand_back(excess)
+
+    async def hand_back(self, shards: Sequence[int]) -> None:
+        """Finish the shards' work (``on_release``), then release their leases."""
+        shards = [s for s in shards if s in self.owned]
+        if not shards:
+            return
+        await self._on_release(list(shards))
+        leases = [Lease(s, self.owned.pop(s)) for s in shards]
+        await self.store.release(self.node, leases)
+        log.info("Shards: handed back %d (%s), own %d", len(leases), _span(shards), len(self.owned))
+
+    async def leave(self) -> None:
+        """Hand every shard back and remove this node's heartbeat (SIGTERM, after the drain)."""
+        self._stopping = True
+        await self.hand_back(sorted(self.owned))
+        await self.store.leave(self.node)
+
+
+def _span(shards: Sequence[int]) -> str:
+    """A short text for a list of shards in logs."""
+    if len(shards) <= 6:
+        return ", ".join(map(str, shards))
+    return f"{shards[0]}…{shards[-1]}"
