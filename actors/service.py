@@ -412,7 +412,7 @@ class Service:
         """Like ``control``, returning the order: ``done`` once handled within ``wait`` seconds,
         ``applied`` unless the chat's actor was stopped (then it was answered, not carried out)."""
         assert self.registry is not None
-        if "/" not in key:
+        if ConversationKey.parse(key).instance == "":
             key = await self.resolve(key) or ConversationKey(self.tenants.default_instance, key).key
         order = Control(command, value)
         self.registry.deliver(self._aliases.get(key, key), order)
@@ -529,7 +529,13 @@ class Service:
         return ConversationKey(instances[0], jid).key if instances else None
 
     async def conversation_state(self, key: str) -> tuple[dict[str, Any], bool] | None:
-        """(state dict, live) for a conversation key: from its live actor, else from the store."""
+        """(state dict, live) for a conversation key (or a JID known in one instance only, see
+        ``resolve``): from its live actor, else from the store."""
+        if ConversationKey.parse(key).instance == "":
+            found = await self.resolve(key)
+            if found is None:
+                return None
+            key = found
         registry = self.registry
         if registry is not None and key in registry:
             actor = registry.actor(key)
@@ -540,7 +546,9 @@ class Service:
 
     async def conversation(self, key: str) -> ConversationView | None:
         """A conversation (None when there is none), with the registry's facts about its actor
-        when it is live. ``key``: a conversation key."""
+        when it is live. ``key``: a conversation key (or a JID known in one instance only)."""
+        if ConversationKey.parse(key).instance == "" and (resolved := await self.resolve(key)) is not None:
+            key = resolved
         found = await self.conversation_state(key)
         if found is None:
             return None
