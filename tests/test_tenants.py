@@ -327,3 +327,64 @@ async def _wait_http(condition: Any, timeout: float = 20.0) -> None:
     with trio.fail_after(timeout):
         while not condition():
             await trio.sleep(0.02)
+
+
+# -- load ------------------------------------------------------------------------------------------
+
+@pytest.mark.slow   # 16 s measured on the shared 2-core machine (load 4.6); 30 s once under more load
+async def test_twenty_instances_each_reply_once_to_its_own_instance_in_order(tmp_path: Path) -> None:
+    """20 instances × 25 chats (the same 25 customers in every instance) × 4 messages, posted at once:
+    every reply exactly once, through its own instance with its own key, with its own system
+    prompt, in per-chat order."""
+    from tests.conftest import chain_of
+    from tests.doubles import ScriptedProvider
+
+    names = [f"shop-{i:02d}" for i in range(20)]
+    jids = [f"54911{j:08d}@s.whatsapp.net" for j in range(25)]
+    keys = {name: f"key-{name}" for name in names}
+    evolution = FakeEvolution(api_key="global-key", instances=set(names), instance_keys=keys)
+    provider = ScriptedProvider(lambda p: f"{p.system}|{p.messages[-1].content}", latency=lambda p: 0.01)
+    async with running_server(evolution) as evo_url:
+        # a generous HTTP timeout: on a loaded machine a slow send must not be retried into a duplicate
+        common = {"EVOLUTION_API_URL": evo_url, "EVOLUTION_API_KEY": "global-key", "STORE": "sqlite",
+                  "HTTP_TIMEOUT": "60"}
+        base = make_settings(tmp_path, **common)
+        instances = {name: make_settings(tmp_path, **{**common, "AGENT_INSTRUCTION": f"prompt of {name}",
+                                                      "EVOLUTION_API_KEY": keys[name]}) for name in names}
+        service = Service(base, instances=instances, chain=chain_of(base, provider))
+        app = create_app(base, service)
+        app.test_client_class = LoopbackClient
+        async with app.test_app() as test_app:
+            client = test_app.test_client()
+            statuses: list[int] = []
+
+            async def chat(name: str, jid: str) -> None:
+                for n in range(4):   # one chat's messages in order, every chat at once
+                    payload = webhook(f"{name}:{jid}:m{n}", name, jid=jid, timestamp=1769000000 + n)
+                    statuses.append((await client.post("/webhook", json=payload)).status_code)
+
+            started = time.perf_counter()
+            async with trio.open_nursery() as nursery:
+                for name in names:
+                    for jid in jids:
+                        nursery.start_soon(chat, name, jid)
+            total = len(names) * len(jids) * 4
+            await wait_for(lambda: len(evolution.sent) >= total, timeout=60)
+            elapsed = time.perf_counter() - started
+            print(f"\nload: {len(names)} instances x {len(jids)} chats x 4 messages = {total} messages, "
+                  f"every reply sent in {elapsed:.2f} s ({total / elapsed:.0f} msg/s)")
+            await trio.sleep(0.2)
+    assert statuses == [200] * total
+    assert len(evolution.sent) == total                                  # each reply once
+    per_chat: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for sent in evolution.sent:
+        name = sent.instance
+        assert sent.path == f"/message/sendText/{name}" and sent.headers["apikey"] == keys[name]
+        system, _, text = sent.json["text"].partition("|")
+        assert system == f"prompt of {name}" and text.startswith(f"{name}:{sent.json['number']}:")
+        per_chat[(name, sent.json["number"])].append(text.rsplit(":", 1)[1])
+    assert len(per_chat) == len(names) * len(jids)
+    assert all(order == ["m0", "m1", "m2", "m3"] for order in per_chat.values())
+    # no send ever tried another instance (not even as a failing candidate)
+    for call in evolution.calls("/message/sendText/"):
+        assert call.json["text"].startswith(f"prompt of {call.instance}|") or call.instance.startswith("id-")
