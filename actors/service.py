@@ -508,12 +508,16 @@ class Service:
         """The instances in which ``jid`` has a conversation (live or stored), sorted."""
         found = {ConversationKey.parse(key).instance for key in self.registry.keys()
                  if ConversationKey.parse(key).jid == jid} if self.registry is not None else set()
-        listing = await self.store.listing(now=0.0, limit=0)
-        candidates = {self.tenants.default_instance, *self.tenants.names, *listing.scopes} - found
-        if candidates:
-            keys = [ConversationKey(i, jid).key for i in candidates]
+        # the configured and default instances first; the page's scopes (every instance with a
+        # stored conversation) name the rest: at most two lookups by key, never a scan
+        checked: set[str] = set()
+        candidates = {self.tenants.default_instance, *self.tenants.names}
+        while candidates:
+            keys = [ConversationKey(i, jid).key for i in sorted(candidates)]
             page = await self.store.listing(now=0.0, keys=keys, limit=len(keys))
             found |= {ConversationKey.parse(row.key).instance for row in page.rows}
+            checked |= candidates
+            candidates = set(page.scopes) - checked
         return sorted(found)
 
     async def resolve(self, jid: str, instance: str | None = None) -> str | None:
