@@ -145,6 +145,11 @@ async def test_same_customer_two_instances_two_independent_conversations(tmp_pat
                 status, body = await get(client, f"/actors/{JID}", instance=instance)
                 assert status == 200 and body["state"]["booking_sent"] is True and body["state"]["window_size"] == 4
                 assert body["state"]["jid"] == JID and body["state"]["instance"] == instance
+            status, body = await get(client, f"/admin/api/chats/{JID}")
+            assert status == 409 and body["instances"] == [ACME, BETA]
+            status, body = await get(client, f"/admin/api/chats/{JID}", instance=BETA)
+            assert status == 200 and body["instance"] == BETA and body["booking_sent"] is True
+            assert (await get(client, f"/actors/{JID}", instance="gamma-store"))[0] == 404
             status, memory = await get(client, "/memory")
             assert memory == {ACME: {JID: 4}, BETA: {JID: 4}}
             assert (await get(client, "/memory", instance=ACME))[1] == {JID: 4}
@@ -165,6 +170,52 @@ async def test_same_customer_two_instances_two_independent_conversations(tmp_pat
             await trio.sleep(0.2)
             assert [t for i, _, t in evolution.texts()][4:] == ["re: sigo aqui"]
             assert (await get(client, "/actors", instance=BETA))[1]["actors"][0]["window_size"] == 5
+
+
+async def test_one_deployment_without_instances_file_keeps_two_numbers_apart(tmp_path: Path) -> None:
+    """No instances named (every webhook served): the same customer writing to two numbers still has
+    two conversations. Regression: with the chat JID as the key, the second number's prompt held
+    the first number's conversation (seen failing before conversations were keyed by instance)."""
+    from tests.conftest import running_service
+    from tests.doubles import ScriptedProvider
+
+    provider = ScriptedProvider()
+    async with running_service(make_settings(tmp_path), provider) as service:
+        assert (await service.intake(webhook("hola acme", ACME))).status == 200
+        await wait_for(lambda: len(provider.prompts) == 1)
+        assert (await service.intake(webhook("hello beta", BETA))).status == 200
+        await wait_for(lambda: len(provider.prompts) == 2)
+        assert [m.content for m in provider.prompts[1].messages] == ["hello beta"]
+        assert await service.memory() == {ACME: {JID: 2}, BETA: {JID: 2}}
+        assert await service.memory(ACME) == {JID: 2}
+
+
+async def test_per_instance_conversation_settings(tmp_path: Path) -> None:
+    """The window length and the split limit are the instance's own; an unconfigured instance
+    served with UNKNOWN_INSTANCES=serve has the global ones (local outbox mode)."""
+    from tests.conftest import chain_of
+    from tests.doubles import ScriptedProvider
+
+    long = "x" * 150 + ". " + "y" * 150
+    provider = ScriptedProvider(lambda p: long)
+    base = make_settings(tmp_path, UNKNOWN_INSTANCES="serve")
+    acme = make_settings(tmp_path, UNKNOWN_INSTANCES="serve", SPLIT_MAX_CHARS="100", MAX_MESSAGES="2")
+    service = Service(base, instances={ACME: acme}, chain=chain_of(base, provider))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(service.run)
+        for n in range(3):
+            for instance in (ACME, BETA):
+                assert (await service.intake(webhook(f"m{n}", instance))).status == 200
+        outbound = service.outbound
+        assert outbound is not None
+        await wait_for(lambda: service.per_instance.get(ACME, [0, 0])[1] == 3
+                       and service.per_instance.get("other", [0, 0])[1] == 3)
+        lengths = sorted(len(e.text) for e in outbound.outbox_entries(jid=JID, limit=1000))
+        assert lengths.count(len(long)) == 3                                   # beta: whole replies
+        parts = [n for n in lengths if n != len(long)]
+        assert len(parts) > 3 and max(parts) <= 100 and sum(parts) == 3 * (len(long) - 1)   # acme: split at 100
+        assert await service.memory() == {ACME: {JID: 2}, BETA: {JID: 6}}     # MAX_MESSAGES 2 vs 50
+        nursery.cancel_scope.cancel()
 
 
 async def wait_for_leads(service: Service) -> set[str]:
@@ -213,6 +264,14 @@ async def test_unknown_instance_served_through_its_own_instance_only(tmp_path: P
             assert {c.instance for c in evolution.calls("/message/sendText/")} <= {"gamma-store", "id-gamma-store"}
             assert evolution.sent[0].headers["apikey"] == "global-key"
             assert llm.requests[0].json["messages"][0]["content"] != PROMPTS[ACME]
+            await client.post("/webhook", json=webhook("hola", ACME))
+            await wait_for(lambda: len(evolution.sent) == 2)
+            metrics = await (await client.get("/metrics")).get_data(as_text=True)
+            # the instance label: configured instances by name, the rest "other" (bounded)
+            assert 'agent_instance_messages_in_total{instance="other"} 1.0' in metrics
+            assert 'agent_instance_replies_out_total{instance="acme-bot"} 1.0' in metrics
+            assert 'agent_instance_turns_total{instance="other"} 1.0' in metrics
+            assert "gamma-store" not in metrics
 
 
 async def test_tenants_replace_takes_effect_from_the_next_turn(tmp_path: Path) -> None:
