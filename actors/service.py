@@ -26,7 +26,7 @@ from runtime.store import OutboxRow, Store, StoreError
 
 from .admin_view import Activity
 from .conversation import Accepted, Control, ConversationActor, ConversationContext
-from .conversation_key import ConversationKey, jid_of
+from .conversation_key import ConversationKey
 from .conversation_view import ConversationView
 from .crm import CrmSupervisor, LeadRequest
 from .evolution import Ignored, parse_webhook
