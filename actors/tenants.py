@@ -111,10 +111,14 @@ class Tenants:
         return Tenant(name, settings, texts, self._chain(settings), configured)
 
     def _chain(self, settings: Settings) -> ProviderChain:
+        """The chain of ``settings``' LLM section, built on first use; one built while ``run`` runs
+        (a reload naming a new section) is started at once, unless it is one already running (a
+        factory may hand the same chain to several sections)."""
         chain = self._chains.get(settings.llm)
         if chain is None:
+            running = self.chains()
             chain = self._chains[settings.llm] = self._chain_factory(settings)
-            if self._nursery is not None and all(c is not chain for k, c in self._chains.items() if k != settings.llm):
+            if self._nursery is not None and all(chain is not other for other in running):
                 self._nursery.start_soon(chain.run)
         return chain
 

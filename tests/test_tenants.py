@@ -447,3 +447,23 @@ async def test_twenty_instances_each_reply_once_to_its_own_instance_in_order(tmp
     # no send ever tried another instance (not even as a failing candidate)
     for call in evolution.calls("/message/sendText/"):
         assert call.json["text"].startswith(f"prompt of {call.instance}|") or call.instance.startswith("id-")
+
+
+async def test_a_reload_naming_new_llm_settings_starts_its_chain(tmp_path: Path) -> None:
+    """Chains are one per distinct LLM section, run by Tenants.run (a reload's new one too) until it ends."""
+    from actors.tenants import Tenants
+
+    base = make_settings(tmp_path)
+    same_llm = make_settings(tmp_path, AGENT_INSTRUCTION="otro prompt")
+    other_llm = make_settings(tmp_path, LLM_PROVIDER_FALLBACK="offline", LLM_PROVIDER="ollama")
+    tenants = Tenants(base, {ACME: same_llm})
+    assert tenants.for_instance(ACME).chain is tenants.default.chain          # same LLM section: shared
+    assert tenants.for_instance("gamma").configured is False and tenants.for_instance("gamma").settings is base
+    async with trio.open_nursery() as nursery:
+        await nursery.start(tenants.run)
+        tenants.replace({ACME: same_llm, BETA: other_llm})
+        beta = tenants.for_instance(BETA).chain
+        assert beta is not tenants.default.chain and len(tenants.chains()) == 2
+        await wait_for(lambda: beta._nursery is not None)                   # started by the reload
+        nursery.cancel_scope.cancel()
+    assert beta._nursery is None                                              # stopped with Tenants.run
