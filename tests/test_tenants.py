@@ -467,3 +467,33 @@ async def test_a_reload_naming_new_llm_settings_starts_its_chain(tmp_path: Path)
         await wait_for(lambda: beta._nursery is not None)                   # started by the reload
         nursery.cancel_scope.cancel()
     assert beta._nursery is None                                              # stopped with Tenants.run
+
+
+async def test_the_crm_switch_is_each_instances(tmp_path: Path) -> None:
+    """CRM_AUTO_REGISTER on for acme-bot only: its booking registers a lead, beta-shop's does not."""
+    from tests.conftest import chain_of
+    from tests.doubles import ScriptedProvider
+
+    krayin = FakeKrayin(token=KRAYIN_TOKEN)
+    provider = ScriptedProvider(lambda p: '{"accion": "reserva", "motivo": "demo"}')
+    async with running_server(krayin) as krayin_url:
+        common = {"KRAYIN_API_URL": krayin_url + "/api/v1", "KRAYIN_API_TOKEN": KRAYIN_TOKEN,
+                  "GOOGLE_BOOKING_URL": "https://calendar.app.google/x"}
+        base = make_settings(tmp_path, **common, CRM_AUTO_REGISTER="false")
+        instances = {ACME: make_settings(tmp_path, **common, CRM_AUTO_REGISTER="true"), BETA: base}
+        service = Service(base, instances=instances, chain=chain_of(base, provider))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(service.run)
+            for instance in (ACME, BETA):
+                assert (await service.intake(webhook("quiero una cita", instance))).status == 200
+            await wait_for(lambda: service.per_instance.get(ACME, [0, 0])[1] == 1
+                           and service.per_instance.get(BETA, [0, 0])[1] == 1)
+            await wait_for(lambda: len(krayin.calls_to("POST", "/leads")) == 1)
+            await trio.sleep(0.2)
+            assert len(krayin.calls_to("POST", "/leads")) == 1
+            registry = service.registry
+            assert registry is not None
+            lead_of = lambda instance: registry.actor(ConversationKey(instance, JID).key).state.lead.lead_id  # noqa: E731
+            await wait_for(lambda: lead_of(ACME) is not None)   # type: ignore[union-attr]
+            assert lead_of(BETA) is None                         # type: ignore[union-attr]
+            nursery.cancel_scope.cancel()
