@@ -119,12 +119,11 @@ class ConversationSnapshot:
 class ConversationActor:
     """Handles one chat's mail strictly in order (the runtime guarantees one batch at a time)."""
 
-    __slots__ = ("key", "jid", "instance", "_ctx", "_tenant", "state", "_outbox", "_acked", "_crm", "_unit",
+    __slots__ = ("key", "_ctx", "_tenant", "state", "_outbox", "_acked", "_crm", "_unit",
                  "_unreached", "_before", "_loaded", "_apologised")
 
     def __init__(self, key: str, context: ConversationContext) -> None:
-        parts = ConversationKey.parse(key)
-        self.key, self.jid, self.instance = key, parts.jid, parts.instance
+        self.key = key                                  # "<instance>/<jid>"; its parts are read from it
         self._ctx = context
         self._tenant: Tenant | None = None              # the unit's, read once at its start
         self.state = ConversationState()
@@ -137,6 +136,15 @@ class ConversationActor:
         self._before: ConversationState | None = None  # the state before the unit, for a crash
         self._loaded = False                            # activate() read the stored state
         self._apologised: set[int] | None = None        # seqs answered politely while it could not
+
+    @property
+    def jid(self) -> str:
+        """The customer's chat (what replies go to and logs show); derived, so an idle actor keeps one string."""
+        return ConversationKey.parse(self.key).jid
+
+    @property
+    def instance(self) -> str:
+        return ConversationKey.parse(self.key).instance
 
     # -- runtime hooks -------------------------------------------------------------------------
 
