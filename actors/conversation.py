@@ -32,13 +32,12 @@ from .generic import MAX_SCANNED_CHARS, is_generic_message, normalise
 from .inbound import InboundMessage
 from .instances import sender_instances
 from .jid import phone_of
-from .llm.base import Prompt
 from .llm.chain import Answer
 from .outbound import OutboundMessage
 from .privacy import log_text
 from .settings import Settings
-from .tenants import Tenant, Tenants
 from .state import ASSISTANT, OPERATOR, USER, ConversationState, LeadInfo, seed_messages
+from .tenants import Tenant, Tenants
 from .turn_prompt import build_prompt
 
 log = logging.getLogger(__name__)
@@ -70,10 +69,6 @@ class Control:
 
 
 Mail = Accepted | Control
-
-
-class Asker(Protocol):
-    async def ask(self, prompt: Prompt) -> Answer: ...
 
 
 class Sender(Protocol):

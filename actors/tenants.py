@@ -11,7 +11,6 @@ one; chains made by a reload are started in the nursery of ``run`` and all are c
 
 from __future__ import annotations
 
-import logging
 from typing import Callable, Mapping
 
 import attrs
@@ -22,7 +21,6 @@ from .prompts import Texts, texts_for
 from .settings import Settings
 from .settings.sections import LLMSettings
 
-log = logging.getLogger(__name__)
 DEFAULT_INSTANCE = "default"
 
 
