@@ -24,7 +24,7 @@ from actors.evolution import WebhookError
 from actors.exposure import is_loopback_address
 from actors.jid import is_chat_jid
 from actors.payload_guard import BadPayload, decode_payload
-from actors.service import IntakeResult, Service
+from actors.service import AmbiguousChat, IntakeResult, Service
 from actors.settings import Settings, load_settings
 from runtime.registry import MailboxFull, ShuttingDown
 
@@ -100,6 +100,23 @@ def _csrf_refusal(session: Session | None) -> Response | None:
 def _cookie(response: Response, value: str, max_age: int) -> None:
     https = request.scheme == "https" or request.headers.get("X-Forwarded-Proto", "").lower() == "https"
     response.set_cookie(COOKIE, value, max_age=max_age, path="/", httponly=True, samesite="Strict", secure=https)
+
+
+async def _chat_key(svc: Service, jid: str, private: bool = False) -> str | Response:
+    """The conversation key a chat path names: ``jid`` in ``?instance=``, or in the one instance it
+    is known in. 400 for a bad JID, 404 for none, 409 (with the instances) for a JID known in several."""
+    make = _private_json if private else _json
+    if not is_chat_jid(jid):
+        return make({"error": "not a chat JID (expected <digits>@s.whatsapp.net, <digits>@lid or a group JID)"}, 400)
+    instance = request.args.get("instance") or None
+    try:
+        key = await svc.resolve(jid, instance)
+    except AmbiguousChat as exc:
+        return make({"error": "this JID has conversations in several instances: choose one with ?instance=",
+                     "instances": exc.instances}, 409)
+    if key is None:
+        return make({"error": "no conversation for this JID" + (" in this instance" if instance else "")}, 404)
+    return key
 
 
 async def _body() -> dict[str, Any] | Response:
@@ -192,9 +209,10 @@ def register_console(app: QuartTrio, settings: Settings, svc: Service, admin: Ca
     @app.get("/admin/api/chats/<path:jid>")
     @admin
     async def console_chat(jid: str) -> Response:
-        if not is_chat_jid(jid):
-            return _private_error(400, "not a chat JID")
-        detail = await admin_view.chat_detail(svc, jid)
+        key = await _chat_key(svc, jid, private=True)
+        if isinstance(key, Response):
+            return key
+        detail = await admin_view.chat_detail(svc, key)
         return _private_json(detail) if detail is not None else _private_error(404, "no conversation for this JID")
 
     @app.post("/admin/api/chats/<path:jid>/<command>")
@@ -217,17 +235,18 @@ def register_console(app: QuartTrio, settings: Settings, svc: Service, admin: Ca
             value = body.get("text")
             if not isinstance(value, str) or not value.strip() or len(value) > REPLY_MAX_CHARS:
                 return _private_error(400, f"text must be a non-empty string of at most {REPLY_MAX_CHARS} characters")
-        if await svc.conversation(jid) is None:
-            return _private_error(404, "no conversation for this JID")
+        key = await _chat_key(svc, jid, private=True)
+        if isinstance(key, Response):
+            return key
         try:
-            order = await svc.command(jid, command, value)
+            order = await svc.command(key, command, value)
         except (MailboxFull, ShuttingDown):
             return _private_error(503, "the chat's mailbox is full or the service is stopping")
         if not order.done.is_set():
             return _private_json({"status": "queued", "command": command}, 202)
         if not order.applied:
             return _private_error(409, "the chat's actor is stopped after repeated crashes: nothing was done, try again later")
-        return _private_json({"status": "applied", "command": command, "chat": await admin_view.chat_detail(svc, jid)})
+        return _private_json({"status": "applied", "command": command, "chat": await admin_view.chat_detail(svc, key)})
 
     @app.get("/admin/api/delivery")
     @admin
@@ -373,35 +392,39 @@ def create_app(settings: Settings | None = None, service: Service | None = None,
     @app.get("/memory")
     @admin
     async def memory() -> Response:
-        return _json(await svc.window_sizes())
+        """``{jid: count}``; with several instances ``{instance: {jid: count}}``; ``?instance=``: that one's."""
+        return _json(await svc.memory(request.args.get("instance") or None))
 
     @app.get("/memory/<path:jid>")
     @admin
     async def memory_of(jid: str) -> Response:
-        if (bad := chat_jid(jid)) is not None:
-            return bad
-        detail = await admin_api.memory_of(svc, jid)
+        key = await _chat_key(svc, jid)
+        if isinstance(key, Response):
+            return key
+        detail = await admin_api.memory_of(svc, key)
         return _json(detail) if detail is not None else _error(404, "no conversation for this JID")
 
     @app.get("/actors")
     @admin
     async def actors() -> Response:
-        """Live actors in key order, a page at a time: ``?limit=`` (default 100, at most 1000) and
-        ``?cursor=`` (the ``next_cursor`` of the previous page)."""
+        """Live actors in key order, a page at a time: ``?limit=`` (default 100, at most 1000),
+        ``?cursor=`` (the ``next_cursor`` of the previous page) and ``?instance=`` (that one's only)."""
         try:
             limit = int(request.args.get("limit", str(PAGE_DEFAULT)))
         except ValueError:
             return _error(400, "limit must be an integer")
         if not 1 <= limit <= PAGE_MAX:
             return _error(400, f"limit must be between 1 and {PAGE_MAX}")
-        return _json(admin_api.actor_list(svc, request.args.get("cursor") or None, limit))
+        return _json(admin_api.actor_list(svc, request.args.get("cursor") or None, limit,
+                                          request.args.get("instance") or None))
 
     @app.get("/actors/<path:jid>")
     @admin
     async def actor(jid: str) -> Response:
-        if (bad := chat_jid(jid)) is not None:
-            return bad
-        detail = await admin_api.actor_detail(svc, jid)
+        key = await _chat_key(svc, jid)
+        if isinstance(key, Response):
+            return key
+        detail = await admin_api.actor_detail(svc, key)
         return _json(detail) if detail is not None else _error(404, "no conversation for this JID")
 
     @app.post("/actors/<path:jid>/<command>")
@@ -409,17 +432,16 @@ def create_app(settings: Settings | None = None, service: Service | None = None,
     async def actor_command(jid: str, command: str) -> Response:
         if command not in ("pause", "resume", "reset"):
             return _error(404, "unknown command (pause, resume or reset)")
-        if (bad := chat_jid(jid)) is not None:
-            return bad
-        if await svc.conversation(jid) is None:
-            return _error(404, "no conversation for this JID")
+        key = await _chat_key(svc, jid)
+        if isinstance(key, Response):
+            return key
         try:
-            applied = await svc.control(jid, command)
+            applied = await svc.control(key, command)
         except (MailboxFull, ShuttingDown):
             return _error(503, "the chat's mailbox is full or the service is stopping", **{"Retry-After": "5"})
         if not applied:
             return _json({"status": "queued", "command": command}, 202)
-        return _json(await admin_api.control_applied(svc, jid, command))
+        return _json(await admin_api.control_applied(svc, key, command))
 
     @app.get("/supervisors")
     @admin

@@ -13,6 +13,8 @@ import attrs
 
 from runtime.logs import redact
 
+from .conversation_key import ConversationKey
+
 from .payload_guard import map_strings
 
 if TYPE_CHECKING:
@@ -21,43 +23,46 @@ if TYPE_CHECKING:
 DEAD_LETTERS_SHOWN = 20
 
 
-async def memory_of(svc: "Service", jid: str) -> dict[str, Any] | None:
-    """A chat's window in the seed's shape, None when there is none."""
-    chat = await svc.conversation(jid)
+async def memory_of(svc: "Service", key: str) -> dict[str, Any] | None:
+    """A conversation's window in the seed's shape (plus its instance), None when there is none."""
+    chat = await svc.conversation(key)
     if chat is None:
         return None
-    return {"user_id": jid, "count": chat.window_size, "messages": chat.seed_messages()}
+    return {"user_id": chat.jid, "instance": chat.instance, "count": chat.window_size,
+            "messages": chat.seed_messages()}
 
 
-def actor_list(svc: "Service", cursor: str | None, limit: int) -> dict[str, Any]:
-    """One page of live actors in key order, with the cursor of the next page (None on the last)."""
-    page, next_cursor = svc.live_actors(cursor, limit)
+def actor_list(svc: "Service", cursor: str | None, limit: int, instance: str | None = None) -> dict[str, Any]:
+    """One page of live actors in key order (only ``instance``'s when given), with the cursor of
+    the next page (None on the last)."""
+    page, next_cursor = svc.live_actors(cursor, limit, instance)
     rows = [{
-        "jid": stats.key, "status": stats.status, "window_size": stats.state.window_size,
+        "jid": stats.state.jid, "instance": stats.state.instance, "key": stats.key, "status": stats.status, "window_size": stats.state.window_size,
         "booking_sent": stats.state.booking_sent, "mailbox_depth": stats.mailbox_depth,
         "last_activity": stats.last_activity, "expires_at": stats.expires_at, "crashes": stats.crashes,
     } for stats in page]
     return {"actors": rows, "next_cursor": next_cursor}
 
 
-async def actor_detail(svc: "Service", jid: str) -> dict[str, Any] | None:
+async def actor_detail(svc: "Service", key: str) -> dict[str, Any] | None:
     """A live chat's runtime facts and snapshot with its timed transcript, else its stored state
     (every field but the window) with its transcript in the seed's shape; None when there is none."""
-    chat = await svc.conversation(jid)
+    chat = await svc.conversation(key)
     if chat is None:
         return None
     if chat.actor is not None:
         body = {"live": True, **attrs.asdict(chat.actor)}
         body["state"]["messages"] = chat.timed_messages()
         return body
-    return {"live": False, "key": jid, "status": "stored", "state": {
+    parts = ConversationKey.parse(key)
+    return {"live": False, "key": key, "jid": parts.jid, "instance": parts.instance, "status": "stored", "state": {
         **chat.state_fields(), "window_size": chat.window_size, "messages": chat.seed_messages(),
     }}
 
 
-async def control_applied(svc: "Service", jid: str, command: str) -> dict[str, Any]:
+async def control_applied(svc: "Service", key: str, command: str) -> dict[str, Any]:
     """The answer to a command the chat's actor carried out: the flags it changes, as they are now."""
-    chat = await svc.conversation(jid)
+    chat = await svc.conversation(key)
     if chat is None:   # none any more
         return {"status": "applied", "command": command, "paused_until": None, "window_size": 0, "booking_sent": None}
     return {"status": "applied", "command": command, "paused_until": chat.paused_until,

@@ -16,6 +16,7 @@ import attrs
 from runtime.logs import redact
 from runtime.store import Cursor, MetaRow
 
+from .conversation_key import ConversationKey
 from .jid import phone_of
 
 if TYPE_CHECKING:
@@ -76,9 +77,10 @@ def _chat_row(svc: "Service", row: MetaRow, now: float) -> dict[str, Any]:
         elif stats.status == "running" or stats.mailbox_depth:
             state = "answering"
         window, depth, expires = stats.state.window_size, stats.mailbox_depth, stats.expires_at
+    parts = ConversationKey.parse(row.key)
     return {
-        "jid": row.key, "number": phone_of(row.key) or row.key, "name": meta.title,
-        "instance": meta.scope, "state": state, "preview": meta.preview,
+        "jid": parts.jid, "number": phone_of(parts.jid) or parts.jid, "name": meta.title,
+        "instance": parts.instance, "state": state, "preview": meta.preview,
         "last_activity": meta.last_activity, "mailbox_depth": depth, "window_size": window,
         "expires_at": expires, "live": stats is not None,
     }
@@ -112,13 +114,15 @@ async def chat_list(svc: "Service", *, search: str = "", state: str = "", instan
             "next": f"{last.meta.last_activity!r}|{last.key}" if more and last else None}
 
 
-async def chat_detail(svc: "Service", jid: str) -> dict[str, Any] | None:
-    """One chat: its transcript (role user | assistant | operator, text, unix time) and its flags."""
-    chat = await svc.conversation(jid)
+async def chat_detail(svc: "Service", key: str) -> dict[str, Any] | None:
+    """One conversation (by its key): its transcript (role user | assistant | operator, text, unix
+    time) and its flags."""
+    chat = await svc.conversation(key)
     if chat is None:
         return None
+    jid = chat.jid
     stats = chat.actor
-    page = await svc.store.listing(now=time.time(), keys=[jid], limit=1)
+    page = await svc.store.listing(now=time.time(), keys=[key], limit=1)
     row = _chat_row(svc, page.rows[0], time.time()) if page.rows else {"state": "answering"}
     last_error = stats.last_error if stats is not None else None
     return {
@@ -154,7 +158,9 @@ async def delivery(svc: "Service") -> dict[str, Any]:
         body["crm"] = {k: v for k, v in attrs.asdict(c).items()
                        if k in ("enabled", "queued", "running", "retrying", "leads_created", "notes_added",
                                 "skipped", "failed", "auth_failing")}
-    body["dead_letters"] = [{"id": d.id, "jid": d.key, "kind": d.kind, "reason": redact(d.reason), "at": d.at}
+    body["dead_letters"] = [{"id": d.id, "jid": ConversationKey.parse(d.key).jid,
+                             "instance": ConversationKey.parse(d.key).instance, "kind": d.kind,
+                             "reason": redact(d.reason), "at": d.at}
                             for d in await svc.store.dead_letters(100)]
     return body
 

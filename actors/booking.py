@@ -68,9 +68,10 @@ def booking_reply(settings: Settings, texts: Texts, action: BookingAction) -> st
     return texts.booking_message.format(url=url)
 
 
-def lead_request(jid: str, lead: LeadInfo, action: BookingAction) -> LeadRequest:
-    """The CRM job for a booking: the lead as known from the chat so far."""
+def lead_request(jid: str, lead: LeadInfo, action: BookingAction, key: str = "") -> LeadRequest:
+    """The CRM job for a booking: the lead as known from the chat so far (``key``: the conversation's)."""
     return LeadRequest(
+        key=key,
         jid=jid,
         name=lead.nombre or "Lead desde WhatsApp",
         phone=lead.telefono or None,

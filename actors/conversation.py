@@ -1,4 +1,8 @@
-"""The conversation actor: one per chat, owning its window, booking flag, lead info and pause state.
+"""The conversation actor: one per (instance, chat), owning its window, booking flag, lead info and pause state.
+
+Its key is the conversation key "<instance>/<jid>" (conversation_key.py); each unit (a turn or a
+control) reads its instance's ``Tenant`` (tenants.py) once, at its start, and uses its settings,
+texts and LLM chain throughout, so a reload changes nothing in flight.
 
 One turn (docs/behaviour.md §3.2): window += user message → finished-conversation rule → prompt →
 ProviderChain.ask → booking JSON or text → outbound (per-JID FIFO) → window += reply →
@@ -21,19 +25,19 @@ from .booking import BookingAction, booking_reply, lead_request, parse_answer
 from .bounds import bounded_entry, truncate
 from .bounds import trim as _trim
 from .controls import apply_command, phone_message, remember_sent
+from .conversation_key import ConversationKey
 from .crm import LeadRequest
 from .flood import Flood, flood_check
 from .generic import MAX_SCANNED_CHARS, is_generic_message, normalise
 from .inbound import InboundMessage
 from .instances import sender_instances
 from .jid import phone_of
-from .llm.base import Prompt
 from .llm.chain import Answer
 from .outbound import OutboundMessage
 from .privacy import log_text
-from .prompts import Texts
 from .settings import Settings
 from .state import ASSISTANT, OPERATOR, USER, ConversationState, LeadInfo, seed_messages
+from .tenants import Tenant, Tenants
 from .turn_prompt import build_prompt
 
 log = logging.getLogger(__name__)
@@ -67,14 +71,10 @@ class Control:
 Mail = Accepted | Control
 
 
-class Asker(Protocol):
-    async def ask(self, prompt: Prompt) -> Answer: ...
-
-
 class Sender(Protocol):
     def submit(self, message: OutboundMessage) -> None: ...
 
-    async def typing(self, jid: str, instances: tuple[str, ...]) -> None: ...
+    async def typing(self, jid: str, instances: tuple[str, ...], key: str = "") -> None: ...
 
 
 class LeadRegistrar(Protocol):
@@ -83,16 +83,16 @@ class LeadRegistrar(Protocol):
 
 @attrs.frozen
 class ConversationContext:
-    """The shared objects every conversation actor talks to (built once by the service)."""
+    """The shared objects every conversation actor talks to (built once by the service).
+    ``settings`` are the global ones (process-wide fields); per-instance ones come from ``tenants``."""
 
     settings: Settings
-    texts: Texts
-    chain: Asker
+    tenants: Tenants
     outbound: Sender
     store: Store
     clock: Clock
     crm: LeadRegistrar | None = None
-    observe_turn: Callable[[float], None] | None = None   # seconds from arrival to committed reply
+    observe_turn: Callable[[str, float], None] | None = None   # (instance, seconds from arrival to committed reply)
 
 
 @attrs.frozen
@@ -100,6 +100,7 @@ class ConversationSnapshot:
     """A frozen view of one conversation for the admin endpoints."""
 
     jid: str
+    instance: str
     window_size: int
     booking_sent: bool
     paused_until: float
@@ -113,12 +114,13 @@ class ConversationSnapshot:
 class ConversationActor:
     """Handles one chat's mail strictly in order (the runtime guarantees one batch at a time)."""
 
-    __slots__ = ("jid", "_ctx", "state", "_outbox", "_acked", "_crm", "_unit", "_unreached", "_before",
-                 "_loaded", "_apologised")
+    __slots__ = ("key", "_ctx", "_tenant", "state", "_outbox", "_acked", "_crm", "_unit",
+                 "_unreached", "_before", "_loaded", "_apologised")
 
-    def __init__(self, jid: str, context: ConversationContext) -> None:
-        self.jid = jid
+    def __init__(self, key: str, context: ConversationContext) -> None:
+        self.key = key                                  # "<instance>/<jid>"; its parts are read from it
         self._ctx = context
+        self._tenant: Tenant | None = None              # the unit's, read once at its start
         self.state = ConversationState()
         # Scratch of the unit being handled (empty tuples between units: an idle actor stays small).
         self._outbox: list[tuple[str, dict[str, Any]]] | tuple[()] = ()
@@ -130,13 +132,22 @@ class ConversationActor:
         self._loaded = False                            # activate() read the stored state
         self._apologised: set[int] | None = None        # seqs answered politely while it could not
 
+    @property
+    def jid(self) -> str:
+        """The customer's chat (what replies go to and logs show); derived, so an idle actor keeps one string."""
+        return ConversationKey.parse(self.key).jid
+
+    @property
+    def instance(self) -> str:
+        return ConversationKey.parse(self.key).instance
+
     # -- runtime hooks -------------------------------------------------------------------------
 
     async def activate(self) -> None:
         """Load the stored state. If that fails (store error, a state this code cannot read), the
         actor stays unloaded: ``on_crash`` then commits nothing, so the stored state is never
         overwritten, and the messages wait for a later activation."""
-        saved = await self._ctx.store.load(self.jid)
+        saved = await self._ctx.store.load(self.key)
         if saved is not None:
             self.state = ConversationState.from_bytes(saved)
             log.debug("get_memory called for user_id=%s (restored %d messages)", self.jid, len(self.state.window))
@@ -148,8 +159,8 @@ class ConversationActor:
         """Hold a customer message until DEBOUNCE_SECONDS (or the reorder delay) after it arrived."""
         if not isinstance(first, Accepted) or first.message.from_me:
             return 0.0
-        settings = self._ctx.settings
-        hold = settings.conversation.debounce_seconds or settings.conversation.reorder_delay_seconds
+        settings = self._ctx.tenants.for_instance(self.instance).settings
+        hold = settings.conversation.debounce_seconds or self._ctx.settings.conversation.reorder_delay_seconds
         return max(0.0, first.arrived + hold - trio.current_time()) if hold else 0.0
 
     async def handle(self, batch: Sequence[Mail]) -> None:
@@ -160,13 +171,13 @@ class ConversationActor:
         """
         units: list[list[Mail]] = []
         run: list[Accepted] = []
+        merge = self._ctx.tenants.for_instance(self.instance).settings.conversation.debounce_seconds > 0
         for item in [*batch, None]:
             if isinstance(item, Accepted):
                 run.append(item)
                 continue
             if run:
                 run.sort(key=lambda a: (a.message.timestamp, a.seq))
-                merge = self._ctx.settings.conversation.debounce_seconds > 0
                 units.extend([list(run)] if merge else [[m] for m in run])
                 run = []
             if isinstance(item, Control):
@@ -176,10 +187,16 @@ class ConversationActor:
             self._unreached = [m for later in units[index + 1:] for m in later]
             self._before = self.state.copy()
             await self._handle_unit(unit)
-        self._unit, self._unreached, self._before = None, (), None
+        self._unit, self._unreached, self._before, self._tenant = None, (), None, None
+
+    @property
+    def tenant(self) -> Tenant:
+        """The Tenant of the unit being handled (read once at its start), else the current one."""
+        return self._tenant if self._tenant is not None else self._ctx.tenants.for_instance(self.instance)
 
     async def _handle_unit(self, unit: list[Mail]) -> None:
         self._outbox, self._acked, self._crm = [], [], None
+        self._tenant = self._ctx.tenants.for_instance(self.instance)
         first = unit[0]
         if isinstance(first, Control):
             await self._control(first)
@@ -189,14 +206,14 @@ class ConversationActor:
         for item in items:
             if item.message.from_me:
                 self._acked.append(item.seq)
-                phone_message(self._ctx.settings, self.state, self.jid, item.message, self._ctx.clock.now())
+                phone_message(self.tenant.settings, self.state, self.jid, item.message, self._ctx.clock.now())
             else:
                 customer.append(item)
         if customer:
             await self._turn(customer)
         await self._commit()
         if customer and self._ctx.observe_turn is not None:
-            self._ctx.observe_turn(trio.current_time() - customer[0].arrived)
+            self._ctx.observe_turn(self.instance, trio.current_time() - customer[0].arrived)
 
     async def on_crash(self, batch: Sequence[Mail], error: BaseException) -> Sequence[Mail]:
         """Roll the state back to before the failing turn, answer its messages with the polite text,
@@ -207,6 +224,7 @@ class ConversationActor:
         if not self._loaded:
             self._apologise(batch)
             return list(batch)
+        tenant = self.tenant
         failing = self._unit if self._unit is not None else list(batch)
         unreached = list(self._unreached) if self._unit is not None else []
         if self._before is not None:
@@ -225,21 +243,23 @@ class ConversationActor:
             if message.from_me:
                 continue
             state.messages_in += 1
-            state.window.append(bounded_entry(self._ctx.settings, USER, message.text, state.last_activity))
-            self._reply(message, self._ctx.texts.polite_error)
-            log.info("[RESPUESTA]: %s", self._ctx.texts.polite_error)
+            state.window.append(bounded_entry(tenant.settings, USER, message.text, state.last_activity))
+            self._reply(message, tenant.texts.polite_error)
+            log.info("[RESPUESTA]: %s", tenant.texts.polite_error)
         await self._commit()
+        self._tenant = None
         return unreached
 
     def _apologise(self, batch: Sequence[Mail]) -> None:
         """The polite text, once per message, sent without touching the stored conversation."""
         done = self._apologised if self._apologised is not None else set()
-        polite = self._ctx.texts.polite_error
+        polite = self.tenant.texts.polite_error
         for item in batch:
             if isinstance(item, Accepted) and not item.message.from_me and item.seq not in done:
                 done.add(item.seq)
-                self._ctx.outbound.submit(OutboundMessage(jid=item.message.jid, text=polite,
-                                                          instances=item.message.instances))
+                self._ctx.outbound.submit(OutboundMessage(
+                    jid=item.message.jid, text=polite, key=self.key,
+                    instances=sender_instances(self._ctx.tenants, item.message)))
                 log.info("[RESPUESTA]: %s", polite)
         self._apologised = done
 
@@ -251,6 +271,7 @@ class ConversationActor:
         s = self.state
         return ConversationSnapshot(
             jid=self.jid,
+            instance=self.instance,
             window_size=len(s.window),
             booking_sent=s.booking_sent,
             paused_until=s.paused_until,
@@ -269,7 +290,8 @@ class ConversationActor:
     # -- one batch -------------------------------------------------------------------------------
 
     async def _turn(self, items: list[Accepted]) -> None:
-        ctx, state = self._ctx, self.state
+        ctx, state, tenant = self._ctx, self.state, self.tenant
+        settings, texts = tenant.settings, tenant.texts
         now = ctx.clock.now()
         for item in items:
             message = item.message
@@ -278,7 +300,7 @@ class ConversationActor:
             self._acked.append(item.seq)
             state.messages_in += 1
             state.last_activity = now
-            state.window.append(bounded_entry(ctx.settings, USER, message.text, now))
+            state.window.append(bounded_entry(settings, USER, message.text, now))
         last = items[-1].message
         text = "\n".join(i.message.text for i in items)
 
@@ -289,7 +311,7 @@ class ConversationActor:
             state.window.clear()
             state.booking_sent = False
             log.info("Conversation reset by the customer: %s", self.jid)
-            return self._reply(last, ctx.texts.reset_done)
+            return self._reply(last, texts.reset_done)
         if all(i.message.kind == "media" for i in items):
             reply = self._unknown_message_text()
             return self._reply(last, reply) if reply else self._silent(len(items))
@@ -300,33 +322,33 @@ class ConversationActor:
                 return self._silent(len(items))
             log.info("[BOOKING] Nueva pregunta después del link, continuando conversación: %s", self._shown(text))
             state.booking_sent = False
-        flood = flood_check(state, now, ctx.settings.conversation.flood_max_per_minute, self.jid)
+        flood = flood_check(state, now, settings.conversation.flood_max_per_minute, self.jid)
         if flood is Flood.NOTICE:
-            self._reply_text(ctx.texts.flood_notice, self.jid, sender_instances(ctx.settings, last))
+            self._reply_text(texts.flood_notice, self.jid, sender_instances(ctx.tenants, last))
         if flood is not Flood.ASK:
             return self._silent(len(items))
 
         answer = await self._ask(items)
         log.info("[RESPUESTA DEL LLM]: %s", self._shown(answer.text))
-        action = parse_answer(answer.text) if not answer.failed else answer.text
+        action = parse_answer(answer.text) if not answer.failed else texts.polite_error
         if isinstance(action, BookingAction):
-            self._reply(last, booking_reply(ctx.settings, ctx.texts, action))
-            if ctx.settings.conversation.google_booking_url:
+            self._reply(last, booking_reply(settings, texts, action))
+            if settings.conversation.google_booking_url:
                 state.booking_sent = True
                 log.info("[BOOKING] Conversación marcada como completada para user_id=%s", self.jid)
-                if ctx.crm is not None and ctx.settings.crm.crm_enabled:
-                    self._crm = lead_request(self.jid, state.lead, action)
+                if ctx.crm is not None and settings.crm.crm_enabled:
+                    self._crm = lead_request(self.jid, state.lead, action, self.key)
         else:
             self._reply(last, action)
 
     async def _ask(self, items: list[Accepted]) -> Answer:
         """Show "typing…" and ask the chain with the turn's prompt (turn_prompt.py)."""
-        ctx = self._ctx
+        ctx, tenant = self._ctx, self.tenant
         messages = [item.message for item in items]
-        prompt = build_prompt(ctx.settings, ctx.texts.agent_instruction, self.state.window, messages)
+        prompt = build_prompt(tenant.settings, tenant.texts.agent_instruction, self.state.window, messages)
         last = messages[-1]
-        await ctx.outbound.typing(last.jid, sender_instances(ctx.settings, last))   # returns at once; best effort
-        return await ctx.chain.ask(prompt)
+        await ctx.outbound.typing(last.jid, sender_instances(ctx.tenants, last), self.key)   # returns at once; best effort
+        return await tenant.chain.ask(prompt)
 
     def _shown(self, text: str) -> str:
         """A customer's or the model's text as LOG_CUSTOMER_TEXT lets a log line show it."""
@@ -336,15 +358,15 @@ class ConversationActor:
         if len(text) > MAX_SCANNED_CHARS:
             return False
         normal = normalise(text)
-        return bool(normal) and normal in {normalise(k) for k in self._ctx.settings.conversation.reset_keywords}
+        return bool(normal) and normal in {normalise(k) for k in self.tenant.settings.conversation.reset_keywords}
 
     def _unknown_message_text(self) -> str:
-        configured = self._ctx.settings.conversation.unknown_message_text
-        return self._ctx.texts.unknown_message if configured == "default" else configured
+        configured = self.tenant.settings.conversation.unknown_message_text
+        return self.tenant.texts.unknown_message if configured == "default" else configured
 
     def _silent(self, count: int) -> None:
         self.state.ignored += count
-        truncate(self._ctx.settings, self.state.window)
+        truncate(self.tenant.settings, self.state.window)
 
     def _remember_customer(self, message: InboundMessage) -> None:
         lead: LeadInfo = self.state.lead
@@ -356,7 +378,7 @@ class ConversationActor:
             lead.alt_jid = message.alt_jid
         if message.instances:   # where an operator's reply from the console goes: the same senders as ours
             self.state.instance = message.instance
-            self.state.instances = list(sender_instances(self._ctx.settings, message))
+            self.state.instances = list(sender_instances(self._ctx.tenants, message))
 
     # -- control -----------------------------------------------------------------------------------
 
@@ -366,7 +388,7 @@ class ConversationActor:
             remember_sent(state, control.value)
             control.done.set()
             return
-        text = apply_command(self._ctx.settings, state, self.jid, control.command, control.value, self._ctx.clock.now())
+        text = apply_command(self.tenant.settings, state, self.jid, control.command, control.value, self._ctx.clock.now())
         if text is not None:   # an operator's reply: sent behind the bot's earlier replies
             self._reply_text(text, self.jid, tuple(state.instances))
         await self._commit()
@@ -387,16 +409,16 @@ class ConversationActor:
             status=("paused" if state.pause_reason == "operator" else "takeover") if paused else finished,
             status_until=state.paused_until if paused else 0.0,
             status_after=finished,
-            scope=state.instance,
+            scope=self.instance,
         )
 
     # -- effects -----------------------------------------------------------------------------------
 
     def _reply(self, message: InboundMessage, text: str) -> None:
         self.state.replies_out += 1
-        self.state.window.append(bounded_entry(self._ctx.settings, ASSISTANT, text, self.state.last_activity))
-        truncate(self._ctx.settings, self.state.window)
-        self._reply_text(text, message.jid, sender_instances(self._ctx.settings, message))
+        self.state.window.append(bounded_entry(self.tenant.settings, ASSISTANT, text, self.state.last_activity))
+        truncate(self.tenant.settings, self.state.window)
+        self._reply_text(text, message.jid, sender_instances(self._ctx.tenants, message))
 
     def _reply_text(self, text: str, jid: str, instances: tuple[str, ...]) -> None:
         self._outbox.append(("reply", {"jid": jid, "text": text, "instances": list(instances)}))
@@ -408,13 +430,14 @@ class ConversationActor:
         crm = self._crm
         if crm is not None:
             outbox.append(("crm", attrs.asdict(crm)))
-        ids = await ctx.store.commit(self.jid, self.state.to_bytes(), self.meta(), acked=list(self._acked),
+        ids = await ctx.store.commit(self.key, self.state.to_bytes(), self.meta(), acked=list(self._acked),
                                      outbox=outbox)
         self._outbox, self._acked, self._crm = (), (), None
         for (kind, payload), row_id in zip(outbox, ids):
             if kind == "reply":
                 ctx.outbound.submit(OutboundMessage(
                     jid=payload["jid"], text=payload["text"], instances=tuple(payload["instances"]), outbox_id=row_id,
+                    key=self.key,
                 ))
             elif kind == "crm" and crm is not None and ctx.crm is not None:
                 ctx.crm.submit(attrs.evolve(crm, job_id=row_id))

@@ -48,3 +48,8 @@ def phone_of(jid: str) -> str | None:
     """The phone digits of a ``@s.whatsapp.net`` JID; None for @lid and anything else (never guessed)."""
     m = _USER.match(jid)
     return m.group(1) if m else None
+
+
+def is_group(jid: str) -> bool:
+    """Whether ``jid`` is a group chat."""
+    return jid.endswith("@g.us")

@@ -47,6 +47,18 @@ class ServiceCollector(Collector):
             busy.add_metric([reason], count)
         yield busy
 
+        per_instance = sorted(svc.per_instance.items())
+        for index, (name, doc) in enumerate((
+            ("agent_instance_messages_in", "Customer and operator messages accepted, by instance"),
+            ("agent_instance_replies_out", "Replies sent, by instance"),
+            ("agent_instance_turns", "Turns answered, by instance"),
+        )):
+            counter = CounterMetricFamily(name, doc + " (configured instances and the default one; the rest: other)",
+                                          labels=["instance"])
+            for instance, counts in per_instance:
+                counter.add_metric([instance], counts[index])
+            yield counter
+
         registry = svc.registry
         if registry is not None:
             stats = registry.statistics()

@@ -1,14 +1,16 @@
-"""The service graph: store, LLM chain, outbound and CRM supervisors, and the actor registry.
+"""The service graph: store, tenants (per-instance settings and LLM chains), outbound and CRM
+supervisors, and the actor registry.
 
 ``Service.run`` owns one nursery holding every supervisor and the registry (structured
-concurrency: nothing outlives it). ``Service.intake`` is what ``/webhook`` calls.
+concurrency: nothing outlives it). ``Service.intake`` is what ``/webhook`` calls. A conversation
+is (instance, chat): its actor and store key is ``ConversationKey(instance, jid).key``.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import attrs
 import httpx
@@ -24,18 +26,22 @@ from runtime.store import OutboxRow, Store, StoreError
 
 from .admin_view import Activity
 from .conversation import Accepted, Control, ConversationActor, ConversationContext
+from .conversation_key import ConversationKey
 from .conversation_view import ConversationView
 from .crm import CrmSupervisor, LeadRequest
 from .evolution import Ignored, parse_webhook
 from .inbound import InboundMessage
 from .instances import unknown_instance
-from .llm.chain import ProviderChain, build_chain
+from .jid import is_group
+from .llm.accounts import ChainPool
+from .llm.chain import ProviderChain
 from .metrics import Metrics
 from .new_chats import NewChatLimiter
 from .outbound import Delivery, OutboundMessage, OutboundSender
-from .prompts import texts_for
+from .prompts import Texts, texts_for
 from .settings import Settings
 from .state import ConversationState, state_dict
+from .tenants import Tenant, Tenants, default_instance
 
 log = logging.getLogger(__name__)
 GC_THRESHOLDS = (10_000, 20, 20)   # gc.set_threshold once the service is up (the default is 700, 10, 10)
@@ -44,6 +50,14 @@ GC_THRESHOLDS = (10_000, 20, 20)   # gc.set_threshold once the service is up (th
 MAX_EVENT_REASONS = 16
 BUSY_RETRY_AFTER = 1       # seconds: webhooks past INTAKE_MAX_IN_FLIGHT wait for a group commit or two
 BACKLOG_RETRY_AFTER = 10   # seconds: the outbound backlog drains at OUTBOUND_RATE_PER_INSTANCE (20/s by default)
+
+
+class AmbiguousChat(Exception):
+    """A JID with a conversation in several instances, asked for without ``instance``."""
+
+    def __init__(self, jid: str, instances: list[str]) -> None:
+        super().__init__(f"{jid} has conversations in several instances: pass ?instance=")
+        self.instances = instances
 
 
 @attrs.frozen
@@ -66,7 +80,9 @@ def make_store(settings: Settings) -> Store:
     if storage.kind == "sqlite":
         from runtime.sqlite_store import SqliteStore
 
-        return SqliteStore(storage.data_dir / "agent.sqlite3")
+        default = default_instance(settings)
+        return SqliteStore(storage.data_dir / "agent.sqlite3", legacy_key_prefix=ConversationKey(default, "").key,
+                           legacy_scope=default)
     return MemoryStore()
 
 
@@ -74,17 +90,23 @@ class Service:
     """Builds and runs the whole actor system for one process."""
 
     def __init__(self, settings: Settings, *, store: Store | None = None, chain: ProviderChain | None = None,
-                 instances: dict[str, Settings] | None = None) -> None:
-        """``store`` and ``chain`` default to the configured ones (tests inject their own).
-        ``instances``: each configured instance's effective settings (actors/settings/instances.py);
-        empty: single-tenant."""
+                 instances: Mapping[str, Settings] | None = None) -> None:
+        """``store`` and ``chain`` default to the configured ones (tests inject their own: an
+        injected chain serves every instance); ``instances``: each configured instance's effective
+        settings (the instances file, actors/settings/instances.py), none for a single-tenant
+        deployment. Instances on one provider account share its supervisor (``ChainPool``)."""
         self.settings = settings
-        self.instances: dict[str, Settings] = dict(instances or {})
-        self.texts = texts_for(settings.conversation.language, settings.conversation.agent_instruction)
+        self.pool: ChainPool | None = None
+        if chain is None:
+            pool = self.pool = ChainPool()
+            factory: Callable[[Settings], ProviderChain] = lambda s: pool.chain_for(
+                s, texts_for(s.conversation.language).polite_error)
+        else:
+            factory = lambda _: chain
+        self.tenants = Tenants(settings, instances, chain_factory=factory)
         self.store: Store = store if store is not None else make_store(settings)
         self.ready = False
         self.clock: Clock | None = None
-        self.chain: ProviderChain | None = chain
         self.outbound: OutboundSender | None = None
         self.crm: CrmSupervisor | None = None
         self.registry: Registry[Accepted] | None = None
@@ -98,11 +120,40 @@ class Service:
         self.storing = 0                     # webhooks past screening and not yet answered (INTAKE_MAX_IN_FLIGHT)
         self._refusals_warned = float("-inf")   # trio time of the last such warning (one a minute at most)
         self._new_chats_warned = float("-inf")   # trio time of the last warning (one a minute at most)
-        self._aliases: dict[str, str] = {}   # @lid ↔ phone JID of one chat → its actor key
+        self._aliases: dict[str, str] = {}   # (instance, @lid ↔ phone JID) of one chat, as a key → its actor key
         self._alias_lock = trio.Lock()       # one resolution at a time: both forms never spawn two actors
         self.failure: str | None = None      # set when run() died of an error: /health reports it
         self.metrics = Metrics(self)
         self.activity = Activity()           # messages in / replies out per minute (admin console)
+        self.per_instance: dict[str, list[int]] = {}   # metric label → [messages in, replies out, turns]
+
+    @property
+    def chain(self) -> ProviderChain:
+        """The default instance's LLM chain (the global settings')."""
+        return self.tenants.default.chain
+
+    @property
+    def texts(self) -> Texts:
+        """The global settings' texts."""
+        return self.tenants.default.texts
+
+    def instance_label(self, instance: str) -> str:
+        """A metric's ``instance`` label: configured instances and the default one by name, the rest
+        ``other`` (webhooks name instances: the label's values stay bounded)."""
+        if instance == self.tenants.default_instance or self.tenants.for_instance(instance).configured:
+            return instance
+        return OTHER
+
+    def count(self, instance: str, *, inbound: int = 0, outbound: int = 0, turns: int = 0) -> None:
+        """The per-instance conversation counters (messages in, replies out, turns)."""
+        row = self.per_instance.setdefault(self.instance_label(instance), [0, 0, 0])
+        row[0] += inbound
+        row[1] += outbound
+        row[2] += turns
+
+    def _observe_turn(self, instance: str, seconds: float) -> None:
+        self.metrics.turn_seconds.observe(seconds)
+        self.count(instance, turns=1)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -119,17 +170,19 @@ class Service:
         timeout = httpx.Timeout(settings.server.http_timeout)
         try:
             async with httpx.AsyncClient(timeout=timeout, limits=limits) as http:
-                if self.chain is None:
-                    self.chain = build_chain(settings, self.texts.polite_error)
-                self.outbound = OutboundSender(settings, http=http, on_settled=self._reply_settled)
-                self.crm = CrmSupervisor(settings, http=http, on_lead=self._lead_created, on_done=self._crm_done)
+                settings_for = self._settings_for
+                self.outbound = OutboundSender(settings, http=http, on_settled=self._reply_settled,
+                                               settings_for=settings_for)
+                crm_enabled = any(t.settings.crm.crm_enabled for t in self.tenants.all())
+                self.crm = CrmSupervisor(settings, http=http, on_lead=self._lead_created, on_done=self._crm_done,
+                                         settings_for=settings_for, enabled=crm_enabled)
                 context = ConversationContext(
-                    settings=settings, texts=self.texts, chain=self.chain, outbound=self.outbound,
-                    store=self.store, clock=self.clock, crm=self.crm if settings.crm.crm_enabled else None,
-                    observe_turn=self.metrics.turn_seconds.observe,
+                    settings=settings, tenants=self.tenants, outbound=self.outbound,
+                    store=self.store, clock=self.clock, crm=self.crm if crm_enabled else None,
+                    observe_turn=self._observe_turn,
                 )
                 self.registry = Registry(
-                    lambda jid: ConversationActor(jid, context),
+                    lambda key: ConversationActor(key, context),
                     clock=self.clock,
                     mailbox_size=settings.conversation.mailbox_size,
                     idle_ttl=settings.conversation.actor_idle_ttl,
@@ -140,7 +193,7 @@ class Service:
                 async with trio.open_nursery() as nursery:
                     self._cancel = nursery.cancel_scope
                     await nursery.start(LogCompressor().run)
-                    await nursery.start(self.chain.run)   # owns the LLM chain's hedged half-open probes
+                    await nursery.start(self.tenants.run)   # owns the LLM chains (hedged half-open probes), closes them
                     await nursery.start(self.outbound.run)
                     await nursery.start(self.crm.run)
                     await nursery.start(self.registry.run)
@@ -154,15 +207,16 @@ class Service:
                     gc.freeze()
                     gc.set_threshold(*GC_THRESHOLDS)
                     self.ready = True
-                    log.info("Service ready: provider chain %s, store %s, outbound %s",
+                    log.info("Service ready: provider chain %s, store %s, outbound %s, instances %s",
                              " → ".join(settings.llm.provider_order), settings.storage.kind,
-                             "evolution" if settings.outbound.evolution_api_url else "local outbox")
+                             "evolution" if settings.outbound.evolution_api_url else "local outbox",
+                             ", ".join(self.tenants.names) or f"{self.tenants.default_instance} (single)")
                     task_status.started()
         finally:
             self.ready = False
             with trio.CancelScope(shield=True):
-                if self.chain is not None:
-                    await self.chain.aclose()
+                if self.pool is not None:
+                    await self.pool.aclose()   # the shared SDK clients (Tenants closed the chains)
                 await self.store.close()
 
     async def shutdown(self, grace: float) -> None:
@@ -200,9 +254,9 @@ class Service:
         if row.kind == "reply":
             p = row.payload
             self.outbound.submit(OutboundMessage(jid=p["jid"], text=p["text"], instances=tuple(p["instances"]),
-                                                 outbox_id=row.id))
+                                                 outbox_id=row.id, key=row.key))
         elif row.kind == "crm":
-            request = attrs.evolve(LeadRequest(**row.payload), job_id=row.id)
+            request = attrs.evolve(LeadRequest(**row.payload), job_id=row.id, key=row.key)
             saved = await self.store.load(row.key)
             lead_id = (state_dict(saved) if saved is not None else {}).get("lead", {}).get("lead_id")
             if lead_id is not None and request.lead_id is None:
@@ -222,7 +276,7 @@ class Service:
 
     async def intake(self, payload: Any) -> IntakeResult:
         """Validate, dedupe, store and deliver one webhook. Raises WebhookError for a bad body."""
-        message = parse_webhook(payload, groups_enabled=self.settings.conversation.groups_enabled)
+        message = parse_webhook(payload, groups_enabled=self._groups_anywhere())
         if isinstance(message, Ignored):
             return self._ignore(message.reason)
         self.received += 1
@@ -286,11 +340,32 @@ class Service:
             return self._ignore("duplicate")
         registry.deliver(key, Accepted(seq, message, trio.current_time()), reserved=True)
         self.activity.count(inbound=1)
-        return IntakeResult(200, {"status": "accepted", "jid": key})
+        parts = ConversationKey.parse(key)
+        self.count(parts.instance, inbound=1)
+        return IntakeResult(200, {"status": "accepted", "jid": parts.jid, "instance": parts.instance})
+
+    def _settings_for(self, instance: str) -> Settings:
+        return self.tenants.for_instance(instance).settings
+
+    def _groups_anywhere(self) -> bool:
+        """Whether any instance answers groups (each webhook is then screened by its own instance's)."""
+        return any(t.settings.conversation.groups_enabled for t in self.tenants.all())
+
+    def instance_of(self, message: InboundMessage) -> str:
+        """The instance a message's conversation belongs to: the webhook's, else the default one."""
+        return message.instance or self.tenants.default_instance
+
+    def tenant_of(self, message: InboundMessage) -> Tenant:
+        return self.tenants.for_instance(self.instance_of(message))
 
     def _screen(self, message: InboundMessage) -> str | None:
-        """Why a well-formed message is not for the bot (ignore/allow lists, unreadable media), or None."""
-        settings = self.settings
+        """Why a well-formed message is not for the bot (unknown instance, groups, ignore/allow
+        lists, unreadable media: each instance's own), or None."""
+        if unknown_instance(self.tenants, message):
+            return "unknown_instance"
+        settings = self.tenant_of(message).settings
+        if is_group(message.jid) and not settings.conversation.groups_enabled:
+            return "group"
         names = {message.jid, message.alt_jid} - {""}
         kinds = {"@" + message.jid.split("@", 1)[1]}
         if names & set(settings.conversation.ignore_jids) or kinds & set(settings.conversation.ignore_jids):
@@ -299,8 +374,6 @@ class Service:
             return "not in allow list"
         if message.kind == "media" and not settings.conversation.unknown_message_text and not message.from_me:
             return "no text"
-        if unknown_instance(settings, message):
-            return "unknown_instance"
         return None
 
     async def _new_chat_wait(self, key: str, message: InboundMessage) -> int | None:
@@ -317,43 +390,49 @@ class Service:
         return wait
 
     async def _actor_key(self, message: InboundMessage) -> str:
-        """One actor per chat, whichever of its two forms (@lid or phone JID) a message uses: once a
-        message names both, the form that already has a conversation (live or stored) keeps it.
+        """One actor per (instance, chat), whichever of the chat's two forms (@lid or phone JID) a
+        message uses: once a message names both, the form that already has a conversation (live or
+        stored) in that instance keeps it.
 
         Resolutions that need the store run one at a time, so two first messages arriving together
         in the two forms agree on one key."""
-        key = self._aliases.get(message.jid)
+        instance = self.instance_of(message)
+        mine = ConversationKey(instance, message.jid).key
+        key = self._aliases.get(mine)
         if key is not None or not message.alt_jid:
-            return key or message.jid
+            return key or mine
         async with self._alias_lock:
-            return await self._resolve_alias(message)
+            return await self._resolve_alias(mine, ConversationKey(instance, message.alt_jid).key)
 
-    async def _resolve_alias(self, message: InboundMessage) -> str:
-        key = self._aliases.get(message.jid)
+    async def _resolve_alias(self, mine: str, alt_form: str) -> str:
+        key = self._aliases.get(mine)
         if key is not None:
             return key
-        alt = self._aliases.get(message.alt_jid, message.alt_jid)
-        mine_exists = self.registry is not None and message.jid in self.registry
+        alt = self._aliases.get(alt_form, alt_form)
+        mine_exists = self.registry is not None and mine in self.registry
         alt_exists = self.registry is not None and alt in self.registry
         if not mine_exists and not alt_exists:
-            mine_exists = await self.store.load(message.jid) is not None
+            mine_exists = await self.store.load(mine) is not None
             alt_exists = not mine_exists and await self.store.load(alt) is not None
-        key = alt if alt_exists and not mine_exists else message.jid
-        self._aliases[message.jid] = key
-        self._aliases[message.alt_jid] = key
+        key = alt if alt_exists and not mine_exists else mine
+        self._aliases[mine] = key
+        self._aliases[alt_form] = key
         return key
 
-    async def control(self, jid: str, command: str, value: Any = None, *, wait: float = 5.0) -> bool:
-        """Queue an admin command (pause | resume | reset) in the chat's mailbox, in order with its
-        messages; True once the actor handled it within ``wait`` seconds. Raises MailboxFull/ShuttingDown."""
-        return (await self.command(jid, command, value, wait=wait)).done.is_set()
+    async def control(self, key: str, command: str, value: Any = None, *, wait: float = 5.0) -> bool:
+        """Queue an admin command (pause | resume | reset) in the conversation's mailbox, in order
+        with its messages; True once the actor handled it within ``wait`` seconds. ``key``: a
+        conversation key, or a JID known in one instance only (``resolve``). Raises MailboxFull/ShuttingDown."""
+        return (await self.command(key, command, value, wait=wait)).done.is_set()
 
-    async def command(self, jid: str, command: str, value: Any = None, *, wait: float = 5.0) -> Control:
+    async def command(self, key: str, command: str, value: Any = None, *, wait: float = 5.0) -> Control:
         """Like ``control``, returning the order: ``done`` once handled within ``wait`` seconds,
         ``applied`` unless the chat's actor was stopped (then it was answered, not carried out)."""
         assert self.registry is not None
+        if ConversationKey.parse(key).instance == "":
+            key = await self.resolve(key) or ConversationKey(self.tenants.default_instance, key).key
         order = Control(command, value)
-        self.registry.deliver(self._aliases.get(jid, jid), order)
+        self.registry.deliver(self._aliases.get(key, key), order)
         with trio.move_on_after(wait):
             await order.done.wait()
         return order
@@ -372,7 +451,7 @@ class Service:
     async def _reply_settled(self, message: OutboundMessage, delivery: Delivery) -> None:
         """Settle the reply's outbox row; the ids Evolution gave it go to the chat's actor through
         its mailbox (only the actor touches its state), when it is live."""
-        key = self._aliases.get(message.jid, message.jid)
+        key = self._aliases.get(message.chat, message.chat)
         if delivery.message_ids and self.registry is not None and key in self.registry:
             try:
                 self.registry.deliver(key, Control("sent", list(delivery.message_ids)), force=True, touch=False)
@@ -380,6 +459,7 @@ class Service:
                 log.debug("Outbound: %s's send ids not recorded (the registry stopped)", key)
         if delivery.status == "sent":
             self.activity.count(outbound=1)
+            self.count(message.tenant, outbound=1)
         if message.outbox_id is None:
             return
         if delivery.status == "sent":
@@ -395,13 +475,13 @@ class Service:
         else:
             await self.store.settle(request.job_id)
 
-    async def _lead_created(self, jid: str, lead_id: int) -> None:
+    async def _lead_created(self, key: str, lead_id: int) -> None:
         """Record the lead id through the chat's mailbox, so it is saved in order with its turns
         (during a drain too: the drain waits for it), never by writing the stored state directly."""
         order = Control("lead", lead_id)
         if self.registry is None:
             return
-        self.registry.deliver(jid, order, force=True, touch=False)
+        self.registry.deliver(key, order, force=True, touch=False)
         await order.done.wait()
 
     async def _expire_stored(self, idle_before: float) -> None:
@@ -414,45 +494,110 @@ class Service:
     # -- admin reads -------------------------------------------------------------------------
 
     async def window_sizes(self) -> dict[str, int]:
-        """Messages in the window of every conversation, stored or live (the seed's ``/memory``).
+        """Messages in the window of every conversation, stored or live, by conversation key.
 
         Cheap with many chats: stored lengths are the size each commit gave the store, live ones
         come from ``len`` (which never thaws a hibernating window)."""
         sizes = await self.store.sizes()
         registry = self.registry
         if registry is not None:
-            for jid in registry.keys():
-                actor = registry.actor(jid)
+            for key in registry.keys():
+                actor = registry.actor(key)
                 if isinstance(actor, ConversationActor):
-                    sizes[jid] = len(actor.state.window)
+                    sizes[key] = len(actor.state.window)
         return sizes
 
-    async def conversation_state(self, jid: str) -> tuple[dict[str, Any], bool] | None:
-        """(state dict, live) for a chat: from its live actor, else from the store."""
+    async def memory(self, instance: str | None = None) -> dict[str, Any]:
+        """The seed's ``/memory``: ``{jid: count}`` for one instance (``instance``, or a deployment
+        whose conversations are all in one instance and that configures none), else
+        ``{instance: {jid: count}}`` (docs/behaviour.md §8.2)."""
+        nested: dict[str, dict[str, int]] = {}
+        for key, size in sorted((await self.window_sizes()).items()):
+            parts = ConversationKey.parse(key)
+            nested.setdefault(parts.instance, {})[parts.jid] = size
+        if instance is not None:
+            return nested.get(instance, {})
+        if self.tenants.names or len(nested) > 1:
+            return nested
+        return next(iter(nested.values()), {})
+
+    async def instances_of(self, jid: str) -> list[str]:
+        """The instances in which ``jid`` has a conversation (live or stored), sorted."""
+        found = {ConversationKey.parse(key).instance for key in self.registry.keys()
+                 if ConversationKey.parse(key).jid == jid} if self.registry is not None else set()
+        # the configured and default instances first; the page's scopes (every instance with a
+        # stored conversation) name the rest: at most two lookups by key, never a scan
+        checked: set[str] = set()
+        candidates = {self.tenants.default_instance, *self.tenants.names}
+        while candidates:
+            keys = [ConversationKey(i, jid).key for i in sorted(candidates)]
+            page = await self.store.listing(now=0.0, keys=keys, limit=len(keys))
+            found |= {ConversationKey.parse(row.key).instance for row in page.rows}
+            checked |= candidates
+            candidates = set(page.scopes) - checked
+        return sorted(found)
+
+    async def resolve(self, jid: str, instance: str | None = None) -> str | None:
+        """The conversation key of ``jid`` in ``instance``, or in the one instance it is known in
+        when ``instance`` is None; None when there is no such conversation. Raises AmbiguousChat
+        when ``instance`` is None and the JID is known in several."""
+        if instance is not None:
+            key = ConversationKey(instance, jid).key
+            return key if await self.conversation_state(key) is not None else None
+        instances = await self.instances_of(jid)
+        if len(instances) > 1:
+            raise AmbiguousChat(jid, instances)
+        return ConversationKey(instances[0], jid).key if instances else None
+
+    async def conversation_state(self, key: str) -> tuple[dict[str, Any], bool] | None:
+        """(state dict, live) for a conversation key (or a JID known in one instance only, see
+        ``resolve``): from its live actor, else from the store."""
+        if ConversationKey.parse(key).instance == "":
+            found = await self.resolve(key)
+            if found is None:
+                return None
+            key = found
         registry = self.registry
-        if registry is not None and jid in registry:
-            actor = registry.actor(jid)
+        if registry is not None and key in registry:
+            actor = registry.actor(key)
             if isinstance(actor, ConversationActor):
                 return actor.state.to_dict(), True
-        saved = await self.store.load(jid)
+        saved = await self.store.load(key)
         return (state_dict(saved), False) if saved is not None else None
 
-    async def conversation(self, jid: str) -> ConversationView | None:
-        """A chat's conversation (None when there is none), with the registry's facts about its
-        actor when it is live."""
-        found = await self.conversation_state(jid)
+    async def conversation(self, key: str) -> ConversationView | None:
+        """A conversation (None when there is none), with the registry's facts about its actor
+        when it is live. ``key``: a conversation key (or a JID known in one instance only)."""
+        if ConversationKey.parse(key).instance == "" and (resolved := await self.resolve(key)) is not None:
+            key = resolved
+        found = await self.conversation_state(key)
         if found is None:
             return None
         state, live = found
-        actor = self.registry.actor_statistics(jid) if live and self.registry is not None else None
-        return ConversationView.of(jid, ConversationState.from_dict(state), live=live, actor=actor)
+        actor = self.registry.actor_statistics(key) if live and self.registry is not None else None
+        parts = ConversationKey.parse(key)
+        view = ConversationView.of(parts.jid, ConversationState.from_dict(state), live=live, actor=actor)
+        return attrs.evolve(view, instance=parts.instance)
 
-    def live_actors(self, after: str | None, limit: int) -> tuple[list[ActorStatistics], str | None]:
+    def live_actors(self, after: str | None, limit: int,
+                    instance: str | None = None) -> tuple[list[ActorStatistics], str | None]:
         """Up to ``limit`` live actors after the key ``after`` in key order (each one's ``state`` is
-        its ConversationSnapshot), and the cursor of the next page (None on the last)."""
+        its ConversationSnapshot), only ``instance``'s when given, and the cursor of the next page
+        (None on the last)."""
         registry = self.registry
         if registry is None:
             return [], None
-        keys = registry.page(after, limit + 1)
+        if instance is None:
+            keys = registry.page(after, limit + 1)
+        else:   # an instance's keys are contiguous in key order, from "<instance>/"
+            prefix = ConversationKey(instance, "").key
+            keys, cursor = [], max(after or "", prefix) if after is not None else prefix
+            while len(keys) <= limit:
+                chunk = registry.page(cursor, limit + 1)
+                keys += [k for k in chunk if k.startswith(prefix) and ConversationKey.parse(k).instance == instance]
+                if len(chunk) <= limit or not chunk[-1].startswith(prefix):
+                    break
+                cursor = chunk[-1]
+            keys = keys[:limit + 1]
         page = [stats for key in keys[:limit] if (stats := registry.actor_statistics(key)) is not None]
         return page, keys[limit - 1] if len(keys) > limit else None

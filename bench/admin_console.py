@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from actors.conversation_key import ConversationKey  # noqa: E402
 from runtime.sqlite_store import SqliteStore  # noqa: E402
 from runtime.store import StateMeta  # noqa: E402
 from seed_store import state_for  # noqa: E402
@@ -50,7 +51,7 @@ async def seed(path: Path, chats: int) -> None:
             for user in range(start, stop):
                 state = state_for(user, 50, 150, now - user)   # distinct activity times: a real order
                 status = STATES[user % len(STATES)]
-                await store.commit(jid_of(user), state.to_bytes(), StateMeta(
+                await store.commit(ConversationKey("prueba-py-agent", jid_of(user)).key, state.to_bytes(), StateMeta(
                     last_activity=state.last_activity, size=len(state.window),
                     title=f"Cliente {user}", preview=state.window.last_content()[:120], status=status,
                     status_until=now + 3600 if status in ("paused", "takeover") else 0.0, scope="prueba-py-agent"))

@@ -6,7 +6,8 @@ Uses the service's own ``SqliteStore`` and ``ConversationState`` so the states a
 service writes (their meta: last activity and window length, an empty listing record): ``window``
 holds ``--window`` entries alternating user / assistant, each ``--chars`` characters long (ASCII,
 distinct per entry), ``last_activity`` now. Chats are ``bench/loadgen.py``'s
-``jid_of(u)`` for u in [first, first + actors). One webhook per chat then makes the service spawn
+``jid_of(u)`` for u in [first, first + actors), in ``--instance`` (loadgen's ``bench``): their keys are
+the conversation keys ``<instance>/<jid>`` the service will look for. One webhook per chat then makes the service spawn
 the actor, load that window, add the new message and the reply and truncate back to the window:
 N live actors holding full windows for N webhooks instead of 25 x N.
 """
@@ -25,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from actors.controls import SENT_IDS_KEPT  # noqa: E402
+from actors.conversation_key import ConversationKey  # noqa: E402
 from actors.state import ASSISTANT, USER, ConversationState, LeadInfo, WindowEntry  # noqa: E402
 from loadgen import FILLER, jid_of  # noqa: E402
 from runtime.sqlite_store import SqliteStore  # noqa: E402
@@ -44,7 +46,7 @@ def state_for(user: int, window: int, chars: int, now: float) -> ConversationSta
                              sent_ids=sent_ids)
 
 
-async def seed(data_dir: Path, first: int, actors: int, window: int, chars: int) -> None:
+async def seed(data_dir: Path, first: int, actors: int, window: int, chars: int, instance: str = "bench") -> None:
     store = SqliteStore(data_dir / "agent.sqlite3", synchronous="NORMAL")
     await store.open()
     now = time.time()
@@ -52,7 +54,8 @@ async def seed(data_dir: Path, first: int, actors: int, window: int, chars: int)
         async def writer(start: int, stop: int) -> None:
             for user in range(start, stop):
                 state = state_for(user, window, chars, now)
-                await store.commit(jid_of(user), state.to_bytes(), StateMeta(last_activity=now, size=window))
+                await store.commit(ConversationKey(instance, jid_of(user)).key, state.to_bytes(),
+                                   StateMeta(last_activity=now, size=window, scope=instance))
 
         step = max(1, actors // 128)
         async with trio.open_nursery() as nursery:
@@ -69,9 +72,10 @@ def main() -> None:
     parser.add_argument("--first", type=int, default=0)
     parser.add_argument("--window", type=int, default=50)
     parser.add_argument("--chars", type=int, default=150)
+    parser.add_argument("--instance", default="bench", help="the instance the chats belong to (loadgen's)")
     args = parser.parse_args()
     started = time.monotonic()
-    trio.run(seed, args.data_dir, args.first, args.actors, args.window, args.chars)
+    trio.run(seed, args.data_dir, args.first, args.actors, args.window, args.chars, args.instance)
     print(f"seeded {args.actors} conversations x {args.window} messages of {args.chars} chars "
           f"in {time.monotonic() - started:.1f}s", flush=True)
 

@@ -87,6 +87,7 @@ class SqliteEngine:
     """One SQLite file, one connection, group commit (see the module docstring).
 
     ``migrations[n]`` brings the schema from version n-1 to n (versions 1, 2, … up to the newest);
+    its statements may name parameters (``:name``) given by ``migration_parameters``;
     ``kind`` says what the file should be (e.g. "an agent store"), for the error a file without a
     schema version gets.
     Subclasses run their operations with ``_call``."""
@@ -97,6 +98,7 @@ class SqliteEngine:
         *,
         migrations: Mapping[int, Sequence[str]],
         kind: str,
+        migration_parameters: Mapping[str, Any] | None = None,
         batch_max: int = 256,
         synchronous: Synchronous = "FULL",
         clock: Callable[[], float] = time.time,
@@ -113,6 +115,7 @@ class SqliteEngine:
         self.transactions = 0
         """Transactions run so far (one per group commit)."""
         self._migrations = migrations
+        self._migration_parameters = dict(migration_parameters or {})
         self._schema_version = len(migrations)
         self._kind = kind
         self._clock = clock
@@ -343,5 +346,5 @@ class SqliteEngine:
             raise StoreError(f"{self.path}: schema version {version} is newer than this code supports ({newest})")
         for step in range(version + 1, newest + 1):
             for statement in self._migrations[step]:
-                conn.execute(statement)
+                conn.execute(statement, self._migration_parameters)
             conn.execute("UPDATE schema_version SET version = ?", (step,))

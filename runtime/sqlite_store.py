@@ -70,6 +70,14 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "DROP TABLE states",
         "ALTER TABLE blobs RENAME TO states",
     ),
+    6: (  # keys gain a prefix (the service's keys became "<instance>/<chat>"): every key written by
+          # schema 5 or older (none has a "/") gets the store's legacy_key_prefix, in every table,
+          # and its listing scope becomes legacy_scope; an empty prefix leaves them as they are
+        *(f"UPDATE {table} SET key = :legacy_key_prefix || key WHERE :legacy_key_prefix != '' AND instr(key, '/') = 0"
+          for table in ("states", "seqs", "inbox", "outbox", "dead_letters")),
+        "UPDATE meta SET key = :legacy_key_prefix || key, search = :legacy_search_prefix || search,"
+        " scope = :legacy_scope WHERE :legacy_key_prefix != '' AND instr(key, '/') = 0",
+    ),
 }
 SCHEMA_VERSION = len(MIGRATIONS)
 # The status in force at :now (see StateMeta.status_at).
@@ -97,9 +105,15 @@ class SqliteStore(SqliteEngine):
         batch_max: int = 256,
         synchronous: Synchronous = "FULL",
         clock: Callable[[], float] = time.time,
+        legacy_key_prefix: str = "",
+        legacy_scope: str = "",
     ) -> None:
+        """``legacy_key_prefix``: what keys written by schema 5 or older get in front (migration 6;
+        keys written since contain a "/" and are left alone), with ``legacy_scope`` as their scope."""
+        parameters = {"legacy_key_prefix": legacy_key_prefix, "legacy_search_prefix": legacy_key_prefix.lower(),
+                      "legacy_scope": legacy_scope}
         super().__init__(path, migrations=MIGRATIONS, kind="an agent store", batch_max=batch_max,
-                         synchronous=synchronous, clock=clock)
+                         synchronous=synchronous, clock=clock, migration_parameters=parameters)
         self.dedupe_ttl = dedupe_ttl
 
     def _housekeeping(self, conn: sqlite3.Connection, now: float) -> None:

@@ -4,8 +4,10 @@
 Each line you type is POSTed to /webhook as a real Evolution API ``messages.upsert`` payload;
 the bot's replies are read back from the local outbox (``/outbox``, the embedded default when
 EVOLUTION_API_URL is unset). Commands: ``/state`` shows the conversation state, ``/quit`` exits.
+``--instance`` is the Evolution instance (WhatsApp number) the messages come to: with an instances
+file, one of its instances, so that its assistant answers.
 
-    python scripts/chat.py [--url http://127.0.0.1:5000] [--phone 5491131376731] [--name Juan]
+    python scripts/chat.py [--url http://127.0.0.1:5000] [--phone 5491131376731] [--name Juan] [--instance acme-bot]
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ from typing import Any
 import httpx
 
 
-def payload(jid: str, text: str, name: str, message_id: str) -> dict[str, Any]:
+def payload(jid: str, text: str, name: str, message_id: str, instance: str) -> dict[str, Any]:
     return {
         "event": "messages.upsert",
-        "instance": "chat-console",
+        "instance": instance,
         "data": {
             "key": {"remoteJid": jid, "fromMe": False, "id": message_id},
             "pushName": name,
@@ -40,6 +42,8 @@ def main() -> int:
     parser.add_argument("--url", default=os.environ.get("AGENT_URL", f"http://127.0.0.1:{os.environ.get('PORT', '5000')}"))
     parser.add_argument("--phone", default="5491131376731", help="the customer's phone digits")
     parser.add_argument("--name", default="Juan", help="the customer's WhatsApp name (pushName)")
+    parser.add_argument("--instance", default="chat-console",
+                        help="the Evolution instance the messages come to (an instances file's name)")
     parser.add_argument("--wait", type=float, default=30.0, help="seconds to wait for a turn to finish")
     args = parser.parse_args()
 
@@ -54,14 +58,18 @@ def main() -> int:
         print(f"The service is not reachable at {args.url}: {exc}", file=sys.stderr)
         return 1
 
+    def state() -> httpx.Response:
+        """This conversation (the chat in ``--instance``) as ``/actors/{jid}`` shows it."""
+        return client.get(f"/actors/{jid}", params={"instance": args.instance})
+
     def counters() -> tuple[int, int]:
         """(messages handled, replies sent) of this chat's conversation."""
-        response = client.get(f"/actors/{jid}")
+        response = state()
         if response.status_code == 404:
             return 0, 0
         response.raise_for_status()
-        state = response.json()["state"]
-        return int(state["messages_in"]), int(state["replies_out"])
+        fields = response.json()["state"]
+        return int(fields["messages_in"]), int(fields["replies_out"])
 
     def outbox_after(seq: int) -> list[dict[str, Any]]:
         response = client.get("/outbox", params={"jid": jid, "after": seq})
@@ -70,7 +78,8 @@ def main() -> int:
 
     last_seq = max((e["seq"] for e in outbox_after(0)), default=0)
     ids = (f"CHAT{int(time.time())}{n:06d}" for n in itertools.count())
-    print(f"Chatting as {args.name} ({jid}) with {args.url}. /state shows the conversation, /quit exits.")
+    print(f"Chatting as {args.name} ({jid}) with {args.url}, instance {args.instance}. "
+          "/state shows the conversation, /quit exits.")
     while True:
         try:
             text = input("tú> ").strip()
@@ -82,10 +91,10 @@ def main() -> int:
         if text == "/quit":
             return 0
         if text == "/state":
-            print(json.dumps(client.get(f"/actors/{jid}").json(), ensure_ascii=False, indent=2))
+            print(json.dumps(state().json(), ensure_ascii=False, indent=2))
             continue
         handled, replied = counters()
-        response = client.post("/webhook", json=payload(jid, text, args.name, next(ids)))
+        response = client.post("/webhook", json=payload(jid, text, args.name, next(ids), args.instance))
         if response.status_code != 200 or response.json().get("status") != "accepted":
             print(f"[webhook answered {response.status_code}: {response.text}]")
             continue

@@ -10,12 +10,18 @@ import pytest
 import trio
 from quart_trio.testing import TrioClient
 
+from actors.conversation_key import ConversationKey
 from actors.llm.base import Provider
 from actors.llm.chain import ProviderChain
 from actors.prompts import texts_for
 from actors.service import Service
 from actors.settings import Settings, load_settings
 
+
+
+def key_of(jid: str, instance: str = "prueba-py-agent") -> str:
+    """The conversation key of ``jid`` in ``instance`` (the instance of tests/payloads.py's webhooks)."""
+    return ConversationKey(instance, jid).key
 
 
 def make_settings(tmp_path: Path, **env: Any) -> Settings:

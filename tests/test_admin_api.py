@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.conftest import wait_for
+from tests.conftest import key_of, wait_for
 from tests.payloads import upsert
 from tests.test_http import JID, client_for
 
@@ -46,7 +46,7 @@ async def test_login_session_cookie_csrf_and_logout(tmp_path) -> None:  # type: 
         forged = await client.post(f"/admin/api/chats/{JID}/pause", json={}, headers={"X-CSRF-Token": "x" + csrf})
         assert forged.status_code == 403
         assert (await client.post("/admin/logout")).status_code == 403
-        state = app.extensions["service"].registry.actor(JID).state
+        state = app.extensions["service"].registry.actor(key_of(JID)).state
         assert state.paused_until == 0.0
 
         ok = await client.post(f"/admin/api/chats/{JID}/pause", json={"minutes": 5}, headers={"X-CSRF-Token": csrf})
@@ -65,7 +65,7 @@ async def test_loopback_mode_refuses_a_browsers_write_without_the_session(tmp_pa
         await wait_for(lambda: len(texts(app)) == 1)
         cross = await client.post(f"/actors/{JID}/pause", headers={"Origin": "https://evil.example"})
         assert cross.status_code == 403
-        assert app.extensions["service"].registry.actor(JID).state.paused_until == 0.0
+        assert app.extensions["service"].registry.actor(key_of(JID)).state.paused_until == 0.0
         assert (await client.post(f"/actors/{JID}/pause")).status_code == 200    # curl, as before
         csrf = await login(client, token="")                                       # no token to give
         resumed = await client.post(f"/admin/api/chats/{JID}/resume", json={},
@@ -86,7 +86,7 @@ async def test_operator_reply_follows_the_bots_reply_and_is_a_takeover(tmp_path)
         assert [m["role"] for m in chat["messages"]] == ["user", "assistant", "operator"]
         assert chat["state"] == "takeover" and chat["pause_reason"] == "takeover"
         await client.post("/webhook", json=upsert("¿sigues ahí?"))
-        await wait_for(lambda: app.extensions["service"].registry.actor(JID).state.ignored == 1)
+        await wait_for(lambda: app.extensions["service"].registry.actor(key_of(JID)).state.ignored == 1)
         assert len(texts(app)) == 2
         listed = await (await client.get("/admin/api/chats", query_string={"state": "takeover"})).get_json()
         assert [c["jid"] for c in listed["chats"]] == [JID] and listed["chats"][0]["preview"] == "¿sigues ahí?"
@@ -109,7 +109,7 @@ async def test_bad_console_requests_get_a_4xx_and_change_nothing(tmp_path) -> No
         assert (await client.post("/admin/api/dead-letters/999/discard", json={}, headers=headers)).status_code == 404
         assert (await client.get("/admin/api/chats", query_string={"state": "nope"})).status_code == 400
         assert (await client.get("/admin/api/chats", query_string={"after": "garbage"})).status_code == 400
-        state = app.extensions["service"].registry.actor(JID).state
+        state = app.extensions["service"].registry.actor(key_of(JID)).state
         assert (state.paused_until, len(state.window), texts(app)[1:]) == (0.0, 2, [])
 
 
@@ -142,7 +142,7 @@ async def test_a_reply_to_a_stopped_actor_is_refused_not_lost_silently(tmp_path)
         await client.post("/webhook", json=upsert("hola"))
         await wait_for(lambda: len(texts(app)) == 1)
         registry = app.extensions["service"].registry
-        registry._cells[JID].failed_at = trio.current_time()   # as after RESTART_INTENSITY crashes
+        registry._cells[key_of(JID)].failed_at = trio.current_time()   # as after RESTART_INTENSITY crashes
         response = await client.post(f"/admin/api/chats/{JID}/reply", json={"text": "hola"}, headers=headers)
         assert response.status_code == 409 and "stopped" in (await response.get_json())["error"]
         listed = await (await client.get("/admin/api/chats", query_string={"state": "failed"})).get_json()

@@ -14,7 +14,7 @@ from actors.lifecycle import Lifecycle, configured_or_exit
 from actors.payload_guard import MAX_JSON_DEPTH, BadPayload, decode_payload, map_strings
 from actors.settings import ConfigError, Settings
 from actors.state import ASSISTANT, OPERATOR, USER, ConversationState, LeadInfo, WindowEntry
-from tests.conftest import make_settings, running_service, wait_for
+from tests.conftest import key_of, make_settings, running_service, wait_for
 from tests.doubles import ScriptedProvider
 from tests.payloads import upsert
 
@@ -132,7 +132,7 @@ async def test_service_views_a_live_chat_then_its_stored_state(tmp_path) -> None
         await wait_for(lambda: len(service.outbound.outbox_entries(jid=JID)) == 1)
         live = await service.conversation(JID)
         assert live is not None and live.live and live.actor is not None
-        assert live.actor.key == JID and live.actor.state.window_size == live.window_size == 2
+        assert live.actor.key == key_of(JID) and live.actor.state.window_size == live.window_size == 2
         assert [e.content for e in live.window] == ["hola", "re: hola"]
     async with running_service(settings, ScriptedProvider()) as service:   # a restart: nothing is live
         stored = await service.conversation(JID)
@@ -156,7 +156,7 @@ async def test_live_actors_come_a_page_at_a_time_in_key_order(tmp_path) -> None:
             pages += 1
             if cursor is None:
                 break
-        assert seen == sorted(jids) and pages == 3
+        assert seen == sorted(key_of(jid) for jid in jids) and pages == 3
         page, cursor = service.live_actors(None, 5)
         assert len(page) == 5 and cursor is None
 

@@ -9,7 +9,7 @@ import trio
 
 from actors.llm.base import Prompt
 from actors.service import Service
-from tests.conftest import chain_of, make_settings, running_service, wait_for
+from tests.conftest import chain_of, key_of, make_settings, running_service, wait_for
 from tests.doubles import CrashingChain, ScriptedProvider, random_latency
 from tests.payloads import upsert
 
@@ -93,9 +93,9 @@ async def test_idle_actor_hibernates_its_window_and_thaws_for_the_next_turn(tmp_
     async with running_service(settings, provider) as service:
         await exchanges(service, 30)
         assert service.registry is not None
-        actor = service.registry.actor(JID)
+        actor = service.registry.actor(key_of(JID))
         await wait_for(lambda: actor.state.window.hibernating)  # type: ignore[union-attr]
-        stats = service.registry.actor_statistics(JID)
+        stats = service.registry.actor_statistics(key_of(JID))
         assert stats is not None and stats.state.window_size == 50
         shown = actor.messages()  # type: ignore[union-attr]
         assert [m["content"] for m in shown][-2:] == ["q29", "re: q29"] and len(shown) == 50
@@ -143,7 +143,7 @@ async def test_seed_booking_dialogue(tmp_path, caplog) -> None:  # type: ignore[
 
         calls = len(provider.prompts)
         await post(service, upsert("gracias"))
-        await wait_for(lambda: (service.registry.actor(JID).state.messages_in == 2))  # type: ignore[union-attr]
+        await wait_for(lambda: (service.registry.actor(key_of(JID)).state.messages_in == 2))  # type: ignore[union-attr]
         assert len(provider.prompts) == calls          # no LLM call
         assert len(replies(service)) == 1              # no reply
         state, _ = await service.conversation_state(JID)  # type: ignore[misc]
@@ -205,7 +205,7 @@ async def test_crash_answers_politely_and_keeps_window(tmp_path) -> None:  # typ
         await post(service, upsert("while failed"))
         await wait_for(lambda: len(replies(service)) == 8)
         assert replies(service)[3:] == [polite] * 5
-        stats = service.registry.actor_statistics(JID)  # type: ignore[union-attr]
+        stats = service.registry.actor_statistics(key_of(JID))  # type: ignore[union-attr]
         assert stats is not None and stats.status == "failed" and stats.crashes == 3
 
 
@@ -230,7 +230,7 @@ async def test_mailbox_full_answers_503(tmp_path) -> None:  # type: ignore[no-un
 
     async with running_service(settings, ScriptedProvider(hook=hook)) as service:
         first = await service.intake(upsert("m0"))
-        await wait_for(lambda: service.registry.actor_statistics(JID).mailbox_depth == 0)  # type: ignore[union-attr]
+        await wait_for(lambda: service.registry.actor_statistics(key_of(JID)).mailbox_depth == 0)  # type: ignore[union-attr]
         statuses = [first.status] + [(await service.intake(upsert(f"m{i}"))).status for i in range(1, 6)]
         # one in the running turn, three queued, then 503 with Retry-After
         assert statuses == [200, 200, 200, 200, 503, 503]

@@ -7,7 +7,7 @@ import json
 
 import trio
 
-from tests.conftest import make_settings, running_service, wait_for
+from tests.conftest import key_of, make_settings, running_service, wait_for
 from tests.doubles import ScriptedProvider
 from tests.fakes.krayin import FakeKrayin
 from tests.fakes.server import running_server
@@ -28,10 +28,10 @@ async def test_booking_registers_one_lead_and_keeps_its_id(tmp_path) -> None:  #
                                  KRAYIN_API_TOKEN="krayin-token-123", GOOGLE_BOOKING_URL="https://calendar.app.google/x")
         async with running_service(settings, booking_model()) as service:
             await service.intake(upsert("quiero una cita", push_name="Juan Pérez"))
-            actor_state = lambda: service.registry.actor(JID).state  # noqa: E731  # type: ignore[union-attr]
-            await wait_for(lambda: service.registry.actor(JID) is not None and actor_state().lead.lead_id is not None)  # type: ignore[union-attr]
+            actor_state = lambda: service.registry.actor(key_of(JID)).state  # noqa: E731  # type: ignore[union-attr]
+            await wait_for(lambda: service.registry.actor(key_of(JID)) is not None and actor_state().lead.lead_id is not None)  # type: ignore[union-attr]
             lead_id = actor_state().lead.lead_id
-            saved = await service.store.load(JID)
+            saved = await service.store.load(key_of(JID))
             assert saved is not None and json.loads(saved)["lead"]["lead_id"] == lead_id
             person = krayin.calls_to("POST", "/contacts/persons")[0].json
             assert person["name"] == "Juan Pérez"
@@ -59,4 +59,4 @@ async def test_krayin_down_never_delays_the_reply(tmp_path) -> None:  # type: ig
             assert trio.current_time() - start < 1.0
             assert service.crm.statistics().leads_created == 0                       # type: ignore[union-attr]
             await wait_for(lambda: service.crm.statistics().leads_created == 1, timeout=20)  # type: ignore[union-attr]
-            await wait_for(lambda: service.registry.actor(JID).state.lead.lead_id is not None)  # type: ignore[union-attr]
+            await wait_for(lambda: service.registry.actor(key_of(JID)).state.lead.lead_id is not None)  # type: ignore[union-attr]

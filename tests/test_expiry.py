@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import trio
 
-from tests.conftest import make_settings, running_service, wait_for
+from tests.conftest import key_of, make_settings, running_service, wait_for
 from tests.doubles import ScriptedProvider
 from tests.payloads import upsert
 
@@ -18,9 +18,9 @@ async def test_idle_chat_is_forgotten_with_its_rows(tmp_path) -> None:  # type: 
         await service.intake(upsert("hola"))
         await service.intake(upsert("hola", jid="5490000000001@s.whatsapp.net"))
         await wait_for(lambda: len(service.outbound.outbox_entries()) == 2)
-        assert await service.store.load(JID) is not None
-        await wait_for(lambda: JID not in service.registry, timeout=5)              # the sweeper runs every 1 s
-        assert await service.store.load(JID) is None
+        assert await service.store.load(key_of(JID)) is not None
+        await wait_for(lambda: key_of(JID) not in service.registry, timeout=5)              # the sweeper runs every 1 s
+        assert await service.store.load(key_of(JID)) is None
         assert await service.store.pending_inbox() == [] and await service.store.pending_outbox() == []
         await service.intake(upsert("volví"))                                         # a fresh conversation
         await wait_for(lambda: len(service.outbound.outbox_entries(jid=JID)) == 2)
@@ -36,11 +36,11 @@ async def test_stored_conversations_expire_even_if_never_reactivated(tmp_path) -
         await wait_for(lambda: len(service.outbound.outbox_entries()) == 1)  # type: ignore[union-attr]
     settings = make_settings(tmp_path, STORE="sqlite", ACTOR_IDLE_TTL=1)
     async with running_service(settings, ScriptedProvider()) as service:
-        assert await service.store.load(JID) is not None
-        assert JID not in service.registry  # type: ignore[operator]
+        assert await service.store.load(key_of(JID)) is not None
+        assert key_of(JID) not in service.registry  # type: ignore[operator]
         store = service.store
         with trio.fail_after(5):
-            while await store.load(JID) is not None:
+            while await store.load(key_of(JID)) is not None:
                 await trio.sleep(0.1)
 
 
@@ -56,6 +56,6 @@ async def test_undeliverable_reply_is_a_persisted_dead_letter(tmp_path) -> None:
             await wait_for(lambda: service.outbound.statistics().failed == 1)  # type: ignore[union-attr]
         async with running_service(settings, ScriptedProvider()) as service:   # after a restart
             dead = await service.store.dead_letters()
-            assert len(dead) == 1 and dead[0].key == JID and dead[0].payload["text"] == "re: hola"
+            assert len(dead) == 1 and dead[0].key == key_of(JID) and dead[0].payload["text"] == "re: hola"
             assert "401" in dead[0].reason
             assert await service.store.pending_outbox() == []                  # not re-sent at start-up

@@ -10,7 +10,7 @@ import trio.testing
 
 from actors.service import Service
 from app import create_app
-from tests.conftest import LoopbackClient, make_settings, running_service, wait_for
+from tests.conftest import LoopbackClient, key_of, make_settings, running_service, wait_for
 from tests.doubles import ScriptedProvider
 from tests.payloads import upsert
 
@@ -22,13 +22,13 @@ def replies(service: Service, jid: str = JID) -> list[str]:
     return [e.text for e in service.outbound.outbox_entries(jid=jid, limit=100000)]
 
 
-def window(service: Service, key: str = JID) -> list[tuple[str, str]]:
-    actor = service.registry.actor(key)  # type: ignore[union-attr]
+def window(service: Service, jid: str = JID) -> list[tuple[str, str]]:
+    actor = service.registry.actor(key_of(jid))  # type: ignore[union-attr]
     return [(e.role, e.content) for e in actor.state.window]  # type: ignore[union-attr]
 
 
-def handled(service: Service, key: str = JID) -> int:
-    actor = service.registry.actor(key) if service.registry is not None else None
+def handled(service: Service, jid: str = JID) -> int:
+    actor = service.registry.actor(key_of(jid)) if service.registry is not None else None
     return actor.state.messages_in if actor is not None else 0  # type: ignore[union-attr]
 
 
@@ -87,7 +87,7 @@ async def test_human_takeover_silences_the_bot_until_timeout(tmp_path, autojump_
         assert len(replies(service)) == 1 and len(provider.prompts) == 1
         assert ("operator", "Hola Juan, soy Ana de la tienda") in window(service)
         assert window(service)[-1] == ("user", "pregunta 2")
-        assert service.registry.actor(JID).state.window[2].human is True  # type: ignore[union-attr]
+        assert service.registry.actor(key_of(JID)).state.window[2].human is True  # type: ignore[union-attr]
         await trio.sleep(61 * 60)
         await post(service, upsert("¿siguen ahí?"))
         await wait_for(lambda: len(replies(service)) == 2)
@@ -112,7 +112,7 @@ async def test_bots_own_sends_never_trigger_takeover(tmp_path) -> None:  # type:
     async with running_service(make_settings(tmp_path), ScriptedProvider()) as service:
         await post(service, upsert("hola"))
         await wait_for(lambda: len(replies(service)) == 1)
-        actor = service.registry.actor(JID)  # type: ignore[union-attr]
+        actor = service.registry.actor(key_of(JID))  # type: ignore[union-attr]
         await wait_for(lambda: len(actor.state.sent_ids) == 1)  # type: ignore[union-attr]
         echo_id = actor.state.sent_ids[0]  # type: ignore[union-attr]
         await post(service, upsert(replies(service)[0], from_me=True, message_id=echo_id))
@@ -172,9 +172,9 @@ async def test_lid_chat_keeps_one_actor_when_phone_jid_appears(tmp_path) -> None
         await post(service, upsert("sigo yo", jid=lid, remoteJidAlt=JID, addressingMode="lid"))
         await post(service, upsert("desde el número", jid=JID, remoteJidAlt=lid))
         await wait_for(lambda: len(replies(service, lid)) == 2 and len(replies(service, JID)) == 1)
-        assert list(service.registry.keys()) == [lid]  # type: ignore[union-attr]
+        assert list(service.registry.keys()) == [key_of(lid)]  # type: ignore[union-attr]
         assert [c for r, c in window(service, lid) if r == "user"] == ["hola", "sigo yo", "desde el número"]
-        lead = service.registry.actor(lid).state.lead  # type: ignore[union-attr]
+        lead = service.registry.actor(key_of(lid)).state.lead  # type: ignore[union-attr]
         assert lead.alt_jid == JID and lead.telefono == "5491131376731"
 
 
@@ -187,7 +187,7 @@ async def test_lid_mapping_survives_a_restart(tmp_path) -> None:  # type: ignore
     async with running_service(settings, ScriptedProvider()) as service:
         await post(service, upsert("desde el número", jid=JID, remoteJidAlt=lid))
         await wait_for(lambda: len(replies(service, JID)) == 1)
-        assert list(service.registry.keys()) == [lid]  # type: ignore[union-attr]
+        assert list(service.registry.keys()) == [key_of(lid)]  # type: ignore[union-attr]
         assert [c for r, c in window(service, lid) if r == "user"] == ["hola", "desde el número"]
 
 

@@ -6,7 +6,7 @@ import statistics
 
 import trio
 
-from tests.conftest import make_settings, running_service, wait_for
+from tests.conftest import key_of, make_settings, running_service, wait_for
 from tests.doubles import ScriptedProvider
 from tests.payloads import upsert
 
@@ -40,7 +40,7 @@ async def test_flooder_is_capped_and_others_unaffected(tmp_path) -> None:  # typ
             for jid in others:
                 nursery.start_soon(chat, jid.replace("54911", "54922"), 3, flood_latencies)
 
-        actor = service.registry.actor(FLOODER)  # type: ignore[union-attr]
+        actor = service.registry.actor(key_of(FLOODER))  # type: ignore[union-attr]
         await wait_for(lambda: actor.state.messages_in == 200)  # type: ignore[union-attr]
         flooder_prompts = [p for p in provider.prompts if p.messages[-1].content.startswith("spam")]
         assert len(flooder_prompts) == 20

@@ -33,7 +33,7 @@ async def test_webhook_to_reply_and_seed_endpoints(tmp_path) -> None:  # type: i
     async with client_for(tmp_path) as (app, client):
         response = await client.post("/webhook", json=upsert("Hola, necesito ayuda"))
         assert response.status_code == 200
-        assert await response.get_json() == {"status": "accepted", "jid": JID}
+        assert await response.get_json() == {"status": "accepted", "jid": JID, "instance": "prueba-py-agent"}
         response = await client.post("/webhook/messages-upsert", json=upsert("Segundo mensaje"))
         assert response.status_code == 200
         await wait_for(lambda: len(app.extensions["service"].outbound.outbox_entries(jid=JID)) == 2)

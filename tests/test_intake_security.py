@@ -14,7 +14,7 @@ import pytest
 from app import create_app
 from runtime import logs
 from runtime.store import StateMeta
-from tests.conftest import LoopbackClient, make_settings, wait_for
+from tests.conftest import LoopbackClient, key_of, make_settings, wait_for
 from tests.fakes.evolution import FakeEvolution
 from tests.fakes.server import running_server
 from tests.payloads import upsert
@@ -96,8 +96,8 @@ async def test_new_chats_per_minute_answers_429_before_storing(tmp_path: Path) -
         other = await client.post("/webhook", json=upsert("hola", jid="549110000009@s.whatsapp.net", instance="b"))
         assert other.status_code == 200          # counted per instance
         await wait_for(lambda: len(app.extensions["service"].outbound.outbox_entries()) == 5)
-        sizes = await (await client.get("/memory")).get_json()
-        assert len(sizes) == 4
+        sizes = await (await client.get("/memory")).get_json()   # two instances: {instance: {jid: count}}
+        assert sorted(sizes) == ["b", "prueba-py-agent"] and sum(map(len, sizes.values())) == 4
         assert (await (await client.get("/supervisors")).get_json())["intake"]["new_chats_refused"] == 1
         assert "agent_new_chats_refused_total 1.0" in await (await client.get("/metrics")).get_data(as_text=True)
 
@@ -173,11 +173,11 @@ async def test_log_customer_text_modes_in_the_real_log_file(tmp_path: Path, mode
     assert len(lines) == 3, log
     processing = next(line for line in lines if "Processing message from" in line)
     if mode == "full":
-        assert processing.endswith(f"Processing message from {JID}: {CUSTOMER}")
+        assert processing.endswith(f"Processing message from {JID}: {CUSTOMER} [{key_of(JID)}]")
     elif mode == "truncated":
-        assert processing.endswith(f"Processing message from {JID}: Hola, soy Juan, mi número es +** * ** **…")
+        assert processing.endswith(f"Processing message from {JID}: Hola, soy Juan, mi número es +** * ** **… [{key_of(JID)}]")
     else:
-        assert processing.endswith(f"Processing message from {JID}: [{len(CUSTOMER)} characters withheld]")
+        assert processing.endswith(f"Processing message from {JID}: [{len(CUSTOMER)} characters withheld] [{key_of(JID)}]")
     if mode != "full":
         for line in lines:
             assert "3137-6731" not in line and "precio" not in line, line
@@ -200,7 +200,7 @@ async def test_a_stored_chat_coming_back_is_never_refused_as_new(tmp_path: Path)
     is still served, and only truly new ones get the 429."""
     async with client_for(tmp_path, NEW_CHATS_PER_MINUTE=2) as (app, client):
         service = app.extensions["service"]
-        await service.store.commit("549110000077@s.whatsapp.net", b'{"window":[],"last_activity":1.0}',
+        await service.store.commit(key_of("549110000077@s.whatsapp.net"), b'{"window":[],"last_activity":1.0}',
                                    StateMeta(last_activity=1.0))
         for n in range(2):
             response = await client.post("/webhook", json=upsert("hola", jid=f"54911000000{n}@s.whatsapp.net"))

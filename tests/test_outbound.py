@@ -347,6 +347,34 @@ async def test_min_gap_per_jid_does_not_hold_back_other_chats(autojump_clock: tr
     assert times["b0"] < times["a1"]
 
 
+async def test_pacing_gap_and_api_key_are_each_instances(autojump_clock: trio.testing.MockClock) -> None:
+    """A reply is paced, spaced and authenticated by its own instance's settings (settings_for); the
+    same customer in two instances is two chats for the gap."""
+    fake = FakeEvolution(api_key=KEY, instances={"acme", "beta"}, instance_keys={"acme": "acme-key", "beta": "beta-key"})
+    async with running_server(fake) as url:
+        base = make_settings(url)
+        per_instance = {"acme": make_settings(url, EVOLUTION_API_KEY="acme-key", OUTBOUND_RATE_PER_INSTANCE="2",
+                                              OUTBOUND_MIN_GAP_SECONDS="3"),
+                        "beta": make_settings(url, EVOLUTION_API_KEY="beta-key")}
+        settled = Settled()
+        sender = OutboundSender(base, on_settled=settled, settings_for=lambda name: per_instance.get(name, base))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sender.run)
+            for n in range(3):
+                for name in ("acme", "beta"):
+                    sender.submit(OutboundMessage(JID, f"{name}{n}", instances=(name,), key=f"{name}/{JID}"))
+            sender.submit(OutboundMessage("5491100000002@s.whatsapp.net", "acme-other", instances=("acme",),
+                                          key="acme/5491100000002@s.whatsapp.net"))
+            await settled.wait_for(7)
+            nursery.cancel_scope.cancel()
+    assert all(d.status == "sent" for _, d in settled.items)
+    times = {r.json["text"]: r.at for r in fake.sent}
+    assert {r.instance: r.headers["apikey"] for r in fake.sent} == {"acme": "acme-key", "beta": "beta-key"}
+    assert times["beta2"] - times["beta0"] < 0.1                               # beta: no pacing, no gap
+    assert times["acme1"] - times["acme0"] >= 3 - 1e-6 and times["acme2"] - times["acme1"] >= 3 - 1e-6
+    assert 0.5 - 1e-6 <= abs(times["acme-other"] - times["acme0"]) < 3         # acme's rate, not its chat gap
+
+
 async def test_submit_before_run_is_delivered_once_running(wire: Wire) -> None:
     settled = Settled()
     sender = OutboundSender(wire.settings, on_settled=settled)

@@ -16,7 +16,7 @@ from actors.llm.base import Prompt
 from actors.service import Service
 from runtime.memory_store import MemoryStore
 from runtime.store import StateMeta, StoreError
-from tests.conftest import chain_of, make_settings, wait_for
+from tests.conftest import chain_of, key_of, make_settings, wait_for
 from tests.doubles import ScriptedProvider
 from tests.payloads import upsert
 
@@ -184,21 +184,21 @@ async def test_state_that_cannot_be_loaded_is_never_overwritten(tmp_path: Path,
     saved = {"window": [["user", "quiero una cita", 1.0], ["assistant", "📅 link", 1.0]], "booking_sent": True,
              "lead": {"nombre": "Juan", "lead_id": 41}, "last_activity": 1.0, "paused_until": 0.0}
     blob = json.dumps(saved).encode()
-    await store.commit(A, blob, StateMeta(last_activity=1.0, size=2))
-    store.fail_loads.add(A)
+    await store.commit(key_of(A), blob, StateMeta(last_activity=1.0, size=2))
+    store.fail_loads.add(key_of(A))
     async with trio.open_nursery() as nursery:
         service = await start(nursery, tmp_path, store, RESTART_INTENSITY=3, RESTART_PERIOD=60)
         assert (await service.intake(upsert("¿cambio la hora?", jid=A))).status == 200
         await trio.sleep(120)   # several activation attempts, past the failed period too
         polite = service.texts.polite_error
         assert replies(service, A) == [polite]
-        assert store._states[A] == blob
+        assert store._states[key_of(A)] == blob
         assert [row.payload["message_id"] for row in await store.pending_inbox()] != []
         store.fail_loads.clear()
         await trio.sleep(70)
         await wait_for(lambda: len(replies(service, A)) == 2)
         assert replies(service, A) == [polite, "re: ¿cambio la hora?"]
-        state = json.loads(store._states[A])
+        state = json.loads(store._states[key_of(A)])
         assert [row[1] for row in state["window"]] == ["quiero una cita", "📅 link", "¿cambio la hora?",
                                                        "re: ¿cambio la hora?"]
         assert state["lead"]["lead_id"] == 41 and state["lead"]["nombre"] == "Juan"
@@ -252,11 +252,11 @@ async def test_lead_id_recorded_during_shutdown_keeps_the_newer_turn(tmp_path: P
 
         nursery.start_soon(drain)
         await trio.testing.wait_all_tasks_blocked()
-        nursery.start_soon(service._lead_created, A, 77)
+        nursery.start_soon(service._lead_created, key_of(A), 77)
         await trio.testing.wait_all_tasks_blocked()
         release.set()
         await drained.wait()
-        state = json.loads(store._states[A])
+        state = json.loads(store._states[key_of(A)])
         assert state["lead"]["lead_id"] == 77
         assert [row[1] for row in state["window"]][-2:] == ["lento", "re: lento"]
         nursery.cancel_scope.cancel()
@@ -336,12 +336,12 @@ async def test_bookkeeping_controls_do_not_reset_the_idle_clock(tmp_path: Path) 
         assert service.registry is not None
         await service.intake(upsert("hola", jid=A))
         await wait_for(lambda: len(replies(service, A)) == 1)
-        before = service.registry.actor_statistics(A)
+        before = service.registry.actor_statistics(key_of(A))
         await trio.sleep(0.2)
         order = Control("sent", ["x-1"])
         service.registry.deliver(A, order, force=True, touch=False)
         await order.done.wait()
-        after = service.registry.actor_statistics(A)
+        after = service.registry.actor_statistics(key_of(A))
         assert before is not None and after is not None
         assert abs(after.last_activity - before.last_activity) < 0.05   # not moved by the 0.2 s wait
         nursery.cancel_scope.cancel()

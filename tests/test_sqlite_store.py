@@ -498,27 +498,31 @@ async def test_a_restart_after_the_migration_keeps_every_window_and_booking_flag
     from tests.doubles import ScriptedProvider
     from tests.payloads import upsert
 
-    settings = make_settings(tmp_path, STORE="sqlite", GOOGLE_BOOKING_URL="https://calendar.app.google/x")
+    from tests.conftest import key_of
+
+    # the chats were the instance's whose webhooks continue them (migration 6 puts them under EVOLUTION_INSTANCE)
+    settings = make_settings(tmp_path, STORE="sqlite", GOOGLE_BOOKING_URL="https://calendar.app.google/x",
+                             EVOLUTION_INSTANCE="prueba-py-agent")
     settings.storage.data_dir.mkdir(parents=True)
     old = _old_states(time.time())
     _version_4_file(settings.storage.data_dir / "agent.sqlite3", old, {BOOKED: "José", CHATTING: "Ana"})
     service = Service(settings, chain=chain_of(settings, ScriptedProvider()))
     async with trio.open_nursery() as nursery:
         await nursery.start(service.run)
-        assert await service.window_sizes() == {BOOKED: 6, CHATTING: 3}
-        for key, data in old.items():
-            assert await service.conversation_state(key) == (data, False)
+        assert await service.window_sizes() == {key_of(BOOKED): 6, key_of(CHATTING): 3}
+        for jid, data in old.items():
+            assert await service.conversation_state(key_of(jid)) == (data, False)
         for jid in (CHATTING, BOOKED):
             assert (await service.intake(upsert("gracias", jid=jid))).status == 200
         registry = service.registry
         assert registry is not None
-        await wait_for(lambda: (actor := registry.actor(CHATTING)) is not None and len(actor.state.window) == 5)
-        loaded = registry.actor(CHATTING).state   # type: ignore[union-attr]
+        await wait_for(lambda: (actor := registry.actor(key_of(CHATTING))) is not None and len(actor.state.window) == 5)
+        loaded = registry.actor(key_of(CHATTING)).state   # type: ignore[union-attr]
         assert [e.content for e in loaded.window][:3] == [row[1] for row in old[CHATTING]["window"]]
         assert loaded.lead.lead_id == 41 and loaded.booking_sent is False
         # the booked chat keeps the message unanswered, as booked chats do: its flag came back
-        await wait_for(lambda: (actor := registry.actor(BOOKED)) is not None and len(actor.state.window) == 7)
-        booked = registry.actor(BOOKED).state   # type: ignore[union-attr]
+        await wait_for(lambda: (actor := registry.actor(key_of(BOOKED))) is not None and len(actor.state.window) == 7)
+        booked = registry.actor(key_of(BOOKED)).state   # type: ignore[union-attr]
         assert booked.booking_sent is True and booked.lead.nombre == "José"
         assert booked.window[-1].content == "gracias"
         assert [e.content for e in booked.window][:6] == [row[1] for row in old[BOOKED]["window"]]

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from runtime.memory_store import MemoryStore
-from tests.conftest import chain_of, make_settings, wait_for
+from tests.conftest import chain_of, key_of, make_settings, wait_for
 from tests.doubles import ScriptedProvider
 from tests.payloads import upsert
 
@@ -32,7 +32,7 @@ async def test_huge_messages_keep_the_state_and_the_prompt_bounded(tmp_path: Pat
         await wait_for(lambda: len(service.outbound.outbox_entries(limit=10_000)) == 12 * 18, timeout=20)
         nursery.cancel_scope.cancel()
 
-    state = json.loads(store._states[JID])
+    state = json.loads(store._states[key_of(JID)])
     assert len(json.dumps(state)) <= settings.conversation.max_window_chars + 5_000
     assert all(len(row[1]) <= settings.conversation.max_message_chars for row in state["window"])
     assert state["window"][-2][1].startswith("11y")          # the newest turn is kept

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import attrs
 
+from actors.conversation_key import instance_of
+
 
 @attrs.frozen
 class LeadRequest:
@@ -24,6 +26,17 @@ class LeadRequest:
     rubro: str = ""
     volumen_mensajes: int | None = None
     email: str = ""                  # a real address when known; otherwise a placeholder is generated
+    key: str = ""                    # the conversation key "<instance>/<jid>" (empty: the JID alone)
+
+    @property
+    def chat(self) -> str:
+        """What "one lead per chat" counts: the conversation key."""
+        return self.key or self.jid
+
+    @property
+    def instance(self) -> str:
+        """The instance whose Krayin ids the lead gets."""
+        return instance_of(self.key) if self.key else ""
 
 
 @attrs.frozen

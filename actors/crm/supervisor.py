@@ -55,7 +55,7 @@ class CrmSupervisor:
 
     ``submit()`` never blocks. A request without ``lead_id`` for a JID whose lead this supervisor already
     created (or saw) becomes a note on that lead, or is skipped when it has no ``motivo``; so one JID
-    never gets two leads. ``on_lead(jid, lead_id)`` is awaited once a lead exists; ``on_done(request,
+    never gets two leads (per conversation: ``LeadRequest.key``, one per instance and chat). ``on_lead(key, lead_id)`` is awaited once a lead exists; ``on_done(request,
     outcome)`` once a job is finished for good (outcome ``"created"``, ``"noted"``, ``"skipped"``,
     ``"failed"``; a job refused by its JID's full queue is ``"failed"`` too), e.g. to settle its
     durable row. Callback errors are logged and swallowed.
@@ -68,9 +68,15 @@ class CrmSupervisor:
         http: httpx.AsyncClient | None = None,
         on_lead: Callable[[str, int], Awaitable[None]] | None = None,
         on_done: Callable[[LeadRequest, str], Awaitable[None]] | None = None,
+        settings_for: Callable[[str], Settings] | None = None,
+        enabled: bool | None = None,
     ) -> None:
+        """``settings_for(instance)``: that instance's effective settings, whose Krayin ids a lead
+        gets (default: ``settings``; the Krayin server and token are always ``settings``').
+        ``enabled``: whether any instance registers leads (default: ``settings``' CRM switch)."""
         self._settings = settings
-        self._enabled = settings.crm.crm_enabled
+        self._settings_for = settings_for if settings_for is not None else (lambda _: settings)
+        self._enabled = settings.crm.crm_enabled if enabled is None else enabled
         self._client: KrayinClient | None = self._make_client(http) if http is not None and self._enabled else None
         self._on_lead = on_lead
         self._on_done = on_done
@@ -146,7 +152,7 @@ class CrmSupervisor:
             return
         job = _Job(request, trio.current_time())
         try:
-            self._jobs.submit_nowait(request.jid, job)
+            self._jobs.submit_nowait(request.chat, job)
         except MailboxFull:
             self._give_up(job, f"cola llena: ya hay {QUEUE_CAPACITY} trabajos pendientes para este chat")
             if self._nursery is None:
@@ -231,7 +237,7 @@ class CrmSupervisor:
                 log.info("[CRM] Krayin vuelve a aceptar el token")
             self._auth_failing = False
             if job.lead_id is not None:
-                await self._record_lead(job.request.jid, job.lead_id)
+                await self._record_lead(job.request.chat, job.lead_id)
             return outcome
 
     async def _record_lead(self, jid: str, lead_id: int) -> None:
@@ -265,7 +271,7 @@ class CrmSupervisor:
     # ------------------------------------------------------------------ lead bookkeeping
 
     def _lead_of(self, request: LeadRequest) -> int | None:
-        return request.lead_id if request.lead_id is not None else self._leads.get(request.jid)
+        return request.lead_id if request.lead_id is not None else self._leads.get(request.chat)
 
     def _remember_lead(self, jid: str, lead_id: int) -> None:
         self._leads.pop(jid, None)
@@ -279,7 +285,7 @@ class CrmSupervisor:
         request = job.request
         existing = self._lead_of(request)
         if existing is not None:
-            self._remember_lead(request.jid, existing)
+            self._remember_lead(request.chat, existing)
             if not request.motivo and request.lead_id is None:
                 log.info("[CRM] Lead ya registrado para user_id=%s (lead_id=%s): no se crea otro",
                          request.jid, existing)
@@ -302,16 +308,16 @@ class CrmSupervisor:
                      phone or "-")
         if job.person_id is None:
             log.debug("[CRM] Paso 1: Creando persona en Krayin")
-            job.person_id = await find_or_create_person(self._client, request, self._settings)
+            job.person_id = await find_or_create_person(self._client, request, self._settings_for(request.instance))
         value = lead_value(request.volumen_mensajes)
         log.debug("[CRM] Valor del lead calculado: $%s (basado en %s mensajes)", value,
                   request.volumen_mensajes if request.volumen_mensajes else "sin info de")
-        payload = lead_payload(request, job.person_id, value, self._settings)
+        payload = lead_payload(request, job.person_id, value, self._settings_for(request.instance))
         log.debug("[CRM] Paso 2: Creando lead con datos: %s", self._shown(payload))
         data = await self._client.create_lead(payload)
         lead_id = job.lead_id = id_of(data, "lead")
         log.info("[CRM] Lead creado exitosamente - lead_id=%s, valor=$%s", lead_id, value)
-        self._remember_lead(request.jid, lead_id)
+        self._remember_lead(request.chat, lead_id)
         self._created += 1
         log.info("[CRM] Lead registrado exitosamente - lead_id=%s", lead_id)
         log.info("[CRM] ✅ Lead creado en Krayin CRM (ID: %s, Valor: $%s)", lead_id, value)

@@ -70,31 +70,33 @@ class EvolutionTransport:
                 with trio.CancelScope(shield=True), trio.move_on_after(2):
                     await owned.aclose()
 
-    async def send_text(self, candidate: str, number: str, text: str) -> SendOutcome:
+    async def send_text(self, candidate: str, number: str, text: str, *, api_key: str | None = None) -> SendOutcome:
         """``POST /message/sendText/{candidate}`` with the v2 body ``{"number", "text"}``."""
         outcome = await self._post(f"/message/sendText/{quote(candidate, safe='')}", {"number": number, "text": text},
-                                   self._timeout, self._limiter)
+                                   self._timeout, self._limiter, api_key)
         log.debug("Tried sendText with candidate=%s status=%s%s", candidate, outcome.status,
                   f" error={outcome.error}" if outcome.error else "")
         return outcome
 
-    async def send_presence(self, candidate: str, number: str, presence: str, delay_ms: int) -> SendOutcome:
+    async def send_presence(self, candidate: str, number: str, presence: str, delay_ms: int, *,
+                            api_key: str | None = None) -> SendOutcome:
         """``POST /chat/sendPresence/{candidate}``; Evolution answers only after ``delay_ms``.
 
         Bounded by its own PRESENCE_CONCURRENCY slots, never sendText's."""
         outcome = await self._post(f"/chat/sendPresence/{quote(candidate, safe='')}",
                                    {"number": number, "presence": presence, "delay": delay_ms},
-                                   self._timeout + delay_ms / 1000, self._presence_limiter)
+                                   self._timeout + delay_ms / 1000, self._presence_limiter, api_key)
         log.debug("Tried sendPresence with candidate=%s status=%s", candidate, outcome.status)
         return outcome
 
     async def _post(self, path: str, body: dict[str, Any], deadline: float,
-                    limiter: trio.CapacityLimiter) -> SendOutcome:
+                    limiter: trio.CapacityLimiter, api_key: str | None) -> SendOutcome:
         assert self._http is not None, "EvolutionTransport used outside open()"
+        headers = self._headers if api_key is None else {**self._headers, "apikey": api_key}
         try:
             async with limiter:  # waiting for a slot is not part of the request's timeout
                 with trio.fail_after(deadline + 1):  # hard bound over httpx's per-phase timeouts
-                    response = await self._http.post(self._base + path, json=body, headers=self._headers,
+                    response = await self._http.post(self._base + path, json=body, headers=headers,
                                                      timeout=httpx.Timeout(deadline))
         except trio.TooSlowError:
             return SendOutcome(STATUS_NETWORK_ERROR, error="timeout")

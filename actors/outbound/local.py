@@ -58,14 +58,15 @@ class LocalOutbox:
         log.info("Outbound: local mode (EVOLUTION_API_URL empty): replies go to the in-process outbox")
         yield
 
-    async def send_text(self, candidate: str, number: str, text: str) -> SendOutcome:
+    async def send_text(self, candidate: str, number: str, text: str, *, api_key: str | None = None) -> SendOutcome:
         """Record ``text`` for ``number`` (``candidate`` is always ``"local"``); never fails, never waits."""
         self._seq += 1
         self._entries.append(OutboxEntry(self._seq, number, text, time.time()))
         log.info("[OUTBOX] -> %s: %s", number, log_text(text, self._log_customer_text))
         return SendOutcome(STATUS_ACCEPTED, message_id=f"local-{self._seq}")
 
-    async def send_presence(self, candidate: str, number: str, presence: str, delay_ms: int) -> SendOutcome:
+    async def send_presence(self, candidate: str, number: str, presence: str, delay_ms: int, *,
+                            api_key: str | None = None) -> SendOutcome:
         """Accepted and ignored: there is no chat to show "typing…" in (``presence_slots`` is 0, so the
         supervisor does not call it)."""
         return SendOutcome(STATUS_ACCEPTED)

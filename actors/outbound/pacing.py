@@ -18,22 +18,21 @@ PRUNE_AT_LEAST = 1024           # ChatGap keeps this many send times before it f
 class Pacer:
     """One send slot per ``1/rate`` seconds per key (a token bucket of depth one), FIFO among waiters.
 
-    Keys come from webhooks (instance names): at most ``max_keys`` keep a bucket of their own; the
-    rest share one ``other`` bucket."""
+    The rate is the caller's (each instance may have its own). Keys come from webhooks (instance
+    names): at most ``max_keys`` keep a bucket of their own; the rest share one ``other`` bucket."""
 
-    def __init__(self, rate: float, max_keys: int) -> None:
-        self._interval = 1.0 / rate if rate > 0 else 0.0
+    def __init__(self, max_keys: int) -> None:
         self._max_keys = max_keys
         self._next: dict[str, float] = {}
         self.waiting = 0                 # callers sleeping until their slot (one timer each, no polling)
 
-    async def acquire(self, key: str) -> None:
-        if not self._interval:
+    async def acquire(self, key: str, rate: float) -> None:
+        if rate <= 0:
             return
         key = bounded_key(self._next, key, self._max_keys)
         now = trio.current_time()
         slot = max(now, self._next.get(key, now))
-        self._next[key] = slot + self._interval  # reserve before sleeping: concurrent callers queue up
+        self._next[key] = slot + 1.0 / rate  # reserve before sleeping: concurrent callers queue up
         if slot > now:
             self.waiting += 1
             try:
@@ -43,26 +42,28 @@ class Pacer:
 
 
 class ChatGap:
-    """At least ``gap`` seconds between two accepted sends to one chat."""
+    """At least ``gap`` seconds between two accepted sends to one chat (the gap is the caller's:
+    each instance may have its own)."""
 
-    def __init__(self, gap: float) -> None:
-        self._gap = gap
+    def __init__(self) -> None:
+        self._gap = 0.0                  # the largest gap seen: what pruning keeps
         self._last_sent: dict[str, float] = {}
         self._pruned_size = 0
 
-    async def wait(self, jid: str) -> None:
+    async def wait(self, chat: str, gap: float) -> None:
         """Until ``gap`` seconds have passed since the chat's last accepted send."""
-        if self._gap <= 0:
+        if gap <= 0:
             return
-        last = self._last_sent.get(jid)
+        last = self._last_sent.get(chat)
         if last is not None:
-            await trio.sleep_until(last + self._gap)
+            await trio.sleep_until(last + gap)
 
-    def sent(self, jid: str) -> None:
-        """A send to ``jid`` was accepted just now."""
-        if self._gap <= 0:
+    def sent(self, chat: str, gap: float) -> None:
+        """A send to ``chat`` was accepted just now."""
+        if gap <= 0:
             return
-        self._last_sent[jid] = trio.current_time()
+        self._gap = max(self._gap, gap)
+        self._last_sent[chat] = trio.current_time()
         self._prune()
 
     def _prune(self) -> None:

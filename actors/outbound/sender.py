@@ -1,11 +1,12 @@
 """The outbound supervisor: every reply to WhatsApp goes through one shared ``OutboundSender``.
 
 Policy lives here, the same whatever carries the sends: per-chat FIFO order (a ``KeyedSerialExecutor``
-keyed by JID), instance candidates with the one that worked last remembered, retries
+keyed by the conversation key, "<instance>/<jid>"), instance candidates with the one that worked last remembered, retries
 (``RetryPolicy``), pacing (pacing.py), splitting long replies, dead letters and statistics. The
 transport is chosen once, at construction: the Evolution API (evolution.py), or with
-``EVOLUTION_API_URL`` empty the in-process local outbox (local.py). What it does is
-docs/behaviour.md §5.
+``EVOLUTION_API_URL`` empty the in-process local outbox (local.py). Pacing, the split limit and the
+Evolution API key are the reply's instance's (``settings_for``); the rest is process-wide. What it
+does is docs/behaviour.md §5.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import attrs
 import httpx
 import trio
 
+from actors.conversation_key import instance_of
 from actors.settings import Settings
 from runtime.bounded import bounded_key
 from runtime.keyed import KeyedSerialExecutor, MailboxFull
@@ -57,6 +59,17 @@ class OutboundMessage:
     text: str
     instances: tuple[str, ...] = ()
     outbox_id: int | None = None  # durable row id, for the store
+    key: str = ""                 # the conversation key "<instance>/<jid>" (empty: the JID alone)
+
+    @property
+    def chat(self) -> str:
+        """What orders the chat's replies: its conversation key."""
+        return self.key or self.jid
+
+    @property
+    def tenant(self) -> str:
+        """The instance whose settings (pacing, split limit, API key) apply."""
+        return instance_of(self.key) if self.key else ""
 
 
 @attrs.frozen
@@ -135,17 +148,20 @@ class OutboundSender:
         *,
         http: httpx.AsyncClient | None = None,
         on_settled: Callable[[OutboundMessage, Delivery], Awaitable[None]] | None = None,
+        settings_for: Callable[[str], Settings] | None = None,
     ) -> None:
+        """``settings_for(instance)``: that instance's effective settings (default: ``settings``)."""
         self._settings = settings
+        self._settings_for = settings_for if settings_for is not None else (lambda _: settings)
         self._outbox: LocalOutbox | None = None
         if settings.outbound.evolution_api_url:
             self._transport: Transport = EvolutionTransport(settings, http)
         else:
             self._outbox = LocalOutbox(settings.security.log_customer_text)
             self._transport = self._outbox
-        paced = self._transport.paced
-        self._pacer = Pacer(settings.outbound.outbound_rate_per_instance if paced else 0.0, MAX_INSTANCE_KEYS)
-        self._gap = ChatGap(settings.outbound.outbound_min_gap_seconds if paced else 0.0)
+        self._paced = self._transport.paced
+        self._pacer = Pacer(MAX_INSTANCE_KEYS)
+        self._gap = ChatGap()
         self._retry = RetryPolicy(
             attempts=max(1, settings.outbound.outbound_max_attempts),
             base=BACKOFF_BASE_SECONDS, cap=BACKOFF_CAP_SECONDS, jitter=BACKOFF_JITTER,
@@ -191,13 +207,13 @@ class OutboundSender:
         """Queue ``message`` behind the JID's earlier messages; never blocks, never raises for I/O."""
         self._tokens += 1
         try:
-            self._chats.submit_nowait(message.jid, (self._tokens, message))
+            self._chats.submit_nowait(message.chat, (self._tokens, message))
             self._pending[self._tokens] = trio.current_time()
         except MailboxFull:
             error = f"outbound queue full: {QUEUE_CAPACITY} replies already waiting for this chat"
             delivery = self._dead_letter(message, error, 0)
             try:
-                self._refusals.submit_nowait(message.jid, (message, delivery))
+                self._refusals.submit_nowait(message.chat, (message, delivery))
             except MailboxFull:   # its durable row stays: the next start sends it again
                 log.error("Outbound: %s's refused replies are not settled yet; this one stays in the store "
                           "until the next start", message.jid)
@@ -210,17 +226,18 @@ class OutboundSender:
             if not self._chats.statistics().keys:
                 return
 
-    async def typing(self, jid: str, instances: Iterable[str] = ()) -> None:
+    async def typing(self, jid: str, instances: Iterable[str] = (), key: str = "") -> None:
         """Show "typing…" in the chat, best effort: returns at once (the call runs in the supervisor's
         nursery, bounded in time), never raises, and is skipped when the transport shows none (local
-        mode), when ``TYPING_PRESENCE`` is off, when one is already running for ``jid`` or when all the
+        mode), when ``TYPING_PRESENCE`` is off, when one is already running for the chat or when all the
         transport's presence slots are taken (so it never waits for one, and never takes one of the
         replies')."""
+        chat = key or jid
         if (not self._settings.outbound.typing_presence or self._nursery is None
-                or jid in self._typing or len(self._typing) >= self._transport.presence_slots):
+                or chat in self._typing or len(self._typing) >= self._transport.presence_slots):
             return
-        self._typing.add(jid)
-        self._nursery.start_soon(self._presence, jid, tuple(instances))
+        self._typing.add(chat)
+        self._nursery.start_soon(self._presence, jid, tuple(instances), key)
 
     # ------------------------------------------------------------------ snapshots
 
@@ -284,7 +301,7 @@ class OutboundSender:
         await self._settle(*item)
 
     async def _deliver(self, message: OutboundMessage) -> Delivery:
-        parts = split_text(message.text, self._settings.outbound.split_max_chars)
+        parts = split_text(message.text, self._settings_for(message.tenant).outbound.split_max_chars)
         if len(parts) > 1:
             log.info("Outbound: reply to %s is %d characters, sending it in %d parts",
                      message.jid, len(message.text), len(parts))
@@ -339,19 +356,22 @@ class OutboundSender:
         started = trio.current_time()
         rejected: dict[str, str] = {}
         attempt = 0
+        tenant = self._settings_for(message.tenant).outbound
+        gap = tenant.outbound_min_gap_seconds if self._paced else 0.0
+        rate = tenant.outbound_rate_per_instance if self._paced else 0.0
         while True:
             attempt += 1
-            await self._gap.wait(message.jid)
+            await self._gap.wait(message.chat, gap)
             retry: tuple[str, SendOutcome] | None = None
             for candidate in candidates:
                 if candidate in rejected:
                     continue
-                await self._pacer.acquire(candidate)
-                outcome = await self._transport.send_text(candidate, message.jid, text)
+                await self._pacer.acquire(candidate, rate)
+                outcome = await self._transport.send_text(candidate, message.jid, text, api_key=tenant.evolution_api_key)
                 if outcome.ok:
                     if key is not None:
                         self._preferred[key] = candidate
-                    self._gap.sent(message.jid)
+                    self._gap.sent(message.chat, gap)
                     return _PartResult(True, candidate, attempt, outcome.message_id)
                 if outcome.retryable:
                     retry = (candidate, outcome)
@@ -383,15 +403,18 @@ class OutboundSender:
         return Delivery("dead", candidate=candidate, attempts=attempts, error=error,
                         message_id=message_ids[0] if message_ids else "", message_ids=message_ids, parts=parts)
 
-    async def _presence(self, jid: str, instances: tuple[str, ...]) -> None:
+    async def _presence(self, jid: str, instances: tuple[str, ...], key: str) -> None:
         try:
-            _, candidates = self._ordered_candidates(OutboundMessage(jid, "", instances))
+            message = OutboundMessage(jid, "", instances, key=key)
+            api_key = self._settings_for(message.tenant).outbound.evolution_api_key
+            _, candidates = self._ordered_candidates(message)
             with trio.move_on_after(self._settings.server.http_timeout + TYPING_DELAY_MS / 1000 + 1):
                 for candidate in candidates:
-                    outcome = await self._transport.send_presence(candidate, jid, "composing", TYPING_DELAY_MS)
+                    outcome = await self._transport.send_presence(candidate, jid, "composing", TYPING_DELAY_MS,
+                                                                  api_key=api_key)
                     if outcome.ok or outcome.retryable:
                         break
         except Exception:
             log.debug("Outbound: sendPresence to %s failed", jid, exc_info=True)
         finally:
-            self._typing.discard(jid)
+            self._typing.discard(key or jid)

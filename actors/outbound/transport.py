@@ -51,10 +51,12 @@ class Transport(Protocol):
         """Hold what the sends need (connections) while the supervisor runs; logs how replies go."""
         ...
 
-    async def send_text(self, candidate: str, number: str, text: str) -> SendOutcome:
-        """Send ``text`` to ``number`` through instance ``candidate``."""
+    async def send_text(self, candidate: str, number: str, text: str, *, api_key: str | None = None) -> SendOutcome:
+        """Send ``text`` to ``number`` through instance ``candidate`` (with the instance's ``api_key``,
+        when the transport needs one; None: the configured one)."""
         ...
 
-    async def send_presence(self, candidate: str, number: str, presence: str, delay_ms: int) -> SendOutcome:
+    async def send_presence(self, candidate: str, number: str, presence: str, delay_ms: int, *,
+                            api_key: str | None = None) -> SendOutcome:
         """Show ``presence`` (e.g. ``"composing"``) in the chat for ``delay_ms``."""
         ...

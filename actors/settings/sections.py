@@ -197,7 +197,8 @@ class OutboundSettings:
 
     @property
     def names_instances(self) -> bool:
-        """Whether the deployment names the Evolution instances it serves."""
+        """Whether EVOLUTION_INSTANCE or EVOLUTION_INSTANCE_ID names an instance (an instances file
+        names more: ``Tenants.names_instances``)."""
         return bool(self.evolution_instance or self.evolution_instance_id)
 
 
@@ -233,13 +234,6 @@ class Settings:
     llm: LLMSettings
     outbound: OutboundSettings
     crm: CRMSettings
-
-    @property
-    def serves_unknown_instances(self) -> bool:
-        """UNKNOWN_INSTANCES, resolved: empty means ignore when instances are named, serve when none are."""
-        if self.security.unknown_instances:
-            return self.security.unknown_instances == "serve"
-        return not self.outbound.names_instances
 
     def secret_values(self) -> list[str]:
         """The values of every secret that is set (for the log redaction filter)."""

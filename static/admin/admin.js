@@ -192,7 +192,7 @@ function route() {
     link.classList.toggle("active", link.dataset.view === (view === "chat" ? "chats" : view));
   }
   if (view === "chat" && rest.length) {
-    chatView.open(decodeURIComponent(rest.join("/")));
+    chatView.open(decodeURIComponent(rest[0]), rest.length > 1 ? decodeURIComponent(rest[1]) : "");
   } else if (view === "delivery") {
     $("view-delivery").hidden = false;
     poll(renderDelivery);
@@ -226,7 +226,7 @@ async function renderChats() {
     const who = el("td", { class: "who" },
       el("div", { class: "name" }, chat.name || chat.number),
       el("div", { class: "sub" }, chat.name ? chat.number : null, chat.instance ? ` · ${chat.instance}` : null));
-    const row = el("tr", { class: "chat", "data-jid": chat.jid, tabindex: "0" }, who,
+    const row = el("tr", { class: "chat", "data-jid": chat.jid, "data-instance": chat.instance, tabindex: "0" }, who,
       el("td", { "data-label": t("col_state") }, stateBadge(chat.state)),
       el("td", { "data-label": t("col_last") }, el("div", { class: "preview" }, chat.preview),
         el("div", { class: "time" }, ago(chat.last_activity))),
@@ -252,7 +252,7 @@ async function renderChats() {
 
 function openChatRow(event) {
   const row = event.target.closest("tr[data-jid]");
-  if (row) location.hash = `#/chat/${encodeURIComponent(row.dataset.jid)}`;
+  if (row) location.hash = `#/chat/${encodeURIComponent(row.dataset.jid)}/${encodeURIComponent(row.dataset.instance)}`;
 }
 
 function resetPaging() {
@@ -265,16 +265,22 @@ function resetPaging() {
 
 const chatView = {
   jid: "",
+  instance: "",
   shown: "",
-  open(jid) {
+  path(suffix = "") {   // a conversation is (instance, chat): the instance goes along when known
+    const query = this.instance ? `?instance=${encodeURIComponent(this.instance)}` : "";
+    return `/admin/api/chats/${encodeURIComponent(this.jid)}${suffix}${query}`;
+  },
+  open(jid, instance) {
     this.jid = jid;
+    this.instance = instance;
     this.shown = "";
     $("reset-confirm").hidden = true;
     $("view-chat").hidden = false;
     poll(() => this.render());
   },
   async render() {
-    const chat = await api("GET", `/admin/api/chats/${encodeURIComponent(this.jid)}`);
+    const chat = await api("GET", this.path());
     this.draw(chat);
   },
   draw(chat) {
@@ -298,7 +304,7 @@ const chatView = {
   },
   async command(name, body) {
     try {
-      const result = await api("POST", `/admin/api/chats/${encodeURIComponent(this.jid)}/${name}`, body);
+      const result = await api("POST", this.path(`/${name}`), body);
       notify(result.status === "queued" ? t("queued") : t("done"));
       if (result.chat) this.draw(result.chat);
       return true;

@@ -54,9 +54,11 @@ class FakeEvolution:
     """Scriptable Evolution API. Instances not in ``instances`` answer 404 (unless ``instances`` is empty:
     then every instance exists). ``statuses`` forces a status per instance; ``fail_every`` k makes every
     k-th ``sendText`` a 500; before ``down_until`` (trio time) every call is a 503; ``invalid_numbers``
-    get Evolution's 400 "exists: false"."""
+    get Evolution's 400 "exists: false". ``instance_keys`` gives an instance its own API key (Evolution's
+    per-instance token): sends through that instance are accepted with that key only."""
 
     api_key: str = "k"
+    instance_keys: dict[str, str] = attrs.field(factory=dict)
     instances: set[str] = attrs.field(factory=set, converter=set)
     statuses: dict[str, int] = attrs.field(factory=dict)
     fail_every: int = 0
@@ -122,7 +124,7 @@ class FakeEvolution:
         instance = unquote(parts[2])
         if trio.current_time() < self.down_until:
             return 503, {"status": 503, "error": "Service Unavailable", "response": {"message": "down"}}, instance, ""
-        if headers.get("apikey") != self.api_key:
+        if headers.get("apikey") != self.instance_keys.get(instance, self.api_key):
             return 401, _error(401, "Unauthorized", "Unauthorized"), instance, ""
         if self.instances and instance not in self.instances:
             return 404, _error(404, "Not Found", [f'The "{instance}" instance does not exist']), instance, ""
