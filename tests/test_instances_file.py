@@ -224,7 +224,7 @@ def test_no_file_is_the_single_tenant_service(tmp_path: Path) -> None:
     assert instances_path(settings, config) is None
     assert configured_instances(settings, config_file=config, dotenv_file=None) == {}
     life = Lifecycle(make_settings(tmp_path), instances=configured_instances(settings, config_file=config))
-    assert life.instances == {} and life.service.instances == {}
+    assert life.instances == {} and life.service.tenants.names == ()
 
 
 def test_instances_toml_beside_config_is_found_and_instances_file_names_another(tmp_path: Path) -> None:
@@ -257,7 +257,7 @@ def test_lifecycle_loads_the_file_and_registers_its_secrets(tmp_path: Path) -> N
         life = Lifecycle(make_settings(tmp_path, INSTANCES_FILE=str(path)))
     finally:
         del os.environ["ACME_EVOLUTION_API_KEY"]
-    assert list(life.instances) == ["acme-bot"] and life.service.instances == life.instances
+    assert list(life.instances) == ["acme-bot"] and life.service.tenants.names == ("acme-bot",)
     assert "acme-evo-key-987654" in life.secret_values()   # redacted from the logs like the process's own
     broken = write(tmp_path, ACME + "max_messages = 1\n", "broken.toml")
     with pytest.raises(ConfigError, match=r'^INSTANCES_FILE \[instances."acme-bot"\].max_messages: must be at least 2$'):
