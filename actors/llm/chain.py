@@ -302,7 +302,7 @@ class ProviderChain:
                     completed = True   # unless cancelled: by a stall, a won hedge or the turn deadline
                     try:
                         with trio.fail_after(timeout):
-                            text = await slot.provider.complete(prompt)
+                            text = await slot.provider.complete(prompt.seen_by(slot.name))
                     except trio.Cancelled:
                         completed = False
                         raise
