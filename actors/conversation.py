@@ -29,6 +29,7 @@ from .instances import sender_instances
 from .jid import phone_of
 from .llm.base import Prompt
 from .llm.chain import Answer
+from .media import MediaSource, turn_images, wants_model, window_text
 from .outbound import OutboundMessage
 from .privacy import log_text
 from .prompts import Texts
@@ -93,6 +94,7 @@ class ConversationContext:
     clock: Clock
     crm: LeadRegistrar | None = None
     observe_turn: Callable[[float], None] | None = None   # seconds from arrival to committed reply
+    media: MediaSource | None = None   # customers' images and voice notes (actors/media.py)
 
 
 @attrs.frozen
@@ -278,7 +280,7 @@ class ConversationActor:
             self._acked.append(item.seq)
             state.messages_in += 1
             state.last_activity = now
-            state.window.append(bounded_entry(ctx.settings, USER, message.text, now))
+            state.window.append(bounded_entry(ctx.settings, USER, window_text(ctx.texts, message), now))
         last = items[-1].message
         text = "\n".join(i.message.text for i in items)
 
@@ -290,7 +292,7 @@ class ConversationActor:
             state.booking_sent = False
             log.info("Conversation reset by the customer: %s", self.jid)
             return self._reply(last, ctx.texts.reset_done)
-        if all(i.message.kind == "media" for i in items):
+        if all(i.message.kind == "media" and not wants_model(ctx.settings, i.message) for i in items):
             reply = self._unknown_message_text()
             return self._reply(last, reply) if reply else self._silent(len(items))
         if state.booking_sent:
@@ -323,7 +325,11 @@ class ConversationActor:
         """Show "typing…" and ask the chain with the turn's prompt (turn_prompt.py)."""
         ctx = self._ctx
         messages = [item.message for item in items]
-        prompt = build_prompt(ctx.settings, ctx.texts.agent_instruction, self.state.window, messages)
+        images = await turn_images(ctx.media, ctx.settings, ctx.texts, messages)
+        if images is None:   # only images, none of which could be fetched, and no caption to answer
+            return Answer(ctx.texts.media_failed, provider=None)
+        prompt = build_prompt(ctx.settings, ctx.texts.agent_instruction, self.state.window, messages,
+                              images=images, cache_key=self.jid)
         last = messages[-1]
         await ctx.outbound.typing(last.jid, sender_instances(ctx.settings, last))   # returns at once; best effort
         return await ctx.chain.ask(prompt)

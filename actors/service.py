@@ -30,6 +30,7 @@ from .evolution import Ignored, parse_webhook
 from .inbound import InboundMessage
 from .instances import unknown_instance
 from .llm.chain import ProviderChain, build_chain
+from .media import MediaSource, wants_model
 from .metrics import Metrics
 from .new_chats import NewChatLimiter
 from .outbound import Delivery, OutboundMessage, OutboundSender
@@ -101,11 +102,11 @@ class Service:
         settings = self.settings
         self.clock = Clock()
         await self.store.open()   # idempotent: Lifecycle.start opens it first to report a bad database in one line
-        # Shared by the outbound (≤ 48 sendText and ≤ 12 sendPresence requests at once) and CRM (≤ 4)
-        # supervisors: as large as all of them together, so requests never queue inside httpcore's
+        # Shared by the outbound (≤ 48 sendText, ≤ 12 sendPresence and ≤ 4 media fetches at once) and CRM
+        # (≤ 4) supervisors: as large as all of them together, so requests never queue inside httpcore's
         # pool (see actors/outbound/evolution.py), and every connection may be kept alive (httpcore's pool costs O(connections²) per event when
         # it holds more connections than it may keep alive).
-        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+        limits = httpx.Limits(max_connections=68, max_keepalive_connections=68)
         timeout = httpx.Timeout(settings.server.http_timeout)
         try:
             async with httpx.AsyncClient(timeout=timeout, limits=limits) as http:
@@ -117,6 +118,7 @@ class Service:
                     settings=settings, texts=self.texts, chain=self.chain, outbound=self.outbound,
                     store=self.store, clock=self.clock, crm=self.crm if settings.crm.crm_enabled else None,
                     observe_turn=self.metrics.turn_seconds.observe,
+                    media=MediaSource(settings, self.outbound.transport),
                 )
                 self.registry = Registry(
                     lambda jid: ConversationActor(jid, context),
@@ -267,7 +269,7 @@ class Service:
         except ShuttingDown:
             return IntakeResult(503, {"error": "shutting down"}, retry_after=10)
         try:
-            seq = await self.store.accept(key, f"{message.instance}:{message.message_id}", attrs.asdict(message))
+            seq = await self.store.accept(key, f"{message.instance}:{message.message_id}", message.stored_fields())
         except BaseException:
             registry.release(key)
             raise
@@ -287,7 +289,8 @@ class Service:
             return "ignore list"
         if settings.conversation.allow_jids and not names & set(settings.conversation.allow_jids):
             return "not in allow list"
-        if message.kind == "media" and not settings.conversation.unknown_message_text and not message.from_me:
+        if (message.kind == "media" and not settings.conversation.unknown_message_text and not message.from_me
+                and not wants_model(settings, message)):
             return "no text"
         if unknown_instance(settings, message):
             return "unknown_instance"
