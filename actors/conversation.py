@@ -30,6 +30,7 @@ from .jid import phone_of
 from .llm.base import Prompt
 from .llm.chain import Answer
 from .media import MediaSource, turn_images, wants_model, window_text
+from .memory_summary import MAX_SUMMARY_CHARS, FoldJob, FoldResult, apply_fold, fold_job
 from .outbound import OutboundMessage
 from .privacy import log_text
 from .prompts import Texts
@@ -82,6 +83,10 @@ class LeadRegistrar(Protocol):
     def submit(self, request: LeadRequest) -> None: ...
 
 
+class Summariser(Protocol):
+    def submit(self, jid: str, job: FoldJob) -> bool: ...
+
+
 @attrs.frozen
 class ConversationContext:
     """The shared objects every conversation actor talks to (built once by the service)."""
@@ -95,6 +100,7 @@ class ConversationContext:
     crm: LeadRegistrar | None = None
     observe_turn: Callable[[float], None] | None = None   # seconds from arrival to committed reply
     media: MediaSource | None = None   # customers' images and voice notes (actors/media.py)
+    summariser: Summariser | None = None   # MEMORY_SUMMARY's folds (actors/memory_summary.py)
 
 
 @attrs.frozen
@@ -110,13 +116,14 @@ class ConversationSnapshot:
     replies_out: int
     ignored: int
     crashes: int
+    summary: str = ""
 
 
 class ConversationActor:
     """Handles one chat's mail strictly in order (the runtime guarantees one batch at a time)."""
 
     __slots__ = ("jid", "_ctx", "state", "_outbox", "_acked", "_crm", "_unit", "_unreached", "_before",
-                 "_loaded", "_apologised")
+                 "_loaded", "_apologised", "_folding")
 
     def __init__(self, jid: str, context: ConversationContext) -> None:
         self.jid = jid
@@ -131,6 +138,7 @@ class ConversationActor:
         self._before: ConversationState | None = None  # the state before the unit, for a crash
         self._loaded = False                            # activate() read the stored state
         self._apologised: set[int] | None = None        # seqs answered politely while it could not
+        self._folding = False                           # a summary fold was handed over and has not come back
 
     # -- runtime hooks -------------------------------------------------------------------------
 
@@ -199,6 +207,18 @@ class ConversationActor:
         await self._commit()
         if customer and self._ctx.observe_turn is not None:
             self._ctx.observe_turn(trio.current_time() - customer[0].arrived)
+        if customer:
+            self._fold_later()
+
+    def _fold_later(self) -> None:
+        """After the committed turn: hand the oldest messages to the summariser when the window is
+        full (MEMORY_SUMMARY), one fold at a time; it reports back through the mailbox."""
+        summariser = self._ctx.summariser
+        if summariser is None or self._folding:
+            return
+        job = fold_job(self._ctx.settings, self.state)
+        if job is not None and summariser.submit(self.jid, job):
+            self._folding = True
 
     async def on_crash(self, batch: Sequence[Mail], error: BaseException) -> Sequence[Mail]:
         """Roll the state back to before the failing turn, answer its messages with the polite text,
@@ -261,6 +281,7 @@ class ConversationActor:
             replies_out=s.replies_out,
             ignored=s.ignored,
             crashes=s.crashes,
+            summary=s.summary,
         )
 
     def messages(self) -> list[dict[str, Any]]:
@@ -289,6 +310,7 @@ class ConversationActor:
             return self._silent(len(items))
         if self._is_reset(text):
             state.window.clear()
+            state.summary = ""
             state.booking_sent = False
             log.info("Conversation reset by the customer: %s", self.jid)
             return self._reply(last, ctx.texts.reset_done)
@@ -328,8 +350,9 @@ class ConversationActor:
         images = await turn_images(ctx.media, ctx.settings, ctx.texts, messages)
         if images is None:   # only images, none of which could be fetched, and no caption to answer
             return Answer(ctx.texts.media_failed, provider=None)
+        summary = f"{ctx.texts.summary_heading}\n{self.state.summary}" if self.state.summary else ""
         prompt = build_prompt(ctx.settings, ctx.texts.agent_instruction, self.state.window, messages,
-                              images=images, cache_key=self.jid)
+                              images=images, summary=summary, cache_key=self.jid)
         last = messages[-1]
         await ctx.outbound.typing(last.jid, sender_instances(ctx.settings, last))   # returns at once; best effort
         return await ctx.chain.ask(prompt)
@@ -370,6 +393,18 @@ class ConversationActor:
         state = self.state
         if control.command == "sent":   # bookkeeping only: saved with the next commit
             remember_sent(state, control.value)
+            control.done.set()
+            return
+        if control.command in ("fold", "summary"):   # the summariser's result | an admin's summary
+            if control.command == "fold":
+                self._folding = False
+                changed = isinstance(control.value, FoldResult) and apply_fold(state, control.value, self.jid)
+            else:
+                state.summary, changed = str(control.value)[:MAX_SUMMARY_CHARS], True
+                log.info("Admin summary for %s (%d chars)", self.jid, len(state.summary))
+            if changed:
+                await self._commit()
+            control.applied = True
             control.done.set()
             return
         text = apply_command(self._ctx.settings, state, self.jid, control.command, control.value, self._ctx.clock.now())

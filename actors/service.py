@@ -31,6 +31,7 @@ from .inbound import InboundMessage
 from .instances import unknown_instance
 from .llm.chain import ProviderChain, build_chain
 from .media import MediaSource, wants_model
+from .memory_summary import FoldResult, MemorySummariser
 from .metrics import Metrics
 from .new_chats import NewChatLimiter
 from .outbound import Delivery, OutboundMessage, OutboundSender
@@ -44,6 +45,7 @@ GC_THRESHOLDS = (10_000, 20, 20)   # gc.set_threshold once the service is up (th
 # counted (and exported as a metric label) on their own, the rest as "other".
 MAX_EVENT_REASONS = 16
 BUSY_RETRY_AFTER = 1       # seconds: webhooks past INTAKE_MAX_IN_FLIGHT wait for a group commit or two
+FOLD_REPORT_WAIT = 30      # seconds a summary fold's report waits to be applied before the next fold may run
 BACKLOG_RETRY_AFTER = 10   # seconds: the outbound backlog drains at OUTBOUND_RATE_PER_INSTANCE (20/s by default)
 
 
@@ -78,6 +80,7 @@ class Service:
         self.chain: ProviderChain | None = chain
         self.outbound: OutboundSender | None = None
         self.crm: CrmSupervisor | None = None
+        self.summariser: MemorySummariser | None = None
         self.registry: Registry[Accepted] | None = None
         self._cancel: trio.CancelScope | None = None
         self.received = 0
@@ -114,11 +117,13 @@ class Service:
                     self.chain = build_chain(settings, self.texts.polite_error)
                 self.outbound = OutboundSender(settings, http=http, on_settled=self._reply_settled)
                 self.crm = CrmSupervisor(settings, http=http, on_lead=self._lead_created, on_done=self._crm_done)
+                self.summariser = MemorySummariser(self.chain, self.texts, self._folded)
                 context = ConversationContext(
                     settings=settings, texts=self.texts, chain=self.chain, outbound=self.outbound,
                     store=self.store, clock=self.clock, crm=self.crm if settings.crm.crm_enabled else None,
                     observe_turn=self.metrics.turn_seconds.observe,
                     media=MediaSource(settings, self.outbound.transport),
+                    summariser=self.summariser,
                 )
                 self.registry = Registry(
                     lambda jid: ConversationActor(jid, context),
@@ -135,6 +140,7 @@ class Service:
                     await nursery.start(self.chain.run)   # owns the LLM chain's hedged half-open probes
                     await nursery.start(self.outbound.run)
                     await nursery.start(self.crm.run)
+                    await nursery.start(self.summariser.run)
                     await nursery.start(self.registry.run)
                     await self._recover()
                     # Everything allocated so far (the SDKs' modules and models, settings, clients)
@@ -396,6 +402,19 @@ class Service:
             return
         self.registry.deliver(jid, order, force=True, touch=False)
         await order.done.wait()
+
+    async def _folded(self, jid: str, result: FoldResult) -> None:
+        """A summary fold's outcome goes to the chat's actor through its mailbox (applied in order with
+        its turns); the summariser's next fold for the chat waits until it was applied."""
+        if self.registry is None:
+            return
+        order = Control("fold", result)
+        try:
+            self.registry.deliver(jid, order, force=True, touch=False)
+        except RuntimeError:   # the registry stopped: the messages stay, folded again after a later turn
+            return
+        with trio.move_on_after(FOLD_REPORT_WAIT):
+            await order.done.wait()
 
     async def _expire_stored(self, idle_before: float) -> None:
         live = set(self.registry.keys()) if self.registry is not None else set()

@@ -18,6 +18,19 @@ _ENGLISH_HINTS = re.compile(r"\b(hello|hi|hey|the|what|how|please|thanks|thank y
 _SPANISH_HINTS = re.compile(r"\b(hola|que|como|por|para|gracias|quiero|necesito|puedo|tienen|el|la|los|las|es|un|una)\b")
 
 
+SUMMARY_REQUEST = "PREVIOUS SUMMARY:"   # actors/memory_summary.py's request (not imported: no cycle)
+SUMMARY_CHARS = 1200
+
+
+def _extractive_summary(request: str) -> str:
+    """MEMORY_SUMMARY offline: the previous summary, then what the customer said, cut to SUMMARY_CHARS
+    (the oldest facts first, so a name said at the start is kept)."""
+    previous, _, messages = request[len(SUMMARY_REQUEST):].partition("\nMESSAGES:\n")
+    kept = [] if previous.strip() in ("", "(none)") else [previous.strip()]
+    kept += [line[len("[customer] "):] for line in messages.splitlines() if line.startswith("[customer] ")]
+    return " | ".join(kept)[:SUMMARY_CHARS] or "(nothing to remember)"
+
+
 def _fold(text: str) -> str:
     decomposed = unicodedata.normalize("NFKD", text.lower())
     return "".join(c for c in decomposed if not unicodedata.combining(c))
@@ -35,6 +48,8 @@ class OfflineProvider:
 
     async def complete(self, prompt: Prompt) -> str:
         last = prompt.messages[-1].content if prompt.messages else ""
+        if last.startswith(SUMMARY_REQUEST):
+            return _extractive_summary(last)
         folded = _fold(last)
         booking = _BOOKING_WORDS.search(folded)
         if booking:
