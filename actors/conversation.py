@@ -29,6 +29,7 @@ from .instances import sender_instances
 from .jid import phone_of
 from .llm.base import Prompt
 from .llm.chain import Answer
+from .llm.prompt_cache import chat_cache_key
 from .media import MediaSource, turn_images, wants_model, window_text
 from .memory_summary import MAX_SUMMARY_CHARS, FoldJob, FoldResult, apply_fold, fold_job
 from .outbound import OutboundMessage
@@ -293,6 +294,8 @@ class ConversationActor:
 
     async def _turn(self, items: list[Accepted]) -> None:
         ctx, state = self._ctx, self.state
+        if ctx.media is not None:   # voice notes become "[audio] <transcript>" (TRANSCRIBE_PROVIDER)
+            items = [attrs.evolve(i, message=await ctx.media.transcribed(i.message, ctx.texts)) for i in items]
         now = ctx.clock.now()
         for item in items:
             message = item.message
@@ -352,7 +355,7 @@ class ConversationActor:
             return Answer(ctx.texts.media_failed, provider=None)
         summary = f"{ctx.texts.summary_heading}\n{self.state.summary}" if self.state.summary else ""
         prompt = build_prompt(ctx.settings, ctx.texts.agent_instruction, self.state.window, messages,
-                              images=images, summary=summary, cache_key=self.jid)
+                              images=images, summary=summary, cache_key=chat_cache_key(self.jid))
         last = messages[-1]
         await ctx.outbound.typing(last.jid, sender_instances(ctx.settings, last))   # returns at once; best effort
         return await ctx.chain.ask(prompt)

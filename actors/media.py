@@ -15,8 +15,11 @@ import base64
 import binascii
 import logging
 
+import attrs
+
 from .inbound import InboundMessage
-from .llm.base import ImagePart
+from .llm.base import ImagePart, ProviderError
+from .llm.transcribe import Transcriber
 from .outbound.transport import Transport
 from .prompts import Texts
 from .settings import Settings
@@ -50,9 +53,30 @@ def window_text(texts: Texts, message: InboundMessage) -> str:
 class MediaSource:
     """Fetches a message's media bytes: the webhook's base64, else the transport (Evolution)."""
 
-    def __init__(self, settings: Settings, transport: Transport | None) -> None:
+    def __init__(self, settings: Settings, transport: Transport | None, transcriber: Transcriber | None = None) -> None:
         self._settings = settings
         self._transport = transport
+        self._transcriber = transcriber
+
+    async def transcribed(self, message: InboundMessage, texts: Texts) -> InboundMessage:
+        """A voice note as the text message ``[audio] <transcript>`` (TRANSCRIBE_PROVIDER); unchanged
+        (answered as unreadable media) when it is off, too large or the audio or transcript cannot be had."""
+        if message.media != "audio" or self._transcriber is None or not wants_model(self._settings, message):
+            return message
+        if message.media_bytes > self._settings.conversation.media_max_bytes:
+            log.info("Media: %s's voice note is over MEDIA_MAX_BYTES: not transcribed", message.jid)
+            return message
+        media = await self.fetch(message)
+        if media is None:
+            return message
+        mimetype, data = media
+        try:
+            text = await self._transcriber.transcribe(data, mimetype or message.mimetype or "audio/ogg")
+        except ProviderError as exc:
+            log.warning("Media: transcribing %s's voice note with %s failed: %s", message.jid, self._transcriber.name, exc)
+            return message
+        log.info("Media: transcribed %s's voice note (%d bytes → %d characters)", message.jid, len(data), len(text))
+        return attrs.evolve(message, text=f"{texts.audio_label} {text}", kind="audio_transcript", media="")
 
     async def image(self, message: InboundMessage, texts: Texts) -> ImagePart | None:
         """The image of ``message`` for the model, or None (logged: the caption answers alone)."""

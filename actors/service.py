@@ -30,6 +30,7 @@ from .evolution import Ignored, parse_webhook
 from .inbound import InboundMessage
 from .instances import unknown_instance
 from .llm.chain import ProviderChain, build_chain
+from .llm.transcribe import Transcriber, build_transcriber
 from .media import MediaSource, wants_model
 from .memory_summary import FoldResult, MemorySummariser
 from .metrics import Metrics
@@ -81,6 +82,7 @@ class Service:
         self.outbound: OutboundSender | None = None
         self.crm: CrmSupervisor | None = None
         self.summariser: MemorySummariser | None = None
+        self.transcriber: Transcriber | None = None
         self.registry: Registry[Accepted] | None = None
         self._cancel: trio.CancelScope | None = None
         self.received = 0
@@ -118,11 +120,12 @@ class Service:
                 self.outbound = OutboundSender(settings, http=http, on_settled=self._reply_settled)
                 self.crm = CrmSupervisor(settings, http=http, on_lead=self._lead_created, on_done=self._crm_done)
                 self.summariser = MemorySummariser(self.chain, self.texts, self._folded)
+                self.transcriber = build_transcriber(settings, self.texts.transcribe_instruction)
                 context = ConversationContext(
                     settings=settings, texts=self.texts, chain=self.chain, outbound=self.outbound,
                     store=self.store, clock=self.clock, crm=self.crm if settings.crm.crm_enabled else None,
                     observe_turn=self.metrics.turn_seconds.observe,
-                    media=MediaSource(settings, self.outbound.transport),
+                    media=MediaSource(settings, self.outbound.transport, self.transcriber),
                     summariser=self.summariser,
                 )
                 self.registry = Registry(
@@ -161,6 +164,8 @@ class Service:
             with trio.CancelScope(shield=True):
                 if self.chain is not None:
                     await self.chain.aclose()
+                if self.transcriber is not None:
+                    await self.transcriber.aclose()
                 await self.store.close()
 
     async def shutdown(self, grace: float) -> None:

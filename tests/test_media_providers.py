@@ -112,3 +112,27 @@ async def test_gemini_puts_the_summary_in_the_system_instruction() -> None:
         usage = provider.cache_usage.snapshot()   # type: ignore[attr-defined]
     assert fake.requests[1].json["systemInstruction"]["parts"] == [{"text": LONG}, {"text": "El cliente se llama Ana."}]
     assert usage["cached_tokens"] > 0
+
+
+async def test_cache_usage_is_counted_per_provider_in_supervisors_and_metrics(tmp_path) -> None:
+    from tests.conftest import wait_for
+    from tests.fakes.llm import OpenAIFake
+    from tests.fakes.server import running_server
+    from tests.payloads import upsert
+    from tests.test_http import client_for
+
+    fake = OpenAIFake()
+    fake.cache_min_tokens = 1   # the test's prompts are short
+    async with running_server(fake) as url:
+        async with client_for(tmp_path, LLM_PROVIDER="openai", OPENAI_API_KEY="sk-cache", OPENAI_BASE_URL=url) as (app, client):
+            for i in range(3):
+                await client.post("/webhook", json=upsert(f"pregunta {i}", timestamp=1769000000 + i))
+                await wait_for(lambda: len(app.extensions["service"].outbound.outbox_entries()) == i + 1)
+            body = await (await client.get("/supervisors")).get_json()
+            metrics = (await (await client.get("/metrics")).get_data()).decode()
+    [openai_stats] = [p for p in body["llm"]["providers"] if p["name"] == "openai"]
+    cache = openai_stats["prompt_cache"]
+    assert cache["requests"] == 3 and 0 < cache["cached_tokens"] < cache["prompt_tokens"]
+    assert f'agent_llm_prompt_tokens_total{{kind="cached",provider="openai"}} {float(cache["cached_tokens"])}' in metrics
+    [key] = {r.json["prompt_cache_key"] for r in fake.requests}   # one per chat, not its phone number
+    assert key.startswith("chat-") and "5491131376731" not in key

@@ -10,11 +10,17 @@ each adapter reports its API's usage fields here, and ``/supervisors`` and ``/me
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import attrs
 
 EPHEMERAL: dict[str, str] = {"type": "ephemeral"}   # Anthropic's cache_control (5-minute cache)
+
+
+def chat_cache_key(chat: str) -> str:
+    """A chat's ``prompt_cache_key``: stable per chat, and not its phone number (a hash of its key)."""
+    return "chat-" + hashlib.sha256(chat.encode()).hexdigest()[:32]
 
 
 @attrs.define
