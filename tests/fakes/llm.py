@@ -593,12 +593,37 @@ def echo_behaviour(echo_chars: int) -> Callable[[RecordedRequest], Reply]:
     return behave
 
 
-async def _serve(host: str, port: int, latency: Callable[[], float], echo_chars: int) -> None:
+def describe_images(request: RecordedRequest) -> Reply:
+    """Answer like a vision model: what images the last message carries (type and size) and its text;
+    a message without images gets the default reply."""
+    payload = request.json or {}
+    seen = []
+    if "messages" in payload:   # OpenAI / Anthropic
+        content = (payload["messages"] or [{}])[-1].get("content")
+        for part in content if isinstance(content, list) else ():
+            if part.get("type") == "image_url":
+                header, _, data = str(part["image_url"]["url"]).partition(",")
+                seen.append((header[5:].partition(";")[0], len(base64.b64decode(data))))
+            elif part.get("type") == "image":
+                seen.append((part["source"]["media_type"], len(base64.b64decode(part["source"]["data"]))))
+    for part in ((payload.get("contents") or [{}])[-1].get("parts") or []):   # Gemini
+        inline = part.get("inlineData")
+        if inline:
+            seen.append((inline.get("mimeType", inline.get("mime_type")), len(base64.b64decode(inline["data"]))))
+    if not seen:
+        return Reply()
+    return Reply(text="Veo " + ", ".join(f"una imagen {mime} de {size} bytes" for mime, size in seen) + ".")
+
+
+async def _serve(host: str, port: int, latency: Callable[[], float], echo_chars: int,
+                 describe: bool = False) -> None:
     from hypercorn.trio import serve
 
     from .server import hypercorn_config
 
     default: Behaviour | Callable[[RecordedRequest], Behaviour] = echo_behaviour(echo_chars) if echo_chars else Reply()
+    if describe:
+        default = describe_images
     app = OpenAIFake(latency=latency, record=False, default=default)
     config = hypercorn_config(f"{host}:{port}")
     config.backlog = 4096   # load tests open hundreds of connections at once
@@ -615,10 +640,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--echo-chars", type=int, default=0,
                         help="answer 're: <last user message>' cut to this many characters (0: a fixed text)")
+    parser.add_argument("--describe-images", action="store_true",
+                        help="answer a message with images like a vision model ('Veo una imagen image/png de N bytes.')")
     args = parser.parse_args(argv)
     latency = parse_latency(args.latency, random.Random(args.seed))
     try:
-        trio.run(_serve, args.host, args.port, latency, args.echo_chars)
+        trio.run(_serve, args.host, args.port, latency, args.echo_chars, args.describe_images)
     except KeyboardInterrupt:
         sys.exit(0)
 
