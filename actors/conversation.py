@@ -248,7 +248,8 @@ class ConversationActor:
             if message.from_me:
                 continue
             state.messages_in += 1
-            state.window.append(bounded_entry(self._ctx.settings, USER, message.text, state.last_activity))
+            state.window.append(bounded_entry(self._ctx.settings, USER, window_text(self._ctx.texts, message),
+                                              state.last_activity))
             self._reply(message, self._ctx.texts.polite_error)
             log.info("[RESPUESTA]: %s", self._ctx.texts.polite_error)
         await self._commit()

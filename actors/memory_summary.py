@@ -34,7 +34,6 @@ from .state import ConversationState
 
 log = logging.getLogger(__name__)
 MAX_SUMMARY_CHARS = 4000         # a summary kept (or set by an admin) is cut to this
-KEYS_IN_FLIGHT = 8               # chats being summarised at once; the others wait their turn
 REQUEST_HEADER = "PREVIOUS SUMMARY:"   # the summary request's first line (the offline provider knows it)
 
 
@@ -71,17 +70,23 @@ def fold_job(settings: Settings, state: ConversationState) -> FoldJob | None:
 
 
 def apply_fold(state: ConversationState, result: FoldResult, jid: str) -> bool:
-    """Drop the folded messages and keep the new summary, when the window still starts with them
-    (a reset or a truncation since makes the fold stale). True when the state changed."""
+    """Drop the folded messages still in the window and keep the new summary, when the window starts
+    with (the rest of) them: the oldest may have been cut meanwhile (the window's hard bound, while
+    the fold waited), and the summary holds them anyway. A reset or an admin's summary since makes the
+    fold stale. True when the state changed."""
     job = result.job
     if result.summary is None:
         return False
-    count = len(job.rows)
-    if tuple((e.role, e.content, e.at) for e in state.window[:count]) != job.rows or state.summary != job.summary:
+    rows = job.rows
+    head = (state.window[0].role, state.window[0].content, state.window[0].at) if len(state.window) else None
+    cut = rows.index(head) if head in rows else -1
+    kept = rows[cut:] if cut >= 0 else ()
+    if not kept or tuple((e.role, e.content, e.at) for e in state.window[:len(kept)]) != kept \
+            or state.summary != job.summary:
         log.info("Summarised memory for %s discarded: the window changed meanwhile", jid)
         return False
     before = len(state.window)
-    del state.window[:count]
+    del state.window[:len(kept)]
     state.summary = result.summary[:MAX_SUMMARY_CHARS]
     log.info("Summarised memory: %d → %d messages (summary %d chars)", before, len(state.window), len(state.summary))
     return True
@@ -96,15 +101,17 @@ def summary_prompt(texts: Texts, job: FoldJob) -> Prompt:
 
 
 class MemorySummariser:
-    """Runs the folds, one at a time per chat, KEYS_IN_FLIGHT chats at once, and reports each back."""
+    """Runs the folds, one at a time per chat, ``keys_in_flight`` chats at once (the service gives it
+    LLM_CONCURRENCY: the chain bounds the calls anyway, and fewer let folds lag behind the turns of
+    many chats that fill their windows together), and reports each back."""
 
-    def __init__(self, chain: Asker, texts: Texts,
-                 report: Callable[[str, FoldResult], Awaitable[None]]) -> None:
+    def __init__(self, chain: Asker, texts: Texts, report: Callable[[str, FoldResult], Awaitable[None]], *,
+                 keys_in_flight: int) -> None:
         self._chain = chain
         self._texts = texts
         self._report = report
         self._jobs: KeyedSerialExecutor[str, FoldJob] = KeyedSerialExecutor(
-            self._fold, queue_capacity=1, max_keys_in_flight=KEYS_IN_FLIGHT, name="summary")
+            self._fold, queue_capacity=1, max_keys_in_flight=keys_in_flight, name="summary")
         self.calls = 0
         self.failures = 0
 

@@ -119,7 +119,8 @@ class Service:
                     self.chain = build_chain(settings, self.texts.polite_error)
                 self.outbound = OutboundSender(settings, http=http, on_settled=self._reply_settled)
                 self.crm = CrmSupervisor(settings, http=http, on_lead=self._lead_created, on_done=self._crm_done)
-                self.summariser = MemorySummariser(self.chain, self.texts, self._folded)
+                self.summariser = MemorySummariser(self.chain, self.texts, self._folded,
+                                                   keys_in_flight=settings.llm.llm_concurrency)
                 self.transcriber = build_transcriber(settings, self.texts.transcribe_instruction)
                 context = ConversationContext(
                     settings=settings, texts=self.texts, chain=self.chain, outbound=self.outbound,

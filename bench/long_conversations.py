@@ -4,8 +4,9 @@ calls of summarising, and the reply latency (docs/memory-and-caching.md).
 
 An in-process Service (memory store, local outbox) talks to the OpenAI provider through the real
 SDK, pointed at the in-process OpenAI fake (tests/fakes/llm.py) on 127.0.0.1. ``--chats`` customers
-each hold a ``--turns``-turn conversation, one message after the reply to the previous one, all chats
-at once. The fake answers ~``--reply-chars`` characters after ``--llm-latency`` seconds, and a summary
+each hold a ``--turns``-turn conversation, one message after the reply to the previous one,
+``--concurrent`` chats at a time (the service, the SDK and the fake share one process: with every
+chat at once the latencies measure the machine's saturation more than the modes). The fake answers ~``--reply-chars`` characters after ``--llm-latency`` seconds, and a summary
 request with a summary that carries the previous one forward plus what the customer said (what the
 summary instruction asks of a model), so the customer's name from turn 1 can be checked at the end.
 
@@ -15,7 +16,7 @@ previous prompt of the same chat from the start (whole messages): what a provide
 reuse. *Uncached* tokens are the rest. The fake also applies OpenAI's own rule (cached from 1,024
 tokens, in 128-token steps) to the usage it reports: those figures are shown too (``openai rule``).
 
-    .venv/bin/python bench/long_conversations.py [--chats 200] [--turns 60] [--llm-latency 0.05]
+    .venv/bin/python bench/long_conversations.py [--chats 200] [--turns 60] [--concurrent 50] [--llm-latency 0.05]
 """
 
 from __future__ import annotations
@@ -135,9 +136,15 @@ async def run_mode(summary: bool, args: argparse.Namespace) -> dict[str, Any]:
                             break
                         await trio.sleep(0.005)
 
+            talking = trio.CapacityLimiter(args.concurrent)
+
+            async def one_chat(n: int) -> None:
+                async with talking:
+                    await customer(n)
+
             async with trio.open_nursery() as chats:
                 for n in range(args.chats):
-                    chats.start_soon(customer, n)
+                    chats.start_soon(one_chat, n)
             # let the last folds land, then read the summaries
             assert service.summariser is not None
             while service.summariser.statistics()["in_progress"]:
@@ -178,13 +185,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--chats", type=int, default=200)
     parser.add_argument("--turns", type=int, default=60)
+    parser.add_argument("--concurrent", type=int, default=50, help="chats talking at the same time")
     parser.add_argument("--max-messages", type=int, default=50)
     parser.add_argument("--chunk", type=int, default=20)
     parser.add_argument("--reply-chars", type=int, default=300)
     parser.add_argument("--llm-latency", type=float, default=0.05, help="seconds per fake LLM call")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
-    print(f"{args.chats} chats x {args.turns} turns, MAX_MESSAGES={args.max_messages}, SUMMARY_CHUNK={args.chunk}, "
+    print(f"{args.chats} chats x {args.turns} turns ({args.concurrent} at a time), MAX_MESSAGES={args.max_messages}, SUMMARY_CHUNK={args.chunk}, "
           f"replies ~{args.reply_chars} chars, fake LLM latency {args.llm_latency}s; tokens = chars / {CHARS_PER_TOKEN}; "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
     results = [trio.run(run_mode, False, args), trio.run(run_mode, True, args)]

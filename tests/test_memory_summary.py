@@ -194,3 +194,20 @@ def test_a_state_stored_before_summaries_loads_without_one() -> None:
     assert state.summary == "" and len(state.window) == 1
     state.summary = "Ana"
     assert ConversationState.from_bytes(state.to_bytes()).summary == "Ana"
+
+
+def test_a_fold_whose_oldest_messages_were_cut_meanwhile_still_applies() -> None:
+    """Regression: under load a fold can wait while the chat's window reaches its hard bound and loses
+    its oldest messages; the fold's summary holds them, so the rest of the fold still applies (it was
+    discarded, and the summaries of most chats of bench/long_conversations.py lost the name)."""
+    from actors.memory_summary import FoldJob, FoldResult, apply_fold
+    from actors.state import ConversationState, WindowEntry
+
+    state = ConversationState(window=[WindowEntry("user" if i % 2 == 0 else "assistant", f"m{i}", float(i))
+                                      for i in range(12)])
+    job = FoldJob("", tuple((e.role, e.content, e.at) for e in state.window[:4]))
+    del state.window[:2]   # the hard bound cut m0 and m1 while the fold was under way
+    assert apply_fold(state, FoldResult(job, "Se llama Ana."), "jid")
+    assert [e.content for e in state.window][:2] == ["m4", "m5"] and state.summary == "Se llama Ana."
+    stale = ConversationState(window=[WindowEntry("user", "otro", 99.0)])   # reset meanwhile
+    assert not apply_fold(stale, FoldResult(job, "x"), "jid") and stale.summary == ""
