@@ -38,7 +38,7 @@ REQUEST_HEADER = "PREVIOUS SUMMARY:"   # the summary request's first line (the o
 
 
 class Asker(Protocol):
-    async def ask(self, prompt: Prompt) -> Answer: ...
+    async def ask(self, prompt: Prompt, *, turn: bool = True) -> Answer: ...
 
 
 @attrs.frozen
@@ -132,7 +132,7 @@ class MemorySummariser:
 
     async def _fold(self, jid: str, job: FoldJob) -> None:
         self.calls += 1
-        answer = await self._chain.ask(summary_prompt(self._texts, job))
+        answer = await self._chain.ask(summary_prompt(self._texts, job), turn=False)
         summary = answer.text.strip() if not answer.failed else ""
         if not summary:
             self.failures += 1

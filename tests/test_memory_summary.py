@@ -94,6 +94,8 @@ async def test_a_failing_fold_keeps_the_messages_and_is_retried_later(tmp_path) 
         assert found is not None
         assert [row[1] for row in found[0]["window"]][:2] == ["q0", "re: q0"]   # nothing lost
         assert len(found[0]["window"]) == 12 and found[0]["summary"] == ""
+        assert service.summariser is not None and service.summariser.statistics()["failures"] == 2
+        assert service.chain is not None and service.chain.statistics().polite_answers == 0   # no customer's
         failing[0] = False
         await talk(service, 1, start=6)   # the next turn tries again
         await idle(service)
