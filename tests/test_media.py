@@ -162,3 +162,28 @@ async def test_on_fallback_the_next_provider_gets_the_same_image(tmp_path) -> No
     [sent] = image_parts("anthropic", fakes["anthropic"].requests[0].json)
     url = fakes["openai"].requests[0].json["messages"][-1]["content"][1]["image_url"]["url"]
     assert url.endswith(sent["source"]["data"])
+
+
+def test_the_webhook_parser_reads_an_images_fields_and_keeps_its_base64_out_of_the_inbox_row() -> None:
+    from actors.evolution import WebhookError, parse_webhook
+
+    message = parse_webhook(image_upsert("hola", mimetype="image/jpeg", file_length=1234, inline=TINY_PNG))
+    assert (message.media, message.mimetype, message.media_bytes, message.text) == ("image", "image/jpeg", 1234, "hola")
+    assert message.media_base64 and "media_base64" not in message.stored_fields()
+    long_form = image_upsert(None)
+    long_form["data"]["message"]["imageMessage"]["fileLength"] = {"low": 70, "high": 0, "unsigned": True}
+    assert parse_webhook(long_form).media_bytes == 70
+    bad = image_upsert(None)
+    bad["data"]["message"]["base64"] = 12
+    with pytest.raises(WebhookError, match="base64 must be a string"):
+        parse_webhook(bad)
+
+
+async def test_offline_mode_summarises_extractively() -> None:
+    from actors.llm.offline import OfflineProvider
+    from actors.memory_summary import FoldJob, summary_prompt
+    from actors.prompts import SPANISH
+
+    job = FoldJob("Se llama Ana.", (("user", "quiero una cita el lunes", 1.0), ("assistant", "¡Claro!", 1.0)))
+    text = await OfflineProvider().complete(summary_prompt(SPANISH, job))
+    assert text == "Se llama Ana. | quiero una cita el lunes"

@@ -9,6 +9,7 @@ import json
 import re
 import unicodedata
 
+from ..memory_summary import REQUEST_HEADER as SUMMARY_REQUEST
 from .base import Prompt
 
 _BOOKING_WORDS = re.compile(
@@ -18,7 +19,6 @@ _ENGLISH_HINTS = re.compile(r"\b(hello|hi|hey|the|what|how|please|thanks|thank y
 _SPANISH_HINTS = re.compile(r"\b(hola|que|como|por|para|gracias|quiero|necesito|puedo|tienen|el|la|los|las|es|un|una)\b")
 
 
-SUMMARY_REQUEST = "PREVIOUS SUMMARY:"   # actors/memory_summary.py's request (not imported: no cycle)
 SUMMARY_CHARS = 1200
 
 
