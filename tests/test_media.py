@@ -187,3 +187,37 @@ async def test_offline_mode_summarises_extractively() -> None:
     job = FoldJob("Se llama Ana.", (("user", "quiero una cita el lunes", 1.0), ("assistant", "¡Claro!", 1.0)))
     text = await OfflineProvider().complete(summary_prompt(SPANISH, job))
     assert text == "Se llama Ana. | quiero una cita el lunes"
+
+
+async def test_the_media_fetch_is_bounded_timed_out_and_capped(tmp_path) -> None:
+    import trio
+
+    from actors.outbound.evolution import MEDIA_CONCURRENCY, EvolutionTransport
+
+    evo = FakeEvolution(api_key="k", latency=0.2)
+    for i in range(10):
+        evo.media[f"M{i}"] = StoredMedia("image/png", TINY_PNG)
+    evo.media["BIG"] = StoredMedia("image/png", TINY_PNG * 2000)
+    async with running_server(evo) as url:
+        settings = make_settings(tmp_path, EVOLUTION_API_URL=url, EVOLUTION_API_KEY="k", HTTP_TIMEOUT="1")
+        transport = EvolutionTransport(settings)
+        async with transport.open():
+            outcomes = []
+
+            async def fetch(i: int) -> None:
+                outcomes.append(await transport.fetch_media(INSTANCE, f"M{i}", 1000))
+
+            async with trio.open_nursery() as nursery:
+                for i in range(10):
+                    nursery.start_soon(fetch, i)
+            assert all(o.ok and o.data == TINY_PNG and o.mimetype == "image/png" for o in outcomes)
+            arrivals = sorted(r.at for r in evo.calls("/chat/getBase64FromMediaMessage/"))
+            assert arrivals[MEDIA_CONCURRENCY] - arrivals[0] >= 0.19   # the 5th waited for a slot
+            big = await transport.fetch_media(INSTANCE, "BIG", 1000)
+            assert big.status == 413 and not big.data
+            missing = await transport.fetch_media(INSTANCE, "NOPE", 1000)
+            assert missing.status == 400 and "Message not found" in missing.error
+            evo.latency = 5.0
+            with trio.fail_after(4):
+                slow = await transport.fetch_media(INSTANCE, "M0", 1000)
+            assert slow.status == 0 and slow.error == "timeout"

@@ -117,7 +117,7 @@ class EvolutionTransport:
                             if len(raw) > cap:
                                 return MediaOutcome(413, error=f"media larger than {max_bytes} bytes")
                         status = response.status_code
-        except trio.TooSlowError:
+        except (trio.TooSlowError, httpx.TimeoutException):
             return MediaOutcome(STATUS_NETWORK_ERROR, error="timeout")
         except httpx.HTTPError as exc:
             return MediaOutcome(STATUS_NETWORK_ERROR, error=f"{type(exc).__name__}: {exc}"[:200])
