@@ -23,6 +23,7 @@ from actors.admin_sessions import Session, Sessions
 from actors.evolution import WebhookError
 from actors.exposure import is_loopback_address
 from actors.jid import is_chat_jid
+from actors.memory_summary import MAX_SUMMARY_CHARS
 from actors.payload_guard import BadPayload, decode_payload
 from actors.service import AmbiguousChat, IntakeResult, Service
 from actors.settings import Settings, load_settings
@@ -442,6 +443,29 @@ def create_app(settings: Settings | None = None, service: Service | None = None,
         if not applied:
             return _json({"status": "queued", "command": command}, 202)
         return _json(await admin_api.control_applied(svc, key, command))
+
+    @app.put("/actors/<path:jid>/summary")
+    @admin
+    async def actor_summary(jid: str) -> Response:
+        """Replace a chat's running summary (MEMORY_SUMMARY): ``{"summary": "<text>"}``, "" clears it."""
+        body = await _body()
+        if isinstance(body, Response):
+            return body
+        text = body.get("summary")
+        if not isinstance(text, str) or len(text) > MAX_SUMMARY_CHARS:
+            return _error(400, f"body must be {{\"summary\": <a string of at most {MAX_SUMMARY_CHARS} characters>}}")
+        key = await _chat_key(svc, jid)
+        if isinstance(key, Response):
+            return key
+        try:
+            order = await svc.command(key, "summary", text.strip())
+        except (MailboxFull, ShuttingDown):
+            return _error(503, "the chat's mailbox is full or the service is stopping", **{"Retry-After": "5"})
+        if not order.done.is_set():
+            return _json({"status": "queued", "command": "summary"}, 202)
+        if not order.applied:
+            return _error(409, "the chat's actor is stopped after repeated crashes: nothing was done, try again later")
+        return _json({"status": "applied", "command": "summary", "summary": text.strip()})
 
     @app.get("/supervisors")
     @admin

@@ -81,6 +81,8 @@ async def supervisors(svc: "Service") -> dict[str, Any]:
         body["outbound"] = attrs.asdict(svc.outbound.statistics())
     if svc.crm is not None:
         body["crm"] = attrs.asdict(svc.crm.statistics())
+    if svc.summariser is not None:
+        body["summary"] = svc.summariser.statistics()   # MEMORY_SUMMARY's folds: calls, failures, in progress
     body["intake"] = {"received": svc.received, "ignored": dict(svc.ignored),
                       "new_chats_refused": svc.new_chats_refused, "refused": dict(svc.intake_refused),
                       "storing": svc.storing}

@@ -135,6 +135,7 @@ async def chat_detail(svc: "Service", key: str) -> dict[str, Any] | None:
         "last_error": redact(last_error) if last_error else None,
         "mailbox_depth": stats.mailbox_depth if stats is not None else 0,
         "messages_in": chat.messages_in, "replies_out": chat.replies_out,
+        "summary": chat.summary,
     }
 
 

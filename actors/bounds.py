@@ -27,8 +27,11 @@ def bounded_entry(settings: Settings, role: str, text: str, at: float) -> Window
 
 
 def truncate(settings: Settings, window: Window) -> None:
-    """Keep the newest MAX_MESSAGES messages, and fewer while they exceed MAX_WINDOW_CHARS."""
-    limit = settings.conversation.max_messages
+    """Keep the newest MAX_MESSAGES messages, and fewer while they exceed MAX_WINDOW_CHARS. With
+    MEMORY_SUMMARY the summary fold shrinks the window (actors/memory_summary.py): it may hold another
+    SUMMARY_CHUNK messages while a fold is under way or failed, and only past that are they cut."""
+    conversation = settings.conversation
+    limit = conversation.max_messages + (conversation.summary_chunk if conversation.memory_summary else 0)
     before = len(window)
     if before > limit:
         del window[: before - limit]

@@ -39,6 +39,7 @@ def apply_command(settings: Settings, state: ConversationState, jid: str, comman
         state.paused_until, state.pause_reason = 0.0, ""
     elif command == "reset":
         state.window.clear()
+        state.summary = ""
         state.booking_sent = False
         state.paused_until, state.pause_reason = 0.0, ""
     elif command == "reply":

@@ -33,8 +33,12 @@ from .inbound import InboundMessage
 from .instances import sender_instances
 from .jid import phone_of
 from .llm.chain import Answer
+from .llm.prompt_cache import chat_cache_key
+from .media import MediaSource, turn_images, wants_model, window_text
+from .memory_summary import MAX_SUMMARY_CHARS, FoldJob, FoldResult, apply_fold, fold_job
 from .outbound import OutboundMessage
 from .privacy import log_text
+from .prompts import Texts
 from .settings import Settings
 from .state import ASSISTANT, OPERATOR, USER, ConversationState, LeadInfo, seed_messages
 from .tenants import Tenant, Tenants
@@ -81,6 +85,10 @@ class LeadRegistrar(Protocol):
     def submit(self, request: LeadRequest) -> None: ...
 
 
+class Summariser(Protocol):
+    def submit(self, key: str, job: FoldJob, chain: Any, texts: Texts) -> bool: ...
+
+
 @attrs.frozen
 class ConversationContext:
     """The shared objects every conversation actor talks to (built once by the service).
@@ -93,6 +101,8 @@ class ConversationContext:
     clock: Clock
     crm: LeadRegistrar | None = None
     observe_turn: Callable[[str, float], None] | None = None   # (instance, seconds from arrival to committed reply)
+    media: MediaSource | None = None   # customers' images and voice notes (actors/media.py)
+    summariser: Summariser | None = None   # MEMORY_SUMMARY's folds (actors/memory_summary.py)
 
 
 @attrs.frozen
@@ -109,13 +119,14 @@ class ConversationSnapshot:
     replies_out: int
     ignored: int
     crashes: int
+    summary: str = ""
 
 
 class ConversationActor:
     """Handles one chat's mail strictly in order (the runtime guarantees one batch at a time)."""
 
     __slots__ = ("key", "_ctx", "_tenant", "state", "_outbox", "_acked", "_crm", "_unit",
-                 "_unreached", "_before", "_loaded", "_apologised")
+                 "_unreached", "_before", "_loaded", "_apologised", "_folding")
 
     def __init__(self, key: str, context: ConversationContext) -> None:
         self.key = key                                  # "<instance>/<jid>"; its parts are read from it
@@ -131,6 +142,7 @@ class ConversationActor:
         self._before: ConversationState | None = None  # the state before the unit, for a crash
         self._loaded = False                            # activate() read the stored state
         self._apologised: set[int] | None = None        # seqs answered politely while it could not
+        self._folding = False                           # a summary fold was handed over and has not come back
 
     @property
     def jid(self) -> str:
@@ -214,6 +226,20 @@ class ConversationActor:
         await self._commit()
         if customer and self._ctx.observe_turn is not None:
             self._ctx.observe_turn(self.instance, trio.current_time() - customer[0].arrived)
+        if customer:
+            self._fold_later()
+
+    def _fold_later(self) -> None:
+        """After the committed turn: hand the oldest messages to the summariser when the window is
+        full (MEMORY_SUMMARY), one fold at a time, with the instance's chain and texts; it reports
+        back through the mailbox."""
+        summariser = self._ctx.summariser
+        if summariser is None or self._folding:
+            return
+        tenant = self.tenant
+        job = fold_job(tenant.settings, self.state)
+        if job is not None and summariser.submit(self.key, job, tenant.chain, tenant.texts):
+            self._folding = True
 
     async def on_crash(self, batch: Sequence[Mail], error: BaseException) -> Sequence[Mail]:
         """Roll the state back to before the failing turn, answer its messages with the polite text,
@@ -243,7 +269,8 @@ class ConversationActor:
             if message.from_me:
                 continue
             state.messages_in += 1
-            state.window.append(bounded_entry(tenant.settings, USER, message.text, state.last_activity))
+            state.window.append(bounded_entry(tenant.settings, USER, window_text(tenant.texts, message),
+                                              state.last_activity))
             self._reply(message, tenant.texts.polite_error)
             log.info("[RESPUESTA]: %s", tenant.texts.polite_error)
         await self._commit()
@@ -280,6 +307,7 @@ class ConversationActor:
             replies_out=s.replies_out,
             ignored=s.ignored,
             crashes=s.crashes,
+            summary=s.summary,
         )
 
     def messages(self) -> list[dict[str, Any]]:
@@ -292,6 +320,8 @@ class ConversationActor:
     async def _turn(self, items: list[Accepted]) -> None:
         ctx, state, tenant = self._ctx, self.state, self.tenant
         settings, texts = tenant.settings, tenant.texts
+        if ctx.media is not None:   # voice notes become "[audio] <transcript>" (TRANSCRIBE_PROVIDER)
+            items = [attrs.evolve(i, message=await ctx.media.transcribed(i.message, texts, settings)) for i in items]
         now = ctx.clock.now()
         for item in items:
             message = item.message
@@ -300,7 +330,7 @@ class ConversationActor:
             self._acked.append(item.seq)
             state.messages_in += 1
             state.last_activity = now
-            state.window.append(bounded_entry(settings, USER, message.text, now))
+            state.window.append(bounded_entry(settings, USER, window_text(texts, message), now))
         last = items[-1].message
         text = "\n".join(i.message.text for i in items)
 
@@ -309,10 +339,11 @@ class ConversationActor:
             return self._silent(len(items))
         if self._is_reset(text):
             state.window.clear()
+            state.summary = ""
             state.booking_sent = False
             log.info("Conversation reset by the customer: %s", self.jid)
             return self._reply(last, texts.reset_done)
-        if all(i.message.kind == "media" for i in items):
+        if all(i.message.kind == "media" and not wants_model(settings, i.message) for i in items):
             reply = self._unknown_message_text()
             return self._reply(last, reply) if reply else self._silent(len(items))
         if state.booking_sent:
@@ -345,7 +376,12 @@ class ConversationActor:
         """Show "typing…" and ask the chain with the turn's prompt (turn_prompt.py)."""
         ctx, tenant = self._ctx, self.tenant
         messages = [item.message for item in items]
-        prompt = build_prompt(tenant.settings, tenant.texts.agent_instruction, self.state.window, messages)
+        images = await turn_images(ctx.media, tenant.settings, tenant.texts, messages)
+        if images is None:   # only images, none of which could be fetched, and no caption to answer
+            return Answer(tenant.texts.media_failed, provider=None)
+        summary = f"{tenant.texts.summary_heading}\n{self.state.summary}" if self.state.summary else ""
+        prompt = build_prompt(tenant.settings, tenant.texts.agent_instruction, self.state.window, messages,
+                              images=images, summary=summary, cache_key=chat_cache_key(self.key))
         last = messages[-1]
         await ctx.outbound.typing(last.jid, sender_instances(ctx.tenants, last), self.key)   # returns at once; best effort
         return await tenant.chain.ask(prompt)
@@ -386,6 +422,18 @@ class ConversationActor:
         state = self.state
         if control.command == "sent":   # bookkeeping only: saved with the next commit
             remember_sent(state, control.value)
+            control.done.set()
+            return
+        if control.command in ("fold", "summary"):   # the summariser's result | an admin's summary
+            if control.command == "fold":
+                self._folding = False
+                changed = isinstance(control.value, FoldResult) and apply_fold(state, control.value, self.jid)
+            else:
+                state.summary, changed = str(control.value)[:MAX_SUMMARY_CHARS], True
+                log.info("Admin summary for %s (%d chars)", self.jid, len(state.summary))
+            if changed:
+                await self._commit()
+            control.applied = True
             control.done.set()
             return
         text = apply_command(self.tenant.settings, state, self.jid, control.command, control.value, self._ctx.clock.now())

@@ -43,6 +43,7 @@ class ConversationView:
     pause_reason: str
     instance: str
     instances: tuple[str, ...]
+    summary: str = ""
 
     @classmethod
     def of(cls, jid: str, state: ConversationState, *, live: bool,
@@ -54,6 +55,7 @@ class ConversationView:
             paused_until=state.paused_until, llm_calls=tuple(state.llm_calls),
             flood_noticed_at=state.flood_noticed_at, sent_ids=tuple(state.sent_ids),
             pause_reason=state.pause_reason, instance=state.instance, instances=tuple(state.instances),
+            summary=state.summary,
         )
 
     @property

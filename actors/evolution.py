@@ -88,6 +88,29 @@ def extract_text(message: dict[str, Any]) -> tuple[str, str]:
     return "", "media"
 
 
+def media_of(message: dict[str, Any], text_kind: str) -> tuple[str, str, int, str]:
+    """(media, mimetype, declared size, inline base64) of an image or a voice note (audio without
+    Evolution's speechToText); ("", "", 0, "") for anything else. ``message.base64`` is there when
+    the webhook is configured with base64 on (Evolution's ``webhookBase64``)."""
+    inline = message.get("base64")
+    if inline is not None and not isinstance(inline, str):
+        raise WebhookError("field data.message.base64 must be a string")
+    for name, media in (("imageMessage", "image"), ("audioMessage", "audio")):
+        inner = message.get(name)
+        if not isinstance(inner, dict) or (media == "audio" and text_kind == "transcript"):
+            continue
+        mimetype = inner.get("mimetype")
+        size = inner.get("fileLength")
+        if isinstance(size, str) and size.isdigit():
+            size = int(size)
+        if isinstance(size, dict):   # protobuf Long as JSON: {"low", "high", "unsigned"}
+            low, high = size.get("low", 0), size.get("high", 0)
+            size = (high << 32) + (low & 0xFFFFFFFF) if isinstance(low, int) and isinstance(high, int) else 0
+        return (media, mimetype[:100] if isinstance(mimetype, str) else "",
+                size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else 0, inline or "")
+    return "", "", 0, ""
+
+
 def _quoted_text(message: dict[str, Any]) -> str:
     for holder in (message.get("extendedTextMessage"), message):
         if not isinstance(holder, dict):
@@ -145,6 +168,7 @@ def parse_webhook(payload: Any, *, groups_enabled: bool = False) -> InboundMessa
     text, text_kind = extract_text(message)
     if text_kind == "silent":
         return Ignored("no text (reaction, edit or protocol message)")
+    media, mimetype, media_bytes, inline = media_of(message, text_kind)
     if len(text) > MAX_TEXT_CHARS:
         text = text[:MAX_TEXT_CHARS]
     if kind == "group":
@@ -163,4 +187,8 @@ def parse_webhook(payload: Any, *, groups_enabled: bool = False) -> InboundMessa
         quoted_text=_quoted_text(message),
         from_me=from_me,
         kind="media" if text_kind == "media" else ("audio_transcript" if text_kind == "transcript" else "text"),
+        media=media,
+        mimetype=mimetype,
+        media_bytes=media_bytes,
+        media_base64=inline,
     )

@@ -88,7 +88,14 @@ class ServiceCollector(Collector):
             circuit = GaugeMetricFamily("agent_llm_circuit_state", "1 for the provider's current circuit state",
                                         labels=["provider", "state"])
             in_flight = GaugeMetricFamily("agent_llm_in_flight", "LLM calls in flight", labels=["provider"])
+            tokens = CounterMetricFamily("agent_llm_prompt_tokens", "Prompt tokens the providers reported, by "
+                                         "provider and kind: all, cached (read from the provider's prompt cache), "
+                                         "cache_write (written to it)", labels=["provider", "kind"])
             for p in cstats.providers:
+                if p.prompt_cache is not None:
+                    tokens.add_metric([p.name, "all"], p.prompt_cache["prompt_tokens"])
+                    tokens.add_metric([p.name, "cached"], p.prompt_cache["cached_tokens"])
+                    tokens.add_metric([p.name, "cache_write"], p.prompt_cache["cache_write_tokens"])
                 calls.add_metric([p.name, "success"], p.successes)
                 for kind, count in sorted(p.failures.items()):
                     calls.add_metric([p.name, kind], count)
@@ -98,6 +105,7 @@ class ServiceCollector(Collector):
             yield calls
             yield circuit
             yield in_flight
+            yield tokens
             for name, doc, value in (
                 ("agent_llm_fallbacks", "Answers given by a fallback provider", cstats.fallbacks_used),
                 ("agent_llm_polite_answers", "Turns answered with the polite error text", cstats.polite_answers),

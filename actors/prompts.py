@@ -41,6 +41,12 @@ class Texts:
     flood_notice: str
     unknown_message: str
     reset_done: str
+    media_failed: str             # an image we could not fetch, with no caption to answer instead
+    image_label: str              # the window's placeholder of an image: "<label> <caption>"
+    audio_label: str              # a transcribed voice note in the window: "<label> <transcript>"
+    summary_heading: str          # before the running summary, in the summary's system message
+    summary_instruction: str      # the system prompt of the summary call
+    transcribe_instruction: str   # TRANSCRIBE_PROVIDER=gemini: what the model is asked to do with the audio
 
 
 SPANISH = Texts(
@@ -62,6 +68,19 @@ SPANISH = Texts(
     flood_notice="Estás enviando muchos mensajes seguidos. Te responderé en un momento 🙏",
     unknown_message="Por ahora solo puedo leer mensajes de texto. ¿Podrías escribirme tu consulta?",
     reset_done="Listo, empezamos de nuevo. ¿En qué puedo ayudarte?",
+    media_failed="No pude abrir la imagen que enviaste. ¿Podrías contarme en un mensaje qué necesitas?",
+    image_label="[imagen]",
+    audio_label="[audio]",
+    summary_heading="Resumen de la conversación anterior con este cliente:",
+    summary_instruction=(
+        "Resumes conversaciones de WhatsApp entre un negocio y un cliente para que el asistente las recuerde. "
+        "Recibes el resumen anterior (puede estar vacío) y los mensajes más antiguos que salen de la memoria. "
+        "Escribe un único resumen nuevo que conserve del resumen anterior y agregue de los mensajes los hechos "
+        "duraderos: nombre del cliente y datos de contacto, qué pidió o compró, citas y reservas, preferencias, "
+        "problemas abiertos y promesas hechas por el negocio. Omite saludos y charla trivial. Escribe en tercera "
+        "persona, en frases breves, como máximo 1200 caracteres, sin ningún otro texto."
+    ),
+    transcribe_instruction="Transcribe literalmente esta nota de voz. Responde solo con el texto transcrito.",
 )
 
 ENGLISH = Texts(
@@ -83,6 +102,19 @@ ENGLISH = Texts(
     flood_notice="You are sending many messages in a row. I will answer you in a moment 🙏",
     unknown_message="For now I can only read text messages. Could you type your question?",
     reset_done="Done, let's start over. How can I help you?",
+    media_failed="I could not open the image you sent. Could you tell me in a message what you need?",
+    image_label="[image]",
+    audio_label="[audio]",
+    summary_heading="Summary of the earlier conversation with this customer:",
+    summary_instruction=(
+        "You summarise WhatsApp conversations between a business and a customer so the assistant remembers them. "
+        "You get the previous summary (maybe empty) and the oldest messages leaving the memory. Write one new "
+        "summary that carries forward from the previous summary, and adds from the messages, the durable facts: "
+        "the customer's name and contact details, what they asked for or bought, appointments and bookings, "
+        "preferences, open problems and promises the business made. Drop greetings and small talk. Write in the "
+        "third person, in short sentences, at most 1200 characters, and nothing else."
+    ),
+    transcribe_instruction="Transcribe this voice note verbatim. Answer with the transcribed text only.",
 )
 
 

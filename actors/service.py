@@ -35,6 +35,9 @@ from .instances import unknown_instance
 from .jid import is_group
 from .llm.accounts import ChainPool
 from .llm.chain import ProviderChain
+from .llm.transcribe import Transcriber, build_transcriber
+from .media import MediaSource, wants_model
+from .memory_summary import FoldResult, MemorySummariser
 from .metrics import Metrics
 from .new_chats import NewChatLimiter
 from .outbound import Delivery, OutboundMessage, OutboundSender
@@ -49,6 +52,7 @@ GC_THRESHOLDS = (10_000, 20, 20)   # gc.set_threshold once the service is up (th
 # counted (and exported as a metric label) on their own, the rest as "other".
 MAX_EVENT_REASONS = 16
 BUSY_RETRY_AFTER = 1       # seconds: webhooks past INTAKE_MAX_IN_FLIGHT wait for a group commit or two
+FOLD_REPORT_WAIT = 30      # seconds a summary fold's report waits to be applied before the next fold may run
 BACKLOG_RETRY_AFTER = 10   # seconds: the outbound backlog drains at OUTBOUND_RATE_PER_INSTANCE (20/s by default)
 
 
@@ -109,6 +113,8 @@ class Service:
         self.clock: Clock | None = None
         self.outbound: OutboundSender | None = None
         self.crm: CrmSupervisor | None = None
+        self.summariser: MemorySummariser | None = None
+        self.transcriber: Transcriber | None = None
         self.registry: Registry[Accepted] | None = None
         self._cancel: trio.CancelScope | None = None
         self.received = 0
@@ -162,11 +168,11 @@ class Service:
         settings = self.settings
         self.clock = Clock()
         await self.store.open()   # idempotent: Lifecycle.start opens it first to report a bad database in one line
-        # Shared by the outbound (≤ 48 sendText and ≤ 12 sendPresence requests at once) and CRM (≤ 4)
-        # supervisors: as large as all of them together, so requests never queue inside httpcore's
+        # Shared by the outbound (≤ 48 sendText, ≤ 12 sendPresence and ≤ 4 media fetches at once) and CRM
+        # (≤ 4) supervisors: as large as all of them together, so requests never queue inside httpcore's
         # pool (see actors/outbound/evolution.py), and every connection may be kept alive (httpcore's pool costs O(connections²) per event when
         # it holds more connections than it may keep alive).
-        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+        limits = httpx.Limits(max_connections=68, max_keepalive_connections=68)
         timeout = httpx.Timeout(settings.server.http_timeout)
         try:
             async with httpx.AsyncClient(timeout=timeout, limits=limits) as http:
@@ -176,10 +182,14 @@ class Service:
                 crm_enabled = any(t.settings.crm.crm_enabled for t in self.tenants.all())
                 self.crm = CrmSupervisor(settings, http=http, on_lead=self._lead_created, on_done=self._crm_done,
                                          settings_for=settings_for, enabled=crm_enabled)
+                self.summariser = MemorySummariser(self._folded, keys_in_flight=settings.llm.llm_concurrency)
+                self.transcriber = build_transcriber(settings, self.texts.transcribe_instruction)
                 context = ConversationContext(
                     settings=settings, tenants=self.tenants, outbound=self.outbound,
                     store=self.store, clock=self.clock, crm=self.crm if crm_enabled else None,
                     observe_turn=self._observe_turn,
+                    media=MediaSource(self.outbound.transport, self.transcriber),
+                    summariser=self.summariser,
                 )
                 self.registry = Registry(
                     lambda key: ConversationActor(key, context),
@@ -196,6 +206,7 @@ class Service:
                     await nursery.start(self.tenants.run)   # owns the LLM chains (hedged half-open probes), closes them
                     await nursery.start(self.outbound.run)
                     await nursery.start(self.crm.run)
+                    await nursery.start(self.summariser.run)
                     await nursery.start(self.registry.run)
                     await self._recover()
                     # Everything allocated so far (the SDKs' modules and models, settings, clients)
@@ -217,6 +228,8 @@ class Service:
             with trio.CancelScope(shield=True):
                 if self.pool is not None:
                     await self.pool.aclose()   # the shared SDK clients (Tenants closed the chains)
+                if self.transcriber is not None:
+                    await self.transcriber.aclose()
                 await self.store.close()
 
     async def shutdown(self, grace: float) -> None:
@@ -331,7 +344,7 @@ class Service:
         except ShuttingDown:
             return IntakeResult(503, {"error": "shutting down"}, retry_after=10)
         try:
-            seq = await self.store.accept(key, f"{message.instance}:{message.message_id}", attrs.asdict(message))
+            seq = await self.store.accept(key, f"{message.instance}:{message.message_id}", message.stored_fields())
         except BaseException:
             registry.release(key)
             raise
@@ -372,7 +385,8 @@ class Service:
             return "ignore list"
         if settings.conversation.allow_jids and not names & set(settings.conversation.allow_jids):
             return "not in allow list"
-        if message.kind == "media" and not settings.conversation.unknown_message_text and not message.from_me:
+        if (message.kind == "media" and not settings.conversation.unknown_message_text and not message.from_me
+                and not wants_model(settings, message)):
             return "no text"
         return None
 
@@ -483,6 +497,19 @@ class Service:
             return
         self.registry.deliver(key, order, force=True, touch=False)
         await order.done.wait()
+
+    async def _folded(self, key: str, result: FoldResult) -> None:
+        """A summary fold's outcome goes to the chat's actor through its mailbox (applied in order with
+        its turns); the summariser's next fold for the chat waits until it was applied."""
+        if self.registry is None:
+            return
+        order = Control("fold", result)
+        try:
+            self.registry.deliver(key, order, force=True, touch=False)
+        except RuntimeError:   # the registry stopped: the messages stay, folded again after a later turn
+            return
+        with trio.move_on_after(FOLD_REPORT_WAIT):
+            await order.done.wait()
 
     async def _expire_stored(self, idle_before: float) -> None:
         live = set(self.registry.keys()) if self.registry is not None else set()

@@ -186,6 +186,7 @@ class ConversationState:
     pause_reason: str = ""             # why paused_until is set: "operator" (admin pause) | "takeover" (a person wrote)
     instance: str = ""                 # the Evolution instance name of the last customer message
     instances: list[str] = attrs.Factory(list)    # its send candidates (instance id, name): for operator replies
+    summary: str = ""                  # MEMORY_SUMMARY: the running summary of the messages folded out of the window
 
     def copy(self) -> "ConversationState":
         """A copy that later mutations of this state do not touch (window entries are immutable)."""
@@ -218,6 +219,7 @@ class ConversationState:
             "pause_reason": self.pause_reason,
             "instance": self.instance,
             "instances": self.instances,
+            "summary": self.summary,
         }
 
     @classmethod
@@ -243,6 +245,7 @@ class ConversationState:
             pause_reason=str(data.get("pause_reason", "")),
             instance=str(data.get("instance", "")),
             instances=[str(i) for i in data.get("instances", [])],
+            summary=str(data.get("summary", "")),   # states stored before summarised memory have none
         )
 
 

@@ -58,10 +58,10 @@ class CrashingChain:
     def __init__(self, inner) -> None:  # type: ignore[no-untyped-def]
         self._inner = inner
 
-    async def ask(self, prompt: Prompt):  # type: ignore[no-untyped-def]
+    async def ask(self, prompt: Prompt, *, turn: bool = True):  # type: ignore[no-untyped-def]
         if prompt.messages[-1].content.startswith("crash"):
             raise RuntimeError("bug in a turn")
-        return await self._inner.ask(prompt)
+        return await self._inner.ask(prompt, turn=turn)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:  # type: ignore[no-untyped-def]
         await self._inner.run(task_status=task_status)

@@ -41,3 +41,37 @@ def upsert(
         "server_url": "https://evolution.example.com",
         "apikey": None,
     }
+
+
+def image_upsert(caption: str | None = None, *, mimetype: str = "image/png", file_length: int = 67,
+                 inline: bytes | None = None, **kw: Any) -> dict[str, Any]:
+    """An ``imageMessage`` upsert as Evolution v2 posts it (the URL is encrypted WhatsApp media);
+    ``inline``: the bytes as ``message.base64``, as Evolution sends them with webhook base64 on."""
+    import base64
+
+    image: dict[str, Any] = {"url": "https://mmg.whatsapp.net/o1/v/t62.7118-24/f1/m232/enc", "mimetype": mimetype,
+                             "fileSha256": "x0V0", "fileLength": str(file_length), "height": 1, "width": 1,
+                             "mediaKey": "k3y", "directPath": "/o1/v/t62.7118-24/f1/m232/enc"}
+    if caption is not None:
+        image["caption"] = caption
+    message: dict[str, Any] = {"imageMessage": image}
+    if inline is not None:
+        message["base64"] = base64.b64encode(inline).decode()
+    payload = upsert(None, message=message, **kw)
+    payload["data"]["messageType"] = "imageMessage"
+    return payload
+
+
+def audio_upsert(*, mimetype: str = "audio/ogg; codecs=opus", file_length: int = 4000, seconds: int = 3,
+                 inline: bytes | None = None, **kw: Any) -> dict[str, Any]:
+    """A voice note (``audioMessage`` with ``ptt``) upsert, without Evolution's speechToText."""
+    import base64
+
+    message: dict[str, Any] = {"audioMessage": {"url": "https://mmg.whatsapp.net/v/t62.7117-24/enc", "mimetype": mimetype,
+                                                "fileLength": str(file_length), "seconds": seconds, "ptt": True,
+                                                "mediaKey": "k3y"}}
+    if inline is not None:
+        message["base64"] = base64.b64encode(inline).decode()
+    payload = upsert(None, message=message, **kw)
+    payload["data"]["messageType"] = "audioMessage"
+    return payload

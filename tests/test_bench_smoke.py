@@ -38,3 +38,21 @@ def test_bench_harness_tiny_crowd_and_burst(tmp_path: Path, shape: str) -> None:
         if shape == "evolution":   # its own connections, kept alive between a user's messages
             assert row["connections"]["opened"] + row["connections"]["reused"] >= row["messages"], row
     assert completed.returncode == 0, completed.stdout + completed.stderr
+
+
+def test_long_conversations_bench_tiny(tmp_path: Path) -> None:
+    """bench/long_conversations.py on 4 chats x 40 turns (MAX_MESSAGES 20, SUMMARY_CHUNK 10): the
+    summarised mode reuses more of each prompt, bills fewer uncached tokens and keeps the name."""
+    out = tmp_path / "long.json"
+    completed = subprocess.run(
+        [sys.executable, "bench/long_conversations.py", "--chats", "4", "--turns", "40", "--max-messages", "20",
+         "--chunk", "10", "--llm-latency", "0.01", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    sliding, summarised = json.loads(out.read_text())
+    assert sliding["turns"] == summarised["turns"] == 160
+    assert summarised["cacheable_share"] > sliding["cacheable_share"]
+    assert summarised["uncached_tokens_per_turn_with_summaries"] < sliding["uncached_tokens_per_turn"]
+    assert sliding["summary_calls"] == 0 < summarised["summary_calls"]
+    assert summarised["summaries_with_the_name_from_turn_1"] == 4

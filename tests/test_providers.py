@@ -125,8 +125,11 @@ async def test_anthropic_request_and_reply() -> None:
     assert request.headers["authorization"] == f"Bearer {KEY}"
     assert "anthropic-version" in request.headers
     assert request.json["model"] == "claude-test"
-    assert request.json["system"] == SYSTEM
-    assert [(m["role"], m["content"]) for m in request.json["messages"]] == ALTERNATED
+    # the system prompt and the last message are cache breakpoints (prompt caching)
+    assert request.json["system"] == [{"type": "text", "text": SYSTEM, "cache_control": {"type": "ephemeral"}}]
+    messages = request.json["messages"]
+    assert [(m["role"], "".join(b["text"] for b in m["content"])) for m in messages] == ALTERNATED
+    assert [[("cache_control" in b) for b in m["content"]] for m in messages] == [[False], [False], [True]]
     assert request.json["max_tokens"] == 77
 
 

@@ -195,6 +195,8 @@ def test_per_instance_settings_are_the_conversation_level_ones() -> None:
         "outbound_min_gap_seconds", "outbound_rate_per_instance", "split_max_chars", "evolution_api_key",
         "crm_auto_register", "krayin_pipeline_id", "krayin_stage_id", "krayin_user_id", "krayin_lead_source_id",
         "krayin_lead_type_id",
+        "media_max_bytes", "transcribe_provider", "memory_summary", "summary_chunk",
+        "openai_vision", "anthropic_vision", "gemini_vision", "hf_vision", "ollama_vision", "openai_transcribe_model",
     }
     process_wide = {"server", "security", "storage", "logging"}
     assert not {f.name for section, f in setting_fields() if section in process_wide and f.metadata["per_instance"]}

@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import anthropic
+from anthropic.types import ImageBlockParam, MessageParam, TextBlockParam
 
 from ..settings import Settings
-from .base import ErrorKind, Prompt, ProviderError, history_roles_alternate
+from .base import ChatMessage, ErrorKind, Prompt, ProviderError, history_roles_alternate
+from .prompt_cache import EPHEMERAL, CacheUsage, record_anthropic
 from .providers import (
     ANTHROPIC_DEFAULT_BASE_URL,
     empty_reply,
@@ -18,9 +20,35 @@ from .providers import (
 )
 
 
-def anthropic_messages(prompt: Prompt) -> list[dict[str, str]]:
-    """The Messages API turns: consecutive same-role messages merged, starting with the user."""
-    return [{"role": m.role, "content": m.content} for m in history_roles_alternate(prompt.messages)]
+def anthropic_messages(prompt: Prompt) -> list[MessageParam]:
+    """The Messages API turns: consecutive same-role messages merged, starting with the user; a
+    message with images has an ``image`` block (base64 source) per image after its text. The last
+    message's last block carries ``cache_control``: the whole prompt is a cache breakpoint, which the
+    next turn (the same prefix plus two messages) reads."""
+    messages: list[MessageParam] = [{"role": m.role, "content": _blocks(m)}  # type: ignore[typeddict-item]
+                                    for m in history_roles_alternate(prompt.messages)]
+    if messages:
+        last = messages[-1]["content"]
+        assert isinstance(last, list)
+        last[-1] = {**last[-1], "cache_control": EPHEMERAL}  # type: ignore[typeddict-unknown-key]
+    return messages
+
+
+def _blocks(message: ChatMessage) -> list[TextBlockParam | ImageBlockParam]:
+    blocks: list[TextBlockParam | ImageBlockParam] = []
+    if message.content or not message.images:
+        blocks.append({"type": "text", "text": message.content})
+    for image in message.images:
+        blocks.append({"type": "image", "source": {"type": "base64", "media_type": image.mime,  # type: ignore[typeddict-item]
+                                                   "data": image.base64()}})
+    return blocks
+
+
+def anthropic_system(prompt: Prompt) -> list[TextBlockParam]:
+    """``system`` as text blocks, each a cache breakpoint: the system prompt (shared by every chat),
+    then the chat's summary (stable for SUMMARY_CHUNK turns)."""
+    return [{"type": "text", "text": text, "cache_control": EPHEMERAL}  # type: ignore[typeddict-item]
+            for text in (prompt.system, prompt.summary) if text]
 
 
 def map_anthropic_error(exc: BaseException, timeout: float) -> ProviderError:
@@ -46,6 +74,7 @@ class AnthropicProvider:
         self._timeout = settings.llm.llm_timeout
         self._max_tokens = settings.llm.llm_max_tokens
         self._client: anthropic.AsyncAnthropic | None = None
+        self.cache_usage = CacheUsage()
         if settings.llm.anthropic_api_key:
             self._client = anthropic.AsyncAnthropic(
                 api_key=settings.llm.anthropic_api_key,
@@ -64,7 +93,8 @@ class AnthropicProvider:
         messages = anthropic_messages(prompt)
         if not messages:
             raise ProviderError(ErrorKind.BAD_REQUEST, "no user message to send")
-        extra: dict[str, Any] = {"system": prompt.system} if prompt.system else {}
+        system = anthropic_system(prompt)
+        extra: dict[str, Any] = {"system": system} if system else {}
         try:
             response = await self._client.messages.create(
                 model=model or self._model, max_tokens=self._max_tokens, messages=messages, **extra  # type: ignore[arg-type]
@@ -73,6 +103,7 @@ class AnthropicProvider:
             raise map_anthropic_error(exc, self._timeout) from None
         except Exception as exc:  # a malformed answer, an SDK bug: still a provider failure
             raise unexpected_error(exc) from None
+        record_anthropic(self.cache_usage, response.usage)
         text = "".join(getattr(block, "text", "") for block in response.content if block.type == "text")
         if not text:
             raise empty_reply(str(response.stop_reason), blocked=response.stop_reason == "refusal")

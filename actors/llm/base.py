@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import enum
 from typing import Protocol, Sequence
 
@@ -9,22 +10,63 @@ import attrs
 
 
 @attrs.frozen
+class ImagePart:
+    """An image sent with a message: its bytes and mimetype. ``alt`` is the text a model without
+    vision gets instead when the message has no text of its own (e.g. ``[imagen]``)."""
+
+    mime: str
+    data: bytes = attrs.field(repr=lambda data: f"<{len(data)} bytes>")
+    alt: str = "[image]"
+
+    def base64(self) -> str:
+        return base64.b64encode(self.data).decode("ascii")
+
+    def data_uri(self) -> str:
+        return f"data:{self.mime};base64,{self.base64()}"
+
+
+@attrs.frozen
 class ChatMessage:
-    """One turn of the history sent to a model. ``role`` is ``"user"`` or ``"assistant"``."""
+    """One turn of the history sent to a model. ``role`` is ``"user"`` or ``"assistant"``; a user
+    message may carry images (its ``content`` is then their caption, possibly empty)."""
 
     role: str
     content: str
+    images: tuple[ImagePart, ...] = ()
+
+    def text_only(self) -> "ChatMessage":
+        """This message without its images (their ``alt`` text when it has no text of its own)."""
+        if not self.images:
+            return self
+        return ChatMessage(self.role, self.content or " ".join(dict.fromkeys(i.alt for i in self.images)))
 
 
 @attrs.frozen
 class Prompt:
-    """What a conversation asks a model: the system prompt and the history, oldest first.
+    """What a conversation asks a model, ordered for prefix caching: the system prompt, the chat's
+    running ``summary`` (a second system message; empty: none), the history oldest first.
 
-    The last message is the customer's newest text, verbatim.
+    The last message is the customer's newest text, verbatim (with its images, if any).
+    ``cache_key`` names the chat for providers that route a repeated prefix to the same cache
+    (OpenAI's ``prompt_cache_key``); ``vision`` names the providers that may get the images (None:
+    every one); the others get ``text_only()`` messages.
     """
 
     system: str
     messages: tuple[ChatMessage, ...]
+    summary: str = ""
+    cache_key: str = ""
+    vision: frozenset[str] | None = None
+
+    @property
+    def has_images(self) -> bool:
+        return any(m.images for m in self.messages)
+
+    def seen_by(self, provider: str) -> "Prompt":
+        """The prompt as ``provider`` gets it: without images unless it is one of ``vision``."""
+        if self.vision is None or provider in self.vision or not self.has_images:
+            return self
+        return attrs.evolve(self, messages=tuple(m.text_only() for m in self.messages))
 
 
 class ErrorKind(enum.Enum):
@@ -98,7 +140,9 @@ def history_roles_alternate(messages: Sequence[ChatMessage]) -> list[ChatMessage
     merged: list[ChatMessage] = []
     for message in messages:
         if merged and merged[-1].role == message.role:
-            merged[-1] = ChatMessage(message.role, merged[-1].content + "\n" + message.content)
+            previous = merged[-1]
+            text = "\n".join(t for t in (previous.content, message.content) if t)
+            merged[-1] = ChatMessage(message.role, text, previous.images + message.images)
         else:
             merged.append(message)
     while merged and merged[0].role != "user":

@@ -198,20 +198,23 @@ class ProviderChain:
             finally:
                 self.use_nursery(None)
 
-    async def ask(self, prompt: Prompt) -> Answer:
-        """The first successful provider's text, or the polite text when all fail or the turn runs out."""
-        self._asks += 1
+    async def ask(self, prompt: Prompt, *, turn: bool = True) -> Answer:
+        """The first successful provider's text, or the polite text when all fail or the turn runs out.
+
+        ``turn=False`` for a call no customer waits on (a summary fold): the providers count it as
+        any call, the chain's turn counters (asks, fallbacks, polite answers, deadlines) do not."""
+        self._asks += turn
         answer: Answer | None = None
         with trio.move_on_after(self._turn_deadline) as deadline:
             answer = await self._ask_in_order(prompt)
         if deadline.cancelled_caught:
-            self._deadline_exceeded += 1
+            self._deadline_exceeded += turn
             log.error("LLM turn deadline of %gs exceeded: answering with the polite text", self._turn_deadline)
         if answer is None:
-            self._polite_answers += 1
+            self._polite_answers += turn
             return Answer(text=self._polite_text, provider=None)
         if answer.fallback_used:
-            self._fallbacks_used += 1
+            self._fallbacks_used += turn
         return answer
 
     async def _ask_in_order(self, prompt: Prompt, start: int = 0) -> Answer | None:
@@ -349,7 +352,8 @@ class ProviderChain:
                     completed = True   # unless cancelled: by a stall, a won hedge or the turn deadline
                     try:
                         with trio.fail_after(timeout):
-                            text = await slot.provider.complete(prompt, model=self._models[slot])
+                            text = await slot.provider.complete(prompt.seen_by(slot.provider.name),
+                                                                model=self._models[slot])
                     except trio.Cancelled:
                         completed = False
                         raise

@@ -17,7 +17,8 @@ from google.genai import types
 from runtime.retry import parse_retry_after
 
 from ..settings import Settings
-from .base import ErrorKind, Prompt, ProviderError, history_roles_alternate
+from .base import ChatMessage, ErrorKind, Prompt, ProviderError, history_roles_alternate
+from .prompt_cache import CacheUsage, record_gemini
 from .providers import (
     GEMINI_DEFAULT_BASE_URL,
     empty_reply,
@@ -34,11 +35,24 @@ _BLOCKED_FINISH = frozenset({"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CO
 
 
 def gemini_contents(prompt: Prompt) -> list[types.Content]:
-    """The history as Gemini turns: roles ``user``/``model``, alternating, starting with the user."""
+    """The history as Gemini turns: roles ``user``/``model``, alternating, starting with the user; an
+    image is an ``inline_data`` part (``Part.from_bytes``) after the message's text."""
     return [
-        types.Content(role="model" if m.role == "assistant" else "user", parts=[types.Part(text=m.content)])
+        types.Content(role="model" if m.role == "assistant" else "user", parts=_parts(m))
         for m in history_roles_alternate(prompt.messages)
     ]
+
+
+def _parts(message: ChatMessage) -> list[types.Part]:
+    parts = [types.Part(text=message.content)] if message.content or not message.images else []
+    parts.extend(types.Part.from_bytes(data=image.data, mime_type=image.mime) for image in message.images)
+    return parts
+
+
+def gemini_system(prompt: Prompt) -> types.Content | None:
+    """The system instruction: the system prompt, then the chat's summary, as parts of one content."""
+    parts = [types.Part(text=text) for text in (prompt.system, prompt.summary) if text]
+    return types.Content(parts=parts) if parts else None
 
 
 def _details(exc: genai_errors.APIError) -> list[dict[str, Any]]:
@@ -91,6 +105,7 @@ class GeminiProvider:
         self._max_tokens = settings.llm.llm_max_tokens
         self._http: httpx2.AsyncClient | None = None
         self._client: genai.Client | None = None
+        self.cache_usage = CacheUsage()
         if settings.llm.gemini_api_key:
             self._http = httpx2.AsyncClient(timeout=settings.llm.llm_timeout)
             self._client = genai.Client(
@@ -114,7 +129,7 @@ class GeminiProvider:
         if not contents:
             raise ProviderError(ErrorKind.BAD_REQUEST, "no user message to send")
         config = types.GenerateContentConfig(
-            system_instruction=prompt.system or None, max_output_tokens=self._max_tokens
+            system_instruction=gemini_system(prompt), max_output_tokens=self._max_tokens
         )
         try:
             response = await self._client.aio.models.generate_content(
@@ -124,6 +139,7 @@ class GeminiProvider:
             raise map_gemini_error(exc, self._timeout) from None
         except Exception as exc:  # a malformed answer, an SDK bug: still a provider failure
             raise unexpected_error(exc) from None
+        record_gemini(self.cache_usage, response.usage_metadata)
         candidate = response.candidates[0] if response.candidates else None
         parts = candidate.content.parts if candidate is not None and candidate.content else None
         text = "".join(p.text for p in parts or () if p.text and not p.thought)

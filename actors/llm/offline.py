@@ -9,6 +9,7 @@ import json
 import re
 import unicodedata
 
+from ..memory_summary import REQUEST_HEADER as SUMMARY_REQUEST
 from .base import Prompt
 
 _BOOKING_WORDS = re.compile(
@@ -16,6 +17,18 @@ _BOOKING_WORDS = re.compile(
 )
 _ENGLISH_HINTS = re.compile(r"\b(hello|hi|hey|the|what|how|please|thanks|thank you|can|i|you|is|are|do)\b")
 _SPANISH_HINTS = re.compile(r"\b(hola|que|como|por|para|gracias|quiero|necesito|puedo|tienen|el|la|los|las|es|un|una)\b")
+
+
+SUMMARY_CHARS = 1200
+
+
+def _extractive_summary(request: str) -> str:
+    """MEMORY_SUMMARY offline: the previous summary, then what the customer said, cut to SUMMARY_CHARS
+    (the oldest facts first, so a name said at the start is kept)."""
+    previous, _, messages = request[len(SUMMARY_REQUEST):].partition("\nMESSAGES:\n")
+    kept = [] if previous.strip() in ("", "(none)") else [previous.strip()]
+    kept += [line[len("[customer] "):] for line in messages.splitlines() if line.startswith("[customer] ")]
+    return " | ".join(kept)[:SUMMARY_CHARS] or "(nothing to remember)"
 
 
 def _fold(text: str) -> str:
@@ -35,6 +48,8 @@ class OfflineProvider:
 
     async def complete(self, prompt: Prompt, model: str | None = None) -> str:
         last = prompt.messages[-1].content if prompt.messages else ""
+        if last.startswith(SUMMARY_REQUEST):
+            return _extractive_summary(last)
         folded = _fold(last)
         booking = _BOOKING_WORDS.search(folded)
         if booking:

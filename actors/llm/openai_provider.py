@@ -9,6 +9,7 @@ from openai.types.chat import ChatCompletion
 
 from ..settings import Settings
 from .base import Prompt, ProviderError
+from .prompt_cache import CacheUsage, record_openai
 from .providers import (
     OLLAMA_DEFAULT_BASE_URL,
     OPENAI_DEFAULT_BASE_URL,
@@ -38,8 +39,10 @@ class OpenAIProvider:
     """Chat completions through one ``AsyncOpenAI`` client, created once and closed in ``aclose``."""
 
     def __init__(self, name: str, *, model: str, base_url: str, api_key: str, timeout: float,
-                 max_tokens: int, tokens_field: str = "max_completion_tokens") -> None:
+                 max_tokens: int, tokens_field: str = "max_completion_tokens", cache_key: bool = False) -> None:
         self.name = name
+        self.cache_usage = CacheUsage()
+        self._cache_key = cache_key   # send the chat's prompt_cache_key (OpenAI's API; not Ollama's)
         self._model = model
         self._timeout = timeout
         self._max_tokens = max_tokens
@@ -59,6 +62,7 @@ class OpenAIProvider:
             api_key=settings.llm.openai_api_key,
             timeout=settings.llm.llm_timeout,
             max_tokens=settings.llm.llm_max_tokens,
+            cache_key=True,
         )
 
     @classmethod
@@ -83,12 +87,14 @@ class OpenAIProvider:
             raise missing_key(self.name)
         body: dict[str, Any] = {"model": model or self._model, "messages": chat_messages(prompt),
                                 self._tokens_field: self._max_tokens}
+        if self._cache_key and prompt.cache_key:
+            body["prompt_cache_key"] = prompt.cache_key   # a create() parameter since openai 1.97
         try:
             # The SDK's own request path (transport, bearer auth, error classes, ChatCompletion model),
             # as ``chat.completions.create`` takes it, minus create()'s generic parameter transform,
             # which walks every message with typing introspection: 7.5 ms of CPU per call with a
             # 50-message window, against 1.0 ms this way (bench/client_cost.py). The body is plain
-            # JSON strings, for which that transform changes nothing.
+            # JSON (strings, and the content-part dicts of an image), for which that transform changes nothing.
             response = await self._client.post(
                 "/chat/completions", body=body, cast_to=ChatCompletion,
                 options={"security": {"bearer_auth": True}},
@@ -97,6 +103,7 @@ class OpenAIProvider:
             raise map_openai_error(exc, self._timeout) from None
         except Exception as exc:  # a malformed answer, an SDK bug: still a provider failure
             raise unexpected_error(exc) from None
+        record_openai(self.cache_usage, response.usage)
         choice = response.choices[0] if response.choices else None
         text = choice.message.content if choice is not None else None
         if not text:

@@ -15,7 +15,7 @@ import httpx2
 from runtime.retry import parse_retry_after
 
 from ..settings import Settings
-from .base import ErrorKind, Prompt, Provider, ProviderError
+from .base import ChatMessage, ErrorKind, Prompt, Provider, ProviderError
 
 OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
 OLLAMA_DEFAULT_BASE_URL = "http://127.0.0.1:11434/v1"
@@ -52,11 +52,24 @@ def build_provider(name: str, settings: Settings) -> Provider:
     raise ValueError(f"unknown LLM provider {name!r}")
 
 
-def chat_messages(prompt: Prompt) -> list[dict[str, str]]:
-    """OpenAI-style chat ``messages``: the system prompt first, then the history in order."""
-    messages = [{"role": "system", "content": prompt.system}] if prompt.system else []
-    messages.extend({"role": m.role, "content": m.content} for m in prompt.messages)
+def chat_messages(prompt: Prompt) -> list[dict[str, Any]]:
+    """OpenAI-style chat ``messages``: the system prompt first, the summary (a second system
+    message) next, then the history in order; a message with images has content parts (a ``text``
+    part for its caption, an ``image_url`` part with a data URI per image: the SDK's
+    ``ChatCompletionContentPart*Param`` shapes)."""
+    messages: list[dict[str, Any]] = [{"role": "system", "content": prompt.system}] if prompt.system else []
+    if prompt.summary:
+        messages.append({"role": "system", "content": prompt.summary})
+    messages.extend(_chat_message(m) for m in prompt.messages)
     return messages
+
+
+def _chat_message(message: ChatMessage) -> dict[str, Any]:
+    if not message.images:
+        return {"role": message.role, "content": message.content}
+    parts: list[dict[str, Any]] = [{"type": "text", "text": message.content}] if message.content else []
+    parts.extend({"type": "image_url", "image_url": {"url": image.data_uri()}} for image in message.images)
+    return {"role": message.role, "content": parts}
 
 
 def kind_for_status(status: int) -> ErrorKind:

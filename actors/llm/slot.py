@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import logging
+from typing import Any
 
 import attrs
 import trio
@@ -44,6 +45,7 @@ class ProviderStatistics:
     last_error: str | None
     latency_p50_ms: float | None
     latency_p95_ms: float | None
+    prompt_cache: dict[str, Any] | None = None   # the provider's CacheUsage (prompt_cache.py), when it reports one
 
 
 class ProviderSlot:
@@ -131,4 +133,5 @@ class ProviderSlot:
             last_error=self.last_error,
             latency_p50_ms=p50,
             latency_p95_ms=p95,
+            prompt_cache=usage.snapshot() if (usage := getattr(self.provider, "cache_usage", None)) is not None else None,
         )

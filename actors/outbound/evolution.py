@@ -1,4 +1,5 @@
-"""The Evolution API v2 transport: ``sendText`` and ``sendPresence`` over HTTP, bounded and timed out.
+"""The Evolution API v2 transport: ``sendText``, ``sendPresence`` and ``getBase64FromMediaMessage`` over
+HTTP, bounded and timed out.
 
 A thin adapter: it knows the paths, the bodies, the ``apikey`` header and how Evolution words its
 errors, and never raises for an HTTP or network failure (the outcome carries it). Which instance to
@@ -13,13 +14,17 @@ from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 from urllib.parse import quote
 
+import base64
+import binascii
+import json
+
 import httpx
 import trio
 
 from actors.settings import Settings
 from runtime.retry import parse_retry_after
 
-from .transport import STATUS_NETWORK_ERROR, SendOutcome
+from .transport import STATUS_NETWORK_ERROR, MediaOutcome, SendOutcome
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +37,9 @@ HTTP_CONCURRENCY = 48
 # sendText's slots they would delay replies. Beyond it "typing…" is skipped (best effort), never queued.
 # 48 + 12 (+ the CRM's 4) fit the HTTP pools (64 connections) without queueing inside them.
 PRESENCE_CONCURRENCY = 12
+# getBase64FromMediaMessage calls in flight (customers' photos and voice notes), apart from the sends:
+# a slow download never holds a reply back. The service's shared pool has room for these too.
+MEDIA_CONCURRENCY = 4
 
 
 class EvolutionTransport:
@@ -51,6 +59,7 @@ class EvolutionTransport:
         self._timeout = settings.server.http_timeout
         self._limiter = trio.CapacityLimiter(HTTP_CONCURRENCY)
         self._presence_limiter = trio.CapacityLimiter(PRESENCE_CONCURRENCY)
+        self._media_limiter = trio.CapacityLimiter(MEDIA_CONCURRENCY)
 
     @asynccontextmanager
     async def open(self) -> AsyncIterator[None]:
@@ -88,6 +97,42 @@ class EvolutionTransport:
                                    self._timeout + delay_ms / 1000, self._presence_limiter, api_key)
         log.debug("Tried sendPresence with candidate=%s status=%s", candidate, outcome.status)
         return outcome
+
+    async def fetch_media(self, candidate: str, message_id: str, max_bytes: int) -> MediaOutcome:
+        """``POST /chat/getBase64FromMediaMessage/{candidate}`` with ``{"message": {"key": {"id"}},
+        "convertToMp4": false}`` → ``{"mimetype", "base64", ...}``. The answer is streamed and given up
+        past what ``max_bytes`` of media takes in base64; Evolution answers 400 when it did not keep
+        the message."""
+        assert self._http is not None, "EvolutionTransport used outside open()"
+        path = f"/chat/getBase64FromMediaMessage/{quote(candidate, safe='')}"
+        body = {"message": {"key": {"id": message_id}}, "convertToMp4": False}
+        cap = (max_bytes + 2) // 3 * 4 + 64 * 1024   # the base64 of max_bytes, plus the JSON around it
+        try:
+            async with self._media_limiter:
+                with trio.fail_after(self._timeout + 1):
+                    async with self._http.stream("POST", self._base + path, json=body, headers=self._headers,
+                                                 timeout=httpx.Timeout(self._timeout)) as response:
+                        raw = bytearray()
+                        async for chunk in response.aiter_bytes():
+                            raw += chunk
+                            if len(raw) > cap:
+                                return MediaOutcome(413, error=f"media larger than {max_bytes} bytes")
+                        status = response.status_code
+        except (trio.TooSlowError, httpx.TimeoutException):
+            return MediaOutcome(STATUS_NETWORK_ERROR, error="timeout")
+        except httpx.HTTPError as exc:
+            return MediaOutcome(STATUS_NETWORK_ERROR, error=f"{type(exc).__name__}: {exc}"[:200])
+        if not 200 <= status < 300:
+            return MediaOutcome(status, error=_error_summary(httpx.Response(status, content=bytes(raw))))
+        try:
+            payload = json.loads(raw)
+            data = base64.b64decode(payload["base64"], validate=True)
+            mimetype = str(payload.get("mimetype") or "")
+        except (ValueError, KeyError, TypeError, binascii.Error):
+            return MediaOutcome(502, error="getBase64FromMediaMessage answered without valid base64")
+        if len(data) > max_bytes:
+            return MediaOutcome(413, error=f"media larger than {max_bytes} bytes")
+        return MediaOutcome(status, mimetype=mimetype, data=data)
 
     async def _post(self, path: str, body: dict[str, Any], deadline: float,
                     limiter: trio.CapacityLimiter, api_key: str | None) -> SendOutcome:

@@ -18,7 +18,7 @@ import attrs
 
 from actors.privacy import log_text
 
-from .transport import SendOutcome
+from .transport import STATUS_NETWORK_ERROR, MediaOutcome, SendOutcome
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,10 @@ class LocalOutbox:
         """Accepted and ignored: there is no chat to show "typing…" in (``presence_slots`` is 0, so the
         supervisor does not call it)."""
         return SendOutcome(STATUS_ACCEPTED)
+
+    async def fetch_media(self, candidate: str, message_id: str, max_bytes: int) -> MediaOutcome:
+        """Nothing to fetch from: in local mode only a webhook's own ``message.base64`` brings media."""
+        return MediaOutcome(STATUS_NETWORK_ERROR, error="local mode: no Evolution API to fetch media from")
 
     def outbox_entries(self, *, after: int = 0, jid: str | None = None, limit: int = 100) -> list[OutboxEntry]:
         """Replies with ``seq > after`` (optionally one JID's), oldest first, at most ``limit``."""

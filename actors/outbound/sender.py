@@ -242,6 +242,11 @@ class OutboundSender:
     # ------------------------------------------------------------------ snapshots
 
     @property
+    def transport(self) -> Transport:
+        """The transport the replies go through (the media fetch of actors/media.py uses it too)."""
+        return self._transport
+
+    @property
     def backlog(self) -> int:
         """Replies submitted and not yet settled: queued, waiting for pacing, being sent or retried."""
         return len(self._pending)

@@ -1,7 +1,8 @@
 """The one small interface every way of sending a reply implements, and what a send gives back.
 
 The supervisor (sender.py) decides order, candidates, retries, pacing and splitting; a transport
-only carries one text or one "typing…" to one chat and says how it went. Two exist: the Evolution
+only carries one text or one "typing…" to one chat and says how it went. It also fetches the bytes
+of a customer's media message (actors/media.py asks it), bounded and timed out like its sends. Two exist: the Evolution
 API over HTTP (evolution.py) and the in-process local outbox (local.py). A transport never raises
 for a failed send: the failure is in the ``SendOutcome``.
 """
@@ -34,6 +35,20 @@ class SendOutcome:
         return self.status in (STATUS_NETWORK_ERROR, 408, 429) or self.status >= 500
 
 
+@attrs.frozen
+class MediaOutcome:
+    """What one media fetch gave: the bytes and their mimetype, or why not (``status`` as above)."""
+
+    status: int
+    mimetype: str = ""
+    data: bytes = attrs.field(default=b"", repr=lambda data: f"<{len(data)} bytes>")
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status < 300 and bool(self.data)
+
+
 class Transport(Protocol):
     """Carries sends for the supervisor; its attributes tell the supervisor what applies to it."""
 
@@ -59,4 +74,9 @@ class Transport(Protocol):
     async def send_presence(self, candidate: str, number: str, presence: str, delay_ms: int, *,
                             api_key: str | None = None) -> SendOutcome:
         """Show ``presence`` (e.g. ``"composing"``) in the chat for ``delay_ms``."""
+        ...
+
+    async def fetch_media(self, candidate: str, message_id: str, max_bytes: int) -> MediaOutcome:
+        """The media of the message ``message_id`` received through instance ``candidate`` (at most
+        ``max_bytes``; larger is a failure, never read whole)."""
         ...

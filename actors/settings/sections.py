@@ -133,6 +133,11 @@ class ConversationSettings:
     google_booking_url: str = setting(url(), per_instance=True)
     language: str = setting(text("es", "en"), per_instance=True)
     agent_instruction: str = setting(text(), per_instance=True)
+    # media and memory (docs/behaviour.md §3.6, §3.7)
+    media_max_bytes: int = setting(integer(1), per_instance=True)   # images (and voice notes) above it: the caption alone
+    transcribe_provider: str = setting(text("off", "openai", "gemini"), per_instance=True, lower=True)
+    memory_summary: bool = setting(of_type(bool), per_instance=True)   # fold the oldest messages into a summary
+    summary_chunk: int = setting(integer(1), per_instance=True)   # messages folded at once (and the trim step)
 
 
 @attrs.frozen(kw_only=True)
@@ -161,11 +166,22 @@ class LLMSettings:
     hf_base_url: str = setting(url(), per_instance=True)
     ollama_model: str = setting(text(), per_instance=True)
     ollama_base_url: str = setting(url(), per_instance=True)
+    # whether each provider's configured model takes images (false: it gets the caption alone)
+    openai_vision: bool = setting(of_type(bool), per_instance=True)
+    anthropic_vision: bool = setting(of_type(bool), per_instance=True)
+    gemini_vision: bool = setting(of_type(bool), per_instance=True)
+    hf_vision: bool = setting(of_type(bool), per_instance=True)
+    ollama_vision: bool = setting(of_type(bool), per_instance=True)
+    openai_transcribe_model: str = setting(text(required=True), per_instance=True)
     openai_api_key: str = secret(per_instance=True)
     anthropic_api_key: str = secret(per_instance=True)
     gemini_api_key: str = secret(per_instance=True)
     huggingface_api_key: str = secret(per_instance=True)
     ollama_api_key: str = secret(per_instance=True)
+
+    def vision(self, provider: str) -> bool:
+        """Whether ``provider``'s configured model may be sent images (offline: never)."""
+        return bool(getattr(self, f"{'hf' if provider == 'huggingface' else provider}_vision", False))
 
     @property
     def provider_order(self) -> tuple[str, ...]:

@@ -17,6 +17,7 @@ const TEXTS = {
     role_user: "customer", role_assistant: "bot", role_operator: "operator",
     f_number: "Number", f_instance: "Instance", f_state: "State", f_booking: "Booking link sent", f_lead: "Krayin lead",
     f_crashes: "Crashes", f_last_error: "Last error", f_paused_until: "Paused until", f_mailbox: "Mailbox",
+    f_summary: "Summary of earlier messages",
     until_resumed: "until resumed", yes: "yes", no: "no", none: "—",
     providers: "LLM providers", col_provider: "Provider", col_circuit: "Circuit", col_in_flight: "In flight",
     col_errors: "Errors", col_last_error: "Last error", outbound: "Outbound", crm: "CRM", dead_letters: "Dead letters",
@@ -42,7 +43,7 @@ const TEXTS = {
     role_user: "cliente", role_assistant: "bot", role_operator: "operador",
     f_number: "Número", f_instance: "Instancia", f_state: "Estado", f_booking: "Link de reserva enviado",
     f_lead: "Lead de Krayin", f_crashes: "Fallas", f_last_error: "Último error", f_paused_until: "Pausado hasta",
-    f_mailbox: "Buzón", until_resumed: "hasta reanudar", yes: "sí", no: "no", none: "—",
+    f_mailbox: "Buzón", f_summary: "Resumen de los mensajes anteriores", until_resumed: "hasta reanudar", yes: "sí", no: "no", none: "—",
     providers: "Proveedores de LLM", col_provider: "Proveedor", col_circuit: "Circuito", col_in_flight: "En curso",
     col_errors: "Errores", col_last_error: "Último error", outbound: "Envíos", crm: "CRM",
     dead_letters: "Mensajes no entregados", col_when: "Cuándo", col_kind: "Tipo", col_reason: "Motivo",
@@ -294,6 +295,7 @@ const chatView = {
     if (chat.paused_until > Date.now() / 1000) {
       facts.push([t("f_paused_until"), chat.paused_until >= FOREVER ? t("until_resumed") : clock(chat.paused_until)]);
     }
+    if (chat.summary) facts.push([t("f_summary"), chat.summary]);
     $("chat-facts").replaceChildren(...facts.flatMap(([name, value]) => [el("dt", {}, name), el("dd", {}, value)]));
     const key = JSON.stringify(chat.messages);
     if (key === this.shown) return;    // leave the transcript (and the reader's scroll) alone

@@ -1,10 +1,12 @@
-"""A fake Evolution API v2 (plain ASGI, no framework): ``sendText`` and ``sendPresence``, scriptable.
+"""A fake Evolution API v2 (plain ASGI, no framework): ``sendText``, ``sendPresence`` and
+``getBase64FromMediaMessage``, scriptable.
 
 In a test::
 
     fake = FakeEvolution(api_key="k", instances={"prueba-py-agent"})
     async with running_server(fake) as url: ...
     fake.texts()  # [(instance, number, text), ...] in arrival order
+    fake.media["3EB0..."] = StoredMedia("image/png", png_bytes)   # what getBase64FromMediaMessage serves
 
 As a process (for the benchmark)::
 
@@ -17,6 +19,7 @@ clears them, ``POST /_script`` with ``{"fail_every", "down_for", "latency", "sta
 from __future__ import annotations
 
 import argparse
+import base64
 import itertools
 import json
 import time
@@ -49,6 +52,23 @@ class Recorded:
         return attrs.asdict(self)
 
 
+@attrs.frozen
+class StoredMedia:
+    """A media message Evolution kept, as ``getBase64FromMediaMessage`` answers it."""
+
+    mimetype: str
+    data: bytes
+    media_type: str = "imageMessage"
+    caption: str | None = None
+
+    def answer(self, message_id: str) -> dict[str, Any]:
+        """The body Evolution answers (whatsapp.baileys.service.ts, getBase64FromMediaMessage)."""
+        ext = self.mimetype.partition("/")[2].partition(";")[0] or "bin"
+        return {"mediaType": self.media_type, "fileName": f"{message_id}.{ext}", "caption": self.caption,
+                "size": {"fileLength": str(len(self.data)), "height": None, "width": None},
+                "mimetype": self.mimetype, "base64": base64.b64encode(self.data).decode(), "buffer": None}
+
+
 @attrs.define
 class FakeEvolution:
     """Scriptable Evolution API. Instances not in ``instances`` answer 404 (unless ``instances`` is empty:
@@ -66,6 +86,7 @@ class FakeEvolution:
     latency: float = 0.0
     invalid_numbers: set[str] = attrs.field(factory=set)
     presence_blocks: bool = True
+    media: dict[str, StoredMedia] = attrs.field(factory=dict)   # key.id → the media Evolution kept
     requests: list[Recorded] = attrs.field(factory=list)
     keep_requests: bool = True      # the benchmark turns this off: only accepted sendText are kept
     sent: list[Recorded] = attrs.field(factory=list)
@@ -118,8 +139,8 @@ class FakeEvolution:
         if self.latency:
             await trio.sleep(self.latency)
         parts = path.strip("/").split("/")
-        if method != "POST" or len(parts) != 3 or (parts[0], parts[1]) not in (("message", "sendText"),
-                                                                                 ("chat", "sendPresence")):
+        if method != "POST" or len(parts) != 3 or (parts[0], parts[1]) not in (
+                ("message", "sendText"), ("chat", "sendPresence"), ("chat", "getBase64FromMediaMessage")):
             return 404, _error(404, "Not Found", [f"Cannot {method} {path}"]), "", ""
         instance = unquote(parts[2])
         if trio.current_time() < self.down_until:
@@ -131,6 +152,8 @@ class FakeEvolution:
         forced = self.statuses.get(instance)
         if forced is not None:
             return forced, _error(forced, "Forced", [f"scripted {forced}"]), instance, ""
+        if parts[1] == "getBase64FromMediaMessage":
+            return self._media(payload, instance)
         if not isinstance(payload, dict) or not isinstance(payload.get("number"), str) or not payload["number"]:
             return 400, _error(400, "Bad Request", ["number must be a string"]), instance, ""
         number = payload["number"]
@@ -162,6 +185,20 @@ class FakeEvolution:
             "instanceId": "00000000-0000-4000-8000-000000000000",
             "source": "unknown",
         }, instance, message_id
+
+    def _media(self, payload: Any, instance: str) -> tuple[int, Any, str, str]:
+        """``{"message": {"key": {"id"}}, "convertToMp4": bool}`` → 201 with the media; Evolution's
+        400 (its BadRequestException) when it did not keep the message."""
+        message = payload.get("message") if isinstance(payload, dict) else None
+        key = message.get("key") if isinstance(message, dict) else None
+        message_id = key.get("id") if isinstance(key, dict) else None
+        if not isinstance(message_id, str) or not message_id:
+            return 400, _error(400, "Bad Request", ["TypeError: Cannot read properties of undefined (reading 'key')"]), \
+                instance, ""
+        stored = self.media.get(message_id)
+        if stored is None:
+            return 400, _error(400, "Bad Request", ["Message not found"]), instance, message_id
+        return 201, stored.answer(message_id), instance, message_id
 
     async def _recorded(self, method: str, scope: Scope, send: Send) -> None:
         if method == "DELETE":
