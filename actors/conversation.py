@@ -360,6 +360,8 @@ class ConversationActor:
             return self._silent(len(items))
 
         answer = await self._ask(items)
+        if answer is None:   # only images, none of which could be had, and no caption to answer
+            return self._reply(last, texts.media_failed)
         log.info("[RESPUESTA DEL LLM]: %s", self._shown(answer.text))
         action = parse_answer(answer.text) if not answer.failed else texts.polite_error
         if isinstance(action, BookingAction):
@@ -372,13 +374,14 @@ class ConversationActor:
         else:
             self._reply(last, action)
 
-    async def _ask(self, items: list[Accepted]) -> Answer:
-        """Show "typing…" and ask the chain with the turn's prompt (turn_prompt.py)."""
+    async def _ask(self, items: list[Accepted]) -> Answer | None:
+        """Show "typing…" and ask the chain with the turn's prompt (turn_prompt.py); None when the
+        turn is only images that could not be had, with no caption to answer instead."""
         ctx, tenant = self._ctx, self.tenant
         messages = [item.message for item in items]
         images = await turn_images(ctx.media, tenant.settings, tenant.texts, messages)
-        if images is None:   # only images, none of which could be fetched, and no caption to answer
-            return Answer(tenant.texts.media_failed, provider=None)
+        if images is None:
+            return None
         summary = f"{tenant.texts.summary_heading}\n{self.state.summary}" if self.state.summary else ""
         prompt = build_prompt(tenant.settings, tenant.texts.agent_instruction, self.state.window, messages,
                               images=images, summary=summary, cache_key=chat_cache_key(self.key))
