@@ -36,6 +36,7 @@ import trio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from actors.conversation_key import ConversationKey  # noqa: E402
 from actors.prompts import SPANISH  # noqa: E402
 from actors.service import Service  # noqa: E402
 from actors.settings import load_settings  # noqa: E402
@@ -130,12 +131,14 @@ async def run_mode(summary: bool, args: argparse.Namespace) -> dict[str, Any]:
                     result = await service.intake(upsert(text, jid=jid, timestamp=1769000000 + turn,
                                                          message_id=f"B{n:05d}T{turn:04d}"))
                     assert result.status == 200, result
+                    key = keys[n] = ConversationKey(result.body["instance"], jid).key
                     while True:
-                        actor = service.registry.actor(jid) if jid in service.registry else None
+                        actor = service.registry.actor(key) if key in service.registry else None
                         if actor is not None and actor.state.replies_out > turn:   # type: ignore[attr-defined]
                             break
                         await trio.sleep(0.005)
 
+            keys: dict[int, str] = {}   # each chat's conversation key, as intake answered it
             talking = trio.CapacityLimiter(args.concurrent)
 
             async def one_chat(n: int) -> None:
@@ -150,7 +153,7 @@ async def run_mode(summary: bool, args: argparse.Namespace) -> dict[str, Any]:
             while service.summariser.statistics()["in_progress"]:
                 await trio.sleep(0.05)
             elapsed = time.perf_counter() - started
-            summaries = [service.registry.actor(f"54911{n:08d}@s.whatsapp.net").state.summary   # type: ignore[attr-defined]
+            summaries = [service.registry.actor(keys[n]).state.summary   # type: ignore[attr-defined]
                          for n in range(args.chats)]
             assert service.chain is not None
             [usage] = [p.prompt_cache for p in service.chain.statistics().providers if p.name == "openai"]
