@@ -243,6 +243,26 @@ async def test_no_instances_file_is_a_400_and_a_single_tenant_listing(tmp_path: 
         assert [a["account"] for a in body["accounts"]] == ["offline"]
 
 
+async def test_a_reload_says_what_needs_a_restart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CRM lead registration asked for by a reload when no instance had it at start-up: the CRM
+    supervisor was built off, so the answer says a restart is needed (and the rest applies)."""
+    monkeypatch.setenv("ACME_EVOLUTION_KEY", ACME_EVOLUTION_KEY)
+    llm = OpenAIFake(default=echo)
+    async with running_server(llm) as llm_url, serving(
+            tmp_path, llm_url, KRAYIN_API_URL="http://127.0.0.1:9/api/v1", KRAYIN_API_TOKEN="krayin-token-0004",
+            CRM_AUTO_REGISTER="false") as (app, client, path):
+        path.write_text(instances_file("Acme prompt v2.", acme_extra="crm_auto_register = true\n"))
+        response = await client.post("/instances/reload", headers=BEARER)
+        assert response.status_code == 200
+        body = await response.get_json()
+        assert body["changed"] == {ACME: ["agent_instruction", "crm_auto_register"]}
+        assert body["restart_needed"] == [
+            "CRM lead registration for acme-bot starts after a restart: no instance registered leads at "
+            "start-up, so the CRM supervisor is off"]
+        tenants = app.extensions["service"].tenants
+        assert tenants.for_instance(ACME).settings.conversation.agent_instruction == "Acme prompt v2."
+
+
 async def test_a_real_process_reloads_its_file(tmp_path: Path) -> None:
     """One hypercorn process with INSTANCES_FILE: edit the prompt, reload, the next turn uses it; a
     broken file is refused with the reason and the prompt in force stays."""
