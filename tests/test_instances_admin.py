@@ -144,6 +144,8 @@ async def test_reload_changes_the_next_turns_prompt_and_a_bad_file_keeps_it(tmp_
 
         supervisors = await (await client.get("/supervisors", headers=BEARER)).get_json()
         assert [a["account"] for a in supervisors["llm_accounts"]] == ["openai", "openai#2"]
+        delivery = await (await client.get("/admin/api/delivery", headers=BEARER)).get_json()
+        assert [(p["name"], p["calls"]) for p in delivery["providers"]] == [("openai", 2), ("openai#2", 2)]
 
 
 async def test_replies_queued_or_in_flight_at_a_reload_all_go_out_once(tmp_path: Path,
