@@ -9,6 +9,8 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, AsyncIterator
 
+import signal
+
 import httpx
 import pytest
 import trio
@@ -17,6 +19,7 @@ from actors.conversation_key import ConversationKey
 from app import create_app
 from runtime.logs import redact
 from tests.conftest import LoopbackClient, make_settings, wait_for
+from tests.fakes.evolution import FakeEvolution
 from tests.fakes.llm import OpenAIFake, RecordedRequest, Reply
 from tests.fakes.server import running_server
 from tests.payloads import upsert
@@ -319,3 +322,57 @@ async def test_a_real_process_reloads_its_file(tmp_path: Path) -> None:
                 assert (await client.post("/instances/reload", headers={"Authorization": ""})).status_code == 401
             assert await service.terminate() == 0
         assert "Instances reload refused, the settings in force are kept" in (tmp_path / "logs" / "agent.log").read_text()
+
+
+async def test_sighup_loses_nothing_queued_and_answers_nothing_twice(tmp_path: Path) -> None:
+    """The other reload: SIGHUP to hypercorn's parent restarts its worker, which reads the file anew.
+    Replies queued and in flight when it comes (a slow model) all reach Evolution once, in order per
+    chat, each through its own instance; the turns after it use the edited file."""
+    llm = OpenAIFake(default=lambda r: Reply(f"re: {r.json['messages'][-1]['content']}", delay=0.3))
+    evolution = FakeEvolution(api_key="global-key", instances={ACME, BETA}, instance_keys={ACME: ACME_EVOLUTION_KEY})
+    path = tmp_path / "instances.toml"
+    path.write_text(instances_file("Acme prompt v1."), encoding="utf-8")
+    jids = [f"54911000000{i:02d}@s.whatsapp.net" for i in range(3)]
+    async with running_server(llm) as llm_url, running_server(evolution) as evo_url:
+        env = {"INSTANCES_FILE": str(path), "ACME_EVOLUTION_KEY": ACME_EVOLUTION_KEY, "ADMIN_TOKEN": TOKEN,
+               "LLM_PROVIDER": "openai", "OPENAI_API_KEY": "sk-global-0003", "OPENAI_BASE_URL": llm_url + "/v1",
+               "EVOLUTION_API_URL": evo_url, "EVOLUTION_API_KEY": "global-key", "LOG_DIR": str(tmp_path / "logs"),
+               "DATA_DIR": str(tmp_path / "data"), "STORE": "sqlite", "OUTBOUND_MIN_GAP_SECONDS": "0",
+               "OUTBOUND_RATE_PER_INSTANCE": "0", "TYPING_PRESENCE": "false"}
+        with ServiceProcess(env, tmp_path / "service.out") as service:
+            service.start()
+            await service.wait_ready()
+            assert service.proc is not None
+            async with httpx.AsyncClient(base_url=service.url, timeout=10) as client:
+                for n in range(3):
+                    for instance in (ACME, BETA):
+                        for jid in jids:
+                            response = await client.post("/webhook", json=webhook(f"{instance}|{jid}|{n}", instance,
+                                                                                  jid, 1769000000 + n))
+                            assert response.status_code == 200
+                await wait_for(lambda: llm.in_flight >= 1)
+                path.write_text(instances_file("Acme prompt v2."))
+                assert len(evolution.sent) < 18                  # work queued and in flight at the signal
+                service.proc.send_signal(signal.SIGHUP)
+                with trio.fail_after(60):
+                    while service.log_path.read_text(errors="replace").count("Service ready") < 2:
+                        assert service.proc.poll() is None, service.output()
+                        await trio.sleep(0.05)
+                await service.wait_ready()
+                await wait_for(lambda: len(evolution.sent) >= 18, timeout=30)
+                response = await client.post("/webhook", json=webhook("after", ACME))
+                assert response.status_code == 200
+                await wait_for(lambda: len(evolution.sent) == 19, timeout=30)
+                await trio.sleep(0.5)
+            assert await service.terminate() == 0
+    texts = [text for _, _, text in evolution.texts()]
+    assert len(texts) == 19 and len(set(texts)) == 19                             # each once
+    per_chat: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for instance, number, text in evolution.texts():
+        if "|" in text:
+            sender, jid, n = text[4:].split("|")
+            assert sender == instance and jid.startswith(number)               # through its own instance
+            per_chat[(instance, jid)].append(n)
+    assert len(per_chat) == 6 and all(order == ["0", "1", "2"] for order in per_chat.values())
+    after = [r.json["messages"][0]["content"] for r in llm.requests if r.json["messages"][-1]["content"] == "after"]
+    assert after == ["Acme prompt v2."]
