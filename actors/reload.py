@@ -26,6 +26,7 @@ from runtime.logs import add_secret
 
 from .lifecycle import error_line
 from .settings import DEFAULT_CONFIG_FILE, PROJECT_ROOT, ConfigError, Settings, instances_path, load_instances
+from .settings.instances import DEFAULT_NAME
 from .settings.sections import setting_fields
 
 if TYPE_CHECKING:
@@ -56,7 +57,7 @@ async def reload_instances(service: "Service", settings: Settings, *, config_fil
     path = instances_path(settings, config_file)
     if path is None:
         raise _refused("no instances file to reload: INSTANCES_FILE is unset and there is no "
-                       f"{config_file.parent / 'instances.toml'} (copy instances.example.toml there)")
+                       f"{config_file.parent / DEFAULT_NAME} (copy instances.example.toml there)")
     try:   # file and .env reads off the event loop
         new = await trio.to_thread.run_sync(lambda: load_instances(settings, path, dotenv_file=dotenv_file))
     except ConfigError as exc:
