@@ -248,6 +248,16 @@ async def test_no_instances_file_is_a_400_and_a_single_tenant_listing(tmp_path: 
         assert [a["account"] for a in body["accounts"]] == ["offline"]
 
 
+async def test_the_default_instance_named_in_the_file_is_one_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ACME_EVOLUTION_KEY", ACME_EVOLUTION_KEY)
+    llm = OpenAIFake(default=echo)
+    async with running_server(llm) as llm_url, serving(tmp_path, llm_url, EVOLUTION_INSTANCE=ACME) as (app, client, _):
+        body = await (await client.get("/instances", headers=BEARER)).get_json()
+        rows = [(row["name"], row["configured"], row["default"]) for row in body["instances"]]
+        assert rows == [(ACME, True, True), (BETA, True, False)]
+        assert body["instances"][0]["settings"]["agent_instruction"] == "Acme prompt v1."
+
+
 async def test_a_reload_says_what_needs_a_restart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """CRM lead registration asked for by a reload when no instance had it at start-up: the CRM
     supervisor was built off, so the answer says a restart is needed (and the rest applies)."""
