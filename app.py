@@ -25,6 +25,7 @@ from actors.exposure import is_loopback_address
 from actors.jid import is_chat_jid
 from actors.memory_summary import MAX_SUMMARY_CHARS
 from actors.payload_guard import BadPayload, decode_payload
+from actors.reload import ReloadRefused, reload_instances
 from actors.service import AmbiguousChat, IntakeResult, Service
 from actors.settings import Settings, load_settings
 from runtime.registry import MailboxFull, ShuttingDown
@@ -471,6 +472,20 @@ def create_app(settings: Settings | None = None, service: Service | None = None,
     @admin
     async def supervisors() -> Response:
         return _json(await admin_api.supervisors(svc))
+
+    @app.get("/instances")
+    @admin
+    async def instances() -> Response:
+        return _json(await admin_api.instances(svc))
+
+    @app.post("/instances/reload")
+    @admin
+    async def instances_reload() -> Response:
+        """Read the instances file again (docs/behaviour.md §9.3); a bad file keeps the settings in force."""
+        try:
+            return _json(admin_api.reloaded(await reload_instances(svc, settings)))
+        except ReloadRefused as exc:
+            return _error(400, str(exc))
 
     @app.get("/metrics")
     @admin

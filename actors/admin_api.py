@@ -1,4 +1,4 @@
-"""The bodies of the operator's JSON API (``/memory/{jid}``, ``/actors...``, ``/supervisors``).
+"""The bodies of the operator's JSON API (``/memory/{jid}``, ``/actors...``, ``/supervisors``, ``/instances``).
 
 Each function turns the service's snapshots (conversation views, registry and supervisor
 statistics) into JSON-able dicts; nothing here changes state. The admin console's own bodies are
@@ -7,15 +7,20 @@ in admin_view.py.
 
 from __future__ import annotations
 
+import collections
+import time
 from typing import TYPE_CHECKING, Any
 
 import attrs
+import trio
 
+from runtime.bounded import OTHER
 from runtime.logs import redact
 
 from .conversation_key import ConversationKey
-
 from .payload_guard import map_strings
+from .reload import Reloaded
+from .settings import Settings, setting_fields
 
 if TYPE_CHECKING:
     from .service import Service
@@ -77,6 +82,8 @@ async def supervisors(svc: "Service") -> dict[str, Any]:
         body["registry"] = attrs.asdict(svc.registry.statistics())
     if svc.chain is not None:
         body["llm"] = attrs.asdict(svc.chain.statistics())
+    if svc.pool is not None:   # every instance's provider accounts (``llm`` is the default instance's chain)
+        body["llm_accounts"] = [attrs.asdict(account) for account in svc.pool.statistics()]
     if svc.outbound is not None:
         body["outbound"] = attrs.asdict(svc.outbound.statistics())
     if svc.crm is not None:
@@ -88,3 +95,57 @@ async def supervisors(svc: "Service") -> dict[str, Any]:
                       "storing": svc.storing}
     body["dead_letters"] = [attrs.asdict(row) for row in await svc.store.dead_letters(DEAD_LETTERS_SHOWN)]
     return map_strings(body, redact)
+
+
+SECRET_SHOWN = "***"
+
+
+def instance_settings(settings: Settings) -> dict[str, Any]:
+    """Every per-instance setting by its name in the instances file; a secret as ``***`` when set,
+    ``""`` when not."""
+    shown: dict[str, Any] = {}
+    for section, f in setting_fields():
+        if f.metadata["per_instance"]:
+            value = getattr(getattr(settings, section), f.name)
+            shown[f.name] = (SECRET_SHOWN if value else "") if f.metadata["secret"] else value
+    return shown
+
+
+async def instances(svc: "Service") -> dict[str, Any]:
+    """Each instance (the default one, then the configured ones in file order) with its effective
+    settings, live and stored chats, messages in and replies out, and the LLM accounts its chain
+    uses (their circuits); the counters of unconfigured instances as ``other``; every account."""
+    tenants = svc.tenants
+    live = collections.Counter(ConversationKey.parse(key).instance
+                               for key in (svc.registry.keys() if svc.registry is not None else ()))
+    now, clock = time.time(), trio.current_time()
+    rows = []
+    default = tenants.default_instance
+    shown = tenants.all() if default not in tenants.names else tenants.all()[1:]
+    for tenant in shown:
+        counts = svc.per_instance.get(tenant.name, [0, 0, 0])
+        circuits = []
+        for slot in tenant.chain.slots:
+            health = slot.statistics(clock)
+            circuits.append({"account": slot.name, "circuit": health.circuit, "available": health.available,
+                             "in_flight": health.in_flight, "waiting": health.waiting})
+        rows.append({
+            "name": tenant.name, "configured": tenant.configured, "default": tenant.name == default,
+            "settings": instance_settings(tenant.settings),
+            "chats": {"live": live[tenant.name],
+                      "stored": (await svc.store.listing(now=now, scope=tenant.name, limit=0)).total},
+            "messages_in": counts[0], "replies_out": counts[1], "turns": counts[2],
+            "circuits": circuits,
+        })
+    other = svc.per_instance.get(OTHER, [0, 0, 0])
+    body: dict[str, Any] = {
+        "instances": rows,
+        "other": {"messages_in": other[0], "replies_out": other[1], "turns": other[2]},
+        "accounts": [attrs.asdict(a) for a in svc.pool.statistics()] if svc.pool is not None else [],
+    }
+    return map_strings(body, redact)
+
+
+def reloaded(result: Reloaded) -> dict[str, Any]:
+    """The answer to a reload that put the file in force."""
+    return {"status": "reloaded", **attrs.asdict(result)}

@@ -140,16 +140,20 @@ async def chat_detail(svc: "Service", key: str) -> dict[str, Any] | None:
 
 
 async def delivery(svc: "Service") -> dict[str, Any]:
-    """LLM providers, the outbound and CRM supervisors, and the dead letters (no payload text)."""
+    """LLM providers (every provider account of every instance: the default instance's first), the
+    outbound and CRM supervisors, and the dead letters (no payload text)."""
     body: dict[str, Any] = {"providers": [], "outbound": None, "crm": None}
-    if svc.chain is not None:
-        for p in svc.chain.statistics().providers:
-            body["providers"].append({
-                "name": p.name, "configured": p.configured, "circuit": p.circuit, "in_flight": p.in_flight,
-                "waiting": p.waiting, "calls": p.calls, "successes": p.successes, "failures": dict(p.failures),
-                "latency_p50_ms": p.latency_p50_ms, "latency_p95_ms": p.latency_p95_ms,
-                "last_error": redact(p.last_error) if p.last_error else None,
-            })
+    if svc.pool is not None:
+        providers = [account.health for account in svc.pool.statistics()]
+    else:
+        providers = list(svc.chain.statistics().providers) if svc.chain is not None else []
+    for p in providers:
+        body["providers"].append({
+            "name": p.name, "configured": p.configured, "circuit": p.circuit, "in_flight": p.in_flight,
+            "waiting": p.waiting, "calls": p.calls, "successes": p.successes, "failures": dict(p.failures),
+            "latency_p50_ms": p.latency_p50_ms, "latency_p95_ms": p.latency_p95_ms,
+            "last_error": redact(p.last_error) if p.last_error else None,
+        })
     if svc.outbound is not None:
         o = svc.outbound.statistics()
         body["outbound"] = {k: v for k, v in attrs.asdict(o).items()

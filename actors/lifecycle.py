@@ -47,8 +47,13 @@ def configured_or_exit(build: Callable[[Settings], T]) -> T:
     try:
         return build(load_settings())
     except ConfigError as exc:
-        refuse_to_start(f"Configuration error: {_shown(exc)}")
+        refuse_to_start(error_line(exc))
         raise  # not reached: refuse_to_start raises SystemExit
+
+
+def error_line(error: ConfigError) -> str:
+    """The one line a configuration mistake is shown as (start-up, scripts/check_config.py, a reload)."""
+    return f"Configuration error: {_shown(error)}"
 
 
 def _shown(error: ConfigError) -> str:

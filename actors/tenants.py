@@ -81,6 +81,10 @@ class Tenants:
     def default_instance(self) -> str:
         return self.default.name
 
+    def configured(self) -> dict[str, Settings]:
+        """Each configured instance's effective settings, in file order (what a reload compares with)."""
+        return {name: tenant.settings for name, tenant in self._map.items()}
+
     def all(self) -> list[Tenant]:
         """The default Tenant and every configured one."""
         return [self.default, *self._map.values()]

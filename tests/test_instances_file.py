@@ -8,6 +8,7 @@ rest; its absence is the single-tenant service as before.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -241,13 +242,21 @@ def test_instances_toml_beside_config_is_found_and_instances_file_names_another(
 
 
 def test_the_example_file_loads(tmp_path: Path) -> None:
-    environ = {"ACME_ANTHROPIC_API_KEY": "sk-ant-acme-1111", "ACME_EVOLUTION_API_KEY": "acme-evo-2222"}
-    instances = load_instances(base_settings(), PROJECT_ROOT / "instances.example.toml", environ, dotenv_file=None)
+    """As shipped, with no variable set (a newcomer's first start); with its commented lines, acme-bot's
+    own provider and keys."""
+    example = (PROJECT_ROOT / "instances.example.toml").read_text(encoding="utf-8")
+    instances = load_instances(base_settings(), write(tmp_path, example), {}, dotenv_file=None)
     acme, beta = instances["acme-bot"], instances["beta-shop"]
-    assert acme.llm.provider_order == ("anthropic", "openai") and acme.llm.anthropic_api_key == "sk-ant-acme-1111"
-    assert acme.outbound.evolution_api_key == "acme-evo-2222" and acme.crm.krayin_stage_id == 7
-    assert beta.conversation.language == "en" and beta.conversation.max_messages == 30
+    assert acme.llm.provider_order == ("offline",) and acme.crm.krayin_stage_id == 7
+    assert (acme.conversation.language, beta.conversation.language) == ("es", "en")
+    assert acme.conversation.google_booking_url != beta.conversation.google_booking_url
+    assert beta.conversation.max_messages == 30
     assert acme.conversation.agent_instruction != beta.conversation.agent_instruction
+    uncommented = re.sub(r"(?m)^# ((?:llm_provider|llm_provider_fallback|\w+_env) = )", r"\1", example)
+    environ = {"ACME_ANTHROPIC_API_KEY": "sk-ant-acme-1111", "ACME_EVOLUTION_API_KEY": "acme-evo-2222"}
+    acme = load_instances(base_settings(), write(tmp_path, uncommented), environ, dotenv_file=None)["acme-bot"]
+    assert acme.llm.provider_order == ("anthropic", "openai") and acme.llm.anthropic_api_key == "sk-ant-acme-1111"
+    assert acme.outbound.evolution_api_key == "acme-evo-2222"
 
 
 def test_lifecycle_loads_the_file_and_registers_its_secrets(tmp_path: Path) -> None:

@@ -97,6 +97,11 @@ class CrmSupervisor:
         self._failed = 0
         self._auth_failing = False
 
+    @property
+    def enabled(self) -> bool:
+        """Whether leads are registered at all: fixed at construction (a reload cannot turn it on)."""
+        return self._enabled
+
     def _make_client(self, http: httpx.AsyncClient) -> KrayinClient:
         s = self._settings
         return KrayinClient(http, s.crm.krayin_api_url, s.crm.krayin_api_token, s.server.http_timeout)
