@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -16,6 +18,13 @@ from actors.llm.chain import ProviderChain
 from actors.prompts import texts_for
 from actors.service import Service
 from actors.settings import Settings, load_settings
+
+# Tests are hermetic: an instances.toml a developer copied beside config.toml (as the README's
+# walk-through does) is not theirs. Every test's settings, and every service process a test starts,
+# read this empty instances file unless the test names its own.
+NO_INSTANCES_FILE = Path(tempfile.mkdtemp(prefix="agent-tests-")) / "no-instances.toml"
+NO_INSTANCES_FILE.write_text("# no instances: single-tenant\n")
+os.environ.setdefault("INSTANCES_FILE", str(NO_INSTANCES_FILE))
 
 
 
@@ -35,6 +44,7 @@ def make_settings(tmp_path: Path, **env: Any) -> Settings:
         "REORDER_DELAY_SECONDS": "0",
         "FLOOD_MAX_PER_MINUTE": "0",
         "TYPING_PRESENCE": "false",
+        "INSTANCES_FILE": os.environ["INSTANCES_FILE"],
     }
     base.update({k.upper(): str(v) for k, v in env.items()})
     return load_settings(base, dotenv_file=None)
