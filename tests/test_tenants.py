@@ -266,7 +266,11 @@ async def test_unknown_instance_served_through_its_own_instance_only(tmp_path: P
             assert llm.requests[0].json["messages"][0]["content"] != PROMPTS[ACME]
             await client.post("/webhook", json=webhook("hola", ACME))
             await wait_for(lambda: len(evolution.sent) == 2)
-            metrics = await (await client.get("/metrics")).get_data(as_text=True)
+            # a reply is counted once its send is settled, just after Evolution received it
+            replied = 'agent_instance_replies_out_total{instance="acme-bot"} 1.0'
+            with trio.fail_after(10):
+                while replied not in (metrics := await (await client.get("/metrics")).get_data(as_text=True)):
+                    await trio.sleep(0.02)
             # the instance label: configured instances by name, the rest "other" (bounded)
             assert 'agent_instance_messages_in_total{instance="other"} 1.0' in metrics
             assert 'agent_instance_replies_out_total{instance="acme-bot"} 1.0' in metrics
