@@ -29,6 +29,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -288,6 +289,112 @@ def run_loadgen(cfg: dict[str, Any], timeout: float) -> tuple[dict[str, Any], fl
     return json.loads(lines[-1]), usage.ru_utime + usage.ru_stime
 
 
+# -- what the service and the kernel saw ------------------------------------------------------------
+
+def listen_counters() -> dict[str, int]:
+    """The kernel's TcpExt ListenOverflows / ListenDrops (machine-wide): SYNs or handshakes dropped
+    because a listener's accept queue (hypercorn's --backlog) was full; the client retransmits them
+    after 1 s, 3 s, 7 s, ... and the service never sees the wait."""
+    try:
+        with open("/proc/net/netstat") as f:
+            lines = [line.split() for line in f if line.startswith("TcpExt:")]
+    except OSError:
+        return {}
+    if len(lines) < 2:
+        return {}
+    values = dict(zip(lines[0][1:], lines[1][1:]))
+    return {key: int(values.get(key, 0)) for key in ("ListenOverflows", "ListenDrops")}
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text -> {'name{labels}': value} (the bench reads a handful of series)."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            try:
+                out[key] = float(value)
+            except ValueError:
+                pass
+    return out
+
+
+def ack_histogram(metrics: dict[str, float], outcome: str = "accepted") -> dict[str, Any]:
+    """The service's own agent_webhook_ack_seconds for ``outcome``: count and the bucket bounds (ms) that
+    hold its p50 / p99 (route start to answer: what the accept queue and the parsing add is not in it)."""
+    prefix = f'agent_webhook_ack_seconds_bucket{{le="'
+    buckets = sorted((float(k[len(prefix):].split('"')[0]), v) for k, v in metrics.items()
+                     if k.startswith(prefix) and f'outcome="{outcome}"' in k)
+    count = metrics.get(f'agent_webhook_ack_seconds_count{{outcome="{outcome}"}}', 0.0)
+    out: dict[str, Any] = {"n": int(count)}
+    for q in (0.5, 0.99):
+        bound = next((le for le, v in buckets if count and v >= q * count), None)
+        out[f"p{int(q * 100)}_le_ms"] = None if bound is None else (bound * 1000 if bound != float("inf") else "inf")
+    return out
+
+
+class MetricsSampler:
+    """Scrapes the service's /metrics every ``every`` s (a thread of the runner, not of the service):
+    the pacing backlog, its oldest wait, replies sent and the worker's CPU over time."""
+
+    SERIES = {"backlog": "agent_outbound_backlog", "oldest_s": "agent_outbound_backlog_oldest_seconds",
+              "pacing_waiting": "agent_outbound_pacing_waiting", "sent": 'agent_outbound_messages_total{outcome="sent"}',
+              "refused_backlog": 'agent_intake_refused_total{reason="backlog"}',
+              "refused_busy": 'agent_intake_refused_total{reason="busy"}'}
+
+    def __init__(self, url: str, worker: int, every: float = 5.0) -> None:
+        self.url, self.worker, self.every = url, worker, every
+        self.samples: list[dict[str, float]] = []
+        self.last: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._start = time.monotonic()
+
+    def __enter__(self) -> "MetricsSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        self.sample()
+
+    def sample(self) -> None:
+        try:
+            metrics = parse_metrics(http_get(self.url + "/metrics", timeout=5.0)[1].decode())
+        except (OSError, urllib.error.URLError):
+            return
+        self.last = metrics
+        row = {"t": round(time.monotonic() - self._start, 1), "cpu_s": round(cpu_seconds(self.worker), 2)}
+        row.update({k: metrics.get(v, 0.0) for k, v in self.SERIES.items()})
+        self.samples.append(row)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self.sample()
+
+    def summary(self) -> dict[str, Any]:
+        """Peaks, and the worker's CPU per reply sent while the backlog was growing (between the first
+        sample with a backlog over 100 and the peak)."""
+        s = self.samples
+        if not s:
+            return {}
+        out: dict[str, Any] = {"backlog_max": max(r["backlog"] for r in s),
+                               "oldest_max_s": round(max(r["oldest_s"] for r in s), 1),
+                               "pacing_waiting_max": max(r["pacing_waiting"] for r in s),
+                               "refused_backlog": s[-1]["refused_backlog"], "refused_busy": s[-1]["refused_busy"],
+                               "service_ack": ack_histogram(self.last)}
+        growing = [r for r in s if r["backlog"] > 100]
+        if len(growing) >= 2:
+            peak = max(range(len(growing)), key=lambda i: growing[i]["backlog"])
+            a, b = growing[0], growing[max(peak, 1)]
+            sent = b["sent"] - a["sent"]
+            out["growing"] = {"from_s": a["t"], "to_s": b["t"], "sent": sent,
+                              "sent_per_s": round(sent / (b["t"] - a["t"]), 1) if b["t"] > a["t"] else None,
+                              "cpu_ms_per_sent": round(1000 * (b["cpu_s"] - a["cpu_s"]) / sent, 2) if sent else None}
+        return out
+
+
 # -- scenarios ------------------------------------------------------------------------------------
 
 def start_profiler(directory: Path, name: str, pid: int) -> subprocess.Popen:
@@ -338,14 +445,17 @@ def run_scenario(name: str, params: dict[str, Any], work: Path, timeout: float,
         idle_rss = status_kb(worker, "VmRSS")
         for proc in (*fakes, service):
             proc.mark()
-        times0, wall0 = system_times(), time.monotonic()
+        times0, wall0, listen0 = system_times(), time.monotonic(), listen_counters()
         profiler = start_profiler(profile, name, worker) if profile else None
+        sampler = MetricsSampler(url, worker)
         try:
-            result, loadgen_cpu = run_loadgen(cfg, min(timeout, float(cfg.get("max_s", 600)) + 180))
+            with sampler:
+                result, loadgen_cpu = run_loadgen(cfg, min(timeout, float(cfg.get("max_s", 600)) + 180))
         finally:
             if profiler is not None:
                 profiler.send_signal(signal.SIGINT)
                 profiler.wait(30)
+        listen1 = listen_counters()
         svc_cpu = service.cpu(worker)
         times1, wall = system_times(), time.monotonic() - wall0
         delta = {k: times1[k] - times0[k] for k in times0}
@@ -362,6 +472,9 @@ def run_scenario(name: str, params: dict[str, Any], work: Path, timeout: float,
             "machine_cpu_s": {k: round(v, 1) for k, v in delta.items()},
             # other processes on the box (other people's tests: noise), the runner and py-spy
             "foreign_cpu_s": round(max(0.0, delta["tasks"] - ours), 1),
+            "listen": {k: listen1[k] - listen0.get(k, 0) for k in listen1},
+            "service_metrics": sampler.summary(),
+            "service_metrics_samples": sampler.samples,
         }
         answered = result.get("answered") or sum(s["messages"] for s in result.get("stages", [])[-1:])
         measured = result.get("service_cpu_measured_s") or svc_cpu   # after the warm-up, if any
@@ -464,6 +577,20 @@ def table(rows: list[dict[str, Any]]) -> str:
         if r.get("connections"):
             c = r["connections"]
             notes += f" connections opened={c['opened']} reused={c['reused']} max open={c['open_max']}"
+        if r.get("listen", {}).get("ListenOverflows"):
+            notes += f" listen overflows={r['listen']['ListenOverflows']} drops={r['listen'].get('ListenDrops')}"
+        sm = r.get("service_metrics") or {}
+        if sm.get("service_ack"):
+            a = sm["service_ack"]
+            notes += f" svc ack p50/p99<={fmt(a.get('p50_le_ms'))}/{fmt(a.get('p99_le_ms'))}ms"
+        if sm.get("backlog_max"):
+            notes += f" backlog max={sm['backlog_max']:.0f} oldest={sm['oldest_max_s']}s"
+            if sm.get("growing"):
+                g = sm["growing"]
+                notes += f" (growing: {g['sent_per_s']} sent/s, {fmt(g['cpu_ms_per_sent'])} CPU ms/sent)"
+        for key in ("refused_backlog", "refused_busy"):
+            if sm.get(key):
+                notes += f" {key}={sm[key]:.0f}"
         fakes = sum(r["fakes_cpu_s"].values())
         lines.append([r.get("name", r["scenario"]), r["messages"], r["lost"], r["duplicates"], r["out_of_order"],
                       r["misrouted"],
@@ -519,9 +646,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a scenario parameter (e.g. stages=[10000,20000]); repeatable")
     parser.add_argument("--experiment", default="", metavar="NAME[,NAME]",
                         help="start the service with bench/experiments patches (timing, switch_interval, raw_llm)")
-    parser.add_argument("--shape", choices=("pooled", "evolution"), default="pooled",
+    parser.add_argument("--shape", choices=("pooled", "evolution", "evolution-fresh"), default="pooled",
                         help="webhook traffic: through the scenario's pool of connections, or Evolution's "
-                             "(one connection per POST in flight, no cap, 30 s timeout, re-sent; bench/evolution_shape.py)")
+                             "(one connection per POST in flight, no cap, 30 s timeout, re-sent; bench/evolution_shape.py); "
+                             "evolution-fresh: the same with a new connection for every POST (no keep-alive)")
     parser.add_argument("--label", default="", help="suffix for the scenario names in the table")
     parser.add_argument("--timeout", type=float, default=900, help="per scenario, seconds")
     parser.add_argument("--quiet-wait", type=float, default=None, metavar="S",
