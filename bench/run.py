@@ -74,6 +74,9 @@ SERVICE_ENV = {
     "GOOGLE_BOOKING_URL": "", "MAX_MESSAGES": "50",
 }
 
+# hypercorn's own options, as deployed (scripts/agent-manager.sh, scripts/python-agent.service, README)
+SERVER_ARGS: list[str] = []
+
 
 # -- processes ------------------------------------------------------------------------------------
 
@@ -229,7 +232,8 @@ def start_evolution(logs: Path) -> tuple[Proc, str]:
     return proc, url
 
 
-def start_service(env_extra: dict[str, str], work: Path, data: Path) -> tuple[Proc, str, int]:
+def start_service(env_extra: dict[str, str], work: Path, data: Path,
+                  server_args: list[str] | None = None) -> tuple[Proc, str, int]:
     port = free_port()
     env = dict(os.environ)
     env.update(SERVICE_ENV)
@@ -237,7 +241,9 @@ def start_service(env_extra: dict[str, str], work: Path, data: Path) -> tuple[Pr
     env.update(env_extra)
     if env.get("BENCH_EXPERIMENTS"):
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "bench" / "experiments"), str(ROOT)])
-    proc = Proc("service", [HYPERCORN, "--worker-class", "trio", "--bind", f"127.0.0.1:{port}", "app:app"],
+    argv = [HYPERCORN, "--worker-class", "trio", *SERVER_ARGS, *(server_args or []), "--bind", f"127.0.0.1:{port}",
+            "app:app"]
+    proc = Proc("service", argv,
                 env=env, log=work / "service.stderr.log")
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/ready", "service", proc.popen, timeout=60)
@@ -415,7 +421,7 @@ def run_scenario(name: str, params: dict[str, Any], work: Path, timeout: float,
     started = time.monotonic()
     try:
         env: dict[str, str] = dict(params.get("env", {}))
-        cfg: dict[str, Any] = {k: v for k, v in params.items() if k not in ("env", "llm")}
+        cfg: dict[str, Any] = {k: v for k, v in params.items() if k not in ("env", "llm", "server_args")}
         cfg["scenario"] = name
         if name == "memory":
             env.update({"LLM_PROVIDER": "offline", "EVOLUTION_API_URL": "", "OPENAI_API_KEY": ""})
@@ -439,7 +445,7 @@ def run_scenario(name: str, params: dict[str, Any], work: Path, timeout: float,
                                      "--window", str(cfg.get("window", 50)), "--chars", str(cfg["text_chars"])],
                                     cwd=ROOT, capture_output=True, text=True, check=True)
             print(f"[{name}] {seeded.stdout.strip()}", file=sys.stderr, flush=True)
-        service, url, worker = start_service(env, logs, data)
+        service, url, worker = start_service(env, logs, data, params.get("server_args"))
         cfg["service_url"] = url
         cfg["pids"] = [worker]
         idle_rss = status_kb(worker, "VmRSS")
@@ -650,6 +656,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="webhook traffic: through the scenario's pool of connections, or Evolution's "
                              "(one connection per POST in flight, no cap, 30 s timeout, re-sent; bench/evolution_shape.py); "
                              "evolution-fresh: the same with a new connection for every POST (no keep-alive)")
+    parser.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                        help="extra hypercorn argument after the deployed ones (e.g. --server-arg=--backlog=100); repeatable")
     parser.add_argument("--label", default="", help="suffix for the scenario names in the table")
     parser.add_argument("--timeout", type=float, default=900, help="per scenario, seconds")
     parser.add_argument("--quiet-wait", type=float, default=None, metavar="S",
@@ -689,6 +697,8 @@ def main(argv: list[str] | None = None) -> int:
                 params["shape"] = args.shape
             if args.env:
                 params.setdefault("env", {}).update(dict(item.split("=", 1) for item in args.env))
+            if args.server_arg:
+                params["server_args"] = list(args.server_arg)
             if args.experiment:
                 params.setdefault("env", {})["BENCH_EXPERIMENTS"] = args.experiment
             print(f"[{name}] {json.dumps(params)}", file=sys.stderr, flush=True)
