@@ -75,7 +75,7 @@ SERVICE_ENV = {
 }
 
 # hypercorn's own options, as deployed (scripts/agent-manager.sh, scripts/python-agent.service, README)
-SERVER_ARGS: list[str] = []
+SERVER_ARGS: list[str] = ["--backlog", "4096"]
 
 
 # -- processes ------------------------------------------------------------------------------------
