@@ -380,24 +380,24 @@ class MetricsSampler:
             self.sample()
 
     def summary(self) -> dict[str, Any]:
-        """Peaks, and the worker's CPU per reply sent while the backlog was growing (between the first
-        sample with a backlog over 100 and the peak)."""
+        """Peaks, and the worker's CPU per reply sent while the backlog was held (from the first to the
+        last sample with at least half the peak backlog, and at least 100, waiting)."""
         s = self.samples
         if not s:
             return {}
-        out: dict[str, Any] = {"backlog_max": max(r["backlog"] for r in s),
+        peak = max(r["backlog"] for r in s)
+        out: dict[str, Any] = {"backlog_max": peak,
                                "oldest_max_s": round(max(r["oldest_s"] for r in s), 1),
                                "pacing_waiting_max": max(r["pacing_waiting"] for r in s),
                                "refused_backlog": s[-1]["refused_backlog"], "refused_busy": s[-1]["refused_busy"],
                                "service_ack": ack_histogram(self.last)}
-        growing = [r for r in s if r["backlog"] > 100]
-        if len(growing) >= 2:
-            peak = max(range(len(growing)), key=lambda i: growing[i]["backlog"])
-            a, b = growing[0], growing[max(peak, 1)]
+        held = [r for r in s if r["backlog"] >= max(100.0, peak / 2)]
+        if len(held) >= 2:
+            a, b = held[0], held[-1]
             sent = b["sent"] - a["sent"]
-            out["growing"] = {"from_s": a["t"], "to_s": b["t"], "sent": sent,
-                              "sent_per_s": round(sent / (b["t"] - a["t"]), 1) if b["t"] > a["t"] else None,
-                              "cpu_ms_per_sent": round(1000 * (b["cpu_s"] - a["cpu_s"]) / sent, 2) if sent else None}
+            out["backlogged"] = {"from_s": a["t"], "to_s": b["t"], "sent": sent,
+                                 "sent_per_s": round(sent / (b["t"] - a["t"]), 1) if b["t"] > a["t"] else None,
+                                 "cpu_ms_per_sent": round(1000 * (b["cpu_s"] - a["cpu_s"]) / sent, 2) if sent else None}
         return out
 
 
@@ -591,9 +591,9 @@ def table(rows: list[dict[str, Any]]) -> str:
             notes += f" svc ack p50/p99<={fmt(a.get('p50_le_ms'))}/{fmt(a.get('p99_le_ms'))}ms"
         if sm.get("backlog_max"):
             notes += f" backlog max={sm['backlog_max']:.0f} oldest={sm['oldest_max_s']}s"
-            if sm.get("growing"):
-                g = sm["growing"]
-                notes += f" (growing: {g['sent_per_s']} sent/s, {fmt(g['cpu_ms_per_sent'])} CPU ms/sent)"
+            if sm.get("backlogged"):
+                g = sm["backlogged"]
+                notes += f" (while held: {g['sent_per_s']} sent/s, {fmt(g['cpu_ms_per_sent'])} CPU ms/sent)"
         for key in ("refused_backlog", "refused_busy"):
             if sm.get(key):
                 notes += f" {key}={sm[key]:.0f}"
