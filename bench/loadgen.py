@@ -334,6 +334,10 @@ class Harness:
             **self.counts,
             "error_kinds": dict(self.error_kinds),
             "ack_ms": summary([m.ack_s for m in msgs if m.acked]),
+            # a user's first webhook (in the evolution shapes: on a new connection, the crowd's start)
+            # against the rest (a kept-alive connection when there was one)
+            "ack_ms_first": summary([m.ack_s for m in msgs if m.acked and m.seq == 0]),
+            "ack_ms_rest": summary([m.ack_s for m in msgs if m.acked and m.seq > 0]),
             "reply_ms": summary(latency),
             "overhead_ms": summary(overhead),
             "duration_s": round(duration, 2),
