@@ -75,7 +75,7 @@ SERVICE_ENV = {
 }
 
 # hypercorn's own options, as deployed (scripts/agent-manager.sh, scripts/python-agent.service, README)
-SERVER_ARGS: list[str] = ["--backlog", "4096"]
+SERVER_ARGS: list[str] = ["--backlog", "4096", "--keep-alive", "10"]
 
 
 # -- processes ------------------------------------------------------------------------------------
@@ -468,6 +468,7 @@ def run_scenario(name: str, params: dict[str, Any], work: Path, timeout: float,
         ours = service.cpu() + sum(p.cpu() for p in fakes) + loadgen_cpu
         row: dict[str, Any] = {
             "scenario": name, "params": params, **result,
+            "server_argv": [*SERVER_ARGS, *(params.get("server_args") or [])],
             "service": {"cpu_s": round(svc_cpu, 2), "cpu_s_parent": round(service.cpu() - svc_cpu, 2),
                         "idle_rss_mb": round(idle_rss / 1024, 1),
                         "peak_rss_mb": round(status_kb(worker, "VmHWM") / 1024, 1),
