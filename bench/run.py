@@ -29,12 +29,11 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -260,8 +259,9 @@ def _cmdline(pid: int) -> bytes:
         return b""
 
 
-def run_loadgen(cfg: dict[str, Any], timeout: float) -> tuple[dict[str, Any], float]:
-    """Run bench/loadgen.py; its JSON result and its CPU seconds."""
+def run_loadgen(cfg: dict[str, Any], timeout: float,
+                tick: Callable[[], None] | None = None) -> tuple[dict[str, Any], float]:
+    """Run bench/loadgen.py; its JSON result and its CPU seconds. ``tick`` is called while it runs."""
     popen = subprocess.Popen([PY, "bench/loadgen.py", json.dumps(cfg)], cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=None)
     assert popen.stdout is not None
@@ -288,6 +288,8 @@ def run_loadgen(cfg: dict[str, Any], timeout: float) -> tuple[dict[str, Any], fl
             popen.kill()
             popen.wait()
             raise RuntimeError(f"load generator still running after {timeout:.0f}s: killed")
+        if tick is not None:
+            tick()
         time.sleep(0.05)
     if popen.returncode != 0:
         raise RuntimeError(f"load generator failed ({popen.returncode})")
@@ -340,8 +342,9 @@ def ack_histogram(metrics: dict[str, float], outcome: str = "accepted") -> dict[
 
 
 class MetricsSampler:
-    """Scrapes the service's /metrics every ``every`` s (a thread of the runner, not of the service):
-    the pacing backlog, its oldest wait, replies sent and the worker's CPU over time."""
+    """Scrapes the service's /metrics every ``every`` s while the runner waits for the load generator
+    (``run_loadgen`` calls ``tick``): the pacing backlog, its oldest wait, replies sent and the
+    worker's CPU over time."""
 
     SERIES = {"backlog": "agent_outbound_backlog", "oldest_s": "agent_outbound_backlog_oldest_seconds",
               "pacing_waiting": "agent_outbound_pacing_waiting", "sent": 'agent_outbound_messages_total{outcome="sent"}',
@@ -352,18 +355,13 @@ class MetricsSampler:
         self.url, self.worker, self.every = url, worker, every
         self.samples: list[dict[str, float]] = []
         self.last: dict[str, float] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._start = time.monotonic()
+        self._start = self._next = time.monotonic()
 
-    def __enter__(self) -> "MetricsSampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join(10)
-        self.sample()
+    def tick(self) -> None:
+        """Sample if ``every`` seconds have passed since the last sample."""
+        if time.monotonic() >= self._next:
+            self._next = time.monotonic() + self.every
+            self.sample()
 
     def sample(self) -> None:
         try:
@@ -374,10 +372,6 @@ class MetricsSampler:
         row = {"t": round(time.monotonic() - self._start, 1), "cpu_s": round(cpu_seconds(self.worker), 2)}
         row.update({k: metrics.get(v, 0.0) for k, v in self.SERIES.items()})
         self.samples.append(row)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.every):
-            self.sample()
 
     def summary(self) -> dict[str, Any]:
         """Peaks, and the worker's CPU per reply sent while the backlog was held (from the first to the
@@ -455,8 +449,8 @@ def run_scenario(name: str, params: dict[str, Any], work: Path, timeout: float,
         profiler = start_profiler(profile, name, worker) if profile else None
         sampler = MetricsSampler(url, worker)
         try:
-            with sampler:
-                result, loadgen_cpu = run_loadgen(cfg, min(timeout, float(cfg.get("max_s", 600)) + 180))
+            result, loadgen_cpu = run_loadgen(cfg, min(timeout, float(cfg.get("max_s", 600)) + 180), sampler.tick)
+            sampler.sample()   # the final counts, the ack histogram included
         finally:
             if profiler is not None:
                 profiler.send_signal(signal.SIGINT)
