@@ -74,7 +74,7 @@ SERVICE_ENV = {
 }
 
 # hypercorn's own options, as deployed (scripts/agent-manager.sh, scripts/python-agent.service, README)
-SERVER_ARGS: list[str] = ["--backlog", "4096", "--keep-alive", "10"]
+SERVER_ARGS: list[str] = ["--backlog", "4096"]
 
 
 # -- processes ------------------------------------------------------------------------------------
