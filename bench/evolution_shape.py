@@ -6,6 +6,10 @@ the answer and then sends the same body again (2.3.x: up to 10 attempts, backoff
 connection of its own at once (an idle kept-alive one when there is one, else a new one: no cap),
 over a minimal h11 client on trio sockets (an httpx pool costs the load generator O(connections) per
 request event, which at thousands of connections would make it the bottleneck).
+
+``--shape evolution-fresh`` is the same without keep-alive: a new connection for every POST, sent
+with ``Connection: close`` (what an HTTP client without a keep-alive agent does), so every webhook
+costs the server a TCP accept and a connection set-up.
 """
 
 from __future__ import annotations
@@ -34,8 +38,8 @@ class Failed(Exception):
 class Connections:
     """Kept-alive HTTP/1.1 connections to one server: a free list of idle ones, never a cap."""
 
-    def __init__(self, host: str, port: int) -> None:
-        self.host, self.port = host, port
+    def __init__(self, host: str, port: int, reuse: bool = True) -> None:
+        self.host, self.port, self.reuse = host, port, reuse
         self.idle: list[tuple[float, trio.SocketStream, h11.Connection]] = []
         self.opened = 0
         self.reused = 0
@@ -72,7 +76,7 @@ class Connections:
         try:
             out = conn.send(h11.Request(method="POST", target=path, headers=[
                 ("Host", f"{self.host}:{self.port}"), ("Content-Type", "application/json"),
-                ("Content-Length", str(len(body)))]))
+                ("Content-Length", str(len(body))), *([] if self.reuse else [("Connection", "close")])]))
             out += conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage())
             await stream.send_all(out)
             status, headers, chunks = 0, {}, []
@@ -89,7 +93,7 @@ class Connections:
                     break
                 elif isinstance(event, h11.ConnectionClosed):
                     raise Failed("ConnectionClosed")
-            reusable = conn.our_state is h11.DONE and conn.their_state is h11.DONE
+            reusable = self.reuse and conn.our_state is h11.DONE and conn.their_state is h11.DONE
             if reusable:
                 conn.start_next_cycle()
             return status, headers, b"".join(chunks)
@@ -112,12 +116,12 @@ class Connections:
 class EvolutionSender:
     """Sends one webhook the way Evolution does; the harness's ``post`` in the ``evolution`` shape."""
 
-    def __init__(self, url: str, counts: dict[str, int], error_kinds: Any) -> None:
+    def __init__(self, url: str, counts: dict[str, int], error_kinds: Any, reuse: bool = True) -> None:
         rest = url.split("://", 1)[1]
         hostport, _, path = rest.partition("/")
         host, _, port = hostport.partition(":")
         self.path = "/" + path
-        self.connections = Connections(host, int(port or 80))
+        self.connections = Connections(host, int(port or 80), reuse)
         self.counts, self.error_kinds = counts, error_kinds
         for key in ("acks_over_30s", "resends", "resend_duplicates", "gave_up"):
             counts.setdefault(key, 0)

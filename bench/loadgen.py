@@ -107,7 +107,7 @@ class Harness:
         self.first_send = 0.0
         self.last_reply = 0.0
         # "pooled": the httpx clients below; "evolution": one connection per POST in flight, no cap
-        # (bench/evolution_shape.py)
+        # (bench/evolution_shape.py); "evolution-fresh": the same, a new connection for every POST
         self.shape = cfg.get("shape", "pooled")
         # httpcore's pool scans every connection and every queued request on each request start and
         # end (O(n)): one client with 512 connections costs ~20 ms of loadgen CPU per POST under load
@@ -122,8 +122,9 @@ class Harness:
         self.slots = [trio.CapacityLimiter(SHARD) for _ in range(shards)]
         self.deadline = trio.current_time() + float(cfg.get("max_s", 600.0))
         self.admin = httpx.AsyncClient(timeout=httpx.Timeout(30.0))
-        self.evolution_sender = (EvolutionSender(self.webhook, self.counts, self.error_kinds)
-                                 if self.shape == "evolution" else None)
+        self.evolution_sender = (EvolutionSender(self.webhook, self.counts, self.error_kinds,
+                                                 reuse=self.shape == "evolution")
+                                 if self.shape.startswith("evolution") else None)
         self.done_polling = False
         self.pids = [int(p) for p in cfg.get("pids", [])]
         self.cpu_start = [0.0 for _ in self.pids]
@@ -333,6 +334,10 @@ class Harness:
             **self.counts,
             "error_kinds": dict(self.error_kinds),
             "ack_ms": summary([m.ack_s for m in msgs if m.acked]),
+            # a user's first webhook (in the evolution shapes: on a new connection, the crowd's start)
+            # against the rest (a kept-alive connection when there was one)
+            "ack_ms_first": summary([m.ack_s for m in msgs if m.acked and m.seq == 0]),
+            "ack_ms_rest": summary([m.ack_s for m in msgs if m.acked and m.seq > 0]),
             "reply_ms": summary(latency),
             "overhead_ms": summary(overhead),
             "duration_s": round(duration, 2),

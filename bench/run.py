@@ -33,7 +33,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -72,6 +72,9 @@ SERVICE_ENV = {
     "ADMIN_TOKEN": "", "WEBHOOK_SECRET": "", "CRM_AUTO_REGISTER": "false", "DEBOUNCE_SECONDS": "0",
     "GOOGLE_BOOKING_URL": "", "MAX_MESSAGES": "50",
 }
+
+# hypercorn's own options, as deployed (scripts/agent-manager.sh, scripts/python-agent.service, README)
+SERVER_ARGS: list[str] = ["--backlog", "4096"]
 
 
 # -- processes ------------------------------------------------------------------------------------
@@ -228,7 +231,8 @@ def start_evolution(logs: Path) -> tuple[Proc, str]:
     return proc, url
 
 
-def start_service(env_extra: dict[str, str], work: Path, data: Path) -> tuple[Proc, str, int]:
+def start_service(env_extra: dict[str, str], work: Path, data: Path,
+                  server_args: list[str] | None = None) -> tuple[Proc, str, int]:
     port = free_port()
     env = dict(os.environ)
     env.update(SERVICE_ENV)
@@ -236,7 +240,9 @@ def start_service(env_extra: dict[str, str], work: Path, data: Path) -> tuple[Pr
     env.update(env_extra)
     if env.get("BENCH_EXPERIMENTS"):
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "bench" / "experiments"), str(ROOT)])
-    proc = Proc("service", [HYPERCORN, "--worker-class", "trio", "--bind", f"127.0.0.1:{port}", "app:app"],
+    argv = [HYPERCORN, "--worker-class", "trio", *SERVER_ARGS, *(server_args or []), "--bind", f"127.0.0.1:{port}",
+            "app:app"]
+    proc = Proc("service", argv,
                 env=env, log=work / "service.stderr.log")
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/ready", "service", proc.popen, timeout=60)
@@ -253,8 +259,9 @@ def _cmdline(pid: int) -> bytes:
         return b""
 
 
-def run_loadgen(cfg: dict[str, Any], timeout: float) -> tuple[dict[str, Any], float]:
-    """Run bench/loadgen.py; its JSON result and its CPU seconds."""
+def run_loadgen(cfg: dict[str, Any], timeout: float,
+                tick: Callable[[], None] | None = None) -> tuple[dict[str, Any], float]:
+    """Run bench/loadgen.py; its JSON result and its CPU seconds. ``tick`` is called while it runs."""
     popen = subprocess.Popen([PY, "bench/loadgen.py", json.dumps(cfg)], cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=None)
     assert popen.stdout is not None
@@ -281,11 +288,111 @@ def run_loadgen(cfg: dict[str, Any], timeout: float) -> tuple[dict[str, Any], fl
             popen.kill()
             popen.wait()
             raise RuntimeError(f"load generator still running after {timeout:.0f}s: killed")
+        if tick is not None:
+            tick()
         time.sleep(0.05)
     if popen.returncode != 0:
         raise RuntimeError(f"load generator failed ({popen.returncode})")
     lines = [line for line in out.decode().splitlines() if line.strip()]
     return json.loads(lines[-1]), usage.ru_utime + usage.ru_stime
+
+
+# -- what the service and the kernel saw ------------------------------------------------------------
+
+def listen_counters() -> dict[str, int]:
+    """The kernel's TcpExt ListenOverflows / ListenDrops (machine-wide): SYNs or handshakes dropped
+    because a listener's accept queue (hypercorn's --backlog) was full; the client retransmits them
+    after 1 s, 3 s, 7 s, ... and the service never sees the wait."""
+    try:
+        with open("/proc/net/netstat") as f:
+            lines = [line.split() for line in f if line.startswith("TcpExt:")]
+    except OSError:
+        return {}
+    if len(lines) < 2:
+        return {}
+    values = dict(zip(lines[0][1:], lines[1][1:]))
+    return {key: int(values.get(key, 0)) for key in ("ListenOverflows", "ListenDrops")}
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text -> {'name{labels}': value} (the bench reads a handful of series)."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            try:
+                out[key] = float(value)
+            except ValueError:
+                pass
+    return out
+
+
+def ack_histogram(metrics: dict[str, float], outcome: str = "accepted") -> dict[str, Any]:
+    """The service's own agent_webhook_ack_seconds for ``outcome``: count and the bucket bounds (ms) that
+    hold its p50 / p99 (route start to answer: what the accept queue and the parsing add is not in it)."""
+    prefix = f'agent_webhook_ack_seconds_bucket{{le="'
+    buckets = sorted((float(k[len(prefix):].split('"')[0]), v) for k, v in metrics.items()
+                     if k.startswith(prefix) and f'outcome="{outcome}"' in k)
+    count = metrics.get(f'agent_webhook_ack_seconds_count{{outcome="{outcome}"}}', 0.0)
+    out: dict[str, Any] = {"n": int(count)}
+    for q in (0.5, 0.99):
+        bound = next((le for le, v in buckets if count and v >= q * count), None)
+        out[f"p{int(q * 100)}_le_ms"] = None if bound is None else (bound * 1000 if bound != float("inf") else "inf")
+    return out
+
+
+class MetricsSampler:
+    """Scrapes the service's /metrics every ``every`` s while the runner waits for the load generator
+    (``run_loadgen`` calls ``tick``): the pacing backlog, its oldest wait, replies sent and the
+    worker's CPU over time."""
+
+    SERIES = {"backlog": "agent_outbound_backlog", "oldest_s": "agent_outbound_backlog_oldest_seconds",
+              "pacing_waiting": "agent_outbound_pacing_waiting", "sent": 'agent_outbound_messages_total{outcome="sent"}',
+              "refused_backlog": 'agent_intake_refused_total{reason="backlog"}',
+              "refused_busy": 'agent_intake_refused_total{reason="busy"}'}
+
+    def __init__(self, url: str, worker: int, every: float = 5.0) -> None:
+        self.url, self.worker, self.every = url, worker, every
+        self.samples: list[dict[str, float]] = []
+        self.last: dict[str, float] = {}
+        self._start = self._next = time.monotonic()
+
+    def tick(self) -> None:
+        """Sample if ``every`` seconds have passed since the last sample."""
+        if time.monotonic() >= self._next:
+            self._next = time.monotonic() + self.every
+            self.sample()
+
+    def sample(self) -> None:
+        try:
+            metrics = parse_metrics(http_get(self.url + "/metrics", timeout=5.0)[1].decode())
+        except (OSError, urllib.error.URLError):
+            return
+        self.last = metrics
+        row = {"t": round(time.monotonic() - self._start, 1), "cpu_s": round(cpu_seconds(self.worker), 2)}
+        row.update({k: metrics.get(v, 0.0) for k, v in self.SERIES.items()})
+        self.samples.append(row)
+
+    def summary(self) -> dict[str, Any]:
+        """Peaks, and the worker's CPU per reply sent while the backlog was held (from the first to the
+        last sample with at least half the peak backlog, and at least 100, waiting)."""
+        s = self.samples
+        if not s:
+            return {}
+        peak = max(r["backlog"] for r in s)
+        out: dict[str, Any] = {"backlog_max": peak,
+                               "oldest_max_s": round(max(r["oldest_s"] for r in s), 1),
+                               "pacing_waiting_max": max(r["pacing_waiting"] for r in s),
+                               "refused_backlog": s[-1]["refused_backlog"], "refused_busy": s[-1]["refused_busy"],
+                               "service_ack": ack_histogram(self.last)}
+        held = [r for r in s if r["backlog"] >= max(100.0, peak / 2)]
+        if len(held) >= 2:
+            a, b = held[0], held[-1]
+            sent = b["sent"] - a["sent"]
+            out["backlogged"] = {"from_s": a["t"], "to_s": b["t"], "sent": sent,
+                                 "sent_per_s": round(sent / (b["t"] - a["t"]), 1) if b["t"] > a["t"] else None,
+                                 "cpu_ms_per_sent": round(1000 * (b["cpu_s"] - a["cpu_s"]) / sent, 2) if sent else None}
+        return out
 
 
 # -- scenarios ------------------------------------------------------------------------------------
@@ -308,7 +415,7 @@ def run_scenario(name: str, params: dict[str, Any], work: Path, timeout: float,
     started = time.monotonic()
     try:
         env: dict[str, str] = dict(params.get("env", {}))
-        cfg: dict[str, Any] = {k: v for k, v in params.items() if k not in ("env", "llm")}
+        cfg: dict[str, Any] = {k: v for k, v in params.items() if k not in ("env", "llm", "server_args")}
         cfg["scenario"] = name
         if name == "memory":
             env.update({"LLM_PROVIDER": "offline", "EVOLUTION_API_URL": "", "OPENAI_API_KEY": ""})
@@ -332,26 +439,30 @@ def run_scenario(name: str, params: dict[str, Any], work: Path, timeout: float,
                                      "--window", str(cfg.get("window", 50)), "--chars", str(cfg["text_chars"])],
                                     cwd=ROOT, capture_output=True, text=True, check=True)
             print(f"[{name}] {seeded.stdout.strip()}", file=sys.stderr, flush=True)
-        service, url, worker = start_service(env, logs, data)
+        service, url, worker = start_service(env, logs, data, params.get("server_args"))
         cfg["service_url"] = url
         cfg["pids"] = [worker]
         idle_rss = status_kb(worker, "VmRSS")
         for proc in (*fakes, service):
             proc.mark()
-        times0, wall0 = system_times(), time.monotonic()
+        times0, wall0, listen0 = system_times(), time.monotonic(), listen_counters()
         profiler = start_profiler(profile, name, worker) if profile else None
+        sampler = MetricsSampler(url, worker)
         try:
-            result, loadgen_cpu = run_loadgen(cfg, min(timeout, float(cfg.get("max_s", 600)) + 180))
+            result, loadgen_cpu = run_loadgen(cfg, min(timeout, float(cfg.get("max_s", 600)) + 180), sampler.tick)
+            sampler.sample()   # the final counts, the ack histogram included
         finally:
             if profiler is not None:
                 profiler.send_signal(signal.SIGINT)
                 profiler.wait(30)
+        listen1 = listen_counters()
         svc_cpu = service.cpu(worker)
         times1, wall = system_times(), time.monotonic() - wall0
         delta = {k: times1[k] - times0[k] for k in times0}
         ours = service.cpu() + sum(p.cpu() for p in fakes) + loadgen_cpu
         row: dict[str, Any] = {
             "scenario": name, "params": params, **result,
+            "server_argv": [*SERVER_ARGS, *(params.get("server_args") or [])],
             "service": {"cpu_s": round(svc_cpu, 2), "cpu_s_parent": round(service.cpu() - svc_cpu, 2),
                         "idle_rss_mb": round(idle_rss / 1024, 1),
                         "peak_rss_mb": round(status_kb(worker, "VmHWM") / 1024, 1),
@@ -362,6 +473,9 @@ def run_scenario(name: str, params: dict[str, Any], work: Path, timeout: float,
             "machine_cpu_s": {k: round(v, 1) for k, v in delta.items()},
             # other processes on the box (other people's tests: noise), the runner and py-spy
             "foreign_cpu_s": round(max(0.0, delta["tasks"] - ours), 1),
+            "listen": {k: listen1[k] - listen0.get(k, 0) for k in listen1},
+            "service_metrics": sampler.summary(),
+            "service_metrics_samples": sampler.samples,
         }
         answered = result.get("answered") or sum(s["messages"] for s in result.get("stages", [])[-1:])
         measured = result.get("service_cpu_measured_s") or svc_cpu   # after the warm-up, if any
@@ -464,6 +578,20 @@ def table(rows: list[dict[str, Any]]) -> str:
         if r.get("connections"):
             c = r["connections"]
             notes += f" connections opened={c['opened']} reused={c['reused']} max open={c['open_max']}"
+        if r.get("listen", {}).get("ListenOverflows"):
+            notes += f" listen overflows={r['listen']['ListenOverflows']} drops={r['listen'].get('ListenDrops')}"
+        sm = r.get("service_metrics") or {}
+        if sm.get("service_ack"):
+            a = sm["service_ack"]
+            notes += f" svc ack p50/p99<={fmt(a.get('p50_le_ms'))}/{fmt(a.get('p99_le_ms'))}ms"
+        if sm.get("backlog_max"):
+            notes += f" backlog max={sm['backlog_max']:.0f} oldest={sm['oldest_max_s']}s"
+            if sm.get("backlogged"):
+                g = sm["backlogged"]
+                notes += f" (while held: {g['sent_per_s']} sent/s, {fmt(g['cpu_ms_per_sent'])} CPU ms/sent)"
+        for key in ("refused_backlog", "refused_busy"):
+            if sm.get(key):
+                notes += f" {key}={sm[key]:.0f}"
         fakes = sum(r["fakes_cpu_s"].values())
         lines.append([r.get("name", r["scenario"]), r["messages"], r["lost"], r["duplicates"], r["out_of_order"],
                       r["misrouted"],
@@ -519,9 +647,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a scenario parameter (e.g. stages=[10000,20000]); repeatable")
     parser.add_argument("--experiment", default="", metavar="NAME[,NAME]",
                         help="start the service with bench/experiments patches (timing, switch_interval, raw_llm)")
-    parser.add_argument("--shape", choices=("pooled", "evolution"), default="pooled",
+    parser.add_argument("--shape", choices=("pooled", "evolution", "evolution-fresh"), default="pooled",
                         help="webhook traffic: through the scenario's pool of connections, or Evolution's "
-                             "(one connection per POST in flight, no cap, 30 s timeout, re-sent; bench/evolution_shape.py)")
+                             "(one connection per POST in flight, no cap, 30 s timeout, re-sent; bench/evolution_shape.py); "
+                             "evolution-fresh: the same with a new connection for every POST (no keep-alive)")
+    parser.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                        help="extra hypercorn argument after the deployed ones (e.g. --server-arg=--backlog=100); repeatable")
     parser.add_argument("--label", default="", help="suffix for the scenario names in the table")
     parser.add_argument("--timeout", type=float, default=900, help="per scenario, seconds")
     parser.add_argument("--quiet-wait", type=float, default=None, metavar="S",
@@ -561,6 +692,8 @@ def main(argv: list[str] | None = None) -> int:
                 params["shape"] = args.shape
             if args.env:
                 params.setdefault("env", {}).update(dict(item.split("=", 1) for item in args.env))
+            if args.server_arg:
+                params["server_args"] = list(args.server_arg)
             if args.experiment:
                 params.setdefault("env", {})["BENCH_EXPERIMENTS"] = args.experiment
             print(f"[{name}] {json.dumps(params)}", file=sys.stderr, flush=True)

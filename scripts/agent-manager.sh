@@ -370,8 +370,9 @@ cmd_start() {
     fi
 
     command -v setsid >/dev/null 2>&1 && launcher=(setsid)   # own session: stop can kill the whole group
+    # --backlog 4096: hypercorn's accept queue (default 100) must hold a burst of new webhook connections.
     # The service inherits this environment (secrets, overrides); HOST/PORT are exported so it agrees on them.
-    LOG_STDERR="${LOG_STDERR:-false}" HOST="$HOST" PORT="$PORT" ${launcher[@]+"${launcher[@]}"} nohup "$hypercorn" --worker-class trio --bind "$(bind_address)" app:app \
+    LOG_STDERR="${LOG_STDERR:-false}" HOST="$HOST" PORT="$PORT" ${launcher[@]+"${launcher[@]}"} nohup "$hypercorn" --worker-class trio --backlog 4096 --bind "$(bind_address)" app:app \
         >>"$OUT_FILE" 2>&1 </dev/null &
     pid=$!
     printf '%s\n' "$pid" >"$PID_FILE"

@@ -16,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("shape", ["pooled", "evolution"])
+@pytest.mark.parametrize("shape", ["pooled", "evolution", "evolution-fresh"])
 def test_bench_harness_tiny_crowd_and_burst(tmp_path: Path, shape: str) -> None:
     out = tmp_path / "bench.json"
     completed = subprocess.run(
@@ -37,6 +37,11 @@ def test_bench_harness_tiny_crowd_and_burst(tmp_path: Path, shape: str) -> None:
         assert row["shape"] == shape and row["acks_over_30s"] == 0, row
         if shape == "evolution":   # its own connections, kept alive between a user's messages
             assert row["connections"]["opened"] + row["connections"]["reused"] >= row["messages"], row
+        if shape == "evolution-fresh":   # a new connection for every webhook, never one reused
+            assert row["connections"]["reused"] == 0 and row["connections"]["opened"] >= row["messages"], row
+        # the runner's last /metrics scrape saw every webhook in the service's own ack histogram
+        assert row["service_metrics"]["service_ack"]["n"] >= row["messages"], row
+        assert set(row["listen"]) == {"ListenOverflows", "ListenDrops"}, row
     assert completed.returncode == 0, completed.stdout + completed.stderr
 
 

@@ -80,3 +80,57 @@ def timing() -> None:
         await original_shutdown(self, grace)
 
     service.Service.shutdown = shutdown  # type: ignore[method-assign]
+
+
+def passes() -> None:
+    """Time every pass of trio's scheduler (from the end of one I/O wait to the start of the next: the
+    batch of tasks run in between) and count its task steps; percentiles at shutdown. trio's
+    ``serve_listeners`` accepts one connection per pass, so 1 / pass time bounds the new connections
+    a second the server can take."""
+    import sys
+    import time
+
+    import trio
+
+    from actors import service
+
+    durations: list[float] = []
+    steps: list[int] = []
+
+    class Passes(trio.abc.Instrument):
+        def __init__(self) -> None:
+            self.started = 0.0
+            self.steps = 0
+
+        def after_io_wait(self, timeout: float) -> None:
+            self.started, self.steps = time.perf_counter(), 0
+
+        def before_task_step(self, task: Any) -> None:
+            self.steps += 1
+
+        def before_io_wait(self, timeout: float) -> None:
+            if self.started:
+                durations.append(time.perf_counter() - self.started)
+                steps.append(self.steps)
+
+    original_run = service.Service.run
+
+    async def run(self: Any, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        trio.lowlevel.add_instrument(Passes())
+        await original_run(self, task_status=task_status)
+
+    service.Service.run = run  # type: ignore[method-assign]
+    original_shutdown = service.Service.shutdown
+
+    async def shutdown(self: Any, grace: float) -> None:
+        busy = sorted(d for d, s in zip(durations, steps) if s > 1)
+        counts = sorted(steps)
+        for name, values, scale, unit in (("pass", busy, 1000, "ms"), ("pass_steps", counts, 1, "")):
+            if values:
+                n = len(values)
+                print(f"passes {name}: n={n} p50={scale * values[n // 2]:.1f}{unit} p90={scale * values[int(n * 0.9)]:.1f}{unit} "
+                      f"p99={scale * values[int(n * 0.99)]:.1f}{unit} max={scale * values[-1]:.1f}{unit}",
+                      file=sys.stderr, flush=True)
+        await original_shutdown(self, grace)
+
+    service.Service.shutdown = shutdown  # type: ignore[method-assign]
