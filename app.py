@@ -24,7 +24,7 @@ from actors.evolution import WebhookError
 from actors.exposure import is_loopback_address
 from actors.jid import is_chat_jid
 from actors.payload_guard import BadPayload, decode_payload
-from actors.service import AmbiguousChat, IntakeResult, Service
+from actors.service import AmbiguousChat, IntakeResult, NotOwnedHere, Service
 from actors.settings import Settings, load_settings
 from runtime.registry import MailboxFull, ShuttingDown
 
@@ -65,6 +65,7 @@ CSRF_HEADER = "X-CSRF-Token"
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 REPLY_MAX_CHARS = 4096
 PAUSE_MAX_MINUTES = 7 * 24 * 60
+NOT_OWNED_HERE = "another node runs this chat now (several nodes on one database): send the command to it (see /shards)"
 PAGE = Path(__file__).resolve().parent / "static" / "admin" / "index.html"
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self';"
        " object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
@@ -242,6 +243,8 @@ def register_console(app: QuartTrio, settings: Settings, svc: Service, admin: Ca
             order = await svc.command(key, command, value)
         except (MailboxFull, ShuttingDown):
             return _private_error(503, "the chat's mailbox is full or the service is stopping")
+        except NotOwnedHere:
+            return _private_error(409, NOT_OWNED_HERE)
         if not order.done.is_set():
             return _private_json({"status": "queued", "command": command}, 202)
         if not order.applied:
@@ -439,6 +442,8 @@ def create_app(settings: Settings | None = None, service: Service | None = None,
             applied = await svc.control(key, command)
         except (MailboxFull, ShuttingDown):
             return _error(503, "the chat's mailbox is full or the service is stopping", **{"Retry-After": "5"})
+        except NotOwnedHere:
+            return _error(409, NOT_OWNED_HERE)
         if not applied:
             return _json({"status": "queued", "command": command}, 202)
         return _json(await admin_api.control_applied(svc, key, command))
@@ -447,6 +452,11 @@ def create_app(settings: Settings | None = None, service: Service | None = None,
     @admin
     async def supervisors() -> Response:
         return _json(await admin_api.supervisors(svc))
+
+    @app.get("/shards")
+    @admin
+    async def shards() -> Response:
+        return _json(await admin_api.shards(svc))
 
     @app.get("/metrics")
     @admin

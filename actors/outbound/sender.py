@@ -50,6 +50,11 @@ BACKOFF_CAP_SECONDS = 30.0
 BACKOFF_JITTER = 0.5
 
 
+class NotOwned(Exception):
+    """The reply's chat is no longer this node's to send (its shard moved): it is dropped here and
+    its outbox row stays for the new owner."""
+
+
 @attrs.frozen
 class OutboundMessage:
     """One reply to send. ``instances``: its instance candidates, in order (actors/instances.py); when
@@ -149,9 +154,13 @@ class OutboundSender:
         http: httpx.AsyncClient | None = None,
         on_settled: Callable[[OutboundMessage, Delivery], Awaitable[None]] | None = None,
         settings_for: Callable[[str], Settings] | None = None,
+        may_send: Callable[[str], bool] | None = None,
     ) -> None:
-        """``settings_for(instance)``: that instance's effective settings (default: ``settings``)."""
+        """``settings_for(instance)``: that instance's effective settings (default: ``settings``).
+        ``may_send(chat)``: asked right before each send attempt (several nodes: only the owner of
+        the chat's shard sends); a reply it refuses is dropped unsettled, its durable row kept."""
         self._settings = settings
+        self._may_send = may_send
         self._settings_for = settings_for if settings_for is not None else (lambda _: settings)
         self._outbox: LocalOutbox | None = None
         if settings.outbound.evolution_api_url:
@@ -187,6 +196,7 @@ class OutboundSender:
         self._sent = 0
         self._retried = 0
         self._failed = 0
+        self.dropped = 0   # replies dropped unsent because their chat moved to another node
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -282,6 +292,11 @@ class OutboundSender:
         self._in_flight += 1
         try:
             delivery = await self._deliver(message)
+        except NotOwned:
+            self.dropped += 1
+            log.info("Outbound: reply to %s dropped unsent: its chat moved to another node (the outbox row stays)",
+                     message.jid)
+            return
         except Exception as exc:  # a bug must not kill the supervisor or the JID's later messages
             log.exception("Outbound: unexpected error delivering to %s", jid)
             delivery = self._dead_letter(message, f"internal error: {type(exc).__name__}", 0)
@@ -362,6 +377,8 @@ class OutboundSender:
         while True:
             attempt += 1
             await self._gap.wait(message.chat, gap)
+            if self._may_send is not None and not self._may_send(message.chat):
+                raise NotOwned(message.chat)
             retry: tuple[str, SendOutcome] | None = None
             for candidate in candidates:
                 if candidate in rejected:
