@@ -255,6 +255,8 @@ class Service:
         """Stop accepting, let turns in flight finish and their replies go out for up to ``grace``
         seconds, then stop everything. What is unfinished stays in the store for the next start."""
         log.info("Shutdown: no longer accepting messages; finishing turns in flight (up to %.0fs)", grace)
+        if self.owner is not None:   # nothing new is handed to this node's actors; webhooks are stored for the next owner
+            self._releasing.update(range(self.owner.shards))
         with trio.move_on_after(grace) as scope:
             if self.registry is not None:
                 await self.registry.drain()
@@ -607,8 +609,9 @@ class Service:
         order = Control("lead", lead_id)
         if self.registry is None:
             return
-        if not self.runs(key):   # the chat moved: its new owner re-runs the job (a note, not a 2nd lead: Krayin dedupes by person)
-            log.warning("[CRM] lead %d for %s not recorded here: the chat moved to another node", lead_id, key)
+        if not self.runs(key):   # only the chat's owner writes its state
+            log.warning("[CRM] lead %d for %s not recorded in the conversation: the chat moved to another node",
+                        lead_id, key)
             return
         self.registry.deliver(key, order, force=True, touch=False)
         await order.done.wait()
