@@ -27,6 +27,7 @@ from actors.payload_guard import BadPayload, decode_payload
 from actors.service import AmbiguousChat, IntakeResult, NotOwnedHere, Service
 from actors.settings import Settings, load_settings
 from runtime.registry import MailboxFull, ShuttingDown
+from runtime.store import StoreError
 
 PAGE_DEFAULT, PAGE_MAX = 100, 1000
 # Set by reverse proxies: a request carrying one came through a proxy, whatever its socket peer is.
@@ -350,6 +351,11 @@ def create_app(settings: Settings | None = None, service: Service | None = None,
     async def http_error(error: HTTPException) -> Response:
         # The request body may be unread (e.g. 413): close the connection rather than reuse it.
         return _error(error.code or 500, error.description or error.name, Connection="close")
+
+    @app.errorhandler(StoreError)
+    async def store_error(error: StoreError) -> Response:
+        # An admin read while the database is unreachable (the webhook answers its own 503).
+        return _error(503, "store unavailable", **{"Retry-After": "5"})
 
     # -- webhook -----------------------------------------------------------------------------
 

@@ -9,8 +9,9 @@ is (instance, chat): its actor and store key is ``ConversationKey(instance, jid)
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
-from typing import Any, Callable, Mapping
+from typing import Any, Awaitable, Callable, Mapping
 
 import attrs
 import httpx
@@ -19,11 +20,12 @@ import trio
 from runtime.actor import ActorStatistics
 from runtime.bounded import OTHER, bounded_key
 from runtime.clock import Clock
-from runtime.logs import LogCompressor
-from runtime.memory_store import MemoryStore
 from runtime.fenced_store import FencedStore
 from runtime.inbox_feed import InboxFeed
+from runtime.logs import LogCompressor
+from runtime.memory_store import MemoryStore
 from runtime.registry import MailboxFull, Registry, ShuttingDown
+from runtime.retry import RetryPolicy
 from runtime.shards import ShardOwner, shard_of
 from runtime.store import InboxRow, OutboxRow, Store, StoreError
 
@@ -52,6 +54,7 @@ GC_THRESHOLDS = (10_000, 20, 20)   # gc.set_threshold once the service is up (th
 # counted (and exported as a metric label) on their own, the rest as "other".
 MAX_EVENT_REASONS = 16
 BUSY_RETRY_AFTER = 1       # seconds: webhooks past INTAKE_MAX_IN_FLIGHT wait for a group commit or two
+SETTLE_RETRY = RetryPolicy(attempts=None, base=0.5, cap=2.0, jitter=0.5, budget=60.0)   # see Service._settling
 BACKLOG_RETRY_AFTER = 10   # seconds: the outbound backlog drains at OUTBOUND_RATE_PER_INSTANCE (20/s by default)
 
 
@@ -585,23 +588,42 @@ class Service:
                 self.registry.deliver(key, Control("sent", list(delivery.message_ids)), force=True, touch=False)
             except RuntimeError:   # the registry stopped: the ids only matter to a live actor
                 log.debug("Outbound: %s's send ids not recorded (the registry stopped)", key)
-        if delivery.status == "sent":
+        if delivery.status == "sent" and not delivery.repeat:
             self.activity.count(outbound=1)
             self.count(message.tenant, outbound=1)
         if message.outbox_id is None:
             return
+        outbox_id = message.outbox_id
         if delivery.status == "sent":
-            await self.store.settle(message.outbox_id)
+            await self._settling(lambda: self.store.settle(outbox_id))
         else:
-            await self.store.bury(message.outbox_id, delivery.error or "not delivered")
+            await self._settling(lambda: self.store.bury(outbox_id, delivery.error or "not delivered"))
+
+    async def _settling(self, write: Callable[[], Awaitable[None]]) -> None:
+        """Settle a performed job. With several nodes, retried while the store is unreachable (for
+        SETTLE_RETRY's budget, even if the chat's shard was lost meanwhile: a settle is idempotent,
+        and a row left unsettled is performed again by the shard's next owner, a reply sent twice).
+        The chat's later jobs wait meanwhile."""
+        started = trio.current_time()
+        for attempt in itertools.count(1):
+            try:
+                await write()
+                return
+            except StoreError:
+                delay = SETTLE_RETRY.delay(attempt, elapsed=trio.current_time() - started)
+                if delay is None or self.owner is None:
+                    raise
+                await trio.sleep(delay)
 
     async def _crm_done(self, request: LeadRequest, outcome: str) -> None:
         if request.job_id is None:
             return
+        job_id = request.job_id
         if outcome == "failed":
-            await self.store.bury(request.job_id, "CRM registration given up (see the [CRM] log lines)")
+            await self._settling(lambda: self.store.bury(
+                job_id, "CRM registration given up (see the [CRM] log lines)"))
         else:
-            await self.store.settle(request.job_id)
+            await self._settling(lambda: self.store.settle(job_id))
 
     async def _lead_created(self, key: str, lead_id: int) -> None:
         """Record the lead id through the chat's mailbox, so it is saved in order with its turns

@@ -51,6 +51,7 @@ from .store import (DEAD_LETTERS_KEPT, EXPIRE_BATCH, Cursor, DeadLetterRow, Fenc
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
+UNREACHABLE_PAUSE = 1.0   # seconds calls fail at once after the database was found unreachable
 LISTEN_WAIT = 1.0   # seconds a listener thread waits for a notification before checking for cancellation
 Mode = Literal["statement", "batch", "transaction"]
 
@@ -116,6 +117,18 @@ def _search_text(key: str, title: str) -> str:
     return f"{key}\n{title}".lower()
 
 
+def _unreachable(exc: BaseException) -> bool:
+    """A lost or refused connection (no connection from the pool, a connection class 08 error, the
+    server shutting down: 57P), not a statement's own failure (a timeout, a constraint)."""
+    import psycopg
+    import psycopg_pool
+
+    if isinstance(exc, (psycopg_pool.PoolTimeout, OSError)):
+        return True
+    code = getattr(exc, "sqlstate", None)
+    return isinstance(exc, psycopg.OperationalError) and (code is None or code.startswith(("08", "57P")))
+
+
 def node_channel(node: str) -> str:
     """The NOTIFY channel that wakes ``node`` (accept's SQL computes the same from the owner)."""
     return "agent_node_" + hashlib.md5(node.encode("utf-8")).hexdigest()[:16]
@@ -171,6 +184,7 @@ class PostgresStore:
         self._pool: Any = None
         self._limiter = trio.CapacityLimiter(pool_size)
         self._next_housekeeping = 0.0
+        self._unreachable_until = -1.0   # time.monotonic(): until then calls fail fast (see _run)
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -192,6 +206,10 @@ class PostgresStore:
         """
         if self._pool is None:
             raise StoreError(f"{self.name}: store is not open")
+        # While the database is unreachable every call would hold a thread for the whole connect
+        # timeout, and the webhooks behind them would wait as long for their 503: fail at once.
+        if time.monotonic() < self._unreachable_until:
+            raise StoreError(f"{self.name}: database unreachable (retried in {UNREACHABLE_PAUSE:g}s)")
         return await trio.to_thread.run_sync(self._in_connection, fn, mode, limiter=self._limiter)
 
     def _in_connection(self, fn: Callable[[Any], T], mode: Mode) -> T:
@@ -211,6 +229,8 @@ class PostgresStore:
         except StoreError:
             raise
         except (psycopg.Error, OSError) as exc:
+            if _unreachable(exc):
+                self._unreachable_until = time.monotonic() + UNREACHABLE_PAUSE
             raise self._error(exc) from None
         except Exception as exc:   # the pool's own errors (PoolTimeout is a psycopg.Error subclass too)
             if exc.__class__.__module__.startswith("psycopg"):

@@ -35,6 +35,7 @@ from .transport import SendOutcome, Transport
 log = logging.getLogger(__name__)
 
 DEAD_LETTERS_KEPT = 100
+SENT_IDS_KEPT = 10_000   # stored replies remembered as sent (a few minutes of traffic at full rate)
 TYPING_DELAY_MS = 3000          # how long Evolution shows "typing…" (its call blocks that long)
 # Instance names and ids come from webhooks: the preferred-candidate map and the pacer keep at most
 # this many on their own; the rest share one "other" entry.
@@ -92,6 +93,7 @@ class Delivery:
     error: str = ""
     message_ids: tuple[str, ...] = ()
     parts: int = 1
+    repeat: bool = False     # sent before by this process (a second copy): only settled, not sent or counted
 
 
 @attrs.frozen
@@ -197,6 +199,9 @@ class OutboundSender:
         self._retried = 0
         self._failed = 0
         self.dropped = 0   # replies dropped unsent because their chat moved to another node
+        # Stored replies this process sent, newest last (SENT_IDS_KEPT): a second copy of one (its
+        # shard recovered again while it was queued or being settled) is settled, never sent again.
+        self._sent_ids: collections.OrderedDict[int, None] = collections.OrderedDict()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -214,7 +219,9 @@ class OutboundSender:
                     self._nursery = None
 
     def submit(self, message: OutboundMessage) -> None:
-        """Queue ``message`` behind the JID's earlier messages; never blocks, never raises for I/O."""
+        """Queue ``message`` behind the JID's earlier messages; never blocks, never raises for I/O.
+        A stored reply (``outbox_id``) this process already sent is not sent again, only settled
+        (a shard recovered again while its replies were still queued or being settled here)."""
         self._tokens += 1
         try:
             self._chats.submit_nowait(message.chat, (self._tokens, message))
@@ -291,7 +298,14 @@ class OutboundSender:
         token, message = item
         self._in_flight += 1
         try:
-            delivery = await self._deliver(message)
+            if message.outbox_id is not None and message.outbox_id in self._sent_ids:
+                delivery = Delivery("sent", repeat=True)
+            else:
+                delivery = await self._deliver(message)
+                if delivery.status == "sent" and message.outbox_id is not None:
+                    self._sent_ids[message.outbox_id] = None
+                    if len(self._sent_ids) > SENT_IDS_KEPT:
+                        self._sent_ids.popitem(last=False)
         except NotOwned:
             self.dropped += 1
             log.info("Outbound: reply to %s dropped unsent: its chat moved to another node (the outbox row stays)",
