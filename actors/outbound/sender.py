@@ -201,7 +201,7 @@ class OutboundSender:
         self.dropped = 0   # replies dropped unsent because their chat moved to another node
         # Stored replies this process sent, newest last (SENT_IDS_KEPT): a second copy of one (its
         # shard recovered again while it was queued or being settled) is settled, never sent again.
-        self._sent_ids: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self._sent_ids: collections.OrderedDict[tuple[str, int], None] = collections.OrderedDict()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -298,12 +298,13 @@ class OutboundSender:
         token, message = item
         self._in_flight += 1
         try:
-            if message.outbox_id is not None and message.outbox_id in self._sent_ids:
+            stored = (message.chat, message.outbox_id) if message.outbox_id is not None else None
+            if stored is not None and stored in self._sent_ids:
                 delivery = Delivery("sent", repeat=True)
             else:
                 delivery = await self._deliver(message)
-                if delivery.status == "sent" and message.outbox_id is not None:
-                    self._sent_ids[message.outbox_id] = None
+                if delivery.status == "sent" and stored is not None:
+                    self._sent_ids[stored] = None
                     if len(self._sent_ids) > SENT_IDS_KEPT:
                         self._sent_ids.popitem(last=False)
         except NotOwned:
