@@ -22,12 +22,14 @@ Schema
     table, is refused with one line. The tables are prefixed ``agent_`` so the service can share a
     database (e.g. Evolution API's) without clashing.
 
-One process per database (for now)
-    With ``exclusive`` (the default) ``open`` takes a session-level advisory lock on a connection of
-    its own and holds it until ``close``: a second process on the same database is refused with one
-    line, as SQLite's exclusive lock refuses a second process on its file. Several processes on one
-    database need shard ownership with fenced commits (leases), which is not built yet; a session
-    lock alone is not enough for that (a dead session frees it while its process may still run).
+Several nodes
+    Any number of processes share one database (runtime/shards.py): inbox, outbox and meta rows
+    carry their key's shard (schema v3) so a node reads its own shards' pending work
+    (``pending_inbox_in``, ``pending_outbox_in``, ``inbox_heads``, ``inbox_after``); a commit may be
+    fenced by a lease (``agent_fence``); ``accept`` on a store given a ``node`` wakes the owner of the
+    message's shard when that is another node (NOTIFY on ``node_channel(owner)``, received by
+    ``listen``). A call that finds the database unreachable makes the calls of the next second fail
+    at once, so webhooks answer 503 without waiting for the connect timeout.
 
 Errors
     Every failure is a ``StoreError`` with one line naming the database as ``host:port/dbname``:
