@@ -264,8 +264,11 @@ def register_console(app: QuartTrio, settings: Settings, svc: Service, admin: Ca
             return _private_error(404, "unknown action (retry or discard)")
         if svc.outbound is None:
             return _private_error(503, "starting up")
-        done = (await svc.retry_dead_letter(dead_letter_id) if action == "retry"
-                else await svc.store.discard(dead_letter_id))
+        try:
+            done = (await svc.retry_dead_letter(dead_letter_id) if action == "retry"
+                    else await svc.store.discard(dead_letter_id))
+        except NotOwnedHere:
+            return _private_error(409, NOT_OWNED_HERE)
         if not done:
             return _private_error(404, "no such dead letter")
         return _private_json({"status": "retried" if action == "retry" else "discarded", "id": dead_letter_id})

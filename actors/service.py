@@ -27,7 +27,7 @@ from runtime.memory_store import MemoryStore
 from runtime.registry import MailboxFull, Registry, ShuttingDown
 from runtime.retry import RetryPolicy
 from runtime.shards import ShardOwner, shard_of
-from runtime.store import InboxRow, OutboxRow, Store, StoreError
+from runtime.store import DEAD_LETTERS_KEPT, InboxRow, OutboxRow, Store, StoreError
 
 from .admin_view import Activity
 from .conversation import Accepted, Control, ConversationActor, ConversationContext
@@ -371,7 +371,12 @@ class Service:
             self.crm.submit(request)
 
     async def retry_dead_letter(self, dead_letter_id: int) -> bool:
-        """Move a dead letter back to the outbox and submit it again; False when there is none."""
+        """Move a dead letter back to the outbox and submit it again; False when there is none.
+        Raises NotOwnedHere when another node runs its chat (several nodes: only the owner sends)."""
+        if self.owner is not None:
+            found = [d for d in await self.store.dead_letters(DEAD_LETTERS_KEPT) if d.id == dead_letter_id]
+            if found and not self.runs(found[0].key):
+                raise NotOwnedHere(found[0].key)
         row = await self.store.revive(dead_letter_id)
         if row is None:
             return False
