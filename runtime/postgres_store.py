@@ -28,8 +28,10 @@ Several nodes
     (``pending_inbox_in``, ``pending_outbox_in``, ``inbox_heads``, ``inbox_after``); a commit may be
     fenced by a lease (``agent_fence``); ``accept`` on a store given a ``node`` wakes the owner of the
     message's shard when that is another node (NOTIFY on ``node_channel(owner)``, received by
-    ``listen``). A call that finds the database unreachable makes the calls of the next second fail
-    at once, so webhooks answer 503 without waiting for the connect timeout.
+    ``listen``). The lease operations (heartbeat, acquire, renew, release) use a connection of their
+    own, so a renewal never waits behind a burst of webhooks in the pool's queue. A call that finds
+    the database unreachable makes the calls of the next second fail at once, so webhooks answer
+    503 without waiting for the connect timeout.
 
 Errors
     Every failure is a ``StoreError`` with one line naming the database as ``host:port/dbname``:
@@ -185,6 +187,10 @@ class PostgresStore:
         self._clock = clock
         self._pool: Any = None
         self._limiter = trio.CapacityLimiter(pool_size)
+        # Shard leases go through a connection of their own: a renewal queued behind a busy pool
+        # (a webhook burst) would let the node's leases run out while it is alive.
+        self._lease_pool: Any = None
+        self._lease_limiter = trio.CapacityLimiter(1)
         self._next_housekeeping = 0.0
         self._unreachable_until = -1.0   # time.monotonic(): until then calls fail fast (see _run)
 
@@ -195,7 +201,7 @@ class PostgresStore:
         kind = Fenced if getattr(exc, "sqlstate", None) == FENCED else StoreError
         return kind(f"{self.name}: {first[:300]}")
 
-    async def _run(self, fn: Callable[[Any], T], *, mode: Mode = "transaction") -> T:
+    async def _run(self, fn: Callable[[Any], T], *, mode: Mode = "transaction", lease: bool = False) -> T:
         """Run ``fn(conn)`` on a pooled (autocommit) connection in a worker thread, as ``mode`` says:
 
         - ``"statement"``: each of ``fn``'s statements commits on its own (one statement, or
@@ -205,6 +211,8 @@ class PostgresStore:
           must not read a result before the end (a read syncs, which would split it): it
           returns an ``AfterCommit`` that reads them once the round trip is done;
         - ``"transaction"``: an explicit transaction, for an ``fn`` that reads between statements.
+
+        ``lease``: on the lease connection (shard leases and heartbeats), never behind the pool's queue.
         """
         if self._pool is None:
             raise StoreError(f"{self.name}: store is not open")
@@ -212,13 +220,16 @@ class PostgresStore:
         # timeout, and the webhooks behind them would wait as long for their 503: fail at once.
         if time.monotonic() < self._unreachable_until:
             raise StoreError(f"{self.name}: database unreachable (retried in {UNREACHABLE_PAUSE:g}s)")
-        return await trio.to_thread.run_sync(self._in_connection, fn, mode, limiter=self._limiter)
+        if lease:
+            return await trio.to_thread.run_sync(self._in_connection, fn, mode, self._lease_pool,
+                                                 limiter=self._lease_limiter)
+        return await trio.to_thread.run_sync(self._in_connection, fn, mode, self._pool, limiter=self._limiter)
 
-    def _in_connection(self, fn: Callable[[Any], T], mode: Mode) -> T:
+    def _in_connection(self, fn: Callable[[Any], T], mode: Mode, pool: Any) -> T:
         import psycopg
 
         try:
-            with self._pool.connection(timeout=self._connect_timeout) as conn:
+            with pool.connection(timeout=self._connect_timeout) as conn:
                 if mode == "statement":
                     return fn(conn)
                 if mode == "batch":
@@ -260,17 +271,19 @@ class PostgresStore:
             raise
         except (psycopg.Error, OSError) as exc:
             raise self._error(exc) from None
-        pool = psycopg_pool.ConnectionPool(
-            self._url, min_size=1, max_size=self._pool_size, open=False, configure=self._configure,
+        pools = [psycopg_pool.ConnectionPool(
+            self._url, min_size=1, max_size=size, open=False, configure=self._configure,
             kwargs={"connect_timeout": max(1, int(self._connect_timeout)), "autocommit": True},
             timeout=self._connect_timeout,
-            name="agent-store")
+            name=name) for name, size in (("agent-store", self._pool_size), ("agent-leases", 1))]
         try:
-            pool.open(wait=True, timeout=self._connect_timeout)
+            for pool in pools:
+                pool.open(wait=True, timeout=self._connect_timeout)
         except Exception as exc:
-            pool.close()
+            for pool in pools:
+                pool.close()
             raise self._error(exc) from None
-        self._pool = pool
+        self._pool, self._lease_pool = pools
 
     def _migrate(self, conn: Any) -> None:
         with conn.transaction():
@@ -306,9 +319,12 @@ class PostgresStore:
     async def close(self) -> None:
         """Close the pool; operations already running finish first (no cancellation interrupts it)."""
         pool, self._pool = self._pool, None
+        lease_pool, self._lease_pool = self._lease_pool, None
         with trio.CancelScope(shield=True):
             if pool is not None:
                 await trio.to_thread.run_sync(pool.close)
+            if lease_pool is not None:
+                await trio.to_thread.run_sync(lease_pool.close)
 
     def _housekeeping(self, conn: Any, now: float) -> None:
         if now >= self._next_housekeeping:
@@ -645,7 +661,7 @@ class PostgresStore:
             live = conn.execute(f"SELECT node FROM agent_nodes WHERE seen_at >= {_NOW} - %s ORDER BY node", (ttl,))
             return AfterCommit(lambda: [name for (name,) in live.fetchall()])
 
-        return await self._run(op, mode="batch")
+        return await self._run(op, mode="batch", lease=True)
 
     async def acquire(self, node: str, shards: Sequence[int], lease_seconds: float, limit: int) -> list[Lease]:
         """Take up to ``limit`` of ``shards`` that are free or expired, lowest first (epoch + 1);
@@ -660,7 +676,7 @@ class PostgresStore:
                 {"node": node, "lease": lease_seconds, "wanted": list(shards), "limit": limit}).fetchall()
             return sorted(Lease(int(shard), int(epoch)) for shard, epoch in rows)
 
-        return await self._run(op, mode="statement")
+        return await self._run(op, mode="statement", lease=True)
 
     async def renew(self, node: str, leases: Sequence[Lease], lease_seconds: float) -> list[Lease]:
         """Extend the leases ``node`` still holds under their epochs; the ones renewed."""
@@ -675,7 +691,7 @@ class PostgresStore:
                 (lease_seconds, [x.shard for x in leases], [x.epoch for x in leases], node)).fetchall()
             return sorted(Lease(int(shard), int(epoch)) for shard, epoch in rows)
 
-        return await self._run(op, mode="statement")
+        return await self._run(op, mode="statement", lease=True)
 
     async def release(self, node: str, leases: Sequence[Lease]) -> None:
         """Free the leases ``node`` still holds under their epochs, for any node to take at once."""
@@ -684,12 +700,12 @@ class PostgresStore:
         await self._run(lambda conn: conn.execute(
             "UPDATE agent_shards s SET owner = NULL, expires_at = 0 FROM unnest(%s::int[], %s::bigint[])"
             " AS l(shard, epoch) WHERE s.shard = l.shard AND s.epoch = l.epoch AND s.owner = %s",
-            ([x.shard for x in leases], [x.epoch for x in leases], node)), mode="statement")
+            ([x.shard for x in leases], [x.epoch for x in leases], node)), mode="statement", lease=True)
 
     async def leave(self, node: str) -> None:
         """Forget ``node``'s heartbeat (it is going away): the others' fair shares grow at once."""
         await self._run(lambda conn: conn.execute("DELETE FROM agent_nodes WHERE node = %s", (node,)),
-                        mode="statement")
+                        mode="statement", lease=True)
 
     async def lease_rows(self) -> list[LeaseRow]:
         """Every shard's lease, by shard."""
@@ -699,4 +715,4 @@ class PostgresStore:
                                 " ORDER BY shard").fetchall()
             return [LeaseRow(int(s), owner, int(epoch), float(left)) for s, owner, epoch, left in rows]
 
-        return await self._run(op, mode="statement")
+        return await self._run(op, mode="statement", lease=True)
