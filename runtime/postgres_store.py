@@ -29,9 +29,9 @@ Several nodes
     fenced by a lease (``agent_fence``); ``accept`` on a store given a ``node`` wakes the owner of the
     message's shard when that is another node (NOTIFY on ``node_channel(owner)``, received by
     ``listen``). The lease operations (heartbeat, acquire, renew, release) use a connection of their
-    own, so a renewal never waits behind a burst of webhooks in the pool's queue. A call that finds
-    the database unreachable makes the calls of the next second fail at once, so webhooks answer
-    503 without waiting for the connect timeout.
+    own, so a renewal never waits behind a burst of webhooks in the pool's queue. A call waits at
+    most ``CONNECTION_WAIT`` for a pooled connection, and one that finds the database unreachable
+    makes the calls of the next second fail at once, so webhooks answer 503 within seconds.
 
 Errors
     Every failure is a ``StoreError`` with one line naming the database as ``host:port/dbname``:
@@ -55,6 +55,7 @@ from .store import (DEAD_LETTERS_KEPT, EXPIRE_BATCH, Cursor, DeadLetterRow, Fenc
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
+CONNECTION_WAIT = 2.0     # seconds a call waits for a pooled connection before failing
 UNREACHABLE_PAUSE = 1.0   # seconds calls fail at once after the database was found unreachable
 LISTEN_WAIT = 1.0   # seconds a listener thread waits for a notification before checking for cancellation
 Mode = Literal["statement", "batch", "transaction"]
@@ -229,7 +230,9 @@ class PostgresStore:
         import psycopg
 
         try:
-            with pool.connection(timeout=self._connect_timeout) as conn:
+            # The limiter keeps threads to the pool's size, so a wait here is for a connection being
+            # (re)made: past CONNECTION_WAIT the database is taken as unreachable (see _unreachable).
+            with pool.connection(timeout=min(self._connect_timeout, CONNECTION_WAIT)) as conn:
                 if mode == "statement":
                     return fn(conn)
                 if mode == "batch":
