@@ -241,3 +241,24 @@ async def test_a_commit_is_all_or_nothing_in_its_one_round_trip(postgres_cluster
         assert await store.load("k") == b"after"   # the connection is usable after the failure
     finally:
         await store.close()
+
+
+async def test_lease_renewals_never_wait_behind_a_busy_pool(postgres_cluster: Any) -> None:
+    """Shard leases use a connection of their own: with every pooled connection busy and more calls
+    queued (a webhook burst), a heartbeat and a renewal still answer at once, so a live node's leases
+    never run out behind its own traffic (bench crowd lost messages when they shared the pool)."""
+    url = postgres_cluster.create_database()
+    store = PostgresStore(url, pool_size=2, shards=4)
+    await store.open()
+    try:
+        leases = await store.acquire("n", [0, 1, 2, 3], 10.0, 4)
+        async with trio.open_nursery() as nursery:
+            for _ in range(6):
+                nursery.start_soon(store._run, lambda conn: conn.execute("SELECT pg_sleep(1.5)"))
+            await trio.sleep(0.2)
+            started = trio.current_time()
+            assert await store.heartbeat("n", 10.0) == ["n"]
+            assert await store.renew("n", leases, 10.0) == leases
+            assert trio.current_time() - started < 1.0
+    finally:
+        await store.close()
