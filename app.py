@@ -26,9 +26,10 @@ from actors.jid import is_chat_jid
 from actors.memory_summary import MAX_SUMMARY_CHARS
 from actors.payload_guard import BadPayload, decode_payload
 from actors.reload import ReloadRefused, reload_instances
-from actors.service import AmbiguousChat, IntakeResult, Service
+from actors.service import AmbiguousChat, IntakeResult, NotOwnedHere, Service
 from actors.settings import Settings, load_settings
 from runtime.registry import MailboxFull, ShuttingDown
+from runtime.store import StoreError
 
 PAGE_DEFAULT, PAGE_MAX = 100, 1000
 # Set by reverse proxies: a request carrying one came through a proxy, whatever its socket peer is.
@@ -67,6 +68,7 @@ CSRF_HEADER = "X-CSRF-Token"
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 REPLY_MAX_CHARS = 4096
 PAUSE_MAX_MINUTES = 7 * 24 * 60
+NOT_OWNED_HERE = "another node runs this chat now (several nodes on one database): send the command to it (see /shards)"
 PAGE = Path(__file__).resolve().parent / "static" / "admin" / "index.html"
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self';"
        " object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
@@ -244,6 +246,8 @@ def register_console(app: QuartTrio, settings: Settings, svc: Service, admin: Ca
             order = await svc.command(key, command, value)
         except (MailboxFull, ShuttingDown):
             return _private_error(503, "the chat's mailbox is full or the service is stopping")
+        except NotOwnedHere:
+            return _private_error(409, NOT_OWNED_HERE)
         if not order.done.is_set():
             return _private_json({"status": "queued", "command": command}, 202)
         if not order.applied:
@@ -262,8 +266,11 @@ def register_console(app: QuartTrio, settings: Settings, svc: Service, admin: Ca
             return _private_error(404, "unknown action (retry or discard)")
         if svc.outbound is None:
             return _private_error(503, "starting up")
-        done = (await svc.retry_dead_letter(dead_letter_id) if action == "retry"
-                else await svc.store.discard(dead_letter_id))
+        try:
+            done = (await svc.retry_dead_letter(dead_letter_id) if action == "retry"
+                    else await svc.store.discard(dead_letter_id))
+        except NotOwnedHere:
+            return _private_error(409, NOT_OWNED_HERE)
         if not done:
             return _private_error(404, "no such dead letter")
         return _private_json({"status": "retried" if action == "retry" else "discarded", "id": dead_letter_id})
@@ -349,6 +356,11 @@ def create_app(settings: Settings | None = None, service: Service | None = None,
     async def http_error(error: HTTPException) -> Response:
         # The request body may be unread (e.g. 413): close the connection rather than reuse it.
         return _error(error.code or 500, error.description or error.name, Connection="close")
+
+    @app.errorhandler(StoreError)
+    async def store_error(error: StoreError) -> Response:
+        # An admin read while the database is unreachable (the webhook answers its own 503).
+        return _error(503, "store unavailable", **{"Retry-After": "5"})
 
     # -- webhook -----------------------------------------------------------------------------
 
@@ -441,6 +453,8 @@ def create_app(settings: Settings | None = None, service: Service | None = None,
             applied = await svc.control(key, command)
         except (MailboxFull, ShuttingDown):
             return _error(503, "the chat's mailbox is full or the service is stopping", **{"Retry-After": "5"})
+        except NotOwnedHere:
+            return _error(409, NOT_OWNED_HERE)
         if not applied:
             return _json({"status": "queued", "command": command}, 202)
         return _json(await admin_api.control_applied(svc, key, command))
@@ -462,6 +476,8 @@ def create_app(settings: Settings | None = None, service: Service | None = None,
             order = await svc.command(key, "summary", text.strip())
         except (MailboxFull, ShuttingDown):
             return _error(503, "the chat's mailbox is full or the service is stopping", **{"Retry-After": "5"})
+        except NotOwnedHere:
+            return _error(409, NOT_OWNED_HERE)
         if not order.done.is_set():
             return _json({"status": "queued", "command": "summary"}, 202)
         if not order.applied:
@@ -486,6 +502,11 @@ def create_app(settings: Settings | None = None, service: Service | None = None,
             return _json(admin_api.reloaded(await reload_instances(svc, settings)))
         except ReloadRefused as exc:
             return _error(400, str(exc))
+
+    @app.get("/shards")
+    @admin
+    async def shards() -> Response:
+        return _json(await admin_api.shards(svc))
 
     @app.get("/metrics")
     @admin

@@ -149,3 +149,37 @@ async def instances(svc: "Service") -> dict[str, Any]:
 def reloaded(result: Reloaded) -> dict[str, Any]:
     """The answer to a reload that put the file in force."""
     return {"status": "reloaded", **attrs.asdict(result)}
+
+
+async def shards(svc: "Service") -> dict[str, Any]:
+    """Shard ownership (several nodes on one PostgreSQL database): this node, what it owns, the live
+    nodes, lease changes and fenced writes refused, and every owner's count from the lease table.
+    Never the database URL."""
+    owner = svc.owner
+    if owner is None:
+        return {"enabled": False, "store": svc.settings.storage.kind}
+    rows = await svc.store.lease_rows()  # type: ignore[attr-defined]
+    owners: dict[str, int] = {}
+    for row in rows:
+        if row.owner is not None and row.expires_in > 0:
+            owners[row.owner] = owners.get(row.owner, 0) + 1
+    feed = svc.feed
+    return map_strings({
+        "enabled": True,
+        "node": owner.node,
+        "shards": owner.shards,
+        "owned": len(owner.owned),
+        "balanced": owner.balanced,
+        "lease_seconds": owner.lease_seconds,
+        "live_nodes": list(owner.live),
+        "owners": dict(sorted(owners.items())),
+        "free": sum(1 for row in rows if row.owner is None or row.expires_in <= 0),
+        "acquired": owner.acquired,
+        "lost": owner.lost,
+        "handed_back": owner.handed_back,
+        "fenced_refused": svc.fenced.refused if svc.fenced is not None else 0,
+        "forwarded": svc.forwarded,
+        "inbox": {"polls": feed.polls, "wakeups": feed.wakeups, "caught_up": feed.caught_up,
+                  "keys_tracked": len(feed.delivered)} if feed is not None else None,
+        "outbound_dropped": svc.outbound.dropped if svc.outbound is not None else 0,
+    }, redact)

@@ -111,7 +111,11 @@ class Lifecycle:
         except StoreError as exc:
             # One clear line, then stop the worker at once: raising here would make hypercorn print a
             # traceback, and SystemExit would make it carry on serving without lifespan support.
-            print(f"Store error: {exc}", file=sys.stderr, flush=True)
+            hint = ""
+            if settings.storage.kind == "sqlite" and "locked by another running process" in str(exc):
+                hint = ("; several workers or processes need STORE_URL=postgresql://… "
+                        "(one SQLite file serves one process: README, Running several nodes)")
+            print(f"Store error: {exc}{hint}", file=sys.stderr, flush=True)
             exit_process(STORE_EXIT_CODE)
         await nursery.start(self._run)
 

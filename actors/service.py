@@ -9,8 +9,9 @@ is (instance, chat): its actor and store key is ``ConversationKey(instance, jid)
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
-from typing import Any, Callable, Mapping
+from typing import Any, Awaitable, Callable, Mapping
 
 import attrs
 import httpx
@@ -19,10 +20,14 @@ import trio
 from runtime.actor import ActorStatistics
 from runtime.bounded import OTHER, bounded_key
 from runtime.clock import Clock
+from runtime.fenced_store import FencedStore
+from runtime.inbox_feed import InboxFeed
 from runtime.logs import LogCompressor
 from runtime.memory_store import MemoryStore
 from runtime.registry import MailboxFull, Registry, ShuttingDown
-from runtime.store import OutboxRow, Store, StoreError
+from runtime.retry import RetryPolicy
+from runtime.shards import ShardOwner, shard_of
+from runtime.store import DEAD_LETTERS_KEPT, InboxRow, OutboxRow, Store, StoreError
 
 from .admin_view import Activity
 from .conversation import Accepted, Control, ConversationActor, ConversationContext
@@ -53,7 +58,12 @@ GC_THRESHOLDS = (10_000, 20, 20)   # gc.set_threshold once the service is up (th
 MAX_EVENT_REASONS = 16
 BUSY_RETRY_AFTER = 1       # seconds: webhooks past INTAKE_MAX_IN_FLIGHT wait for a group commit or two
 FOLD_REPORT_WAIT = 30      # seconds a summary fold's report waits to be applied before the next fold may run
+SETTLE_RETRY = RetryPolicy(attempts=None, base=0.5, cap=2.0, jitter=0.5, budget=60.0)   # see Service._settling
 BACKLOG_RETRY_AFTER = 10   # seconds: the outbound backlog drains at OUTBOUND_RATE_PER_INSTANCE (20/s by default)
+
+
+class NotOwnedHere(Exception):
+    """An admin command for a chat whose shard another node owns (several nodes): sent there."""
 
 
 class AmbiguousChat(Exception):
@@ -80,7 +90,7 @@ def make_store(settings: Settings) -> Store:
         from runtime.postgres_store import PostgresStore
 
         return PostgresStore(storage.postgres_url, pool_size=storage.store_pool_size,
-                             connect_timeout=settings.server.http_timeout)
+                             connect_timeout=settings.server.http_timeout, shards=storage.shards, node=storage.node)
     if storage.kind == "sqlite":
         from runtime.sqlite_store import SqliteStore
 
@@ -132,6 +142,23 @@ class Service:
         self.metrics = Metrics(self)
         self.activity = Activity()           # messages in / replies out per minute (admin console)
         self.per_instance: dict[str, list[int]] = {}   # metric label → [messages in, replies out, turns]
+        # Several nodes on one PostgreSQL database: shard ownership, fenced commits, the inbox feed
+        # (runtime/shards.py, fenced_store.py, inbox_feed.py). None with SQLite or memory.
+        self.owner: ShardOwner | None = None
+        self.fenced: FencedStore | None = None
+        self.feed: InboxFeed | None = None
+        self._releasing: set[int] = set()   # shards being handed back: no new deliveries
+        self.forwarded = 0                  # messages accepted here for a chat another node owns
+        from runtime.postgres_store import PostgresStore   # imports no driver: psycopg loads at open
+
+        if isinstance(self.store, PostgresStore):
+            storage = settings.storage
+            self.owner = ShardOwner(self.store, storage.node, shards=self.store.shards,
+                                    lease_seconds=storage.shard_lease_seconds, on_gained=self._shards_gained,
+                                    on_lost=self._shards_lost, on_release=self._shards_released)
+            self.fenced = FencedStore(self.store, self.owner)
+            self.feed = InboxFeed(self.store, self.owner, deliver=self._deliver_row, may_deliver=self.runs,
+                                  poll_seconds=storage.inbox_poll_seconds)
 
     @property
     def chain(self) -> ProviderChain:
@@ -177,16 +204,18 @@ class Service:
         try:
             async with httpx.AsyncClient(timeout=timeout, limits=limits) as http:
                 settings_for = self._settings_for
+                owns = self.owner.owns if self.owner is not None else None
                 self.outbound = OutboundSender(settings, http=http, on_settled=self._reply_settled,
-                                               settings_for=settings_for)
+                                               settings_for=settings_for, may_send=owns)
                 crm_enabled = any(t.settings.crm.crm_enabled for t in self.tenants.all())
                 self.crm = CrmSupervisor(settings, http=http, on_lead=self._lead_created, on_done=self._crm_done,
-                                         settings_for=settings_for, enabled=crm_enabled)
+                                         settings_for=settings_for, enabled=crm_enabled, may_run=owns)
                 self.summariser = MemorySummariser(self._folded, keys_in_flight=settings.llm.llm_concurrency)
                 self.transcriber = build_transcriber(settings, self.texts.transcribe_instruction)
                 context = ConversationContext(
                     settings=settings, tenants=self.tenants, outbound=self.outbound,
-                    store=self.store, clock=self.clock, crm=self.crm if crm_enabled else None,
+                    store=self.fenced if self.fenced is not None else self.store, clock=self.clock,
+                    crm=self.crm if crm_enabled else None,
                     observe_turn=self._observe_turn,
                     media=MediaSource(self.outbound.transport, self.transcriber),
                     summariser=self.summariser,
@@ -208,7 +237,13 @@ class Service:
                     await nursery.start(self.crm.run)
                     await nursery.start(self.summariser.run)
                     await nursery.start(self.registry.run)
-                    await self._recover()
+                    if self.owner is not None and self.feed is not None:
+                        # the first balance step owns this node's share and recovers it (on_gained)
+                        await nursery.start(self.store.listen, self.owner.node, self.feed.wake)  # type: ignore[attr-defined]
+                        await nursery.start(self.owner.run)
+                        await nursery.start(self.feed.run)
+                    else:
+                        await self._recover()
                     # Everything allocated so far (the SDKs' modules and models, settings, clients)
                     # lives as long as the process: keep it out of the cyclic collector. And collect
                     # the young generation every 10,000 allocations instead of 700, so that a turn's
@@ -236,6 +271,8 @@ class Service:
         """Stop accepting, let turns in flight finish and their replies go out for up to ``grace``
         seconds, then stop everything. What is unfinished stays in the store for the next start."""
         log.info("Shutdown: no longer accepting messages; finishing turns in flight (up to %.0fs)", grace)
+        if self.owner is not None:   # nothing new is handed to this node's actors; webhooks are stored for the next owner
+            self._releasing.update(range(self.owner.shards))
         with trio.move_on_after(grace) as scope:
             if self.registry is not None:
                 await self.registry.drain()
@@ -245,6 +282,13 @@ class Service:
             log.warning("Shutdown: work still in flight after %.0fs; it stays in the store for the next start", grace)
         else:
             log.info("Shutdown: every turn finished and every reply was handed over")
+        if self.owner is not None:   # hand every shard back at once: the other nodes take them now
+            with trio.move_on_after(max(1.0, self.settings.storage.shard_lease_seconds / 3)):
+                try:
+                    await self.owner.leave()
+                except StoreError as exc:
+                    log.warning("Shutdown: shards not released (%s); they are taken over when their leases run out",
+                                exc)
         if self._cancel is not None:
             self._cancel.cancel()
 
@@ -260,6 +304,69 @@ class Service:
             self.registry.deliver(irow.key, Accepted(irow.seq, message, trio.current_time()), force=True)
         if outbox or inbox:
             log.info("Recovery: %d pending replies/jobs re-sent, %d accepted messages re-delivered", len(outbox), len(inbox))
+
+    # -- shards (several nodes on one PostgreSQL database) -------------------------------------
+
+    def runs(self, key: str) -> bool:
+        """Whether this process runs ``key``'s actor now: always with one process per store; with
+        several, when it owns the key's shard and is not handing it back."""
+        if self.owner is None:
+            return True
+        return self.owner.owns(key) and shard_of(key, self.owner.shards) not in self._releasing
+
+    def _keys_in(self, shards: list[int]) -> list[str]:
+        assert self.owner is not None and self.registry is not None
+        wanted = set(shards)
+        return [key for key in self.registry.keys() if shard_of(key, self.owner.shards) in wanted]
+
+    def _deliver_row(self, row: InboxRow) -> None:
+        """The inbox feed hands over a stored message (any node accepted it), in sequence order."""
+        assert self.registry is not None
+        self.registry.deliver(row.key, Accepted(row.seq, InboundMessage(**row.payload), trio.current_time()),
+                              force=True)
+
+    async def _shards_gained(self, shards: list[int]) -> None:
+        """Recover newly owned shards: their unsent replies and jobs, then their accepted messages."""
+        assert self.owner is not None and self.feed is not None
+        try:
+            outbox = await self.store.pending_outbox_in(shards)  # type: ignore[attr-defined]
+            for row in outbox:
+                if self.owner.owns(row.key):
+                    await self._resubmit(row)
+            before = self.feed.caught_up
+            await self.feed.gained(shards)
+        except StoreError as exc:   # leave them; they are retaken (and recovered) once their leases run out
+            log.error("Shards: recovering %d acquired shards failed (%s); dropping them", len(shards), exc)
+            await self.owner.lose(shards)
+            return
+        if outbox or self.feed.caught_up != before:
+            log.info("Shards: recovered %d shards: %d pending replies/jobs re-sent, %d accepted messages re-delivered",
+                     len(shards), len(outbox), self.feed.caught_up - before)
+
+    async def _shards_lost(self, shards: list[int]) -> None:
+        """Another node owns ``shards`` now: their actors stop at once (nothing more is committed),
+        their sends stop before the next attempt (OutboundSender's ``may_send``)."""
+        assert self.registry is not None and self.feed is not None
+        stopped = self.registry.stop(self._keys_in(shards))
+        self.feed.forget_shards(shards)
+        if stopped:
+            log.warning("Shards: %d conversations stopped (their shards were lost)", len(stopped))
+
+    async def _shards_released(self, shards: list[int]) -> None:
+        """Hand ``shards`` back gracefully: no new deliveries, turns in flight finish and commit
+        (for at most a third of the lease, so renewals are not held up), then their actors stop."""
+        assert self.registry is not None and self.feed is not None and self.owner is not None
+        self._releasing.update(shards)
+        try:
+            with trio.move_on_after(self.owner.lease_seconds / 3) as scope:
+                await self.registry.drain_keys(self._keys_in(shards))
+            if scope.cancelled_caught:
+                log.warning("Shards: handing back %d shards with turns still in flight (retried by the new owner)",
+                            len(shards))
+            self.registry.stop(self._keys_in(shards))
+            self.feed.forget_shards(shards)
+        finally:
+            self._releasing.difference_update(shards)
 
     async def _resubmit(self, row: OutboxRow) -> None:
         """Hand a stored job (unsettled at start-up, or a revived dead letter) to its supervisor."""
@@ -277,7 +384,12 @@ class Service:
             self.crm.submit(request)
 
     async def retry_dead_letter(self, dead_letter_id: int) -> bool:
-        """Move a dead letter back to the outbox and submit it again; False when there is none."""
+        """Move a dead letter back to the outbox and submit it again; False when there is none.
+        Raises NotOwnedHere when another node runs its chat (several nodes: only the owner sends)."""
+        if self.owner is not None:
+            found = [d for d in await self.store.dead_letters(DEAD_LETTERS_KEPT) if d.id == dead_letter_id]
+            if found and not self.runs(found[0].key):
+                raise NotOwnedHere(found[0].key)
         row = await self.store.revive(dead_letter_id)
         if row is None:
             return False
@@ -336,6 +448,12 @@ class Service:
                             "answering 429 to new ones", message.instance[:40], self._new_chats.limit)
             return IntakeResult(429, {"error": "too many new chats for this instance (NEW_CHATS_PER_MINUTE)"},
                                 retry_after=wait)
+        if not self.runs(key):   # another node runs this chat: store it, the store wakes its owner
+            seq = await self.store.accept(key, f"{message.instance}:{message.message_id}", attrs.asdict(message))
+            if seq is None:
+                return self._ignore("duplicate")
+            self.forwarded += 1
+            return self._accepted(key)
         try:
             registry.reserve(key)
         except MailboxFull:
@@ -351,7 +469,21 @@ class Service:
         if seq is None:
             registry.release(key)
             return self._ignore("duplicate")
-        registry.deliver(key, Accepted(seq, message, trio.current_time()), reserved=True)
+        feed = self.feed
+        if feed is None:
+            registry.deliver(key, Accepted(seq, message, trio.current_time()), reserved=True)
+        elif key in registry and self.runs(key) and feed.is_next(key, seq):
+            registry.deliver(key, Accepted(seq, message, trio.current_time()), reserved=True)
+            feed.handed(key, seq)
+        else:   # earlier messages of the chat (accepted elsewhere) go first: read them all, in order
+            registry.release(key)
+            try:
+                await feed.catch_up(key)
+            except StoreError as exc:   # accepted all the same: the next poll hands it over
+                log.warning("Intake: %s's pending messages not read yet (%s); the inbox poll will", key, exc)
+        return self._accepted(key)
+
+    def _accepted(self, key: str) -> IntakeResult:
         self.activity.count(inbound=1)
         parts = ConversationKey.parse(key)
         self.count(parts.instance, inbound=1)
@@ -441,12 +573,16 @@ class Service:
 
     async def command(self, key: str, command: str, value: Any = None, *, wait: float = 5.0) -> Control:
         """Like ``control``, returning the order: ``done`` once handled within ``wait`` seconds,
-        ``applied`` unless the chat's actor was stopped (then it was answered, not carried out)."""
+        ``applied`` unless the chat's actor was stopped (then it was answered, not carried out).
+        Raises NotOwnedHere when another node runs the chat (several nodes)."""
         assert self.registry is not None
         if ConversationKey.parse(key).instance == "":
             key = await self.resolve(key) or ConversationKey(self.tenants.default_instance, key).key
+        key = self._aliases.get(key, key)
+        if not self.runs(key):
+            raise NotOwnedHere(key)
         order = Control(command, value)
-        self.registry.deliver(self._aliases.get(key, key), order)
+        self.registry.deliver(key, order)
         with trio.move_on_after(wait):
             await order.done.wait()
         return order
@@ -471,29 +607,52 @@ class Service:
                 self.registry.deliver(key, Control("sent", list(delivery.message_ids)), force=True, touch=False)
             except RuntimeError:   # the registry stopped: the ids only matter to a live actor
                 log.debug("Outbound: %s's send ids not recorded (the registry stopped)", key)
-        if delivery.status == "sent":
+        if delivery.status == "sent" and not delivery.repeat:
             self.activity.count(outbound=1)
             self.count(message.tenant, outbound=1)
         if message.outbox_id is None:
             return
+        outbox_id = message.outbox_id
         if delivery.status == "sent":
-            await self.store.settle(message.outbox_id)
+            await self._settling(lambda: self.store.settle(outbox_id))
         else:
-            await self.store.bury(message.outbox_id, delivery.error or "not delivered")
+            await self._settling(lambda: self.store.bury(outbox_id, delivery.error or "not delivered"))
+
+    async def _settling(self, write: Callable[[], Awaitable[None]]) -> None:
+        """Settle a performed job. With several nodes, retried while the store is unreachable (for
+        SETTLE_RETRY's budget, even if the chat's shard was lost meanwhile: a settle is idempotent,
+        and a row left unsettled is performed again by the shard's next owner, a reply sent twice).
+        The chat's later jobs wait meanwhile."""
+        started = trio.current_time()
+        for attempt in itertools.count(1):
+            try:
+                await write()
+                return
+            except StoreError:
+                delay = SETTLE_RETRY.delay(attempt, elapsed=trio.current_time() - started)
+                if delay is None or self.owner is None:
+                    raise
+                await trio.sleep(delay)
 
     async def _crm_done(self, request: LeadRequest, outcome: str) -> None:
         if request.job_id is None:
             return
+        job_id = request.job_id
         if outcome == "failed":
-            await self.store.bury(request.job_id, "CRM registration given up (see the [CRM] log lines)")
+            await self._settling(lambda: self.store.bury(
+                job_id, "CRM registration given up (see the [CRM] log lines)"))
         else:
-            await self.store.settle(request.job_id)
+            await self._settling(lambda: self.store.settle(job_id))
 
     async def _lead_created(self, key: str, lead_id: int) -> None:
         """Record the lead id through the chat's mailbox, so it is saved in order with its turns
         (during a drain too: the drain waits for it), never by writing the stored state directly."""
         order = Control("lead", lead_id)
         if self.registry is None:
+            return
+        if not self.runs(key):   # only the chat's owner writes its state
+            log.warning("[CRM] lead %d for %s not recorded in the conversation: the chat moved to another node",
+                        lead_id, key)
             return
         self.registry.deliver(key, order, force=True, touch=False)
         await order.done.wait()
@@ -513,7 +672,9 @@ class Service:
 
     async def _expire_stored(self, idle_before: float) -> None:
         live = set(self.registry.keys()) if self.registry is not None else set()
-        gone = await self.store.expire(idle_before, keep=live)
+        if self.feed is not None:
+            self.feed.forget_except(live)   # an expired chat's sequence may restart at 1
+        gone = await (self.fenced or self.store).expire(idle_before, keep=live)
         self._aliases = {alias: key for alias, key in self._aliases.items() if key in live}  # re-learnt on demand
         if gone:
             log.info("Expired %d stored conversations idle for over %.0fs", len(gone), self.settings.conversation.actor_idle_ttl)

@@ -1,6 +1,7 @@
 """End-to-end benchmark (docs/performance.md): fakes + service + load generator as separate processes.
 
     .venv/bin/python bench/run.py [--scenarios crowd,rate,burst,hot,memory,outage] [--quick] [--json FILE]
+                                  [--store sqlite|postgresql] [--workers N]
 
 For every scenario it starts, on 127.0.0.1 and free ports, fresh processes:
 
@@ -15,6 +16,11 @@ It then prints one table (and, with ``--json``, writes every measurement). CPU s
 utime+stime from ``/proc/<pid>/stat`` counted from "ready" to the end of the scenario; the service's
 figures are those of hypercorn's worker process (hypercorn runs a parent and one worker child; the
 parent's share is reported in the JSON). Peak RSS is ``VmHWM`` from ``/proc/<pid>/status``.
+
+``--store postgresql`` starts a throwaway PostgreSQL cluster (tests/postgres.py) and gives each
+scenario a fresh database (``STORE_URL``); ``--workers N`` runs ``hypercorn --workers N`` (each
+worker a node sharing the conversations: the service's CPU is then the sum of its workers', and
+``postgres_cpu_s`` in the JSON and the notes is the cluster's own CPU over the scenario).
 """
 
 from __future__ import annotations
@@ -231,8 +237,8 @@ def start_evolution(logs: Path) -> tuple[Proc, str]:
     return proc, url
 
 
-def start_service(env_extra: dict[str, str], work: Path, data: Path,
-                  server_args: list[str] | None = None) -> tuple[Proc, str, int]:
+def start_service(env_extra: dict[str, str], work: Path, data: Path, workers: int = 1,
+                  server_args: list[str] | None = None) -> tuple[Proc, str, list[int]]:
     port = free_port()
     env = dict(os.environ)
     env.update(SERVICE_ENV)
@@ -240,15 +246,39 @@ def start_service(env_extra: dict[str, str], work: Path, data: Path,
     env.update(env_extra)
     if env.get("BENCH_EXPERIMENTS"):
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "bench" / "experiments"), str(ROOT)])
-    argv = [HYPERCORN, "--worker-class", "trio", *SERVER_ARGS, *(server_args or []), "--bind", f"127.0.0.1:{port}",
-            "app:app"]
+    argv = [HYPERCORN, "--worker-class", "trio", "--workers", str(workers), *SERVER_ARGS, *(server_args or []),
+            "--bind", f"127.0.0.1:{port}", "app:app"]
     proc = Proc("service", argv,
                 env=env, log=work / "service.stderr.log")
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/ready", "service", proc.popen, timeout=60)
-    workers = [p for p in children(proc.pid) if b"resource_tracker" not in _cmdline(p)]
-    worker = max(workers, key=lambda p: status_kb(p, "VmRSS")) if workers else proc.pid
-    return proc, url, worker
+    deadline = time.monotonic() + 60
+    while True:   # every worker ready: each answers /ready only once it owns its shards
+        found = [p for p in children(proc.pid) if b"resource_tracker" not in _cmdline(p)]
+        if len(found) >= workers and (workers == 1 or _nodes_ready(url, workers)) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    if workers == 1:
+        found = [max(found, key=lambda p: status_kb(p, "VmRSS"))] if found else [proc.pid]
+    return proc, url, found
+
+
+def _nodes_ready(url: str, workers: int) -> bool:
+    """Whether ``workers`` nodes share the shards evenly (GET /shards on any of them)."""
+    status, body = http_get(url + "/shards")
+    if status != 200:
+        return False
+    owners = json.loads(body).get("owners", {})
+    return len(owners) == workers and max(owners.values()) - min(owners.values()) <= 1
+
+
+def postgres_pids(cluster: Any) -> list[int]:
+    """The cluster's postmaster and its children (backends, walwriter, …)."""
+    try:
+        postmaster = int((cluster.dir / "data" / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return []
+    return [postmaster, *children(postmaster)]
 
 
 def _cmdline(pid: int) -> bytes:
@@ -407,7 +437,8 @@ def start_profiler(directory: Path, name: str, pid: int) -> subprocess.Popen:
 
 
 def run_scenario(name: str, params: dict[str, Any], work: Path, timeout: float,
-                 profile: Path | None = None, quick: bool = False) -> dict[str, Any]:
+                 profile: Path | None = None, quick: bool = False, workers: int = 1,
+                 postgres: Any = None) -> dict[str, Any]:
     logs = work / name
     logs.mkdir(parents=True, exist_ok=True)
     fakes: list[Proc] = []
@@ -439,12 +470,16 @@ def run_scenario(name: str, params: dict[str, Any], work: Path, timeout: float,
                                      "--window", str(cfg.get("window", 50)), "--chars", str(cfg["text_chars"])],
                                     cwd=ROOT, capture_output=True, text=True, check=True)
             print(f"[{name}] {seeded.stdout.strip()}", file=sys.stderr, flush=True)
-        service, url, worker = start_service(env, logs, data, params.get("server_args"))
+        if postgres is not None:
+            env["STORE_URL"] = postgres.create_database()
+        service, url, nodes = start_service(env, logs, data, workers, params.get("server_args"))
+        worker = nodes[0]
         cfg["service_url"] = url
-        cfg["pids"] = [worker]
+        cfg["pids"] = nodes
         idle_rss = status_kb(worker, "VmRSS")
         for proc in (*fakes, service):
             proc.mark()
+        pg_base = {pid: cpu_seconds(pid) for pid in postgres_pids(postgres)} if postgres is not None else {}
         times0, wall0, listen0 = system_times(), time.monotonic(), listen_counters()
         profiler = start_profiler(profile, name, worker) if profile else None
         sampler = MetricsSampler(url, worker)
@@ -456,10 +491,12 @@ def run_scenario(name: str, params: dict[str, Any], work: Path, timeout: float,
                 profiler.send_signal(signal.SIGINT)
                 profiler.wait(30)
         listen1 = listen_counters()
-        svc_cpu = service.cpu(worker)
+        svc_cpu = sum(service.cpu(pid) for pid in nodes)
+        pg_cpu = (sum(cpu_seconds(pid) - pg_base.get(pid, 0.0) for pid in postgres_pids(postgres))
+                  if postgres is not None else None)
         times1, wall = system_times(), time.monotonic() - wall0
         delta = {k: times1[k] - times0[k] for k in times0}
-        ours = service.cpu() + sum(p.cpu() for p in fakes) + loadgen_cpu
+        ours = service.cpu() + sum(p.cpu() for p in fakes) + loadgen_cpu + (pg_cpu or 0.0)
         row: dict[str, Any] = {
             "scenario": name, "params": params, **result,
             "server_argv": [*SERVER_ARGS, *(params.get("server_args") or [])],
@@ -469,6 +506,8 @@ def run_scenario(name: str, params: dict[str, Any], work: Path, timeout: float,
                         "peak_rss_mb_total": round(sum(status_kb(p, "VmHWM") for p in service.pids()) / 1024, 1)},
             "fakes_cpu_s": {p.name: round(p.cpu(), 2) for p in fakes},
             "loadgen_cpu_s": round(loadgen_cpu, 2),
+            "workers": workers,
+            "postgres_cpu_s": round(pg_cpu, 2) if pg_cpu is not None else None,
             "wall_s": round(wall, 1),
             "machine_cpu_s": {k: round(v, 1) for k, v in delta.items()},
             # other processes on the box (other people's tests: noise), the runner and py-spy
@@ -575,6 +614,8 @@ def table(rows: list[dict[str, Any]]) -> str:
             notes += " (" + ", ".join(f"{kind} x {n}" for kind, n in r["error_kinds"].items()) + ", retried)"
         if r.get("retries_503") and r["scenario"] != "hot":
             notes += f" 503s={r['retries_503']}"
+        if r.get("postgres_cpu_s") is not None:
+            notes += f" workers={r['workers']} postgres CPU s={r['postgres_cpu_s']}"
         if r.get("connections"):
             c = r["connections"]
             notes += f" connections opened={c['opened']} reused={c['reused']} max open={c['open_max']}"
@@ -659,6 +700,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="before each scenario wait up to S seconds for the machine to be idle "
                              "(default 180, 0 with --quick)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, databases)")
+    parser.add_argument("--store", choices=("sqlite", "postgresql"), default="sqlite",
+                        help="postgresql: a throwaway cluster (tests/postgres.py), a fresh database per scenario")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="hypercorn workers (more than 1 needs --store postgresql: each worker is a node)")
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="sample the service worker with py-spy (collapsed stacks in DIR/<scenario>.txt)")
     args = parser.parse_args(argv)
@@ -669,6 +714,14 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in ALL]
     if unknown:
         parser.error(f"unknown scenario(s): {', '.join(unknown)}")
+    if args.workers > 1 and args.store != "postgresql":
+        parser.error("--workers above 1 needs --store postgresql (one SQLite file serves one process)")
+    postgres: Any = None
+    if args.store == "postgresql":
+        sys.path.insert(0, str(ROOT))
+        from tests.postgres import PostgresCluster
+
+        postgres = PostgresCluster().start()
     work = Path(tempfile.mkdtemp(prefix="bench-"))
     rows: list[dict[str, Any]] = []
     print(f"machine: {machine()}", flush=True)
@@ -701,13 +754,15 @@ def main(argv: list[str] | None = None) -> int:
                 busy = wait_quiet(args.quiet_wait)
                 print(f"[{name}] machine busy {100 * busy:.0f}% of a core before start", file=sys.stderr, flush=True)
             try:
-                row = run_scenario(name, params, work, args.timeout, args.profile, args.quick)
+                row = run_scenario(name, params, work, args.timeout, args.profile, args.quick, args.workers, postgres)
             except Exception as exc:  # one broken scenario must not hide the others
                 row = {"scenario": name, "params": params, "error": f"{type(exc).__name__}: {exc}"}
             row["name"] = name + args.label
             rows.append(row)
             print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
     finally:
+        if postgres is not None:
+            postgres.stop()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
         else:

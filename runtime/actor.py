@@ -6,6 +6,7 @@ from contextvars import ContextVar
 from typing import Any, Generic, Protocol, Sequence, TypeVar
 
 import attrs
+import trio
 
 from .mailbox import Mailbox
 
@@ -72,3 +73,4 @@ class ActorCell(Generic[M]):
     crash_times: list[float] = attrs.Factory(list)   # recent crashes, within the restart period
     crashes: int = 0
     last_error: str | None = None
+    scope: trio.CancelScope | None = None   # the running task's, so ``Registry.stop`` can end it at once

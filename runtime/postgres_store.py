@@ -22,12 +22,16 @@ Schema
     table, is refused with one line. The tables are prefixed ``agent_`` so the service can share a
     database (e.g. Evolution API's) without clashing.
 
-One process per database (for now)
-    With ``exclusive`` (the default) ``open`` takes a session-level advisory lock on a connection of
-    its own and holds it until ``close``: a second process on the same database is refused with one
-    line, as SQLite's exclusive lock refuses a second process on its file. Several processes on one
-    database need shard ownership with fenced commits (leases), which is not built yet; a session
-    lock alone is not enough for that (a dead session frees it while its process may still run).
+Several nodes
+    Any number of processes share one database (runtime/shards.py): inbox, outbox and meta rows
+    carry their key's shard (schema v3) so a node reads its own shards' pending work
+    (``pending_inbox_in``, ``pending_outbox_in``, ``inbox_heads``, ``inbox_after``); a commit may be
+    fenced by a lease (``agent_fence``); ``accept`` on a store given a ``node`` wakes the owner of the
+    message's shard when that is another node (NOTIFY on ``node_channel(owner)``, received by
+    ``listen``). The lease operations (heartbeat, acquire, renew, release) use a connection of their
+    own, so a renewal never waits behind a burst of webhooks in the pool's queue. A call waits at
+    most ``CONNECTION_WAIT`` for a pooled connection, and one that finds the database unreachable
+    makes the calls of the next second fail at once, so webhooks answer 503 within seconds.
 
 Errors
     Every failure is a ``StoreError`` with one line naming the database as ``host:port/dbname``:
@@ -36,18 +40,24 @@ Errors
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import time
 from typing import Any, Callable, Collection, Literal, Sequence, TypeVar
 from urllib.parse import urlsplit
 
 import trio
 
-from .shards import Lease, LeaseRow
+from .shards import Lease, LeaseRow, shard_of
 from .store import (DEAD_LETTERS_KEPT, EXPIRE_BATCH, Cursor, DeadLetterRow, Fenced, InboxRow, MetaPage, MetaRow,
                     OutboxRow, StateMeta, StoreError)
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+CONNECTION_WAIT = 2.0     # seconds a call waits for a pooled connection before failing
+UNREACHABLE_PAUSE = 1.0   # seconds calls fail at once after the database was found unreachable
+LISTEN_WAIT = 1.0   # seconds a listener thread waits for a notification before checking for cancellation
 Mode = Literal["statement", "batch", "transaction"]
 
 # MIGRATIONS[n] brings a database from version n-1 to version n (never edit a released one).
@@ -86,11 +96,19 @@ MIGRATIONS[2] = (   # shard ownership (runtime/shards.py): leases, node heartbea
     " IF NOT FOUND THEN RAISE EXCEPTION 'shard % lease lost (epoch %)', p_shard, p_epoch"
     " USING ERRCODE = 'AG001'; END IF; END $$",
 )
+MIGRATIONS[3] = (   # several nodes: each row names its key's shard (shard_of, computed in Python)
+    "ALTER TABLE agent_inbox ADD COLUMN shard INTEGER NOT NULL DEFAULT -1",
+    "ALTER TABLE agent_outbox ADD COLUMN shard INTEGER NOT NULL DEFAULT -1",
+    "ALTER TABLE agent_meta ADD COLUMN shard INTEGER NOT NULL DEFAULT -1",
+    "CREATE INDEX agent_inbox_shard ON agent_inbox (shard, key, seq)",
+    "CREATE INDEX agent_outbox_shard ON agent_outbox (shard, id)",
+    "CREATE INDEX agent_meta_shard ON agent_meta (shard, last_activity)",
+)
 SCHEMA_VERSION = len(MIGRATIONS)
+_SHARDED = ("agent_inbox", "agent_outbox", "agent_meta")   # tables with a shard column (-1: not computed yet)
 FENCED = "AG001"   # the SQLSTATE agent_fence raises
 _NOW = "extract(epoch FROM clock_timestamp())"   # the store's clock: one for every machine
 MIGRATION_LOCK = 0x6167656E74   # pg_advisory_xact_lock key held while migrating ("agent")
-OWNER_LOCK = 0x6167656E75       # pg_try_advisory_lock key held by the one process using the database
 HOUSEKEEPING_INTERVAL = 60.0
 _STATUS_AT = "(CASE WHEN status_until = 0 OR status_until > %(now)s THEN status ELSE status_after END)"
 _META_COLUMNS = "last_activity, size, title, preview, status, status_until, status_after, scope"
@@ -102,6 +120,23 @@ def _dumps(value: Any) -> str:
 
 def _search_text(key: str, title: str) -> str:
     return f"{key}\n{title}".lower()
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """A lost or refused connection (no connection from the pool, a connection class 08 error, the
+    server shutting down: 57P), not a statement's own failure (a timeout, a constraint)."""
+    import psycopg
+    import psycopg_pool
+
+    if isinstance(exc, (psycopg_pool.PoolTimeout, OSError)):
+        return True
+    code = getattr(exc, "sqlstate", None)
+    return isinstance(exc, psycopg.OperationalError) and (code is None or code.startswith(("08", "57P")))
+
+
+def node_channel(node: str) -> str:
+    """The NOTIFY channel that wakes ``node`` (accept's SQL computes the same from the owner)."""
+    return "agent_node_" + hashlib.md5(node.encode("utf-8")).hexdigest()[:16]
 
 
 def describe_url(url: str) -> str:
@@ -137,13 +172,14 @@ class PostgresStore:
         statement_timeout: float = 10.0,
         dedupe_ttl: float = 86400.0,
         clock: Callable[[], float] = time.time,
-        exclusive: bool = True,
         shards: int = 1024,
+        node: str | None = None,
     ) -> None:
+        """``node``: this process's NODE_ID; with it, ``accept`` wakes the owner of the message's
+        shard when that is another node (NOTIFY on ``node_channel(owner)``)."""
         self._url = url
         self.shards = shards
-        self._exclusive = exclusive
-        self._owner: Any = None   # the connection holding OWNER_LOCK
+        self.node = node
         self.name = describe_url(url)
         self._pool_size = pool_size
         self._connect_timeout = connect_timeout
@@ -152,7 +188,12 @@ class PostgresStore:
         self._clock = clock
         self._pool: Any = None
         self._limiter = trio.CapacityLimiter(pool_size)
+        # Shard leases go through a connection of their own: a renewal queued behind a busy pool
+        # (a webhook burst) would let the node's leases run out while it is alive.
+        self._lease_pool: Any = None
+        self._lease_limiter = trio.CapacityLimiter(1)
         self._next_housekeeping = 0.0
+        self._unreachable_until = -1.0   # time.monotonic(): until then calls fail fast (see _run)
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -161,7 +202,7 @@ class PostgresStore:
         kind = Fenced if getattr(exc, "sqlstate", None) == FENCED else StoreError
         return kind(f"{self.name}: {first[:300]}")
 
-    async def _run(self, fn: Callable[[Any], T], *, mode: Mode = "transaction") -> T:
+    async def _run(self, fn: Callable[[Any], T], *, mode: Mode = "transaction", lease: bool = False) -> T:
         """Run ``fn(conn)`` on a pooled (autocommit) connection in a worker thread, as ``mode`` says:
 
         - ``"statement"``: each of ``fn``'s statements commits on its own (one statement, or
@@ -171,16 +212,27 @@ class PostgresStore:
           must not read a result before the end (a read syncs, which would split it): it
           returns an ``AfterCommit`` that reads them once the round trip is done;
         - ``"transaction"``: an explicit transaction, for an ``fn`` that reads between statements.
+
+        ``lease``: on the lease connection (shard leases and heartbeats), never behind the pool's queue.
         """
         if self._pool is None:
             raise StoreError(f"{self.name}: store is not open")
-        return await trio.to_thread.run_sync(self._in_connection, fn, mode, limiter=self._limiter)
+        # While the database is unreachable every call would hold a thread for the whole connect
+        # timeout, and the webhooks behind them would wait as long for their 503: fail at once.
+        if time.monotonic() < self._unreachable_until:
+            raise StoreError(f"{self.name}: database unreachable (retried in {UNREACHABLE_PAUSE:g}s)")
+        if lease:
+            return await trio.to_thread.run_sync(self._in_connection, fn, mode, self._lease_pool,
+                                                 limiter=self._lease_limiter)
+        return await trio.to_thread.run_sync(self._in_connection, fn, mode, self._pool, limiter=self._limiter)
 
-    def _in_connection(self, fn: Callable[[Any], T], mode: Mode) -> T:
+    def _in_connection(self, fn: Callable[[Any], T], mode: Mode, pool: Any) -> T:
         import psycopg
 
         try:
-            with self._pool.connection(timeout=self._connect_timeout) as conn:
+            # The limiter keeps threads to the pool's size, so a wait here is for a connection being
+            # (re)made: past CONNECTION_WAIT the database is taken as unreachable (see _unreachable).
+            with pool.connection(timeout=min(self._connect_timeout, CONNECTION_WAIT)) as conn:
                 if mode == "statement":
                     return fn(conn)
                 if mode == "batch":
@@ -193,6 +245,8 @@ class PostgresStore:
         except StoreError:
             raise
         except (psycopg.Error, OSError) as exc:
+            if _unreachable(exc):
+                self._unreachable_until = time.monotonic() + UNREACHABLE_PAUSE
             raise self._error(exc) from None
         except Exception as exc:   # the pool's own errors (PoolTimeout is a psycopg.Error subclass too)
             if exc.__class__.__module__.startswith("psycopg"):
@@ -216,32 +270,23 @@ class PostgresStore:
             with psycopg.connect(self._url, connect_timeout=max(1, int(self._connect_timeout)),
                                  autocommit=False) as conn:
                 self._migrate(conn)
-            if self._exclusive:
-                self._owner = psycopg.connect(self._url, connect_timeout=max(1, int(self._connect_timeout)),
-                                              autocommit=True)
-                if not self._owner.execute("SELECT pg_try_advisory_lock(%s)", (OWNER_LOCK,)).fetchone()[0]:
-                    self._owner.close()
-                    self._owner = None
-                    raise StoreError(f"{self.name}: another process already uses this database "
-                                     "(one process per database)")
         except StoreError:
             raise
         except (psycopg.Error, OSError) as exc:
             raise self._error(exc) from None
-        pool = psycopg_pool.ConnectionPool(
-            self._url, min_size=1, max_size=self._pool_size, open=False, configure=self._configure,
+        pools = [psycopg_pool.ConnectionPool(
+            self._url, min_size=1, max_size=size, open=False, configure=self._configure,
             kwargs={"connect_timeout": max(1, int(self._connect_timeout)), "autocommit": True},
             timeout=self._connect_timeout,
-            name="agent-store")
+            name=name) for name, size in (("agent-store", self._pool_size), ("agent-leases", 1))]
         try:
-            pool.open(wait=True, timeout=self._connect_timeout)
+            for pool in pools:
+                pool.open(wait=True, timeout=self._connect_timeout)
         except Exception as exc:
-            pool.close()
-            if self._owner is not None:
-                self._owner.close()
-                self._owner = None
+            for pool in pools:
+                pool.close()
             raise self._error(exc) from None
-        self._pool = pool
+        self._pool, self._lease_pool = pools
 
     def _migrate(self, conn: Any) -> None:
         with conn.transaction():
@@ -267,16 +312,22 @@ class PostgresStore:
             elif int(row[0]) != self.shards:
                 raise StoreError(f"{self.name}: SHARDS={self.shards} but this database was created with {row[0]}"
                                  " (the shard count is fixed for the life of a database)")
+            if version < 3 <= SCHEMA_VERSION:   # rows written before version 3: their shards, once
+                for table in _SHARDED:
+                    keys = [k for (k,) in conn.execute(f"SELECT DISTINCT key FROM {table} WHERE shard = -1")]
+                    conn.execute(f"UPDATE {table} t SET shard = s.shard FROM unnest(%s::text[], %s::int[])"
+                                 " AS s(key, shard) WHERE t.key = s.key",
+                                 (keys, [shard_of(k, self.shards) for k in keys]))
 
     async def close(self) -> None:
         """Close the pool; operations already running finish first (no cancellation interrupts it)."""
         pool, self._pool = self._pool, None
-        owner, self._owner = self._owner, None
+        lease_pool, self._lease_pool = self._lease_pool, None
         with trio.CancelScope(shield=True):
             if pool is not None:
                 await trio.to_thread.run_sync(pool.close)
-            if owner is not None:
-                await trio.to_thread.run_sync(owner.close)   # ends the session: frees OWNER_LOCK
+            if lease_pool is not None:
+                await trio.to_thread.run_sync(lease_pool.close)
 
     def _housekeeping(self, conn: Any, now: float) -> None:
         if now >= self._next_housekeeping:
@@ -287,17 +338,24 @@ class PostgresStore:
 
     async def accept(self, key: str, dedupe_id: str, payload: dict[str, Any]) -> int | None:
         """Record an inbound message durably; its inbox sequence number, or None for a duplicate."""
-        data, at = _dumps(payload), self._clock()
+        data, at, shard = _dumps(payload), self._clock(), shard_of(key, self.shards)
+        # With a node id, the same statement wakes the shard's owner when it is another node (NOTIFY
+        # is sent at commit, so the owner's read sees the row); nobody is woken for a duplicate.
+        wake = (", (SELECT count(*) FROM (SELECT pg_notify('agent_node_' || substr(md5(owner), 1, 16),"
+                " %(shard)s::text) FROM agent_shards WHERE shard = %(shard)s AND owner IS NOT NULL"
+                " AND owner <> %(node)s) AS n)") if self.node is not None else ""
+        args = {"dedupe": dedupe_id, "at": at, "key": key, "data": data, "shard": shard, "node": self.node}
 
         def op(conn: Any) -> int | None:
             self._housekeeping(conn, at)
             row = conn.execute(
-                "WITH fresh AS (INSERT INTO agent_seen (dedupe_id, at) VALUES (%s, %s)"
+                "WITH fresh AS (INSERT INTO agent_seen (dedupe_id, at) VALUES (%(dedupe)s, %(at)s)"
                 " ON CONFLICT DO NOTHING RETURNING 1),"
-                " next AS (INSERT INTO agent_seqs (key, last) SELECT %s, 1 FROM fresh"
-                " ON CONFLICT (key) DO UPDATE SET last = agent_seqs.last + 1 RETURNING last)"
-                " INSERT INTO agent_inbox (key, seq, payload) SELECT %s, last, %s FROM next RETURNING seq",
-                (dedupe_id, at, key, key, data)).fetchone()
+                " next AS (INSERT INTO agent_seqs (key, last) SELECT %(key)s, 1 FROM fresh"
+                " ON CONFLICT (key) DO UPDATE SET last = agent_seqs.last + 1 RETURNING last),"
+                " row AS (INSERT INTO agent_inbox (key, seq, payload, shard)"
+                " SELECT %(key)s, last, %(data)s, %(shard)s FROM next RETURNING seq)"
+                f" SELECT seq{wake} FROM row", args).fetchone()
             return int(row[0]) if row is not None else None
 
         return await self._run(op, mode="statement")
@@ -326,16 +384,17 @@ class PostgresStore:
         only while that owner still holds the key's shard under that epoch, else ``Fenced`` and
         nothing is written. The meta row is written first, as ``expire`` deletes it first: both
         lock a key's rows in the same order (no deadlock)."""
+        shard = shard_of(key, self.shards)
         meta_row = (key, meta.last_activity, meta.size, meta.title, meta.preview, meta.status, meta.status_until,
-                    meta.status_after, meta.scope, _search_text(key, meta.title))
+                    meta.status_after, meta.scope, _search_text(key, meta.title), shard)
         acks = [int(seq) for seq in acked]
         jobs = [(kind, _dumps(payload)) for kind, payload in outbox]
 
         def op(conn: Any) -> AfterCommit:
             if fence is not None:
                 conn.execute("SELECT agent_fence(%s, %s, %s)", (fence[0], fence[1].shard, fence[1].epoch))
-            conn.execute(f"INSERT INTO agent_meta (key, {_META_COLUMNS}, search)"
-                         " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (key) DO UPDATE SET"
+            conn.execute(f"INSERT INTO agent_meta (key, {_META_COLUMNS}, search, shard)"
+                         " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (key) DO UPDATE SET"
                          " last_activity = excluded.last_activity, size = excluded.size, title = excluded.title,"
                          " preview = excluded.preview, status = excluded.status,"
                          " status_until = excluded.status_until, status_after = excluded.status_after,"
@@ -344,8 +403,8 @@ class PostgresStore:
                          " ON CONFLICT (key) DO UPDATE SET data = excluded.data", (key, state))
             if acks:
                 conn.execute("DELETE FROM agent_inbox WHERE key = %s AND seq = ANY(%s)", (key, acks))
-            cursors = [conn.execute("INSERT INTO agent_outbox (key, kind, payload) VALUES (%s, %s, %s)"
-                                    " RETURNING id", (key, kind, payload)) for kind, payload in jobs]
+            cursors = [conn.execute("INSERT INTO agent_outbox (key, kind, payload, shard) VALUES (%s, %s, %s, %s)"
+                                    " RETURNING id", (key, kind, payload, shard)) for kind, payload in jobs]
             return AfterCommit(lambda: [int(cur.fetchone()[0]) for cur in cursors])
 
         return await self._run(op, mode="batch")
@@ -389,7 +448,8 @@ class PostgresStore:
                                  (dead_letter_id,)).fetchone()
             if found is None:
                 return None
-            conn.execute("INSERT INTO agent_outbox (id, key, kind, payload) VALUES (%s, %s, %s, %s)", found)
+            conn.execute("INSERT INTO agent_outbox (id, key, kind, payload, shard) VALUES (%s, %s, %s, %s, %s)",
+                         (*found, shard_of(found[1], self.shards)))
             return OutboxRow(int(found[0]), found[1], found[2], json.loads(found[3]))
 
         return await self._run(op)
@@ -417,18 +477,65 @@ class PostgresStore:
 
         return await self._run(op, mode="statement")
 
-    async def expire(self, idle_before: float, keep: Collection[str] = ()) -> list[str]:
-        """Delete the state of every key idle since before ``idle_before``, except ``keep``, in
+    async def pending_inbox_in(self, shards: Collection[int]) -> list[InboxRow]:
+        """``pending_inbox`` of the keys in ``shards`` only."""
+
+        def op(conn: Any) -> list[InboxRow]:
+            rows = conn.execute("SELECT key, seq, payload FROM agent_inbox WHERE shard = ANY(%s)"
+                                " ORDER BY key, seq", (list(shards),)).fetchall()
+            return [InboxRow(key, int(seq), json.loads(payload)) for key, seq, payload in rows]
+
+        return await self._run(op, mode="statement")
+
+    async def pending_outbox_in(self, shards: Collection[int]) -> list[OutboxRow]:
+        """``pending_outbox`` of the keys in ``shards`` only."""
+
+        def op(conn: Any) -> list[OutboxRow]:
+            rows = conn.execute("SELECT id, key, kind, payload FROM agent_outbox WHERE shard = ANY(%s)"
+                                " ORDER BY id", (list(shards),)).fetchall()
+            return [OutboxRow(int(id), key, kind, json.loads(payload)) for id, key, kind, payload in rows]
+
+        return await self._run(op, mode="statement")
+
+    async def inbox_heads(self, shards: Collection[int]) -> dict[str, int]:
+        """The highest pending sequence number of every key in ``shards`` that has pending rows
+        (cheap: the index only, no payloads), to tell which keys have rows not yet handed over."""
+        return await self._run(lambda conn: {key: int(seq) for key, seq in conn.execute(
+            "SELECT key, max(seq) FROM agent_inbox WHERE shard = ANY(%s) GROUP BY key",
+            (list(shards),)).fetchall()}, mode="statement")
+
+    async def inbox_after(self, after: dict[str, int]) -> list[InboxRow]:
+        """The pending rows of each key in ``after`` whose sequence number is above its value, per
+        key in sequence order. Seqs are assigned in commit order per key, so this sees every
+        pending row committed before it ran."""
+        if not after:
+            return []
+
+        def op(conn: Any) -> list[InboxRow]:
+            rows = conn.execute(
+                "SELECT i.key, i.seq, i.payload FROM agent_inbox i JOIN unnest(%s::text[], %s::bigint[])"
+                " AS a(key, after) ON i.key = a.key AND i.seq > a.after ORDER BY i.key, i.seq",
+                (list(after), list(after.values()))).fetchall()
+            return [InboxRow(key, int(seq), json.loads(payload)) for key, seq, payload in rows]
+
+        return await self._run(op, mode="statement")
+
+    async def expire(self, idle_before: float, keep: Collection[str] = (),
+                     shards: Collection[int] | None = None) -> list[str]:
+        """Delete the state of every key idle since before ``idle_before``, except ``keep`` (and,
+        when ``shards`` is given, of those shards' keys only: a node expires what it owns), in
         transactions of at most ``EXPIRE_BATCH`` keys; the condition is re-checked by the DELETE."""
         kept = list(set(keep))
+        only = "" if shards is None else " AND shard = ANY(%s)"
+        only_args: tuple[Any, ...] = () if shards is None else (list(shards),)
         gone: list[str] = []
         cursor: tuple[float, str] = (float("-inf"), "")
 
         def op(conn: Any) -> tuple[list[str], tuple[float, str] | None]:
             rows = conn.execute(
                 "SELECT key, last_activity FROM agent_meta WHERE last_activity < %s"
-                " AND (last_activity, key) > (%s, %s) ORDER BY last_activity, key LIMIT %s",
-                (idle_before, cursor[0], cursor[1], EXPIRE_BATCH)).fetchall()
+                f" AND (last_activity, key) > (%s, %s){only} ORDER BY last_activity, key LIMIT %s",
+                (idle_before, cursor[0], cursor[1], *only_args, EXPIRE_BATCH)).fetchall()
             candidates = [key for key, _ in rows]
             deleted = [key for (key,) in conn.execute(
                 "DELETE FROM agent_meta WHERE key = ANY(%s) AND NOT key = ANY(%s) AND last_activity < %s"
@@ -498,6 +605,52 @@ class PostgresStore:
 
         return await self._run(op, mode="statement")   # reads only: no transaction needed
 
+    # -- wake-ups ----------------------------------------------------------------------------
+
+    async def listen(self, node: str, on_shard: Callable[[int], None], *,
+                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Call ``on_shard(shard)`` for every wake-up ``accept`` sends ``node`` until cancelled.
+
+        A dedicated connection (not the pool's) LISTENs; a worker thread waits at most
+        ``LISTEN_WAIT`` per call, so cancellation is noticed within that. A lost connection is
+        reopened after a second; wake-ups sent meanwhile are lost, which is fine: they only
+        hurry the owner's poll."""
+        import psycopg
+
+        channel, started = node_channel(node), False
+        while True:
+            conn: Any = None
+            try:
+                conn = await trio.to_thread.run_sync(self._listening, channel)
+                if not started:
+                    started = True
+                    task_status.started()
+                while True:
+                    for shard in await trio.to_thread.run_sync(self._notified, conn):
+                        on_shard(shard)
+            except (psycopg.Error, OSError) as exc:
+                log.warning("Store: wake-up listener lost (%s); polling only, retrying in 1s",
+                            self._error(exc))
+                if not started:
+                    started = True
+                    task_status.started()
+                await trio.sleep(1.0)
+            finally:
+                if conn is not None:
+                    with trio.CancelScope(shield=True):
+                        await trio.to_thread.run_sync(conn.close)
+
+    def _listening(self, channel: str) -> Any:
+        import psycopg
+
+        conn = psycopg.connect(self._url, connect_timeout=max(1, int(self._connect_timeout)), autocommit=True)
+        conn.execute(f'LISTEN "{channel}"')   # a hex name of our own: nothing to escape
+        return conn
+
+    @staticmethod
+    def _notified(conn: Any) -> list[int]:
+        return [int(n.payload) for n in conn.notifies(timeout=LISTEN_WAIT, stop_after=1)]
+
     # -- shard leases (runtime.shards.LeaseStore) --------------------------------------------------
 
     async def heartbeat(self, node: str, ttl: float) -> list[str]:
@@ -511,7 +664,7 @@ class PostgresStore:
             live = conn.execute(f"SELECT node FROM agent_nodes WHERE seen_at >= {_NOW} - %s ORDER BY node", (ttl,))
             return AfterCommit(lambda: [name for (name,) in live.fetchall()])
 
-        return await self._run(op, mode="batch")
+        return await self._run(op, mode="batch", lease=True)
 
     async def acquire(self, node: str, shards: Sequence[int], lease_seconds: float, limit: int) -> list[Lease]:
         """Take up to ``limit`` of ``shards`` that are free or expired, lowest first (epoch + 1);
@@ -526,7 +679,7 @@ class PostgresStore:
                 {"node": node, "lease": lease_seconds, "wanted": list(shards), "limit": limit}).fetchall()
             return sorted(Lease(int(shard), int(epoch)) for shard, epoch in rows)
 
-        return await self._run(op, mode="statement")
+        return await self._run(op, mode="statement", lease=True)
 
     async def renew(self, node: str, leases: Sequence[Lease], lease_seconds: float) -> list[Lease]:
         """Extend the leases ``node`` still holds under their epochs; the ones renewed."""
@@ -541,7 +694,7 @@ class PostgresStore:
                 (lease_seconds, [x.shard for x in leases], [x.epoch for x in leases], node)).fetchall()
             return sorted(Lease(int(shard), int(epoch)) for shard, epoch in rows)
 
-        return await self._run(op, mode="statement")
+        return await self._run(op, mode="statement", lease=True)
 
     async def release(self, node: str, leases: Sequence[Lease]) -> None:
         """Free the leases ``node`` still holds under their epochs, for any node to take at once."""
@@ -550,12 +703,12 @@ class PostgresStore:
         await self._run(lambda conn: conn.execute(
             "UPDATE agent_shards s SET owner = NULL, expires_at = 0 FROM unnest(%s::int[], %s::bigint[])"
             " AS l(shard, epoch) WHERE s.shard = l.shard AND s.epoch = l.epoch AND s.owner = %s",
-            ([x.shard for x in leases], [x.epoch for x in leases], node)), mode="statement")
+            ([x.shard for x in leases], [x.epoch for x in leases], node)), mode="statement", lease=True)
 
     async def leave(self, node: str) -> None:
         """Forget ``node``'s heartbeat (it is going away): the others' fair shares grow at once."""
         await self._run(lambda conn: conn.execute("DELETE FROM agent_nodes WHERE node = %s", (node,)),
-                        mode="statement")
+                        mode="statement", lease=True)
 
     async def lease_rows(self) -> list[LeaseRow]:
         """Every shard's lease, by shard."""
@@ -565,4 +718,4 @@ class PostgresStore:
                                 " ORDER BY shard").fetchall()
             return [LeaseRow(int(s), owner, int(epoch), float(left)) for s, owner, epoch, left in rows]
 
-        return await self._run(op, mode="statement")
+        return await self._run(op, mode="statement", lease=True)

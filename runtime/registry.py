@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import bisect
 import logging
-from typing import Awaitable, Callable, Generic, Iterator, Sequence, TypeVar
+from typing import Awaitable, Callable, Collection, Generic, Iterator, Sequence, TypeVar
 
 import attrs
 import trio
@@ -80,6 +80,7 @@ class Registry(Generic[M]):
         self._accepting = True
         self._idle = trio.Event()
         self._idle.set()
+        self._cell_done = trio.Event()   # set (and replaced) whenever an actor's task ends
         self._spawned = 0
         self._expired = 0
         self._crashes = 0
@@ -106,6 +107,32 @@ class Registry(Generic[M]):
         while any(cell.running or len(cell.mailbox) for cell in self._cells.values()):
             self._idle = trio.Event()
             await self._idle.wait()
+
+    async def drain_keys(self, keys: Collection[str]) -> None:
+        """Wait until none of ``keys``' actors is running or has mail (bound it with a cancel scope);
+        the caller stops sending them messages first. Others keep running."""
+        wanted = set(keys)
+        while any((cell := self._cells.get(key)) is not None and (cell.running or len(cell.mailbox))
+                  for key in wanted):
+            await self._cell_done.wait()
+
+    def stop(self, keys: Collection[str]) -> list[str]:
+        """Remove ``keys``' actors at once: a turn in flight is cancelled at its next checkpoint
+        (nothing of it is committed by the runtime), queued mail is dropped. The keys that were
+        live. A later message spawns a fresh actor (which loads the stored state)."""
+        stopped = []
+        for key in keys:
+            cell = self._cells.pop(key, None)
+            if cell is None:
+                continue
+            index = bisect.bisect_left(self._sorted, key)
+            if index < len(self._sorted) and self._sorted[index] == key:
+                del self._sorted[index]
+            cell.mailbox.close()
+            if cell.scope is not None:
+                cell.scope.cancel()
+            stopped.append(key)
+        return stopped
 
     # -- messages ----------------------------------------------------------------------------
 
@@ -160,30 +187,42 @@ class Registry(Generic[M]):
             cell.last_activity = trio.current_time()
         if not cell.running:
             cell.running = True
+            cell.scope = trio.CancelScope()
             assert self._nursery is not None
             self._nursery.start_soon(self._run_cell, cell, name=f"actor:{key}")
 
     async def _run_cell(self, cell: ActorCell[M]) -> None:
         current_actor.set(cell.key)  # this task's own context: log lines carry the actor's key
+        assert cell.scope is not None
         try:
-            while (first := cell.mailbox.take()) is not None:
-                batch = [first]
-                if self._is_failed(cell):
-                    batch.extend(cell.mailbox.take_all())
-                    unreached, _ = await self._answer_failed(
-                        cell, batch, RuntimeError(cell.last_error or "actor stopped"))
-                    later = True   # a stopped actor handing messages back retries them after a backoff
-                else:
-                    unreached, later = await self._run_batch(cell, batch)
-                if unreached:
-                    cell.mailbox.requeue(list(unreached))
-                    if later:
-                        await trio.sleep(self._retry_delay(cell))
-            self._hibernate(cell)
+            with cell.scope:
+                await self._work(cell)
         finally:
             cell.running = False
+            cell.scope = None
+            self._cell_done.set()
+            self._cell_done = trio.Event()
             if not self._idle.is_set() and not any(c.running for c in self._cells.values()):
                 self._idle.set()
+
+    async def _work(self, cell: ActorCell[M]) -> None:
+        """The actor's task: batches until the mailbox is empty, then hibernate."""
+        if cell.mailbox.closed:   # stopped before its task started
+            return
+        while not cell.mailbox.closed and (first := cell.mailbox.take()) is not None:
+            batch = [first]
+            if self._is_failed(cell):
+                batch.extend(cell.mailbox.take_all())
+                unreached, _ = await self._answer_failed(
+                    cell, batch, RuntimeError(cell.last_error or "actor stopped"))
+                later = True   # a stopped actor handing messages back retries them after a backoff
+            else:
+                unreached, later = await self._run_batch(cell, batch)
+            if unreached:
+                cell.mailbox.requeue(list(unreached))
+                if later:
+                    await trio.sleep(self._retry_delay(cell))
+        self._hibernate(cell)
 
     async def _run_batch(self, cell: ActorCell[M], batch: list[M]) -> tuple[Sequence[M], bool]:
         """Activate if needed, wait the actor's batch delay, then hand it everything queued.

@@ -123,6 +123,10 @@ class ShardOwner:
         self._deadline = -math.inf        # trio time after which our leases may be someone else's
         self.live: list[str] = []
         self._stopping = False
+        self.balanced = False   # one balance step done: this process owns its share (or tried)
+        self.acquired = 0       # leases acquired (a takeover of a dead node's shards counts here)
+        self.lost = 0           # leases lost: taken over, run out, or refused by a fenced write
+        self.handed_back = 0    # leases released gracefully
 
     # -- what the rest of the process asks -----------------------------------------------------
 
@@ -138,6 +142,14 @@ class ShardOwner:
     def owns(self, key: str) -> bool:
         return self.fence(key) is not None
 
+    async def lose(self, shards: Sequence[int]) -> None:
+        """Treat ``shards`` as lost at once (a fenced write was refused: another node holds them)."""
+        lost = sorted(s for s in set(shards) if self.owned.pop(s, None) is not None)
+        if lost:
+            self.lost += len(lost)
+            log.warning("Shards: %d leases lost (a fenced write was refused): %s", len(lost), _span(lost))
+            await self._on_lost(lost)
+
     # -- the loop ------------------------------------------------------------------------------
 
     @property
@@ -148,6 +160,7 @@ class ShardOwner:
         """Balance once (so a lone process owns its shards before it serves), then every
         ``lease_seconds / 3`` until cancelled or ``leave`` is called."""
         await self.step()
+        self.balanced = True
         task_status.started()
         while not self._stopping:
             await trio.sleep(self.interval)
@@ -170,16 +183,21 @@ class ShardOwner:
         self._deadline = sent + self.lease_seconds * 0.9   # a margin for the store's clock step
         kept = {lease.shard: lease.epoch for lease in renewed}
         lost = sorted(set(self.owned) - set(kept))
-        self.owned = kept
+        self.owned = {s: e for s, e in self.owned.items() if kept.get(s) == e}   # not what lose() dropped meanwhile
+        self.lost += len(lost)
         if lost:
             log.warning("Shards: %d leases lost (taken over): %s", len(lost), _span(lost))
             await self._on_lost(lost)
-        await self._balance()
+        try:
+            await self._balance()
+        except StoreError as exc:
+            log.warning("Shards: balancing failed (%s); retried in %.1fs", exc, self.interval)
 
     async def _expire_if_past_deadline(self) -> None:
         if self.owned and trio.current_time() >= self._deadline:
             lost = sorted(self.owned)
             self.owned = {}
+            self.lost += len(lost)
             log.warning("Shards: leases ran out without renewal; %d shards dropped", len(lost))
             await self._on_lost(lost)
 
@@ -191,6 +209,7 @@ class ShardOwner:
                                               min(target - len(self.owned), self.max_acquire))
             if gained:
                 self.owned.update({lease.shard: lease.epoch for lease in gained})
+                self.acquired += len(gained)
                 log.info("Shards: acquired %d (%s), own %d of %d (fair share %d among %d nodes)",
                          len(gained), _span(sorted(g.shard for g in gained)), len(self.owned), self.shards,
                          target, len(self.live) or 1)
@@ -205,8 +224,9 @@ class ShardOwner:
         if not shards:
             return
         await self._on_release(list(shards))
-        leases = [Lease(s, self.owned.pop(s)) for s in shards]
+        leases = [Lease(s, self.owned.pop(s)) for s in shards if s in self.owned]
         await self.store.release(self.node, leases)
+        self.handed_back += len(leases)
         log.info("Shards: handed back %d (%s), own %d", len(leases), _span(shards), len(self.owned))
 
     async def leave(self) -> None:

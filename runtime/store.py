@@ -1,5 +1,5 @@
 """The store interface: the contract every implementation meets (``runtime.memory_store``,
-``runtime.sqlite_store``; a PostgreSQL one is next), so an actor system survives a restart without
+``runtime.sqlite_store``, ``runtime.postgres_store``), so an actor system survives a restart without
 losing or repeating work.
 
 What is stored

@@ -102,6 +102,9 @@ PID_FILE="$(absolute "${PID_FILE:-$DATA_DIR/agent.pid}")"
 OUT_FILE="$LOG_DIR/hypercorn.out"
 OUT_MAX_BYTES="$(setting LOG_MAX_BYTES logging 10485760)"
 ADMIN_TOKEN_VALUE="$(setting ADMIN_TOKEN "" "")"
+STORE_URL_VALUE="$(setting STORE_URL "" "")"
+[[ -n "$STORE_URL_VALUE" ]] || STORE_URL_VALUE="$(setting DATABASE_URL "" "")"
+WORKERS="${WORKERS:-1}"   # hypercorn worker processes; --workers N overrides (each one a node: PostgreSQL only)
 START_TIMEOUT="${START_TIMEOUT:-20}"
 STOP_TIMEOUT="${STOP_TIMEOUT:-30}"
 
@@ -172,6 +175,14 @@ ensure_secret() {
 check_settings() {
     if ! [[ "$PORT" =~ ^[0-9]+$ ]] || ((10#$PORT < 1 || 10#$PORT > 65535)); then
         echo "PORT: invalid value '$PORT' (expected a port number 1-65535)" >&2
+        exit 6
+    fi
+    if ! [[ "$WORKERS" =~ ^[0-9]+$ ]] || ((10#$WORKERS < 1)); then
+        echo "--workers: invalid value '$WORKERS' (expected a whole number of at least 1)" >&2
+        exit 6
+    fi
+    if ((10#$WORKERS > 1)) && [[ -z "$STORE_URL_VALUE" ]]; then
+        echo "--workers $WORKERS: several workers need STORE_URL=postgresql://… (one SQLite file serves one process)" >&2
         exit 6
     fi
     if ! [[ "$START_TIMEOUT" =~ ^[0-9]+$ && "$STOP_TIMEOUT" =~ ^[0-9]+$ ]]; then
@@ -372,7 +383,7 @@ cmd_start() {
     command -v setsid >/dev/null 2>&1 && launcher=(setsid)   # own session: stop can kill the whole group
     # --backlog 4096: hypercorn's accept queue (default 100) must hold a burst of new webhook connections.
     # The service inherits this environment (secrets, overrides); HOST/PORT are exported so it agrees on them.
-    LOG_STDERR="${LOG_STDERR:-false}" HOST="$HOST" PORT="$PORT" ${launcher[@]+"${launcher[@]}"} nohup "$hypercorn" --worker-class trio --backlog 4096 --bind "$(bind_address)" app:app \
+    LOG_STDERR="${LOG_STDERR:-false}" HOST="$HOST" PORT="$PORT" ${launcher[@]+"${launcher[@]}"} nohup "$hypercorn" --worker-class trio --backlog 4096 --workers "$WORKERS" --bind "$(bind_address)" app:app \
         >>"$OUT_FILE" 2>&1 </dev/null &
     pid=$!
     printf '%s\n' "$pid" >"$PID_FILE"
@@ -386,7 +397,7 @@ cmd_start() {
             return 1
         fi
         if health_ok; then
-            echo "started (pid $pid) on $(bind_address)"
+            echo "started (pid $pid) on $(bind_address), $WORKERS worker(s)"
             return 0
         fi
         if (($(now_ms) >= deadline)); then
@@ -478,9 +489,10 @@ cmd_logs() {
 
 cmd_help() {
     cat <<EOF
-Usage: $(basename "$0") {start|stop|restart|status|logs|help}
+Usage: $(basename "$0") {start|stop|restart|status|logs|help} [--workers N]
 
-  start     launch hypercorn (trio worker) in the background, wait for GET /health
+  start     launch hypercorn (trio workers, 1 unless --workers N) in the background, wait for GET /health;
+            several workers (each a node sharing the conversations) need STORE_URL=postgresql://…
   stop      SIGTERM, wait up to STOP_TIMEOUT seconds, then SIGKILL (with a warning)
   restart   stop, then start
   status    pid, uptime, memory, health and live actors; exit 0 running, 3 not running
@@ -504,7 +516,16 @@ Now: root $ROOT, bind $(bind_address), log $LOG_DIR/$LOG_FILE, pid file $PID_FIL
 EOF
 }
 
-case "${1:-}" in
+command_name="${1:-}"
+shift || true
+while (($#)); do
+    case "$1" in
+        --workers) WORKERS="${2:-}"; shift 2 || { cmd_help >&2; exit 2; } ;;
+        --workers=*) WORKERS="${1#--workers=}"; shift ;;
+        *) cmd_help >&2; exit 2 ;;
+    esac
+done
+case "$command_name" in
     start) cmd_start ;;
     stop) cmd_stop ;;
     restart) cmd_stop && cmd_start ;;

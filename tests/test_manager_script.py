@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -71,10 +71,11 @@ def env(tmp_path: Path) -> dict[str, str]:
     return environ
 
 
-def manager(command: str, environ: dict[str, str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def manager(command: str, environ: dict[str, str], cwd: Path | None = None,
+            *args: str) -> subprocess.CompletedProcess[str]:
     """Run the script (from an unrelated directory by default, as it must work from anywhere)."""
     return subprocess.run(
-        ["bash", str(SCRIPT), command],
+        ["bash", str(SCRIPT), command, *args],
         env=environ,
         cwd=cwd or Path(environ["DATA_DIR"]).parent,
         capture_output=True,
@@ -166,6 +167,42 @@ def test_help_usage_and_bad_port(env: dict[str, str]) -> None:
     env["PORT"] = "abc"
     bad = manager("start", env)
     assert bad.returncode == 6 and "PORT" in bad.stderr
+
+
+def test_several_workers_need_postgresql(env: dict[str, str]) -> None:
+    """One SQLite file serves one process: --workers 2 without STORE_URL is refused in one line."""
+    refused = manager("start", env, None, "--workers", "2")
+    assert refused.returncode == 6, refused.stdout + refused.stderr
+    assert refused.stderr.strip() == ("--workers 2: several workers need STORE_URL=postgresql://… "
+                                      "(one SQLite file serves one process)")
+    assert not (Path(env["DATA_DIR"]) / "agent.pid").exists()
+
+
+@pytest.mark.slow
+@needs_app
+def test_two_workers_on_postgresql_share_the_shards(env: dict[str, str], cleanup: None,
+                                                    postgres_cluster: Any) -> None:
+    """``start --workers 2`` with STORE_URL: one command, two worker processes, each a node owning
+    half of the shards; stop ends both."""
+    import httpx
+
+    from tests.postgres import PASSWORD
+
+    env["STORE_URL"] = postgres_cluster.create_database()
+    started = manager("start", env, None, "--workers", "2")
+    assert started.returncode == 0, started.stdout + started.stderr
+    assert "2 worker(s)" in started.stdout
+    url = f"http://127.0.0.1:{env['PORT']}/shards"
+    headers = {"Authorization": f"Bearer {env['ADMIN_TOKEN']}"}
+    views: list[dict[str, Any]] = []
+
+    def balanced() -> bool:
+        views.append(httpx.get(url, headers=headers).json())
+        return sorted(views[-1]["owners"].values()) == [512, 512]   # two nodes, half each
+
+    assert wait_until(balanced, timeout=30), views[-1]
+    assert env["STORE_URL"] not in str(views) and PASSWORD not in str(views)
+    assert manager("stop", env).returncode == 0
 
 
 @pytest.mark.slow

@@ -526,3 +526,16 @@ async def test_replies_waiting_for_pacing_sleep_without_polling_or_a_connection(
         assert 1.0 <= stats.backlog_oldest_seconds < 5.0
         assert sender._transport._limiter.borrowed_tokens == 0      # no sendText slot held ...
         assert len(fake.sent) == 1                                  # ... and no request made
+
+
+async def test_a_second_copy_of_a_sent_stored_reply_is_settled_not_sent(wire: Wire) -> None:
+    """Several nodes: a shard recovered again while one of its replies was still queued or being
+    settled here resubmits it; the copy is settled (so the row goes) but never sent twice."""
+    async with sender_for(wire.settings) as (sender, settled):
+        jid = "5491100000001@s.whatsapp.net"
+        sender.submit(OutboundMessage(jid, "hola", outbox_id=7, key="i/" + jid))
+        sender.submit(OutboundMessage(jid, "hola", outbox_id=7, key="i/" + jid))
+        with trio.fail_after(10):
+            await sender.drain()
+    assert [t for number, t, _ in wire.sent(sender) if number == jid] == ["hola"]
+    assert [(m.outbox_id, d.status, d.repeat) for m, d in settled.items] == [(7, "sent", False), (7, "sent", True)]

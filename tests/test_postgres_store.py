@@ -11,6 +11,7 @@ import pytest
 import trio
 
 from runtime.postgres_store import SCHEMA_VERSION, PostgresStore
+from runtime.shards import shard_of
 from runtime.store import StateMeta, StoreError
 from tests.postgres import PASSWORD
 from tests.procs import ServiceProcess
@@ -41,7 +42,7 @@ async def test_two_stores_on_one_database_number_a_key_without_gaps(postgres_clu
     """Two nodes accepting one chat's messages at once: every sequence number once, in 1..N, and a
     message id accepted by both is stored once."""
     url = postgres_cluster.create_database()
-    a, b = PostgresStore(url, pool_size=4, exclusive=False), PostgresStore(url, pool_size=4, exclusive=False)
+    a, b = PostgresStore(url, pool_size=4), PostgresStore(url, pool_size=4)
     await a.open()
     await b.open()
     seqs: list[int | None] = []
@@ -121,25 +122,71 @@ async def test_calls_fail_while_the_server_is_down_and_work_again_after(postgres
         await store.close()
 
 
-async def test_a_second_process_on_the_same_database_is_refused(postgres_cluster: Any) -> None:
-    """Until shard ownership exists, one process per database, as SQLite's exclusive lock does; the
-    database is free again once the first store closes."""
+async def test_sharded_reads_see_only_their_shards_in_order(postgres_cluster: Any) -> None:
+    """Several nodes (runtime/inbox_feed.py): a node reads the pending rows of its shards only, per key
+    in sequence order, the heads without payloads, and a key's rows after a given seq."""
     url = postgres_cluster.create_database()
-    first = PostgresStore(url)
-    await first.open()
+    store = PostgresStore(url, shards=4)
+    await store.open()
     try:
-        with pytest.raises(StoreError, match="another process already uses this database"):
-            await PostgresStore(url).open()
+        keys = [f"i/{n}@s" for n in range(12)]
+        for key in keys:
+            for n in range(3):
+                assert await store.accept(key, f"{key}:{n}", {"n": n}) == n + 1
+        await store.commit(keys[0], b"s", StateMeta(last_activity=1.0), acked=[1],
+                           outbox=[("reply", {"text": "r"})])
+        mine = {shard_of(keys[0], 4), shard_of(keys[5], 4)}
+        inside = [k for k in keys if shard_of(k, 4) in mine]
+        rows = await store.pending_inbox_in(mine)
+        assert sorted({r.key for r in rows}) == sorted(inside)
+        assert [(r.key, r.seq) for r in rows] == sorted((r.key, r.seq) for r in rows)
+        heads = await store.inbox_heads(mine)
+        assert heads == {k: 3 for k in inside}
+        after = await store.inbox_after({keys[0]: 2, keys[5]: 0})
+        assert [(r.key, r.seq, r.payload) for r in after] == [
+            (keys[0], 3, {"n": 2}), *[(keys[5], n + 1, {"n": n}) for n in range(3)]]
+        assert [r.key for r in await store.pending_outbox_in([shard_of(keys[0], 4)])] == [keys[0]]
+        assert await store.pending_outbox_in([s for s in range(4) if s != shard_of(keys[0], 4)]) == []
+        # expiry restricted to shards: the key outside them is kept
+        await store.commit(keys[1], b"s", StateMeta(last_activity=1.0))
+        other = [s for s in range(4) if s != shard_of(keys[0], 4)]
+        gone = await store.expire(5.0, shards=other)
+        assert keys[0] not in gone and await store.load(keys[0]) == b"s"
     finally:
-        await first.close()
-    second = PostgresStore(url)
-    await second.open()
-    await second.close()
+        await store.close()
 
 
-def _start_failure(tmp_path: Path, store_url: str, name: str) -> tuple[int, str]:
+async def test_accept_wakes_the_owner_of_another_node(postgres_cluster: Any) -> None:
+    """An accept on a node that does not own the key's shard NOTIFYs the owner's channel (payload:
+    the shard), in the accept's own statement; the owner's own accepts and duplicates wake nobody."""
+    url = postgres_cluster.create_database()
+    owner, other = PostgresStore(url, shards=2, node="n1"), PostgresStore(url, shards=2, node="n2")
+    await owner.open()
+    await other.open()
+    woken: list[int] = []
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(owner.listen, "n1", woken.append)
+            leases = await owner.acquire("n1", [0, 1], 10.0, 2)
+            assert len(leases) == 2
+            key = "inst/1@s"
+            assert await owner.accept(key, "a", {}) == 1      # its own: no wake-up
+            assert await other.accept(key, "b", {}) == 2
+            assert await other.accept(key, "b", {}) is None   # a duplicate: none
+            with trio.fail_after(5):
+                while not woken:
+                    await trio.sleep(0.02)
+            await trio.sleep(0.3)
+            assert woken == [shard_of(key, 2)]
+            nursery.cancel_scope.cancel()
+    finally:
+        await owner.close()
+        await other.close()
+
+
+def _start_failure(tmp_path: Path, store_url: str, name: str, **extra: str) -> tuple[int, str]:
     env = {"DATA_DIR": str(tmp_path / "data"), "LOG_DIR": str(tmp_path / "logs"), "STORE_URL": store_url,
-           "LOG_STDERR": "true"}
+           "LOG_STDERR": "true", **extra}
     with ServiceProcess(env, tmp_path / f"{name}.log") as service:
         service.start()
         assert service.proc is not None
@@ -150,24 +197,22 @@ def _start_failure(tmp_path: Path, store_url: str, name: str) -> tuple[int, str]
 @pytest.mark.slow
 def test_a_refused_database_stops_start_up_with_one_line_and_no_password(postgres_cluster: Any,
                                                                        tmp_path: Path) -> None:
-    """The service as deployed (hypercorn): a wrong password, and a database another process
-    already serves, each stop start-up with one ``Store error:`` line naming host:port/dbname."""
+    """The service as deployed (hypercorn): a wrong password, and a SHARDS that differs from the
+    database's, each stop start-up with one ``Store error:`` line naming host:port/dbname."""
     url = postgres_cluster.create_database()
     wrong = url.replace(PASSWORD, "wrong-password-5150")
     code, output = _start_failure(tmp_path, wrong, "wrong")
     assert code != 0 and "Store error:" in output and f"127.0.0.1:{postgres_cluster.port}/" in output, output
     assert "wrong-password-5150" not in output and "Traceback" not in output, output
 
-    async def hold_and_start() -> tuple[int, str]:
-        holder = PostgresStore(url)
-        await holder.open()
-        try:
-            return await trio.to_thread.run_sync(_start_failure, tmp_path, url, "second")
-        finally:
-            await holder.close()
+    async def create() -> None:   # a database created with the default 1024 shards
+        store = PostgresStore(url)
+        await store.open()
+        await store.close()
 
-    code, output = trio.run(hold_and_start)
-    assert code != 0 and "another process already uses this database" in output, output
+    trio.run(create)
+    code, output = _start_failure(tmp_path, url, "shards", SHARDS="7")
+    assert code != 0 and "SHARDS=7 but this database was created with 1024" in output, output
     assert PASSWORD not in output, output
 
 
@@ -194,5 +239,26 @@ async def test_a_commit_is_all_or_nothing_in_its_one_round_trip(postgres_cluster
         assert await store.sizes() == {"k": 1}
         assert await store.commit("k", b"after", StateMeta(last_activity=2.0, size=2), acked=[1]) == []
         assert await store.load("k") == b"after"   # the connection is usable after the failure
+    finally:
+        await store.close()
+
+
+async def test_lease_renewals_never_wait_behind_a_busy_pool(postgres_cluster: Any) -> None:
+    """Shard leases use a connection of their own: with every pooled connection busy and more calls
+    queued (a webhook burst), a heartbeat and a renewal still answer at once, so a live node's leases
+    never run out behind its own traffic (bench crowd lost messages when they shared the pool)."""
+    url = postgres_cluster.create_database()
+    store = PostgresStore(url, pool_size=2, shards=4)
+    await store.open()
+    try:
+        leases = await store.acquire("n", [0, 1, 2, 3], 10.0, 4)
+        async with trio.open_nursery() as nursery:
+            for _ in range(6):
+                nursery.start_soon(store._run, lambda conn: conn.execute("SELECT pg_sleep(1.5)"))
+            await trio.sleep(0.2)
+            started = trio.current_time()
+            assert await store.heartbeat("n", 10.0) == ["n"]
+            assert await store.renew("n", leases, 10.0) == leases
+            assert trio.current_time() - started < 1.0
     finally:
         await store.close()

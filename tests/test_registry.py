@@ -279,3 +279,57 @@ async def test_live_keys_are_listed_a_page_at_a_time(nursery: trio.Nursery) -> N
     registry._idle_ttl = 0.0
     await registry.sweep()
     assert registry.page(None, 100) == []
+
+
+async def test_stop_ends_only_those_actors_at_once(nursery: trio.Nursery) -> None:
+    """Shard ownership lost (runtime/shards.py): the shard's actors stop mid-turn, nothing more of
+    theirs runs, the others are untouched, and a later message spawns a fresh actor."""
+    registry, actors, log, release = make_registry()
+    await nursery.start(registry.run)
+    registry.deliver("a", "hang")
+    registry.deliver("a", 1)
+    registry.deliver("b", "hang")
+    await wait_until(lambda: registry.actor_statistics("a").status == "running"
+                     and registry.actor_statistics("b").status == "running")
+    first_a = actors["a"]
+    assert registry.stop(["a", "zzz"]) == ["a"]
+    assert "a" not in registry and "b" in registry
+    await wait_until(lambda: registry.statistics().running_actors == 1)
+    release.set()
+    await wait_until(lambda: actors["b"].handled == ["hang"])
+    await trio.sleep(0.01)
+    assert first_a.handled == []           # cancelled in its turn: neither "hang" nor 1 ran
+    registry.deliver("a", 2)
+    await wait_until(lambda: actors["a"] is not first_a and actors["a"].handled == [2])
+
+
+async def test_stop_before_the_actor_task_started(nursery: trio.Nursery) -> None:
+    registry, actors, log, _ = make_registry()
+    await nursery.start(registry.run)
+    registry.deliver("a", 1)
+    registry.stop(["a"])
+    await trio.sleep(0.01)
+    assert actors["a"].handled == [] and registry.statistics().running_actors == 0
+
+
+async def test_drain_keys_waits_for_those_keys_only(nursery: trio.Nursery) -> None:
+    """A graceful shard handoff: the keys' turns in flight finish; other keys do not hold it up."""
+    registry, actors, log, release = make_registry()
+    await nursery.start(registry.run)
+    registry.deliver("a", "hang")
+    registry.deliver("a", 1)
+    registry.deliver("c", 5)
+    await wait_until(lambda: registry.actor_statistics("a").status == "running")
+    drained = trio.Event()
+
+    async def drain() -> None:
+        await registry.drain_keys(["a", "c"])
+        drained.set()
+
+    nursery.start_soon(drain)
+    await trio.sleep(0.02)
+    assert not drained.is_set()
+    release.set()
+    with trio.fail_after(2):
+        await drained.wait()
+    assert actors["a"].handled == ["hang", 1] and actors["c"].handled == [5]

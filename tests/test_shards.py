@@ -47,7 +47,7 @@ class Node:
 
 
 async def open_store(url: str) -> PostgresStore:
-    store = PostgresStore(url, shards=SHARDS, exclusive=False)
+    store = PostgresStore(url, shards=SHARDS)
     await store.open()
     return store
 
@@ -122,7 +122,7 @@ async def test_leaving_frees_every_shard_at_once(postgres_cluster: Any) -> None:
 
 async def test_an_unreachable_store_drops_the_shards_when_the_leases_run_out(postgres_cluster: Any) -> None:
     url = postgres_cluster.create_database()
-    store = PostgresStore(url, shards=SHARDS, exclusive=False, connect_timeout=1)
+    store = PostgresStore(url, shards=SHARDS, connect_timeout=1)
     await store.open()
     try:
         a = Node(store, "node-a", 2.0)

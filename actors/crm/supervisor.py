@@ -36,6 +36,7 @@ KEYS_IN_FLIGHT = 4_096           # JIDs with a job in progress: a memory bound, 
 FAILURES_KEPT = 50
 KNOWN_LEADS_KEPT = 50_000
 LEAD_RECORD_TIMEOUT_SECONDS = 10.0  # how long a new lead id may wait for the chat's mailbox (then: logged, still known here)
+DROPPED = "dropped"               # a job left to the chat's new owner (several nodes): neither done nor failed
 
 
 @attrs.define
@@ -70,6 +71,7 @@ class CrmSupervisor:
         on_done: Callable[[LeadRequest, str], Awaitable[None]] | None = None,
         settings_for: Callable[[str], Settings] | None = None,
         enabled: bool | None = None,
+        may_run: Callable[[str], bool] | None = None,
     ) -> None:
         """``settings_for(instance)``: that instance's effective settings, whose Krayin ids a lead
         gets (default: ``settings``; the Krayin server and token are always ``settings``').
@@ -80,6 +82,7 @@ class CrmSupervisor:
         self._client: KrayinClient | None = self._make_client(http) if http is not None and self._enabled else None
         self._on_lead = on_lead
         self._on_done = on_done
+        self._may_run = may_run   # (key) asked before each attempt: several nodes, only the chat's owner runs its jobs
         self._jobs: KeyedSerialExecutor[str, _Job] = KeyedSerialExecutor(
             self._handle, queue_capacity=QUEUE_CAPACITY, max_keys_in_flight=KEYS_IN_FLIGHT, name="crm")
         # The budget counts from submission (the job's ``submitted_at``), not from its first attempt.
@@ -201,7 +204,7 @@ class CrmSupervisor:
         await self._finish(job, outcome)
 
     async def _finish(self, job: _Job, outcome: str) -> None:
-        if self._on_done is None:
+        if self._on_done is None or outcome == DROPPED:
             return
         try:
             await self._on_done(job.request, outcome)
@@ -212,6 +215,10 @@ class CrmSupervisor:
         """Run one job to completion: retry retryable failures with capped backoff, give up after
         ``CRM_GIVE_UP_SECONDS`` or on a permanent error."""
         while True:
+            if self._may_run is not None and job.request.key and not self._may_run(job.request.key):
+                log.info("[CRM] job for user_id=%s dropped: its chat moved to another node (the job stays stored)",
+                         job.request.jid)
+                return DROPPED
             job.attempts += 1
             try:
                 async with self._limiter:

@@ -35,6 +35,7 @@ from .transport import SendOutcome, Transport
 log = logging.getLogger(__name__)
 
 DEAD_LETTERS_KEPT = 100
+SENT_IDS_KEPT = 10_000   # stored replies remembered as sent (a few minutes of traffic at full rate)
 TYPING_DELAY_MS = 3000          # how long Evolution shows "typing…" (its call blocks that long)
 # Instance names and ids come from webhooks: the preferred-candidate map and the pacer keep at most
 # this many on their own; the rest share one "other" entry.
@@ -48,6 +49,11 @@ MAX_CHATS_IN_FLIGHT = 4096
 BACKOFF_BASE_SECONDS = 1.0
 BACKOFF_CAP_SECONDS = 30.0
 BACKOFF_JITTER = 0.5
+
+
+class NotOwned(Exception):
+    """The reply's chat is no longer this node's to send (its shard moved): it is dropped here and
+    its outbox row stays for the new owner."""
 
 
 @attrs.frozen
@@ -87,6 +93,7 @@ class Delivery:
     error: str = ""
     message_ids: tuple[str, ...] = ()
     parts: int = 1
+    repeat: bool = False     # sent before by this process (a second copy): only settled, not sent or counted
 
 
 @attrs.frozen
@@ -149,9 +156,13 @@ class OutboundSender:
         http: httpx.AsyncClient | None = None,
         on_settled: Callable[[OutboundMessage, Delivery], Awaitable[None]] | None = None,
         settings_for: Callable[[str], Settings] | None = None,
+        may_send: Callable[[str], bool] | None = None,
     ) -> None:
-        """``settings_for(instance)``: that instance's effective settings (default: ``settings``)."""
+        """``settings_for(instance)``: that instance's effective settings (default: ``settings``).
+        ``may_send(chat)``: asked right before each send attempt (several nodes: only the owner of
+        the chat's shard sends); a reply it refuses is dropped unsettled, its durable row kept."""
         self._settings = settings
+        self._may_send = may_send
         self._settings_for = settings_for if settings_for is not None else (lambda _: settings)
         self._outbox: LocalOutbox | None = None
         if settings.outbound.evolution_api_url:
@@ -187,6 +198,10 @@ class OutboundSender:
         self._sent = 0
         self._retried = 0
         self._failed = 0
+        self.dropped = 0   # replies dropped unsent because their chat moved to another node
+        # Stored replies this process sent, newest last (SENT_IDS_KEPT): a second copy of one (its
+        # shard recovered again while it was queued or being settled) is settled, never sent again.
+        self._sent_ids: collections.OrderedDict[tuple[str, int], None] = collections.OrderedDict()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -204,7 +219,9 @@ class OutboundSender:
                     self._nursery = None
 
     def submit(self, message: OutboundMessage) -> None:
-        """Queue ``message`` behind the JID's earlier messages; never blocks, never raises for I/O."""
+        """Queue ``message`` behind the JID's earlier messages; never blocks, never raises for I/O.
+        A stored reply (``outbox_id``) this process already sent is not sent again, only settled
+        (a shard recovered again while its replies were still queued or being settled here)."""
         self._tokens += 1
         try:
             self._chats.submit_nowait(message.chat, (self._tokens, message))
@@ -286,7 +303,20 @@ class OutboundSender:
         token, message = item
         self._in_flight += 1
         try:
-            delivery = await self._deliver(message)
+            stored = (message.chat, message.outbox_id) if message.outbox_id is not None else None
+            if stored is not None and stored in self._sent_ids:
+                delivery = Delivery("sent", repeat=True)
+            else:
+                delivery = await self._deliver(message)
+                if delivery.status == "sent" and stored is not None:
+                    self._sent_ids[stored] = None
+                    if len(self._sent_ids) > SENT_IDS_KEPT:
+                        self._sent_ids.popitem(last=False)
+        except NotOwned:
+            self.dropped += 1
+            log.info("Outbound: reply to %s dropped unsent: its chat moved to another node (the outbox row stays)",
+                     message.jid)
+            return
         except Exception as exc:  # a bug must not kill the supervisor or the JID's later messages
             log.exception("Outbound: unexpected error delivering to %s", jid)
             delivery = self._dead_letter(message, f"internal error: {type(exc).__name__}", 0)
@@ -367,6 +397,8 @@ class OutboundSender:
         while True:
             attempt += 1
             await self._gap.wait(message.chat, gap)
+            if self._may_send is not None and not self._may_send(message.chat):
+                raise NotOwned(message.chat)
             retry: tuple[str, SendOutcome] | None = None
             for candidate in candidates:
                 if candidate in rejected:

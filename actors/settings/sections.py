@@ -20,6 +20,8 @@ LLM concurrency and circuits, retries, timeouts, the Evolution and Krayin server
 
 from __future__ import annotations
 
+import os
+import socket
 import typing
 from pathlib import Path
 from typing import Iterator
@@ -74,6 +76,16 @@ class StorageSettings:
     store_pool_size: int = setting(integer(1, 100))   # PostgreSQL connections (and store threads) at once
     store_url: str = secret()
     database_url: str = secret()
+    # several nodes on one PostgreSQL database (runtime/shards.py); ignored by SQLite and memory
+    node_id: str = setting(text())                           # this process's name ("": hostname:pid)
+    shards: int = setting(integer(1, 65536))                 # fixed for the life of a database
+    shard_lease_seconds: float = setting(number(positive=True))   # a dead node's chats wait this long
+    inbox_poll_seconds: float = setting(number(positive=True))    # how often a node reads its shards' inbox
+
+    @property
+    def node(self) -> str:
+        """NODE_ID, else ``hostname:pid`` (unique per process, also for several workers on one machine)."""
+        return self.node_id.strip() or f"{socket.gethostname()}:{os.getpid()}"
 
     def __attrs_post_init__(self) -> None:
         url = self.postgres_url
