@@ -1,4 +1,5 @@
-"""Who can reach this process: the addresses hypercorn listens on, and the start-up refusal.
+"""Who can reach this process and how many there are: the addresses hypercorn listens on, its
+worker count, and the start-up refusal that ends the whole hypercorn server.
 
 The service refuses to start on a non-loopback bind with an open webhook or open admin endpoints
 (docs/security.md). The bind is hypercorn's own: its command line (``--bind``/``-b``, repeatable, plus
@@ -6,21 +7,24 @@ The service refuses to start on a non-loopback bind with an open webhook or open
 ``bind`` of its ``-c/--config`` file read with hypercorn's own ``Config`` loader. hypercorn's workers
 are started with multiprocessing's spawn, which hands them the parent's ``sys.argv``. When the app is
 not run by hypercorn (tests calling ``create_app``), ``HOST``/``PORT`` stand for the bind.
+Several workers are several nodes: they need a store several processes share (PostgreSQL).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import gc
 import ipaddress
 import multiprocessing
 import os
 import signal
 import sys
+import tempfile
 from multiprocessing.synchronize import SemLock
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from .settings import ConfigError, Settings
 
@@ -35,8 +39,8 @@ def run_by_hypercorn(argv: Sequence[str]) -> bool:
     return program.name == "hypercorn" or program.parts[-2:] == ("hypercorn", "__main__.py")
 
 
-def _hypercorn_config_binds(path: str) -> list[str]:
-    """The binds of hypercorn's ``-c`` config (TOML, ``file:`` Python file or ``python:`` module)."""
+def _hypercorn_config(path: str) -> Any:
+    """hypercorn's ``-c`` config (TOML, ``file:`` Python file or ``python:`` module), read by its own loader."""
     from hypercorn.config import Config
 
     try:
@@ -48,6 +52,12 @@ def _hypercorn_config_binds(path: str) -> list[str]:
             config = Config.from_toml(path)
     except Exception as exc:  # hypercorn itself would fail on it too: refuse rather than guess
         raise ConfigError(f"hypercorn config {path}: cannot be read ({type(exc).__name__})") from None
+    return config
+
+
+def _hypercorn_config_binds(path: str) -> list[str]:
+    """The binds of hypercorn's ``-c`` config."""
+    config = _hypercorn_config(path)
     return [*config.bind, *config.insecure_bind, *config.quic_bind]
 
 
@@ -120,26 +130,89 @@ def check_exposure(settings: Settings, argv: Sequence[str] | None = None) -> Non
         raise ConfigError(reason)
 
 
-def stop_hypercorn_parent() -> None:
-    """In a hypercorn worker, end the parent too, so the process's failure is seen as one.
+def hypercorn_workers(argv: Sequence[str]) -> int:
+    """How many worker processes hypercorn's command line ``argv`` starts (``-w/--workers``, else its
+    ``-c`` config's, else 1; 0 serves in hypercorn's own process)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("-w", "--workers", type=int, default=None)
+    parser.add_argument("-c", "--config", default=None)
+    args, _ = parser.parse_known_args(list(argv[1:]))
+    if args.workers is not None:
+        return int(args.workers)
+    return _hypercorn_config(args.config).workers if args.config else 1
+
+
+def check_single_process_store(settings: Settings, argv: Sequence[str] | None = None) -> None:
+    """Raise ConfigError when hypercorn runs several workers on a store that serves one process
+    (SQLite, memory): each worker is a node, and only PostgreSQL is shared by several."""
+    argv = sys.argv if argv is None else argv
+    if settings.storage.kind == "postgresql" or not run_by_hypercorn(argv):
+        return
+    workers = hypercorn_workers(argv)
+    if workers > 1:
+        raise ConfigError(f"STORE_URL: hypercorn --workers {workers} runs {workers} processes, and one "
+                          f"{'SQLite file' if settings.storage.kind == 'sqlite' else 'memory store'} serves one "
+                          "process: several workers need STORE_URL=postgresql://… (README, Running several nodes)")
+
+
+def _hypercorn_parent() -> int | None:
+    """The pid of the hypercorn parent that spawned this worker process, or None."""
+    parent = multiprocessing.parent_process()
+    if parent is None or parent.pid is None or not run_by_hypercorn(sys.argv):
+        return None
+    return parent.pid
+
+
+def _workers_of(pid: int) -> list[int]:
+    """The other worker processes hypercorn ``pid`` spawned (Linux /proc): its children started by
+    multiprocessing's ``spawn_main``, not its resource tracker."""
+    workers = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            # "pid (comm) state ppid ...": comm may hold spaces and parentheses, so split after its last ")"
+            if (int((proc / "stat").read_text().rpartition(")")[2].split()[1]) == pid
+                    and b"spawn_main" in (proc / "cmdline").read_bytes()):
+                workers.append(int(proc.name))
+    return workers
+
+
+def end_hypercorn_server(last_words: str | None = None) -> None:
+    """Print ``last_words`` on stderr, then, in a hypercorn worker, end its sibling workers and the
+    hypercorn parent.
 
     hypercorn 0.18's parent exits 0 whatever its worker's exit status (its run() re-reads the exit
     codes of a list it already emptied), which would tell systemd and the manager script that all
-    went well. SIGKILL is the one signal its handlers cannot turn into an orderly exit 0.
-    """
-    parent = multiprocessing.parent_process()
-    if parent is not None and parent.pid is not None and run_by_hypercorn(sys.argv):
+    went well, and a sibling worker would go on serving alone. SIGKILL is the one signal its
+    handlers cannot turn into an orderly exit 0. With several workers each one may get here: a lock
+    named after the parent lets the first one speak and end the others, so the line is said once.
+    Outside a hypercorn worker (``--workers 0``, tests) the words are all."""
+    parent = _hypercorn_parent()
+    if parent is None:
+        if last_words is not None:
+            print(last_words, file=sys.stderr, flush=True)
+        return
+    path = Path(tempfile.gettempdir()) / f"python-agent-hypercorn-{parent}.stopping"
+    with open(path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)   # a sibling holding it ends this process before releasing it
+        if last_words is not None:
+            print(last_words, file=sys.stderr, flush=True)
+        siblings = _workers_of(parent)   # before the parent goes: they are then reparented
         # The parent's named semaphores (its shutdown Event, handed to this worker) would outlive it:
         # unlink them here, as its exit would have, so its resource tracker finds nothing to warn about.
-        for lock in [o for o in gc.get_objects() if isinstance(o, SemLock)]:
+        for semaphore in [o for o in gc.get_objects() if isinstance(o, SemLock)]:
             with contextlib.suppress(OSError):
-                SemLock._cleanup(lock._semlock.name)  # type: ignore[attr-defined]
-        os.kill(parent.pid, signal.SIGKILL)
+                SemLock._cleanup(semaphore._semlock.name)  # type: ignore[attr-defined]
+        path.unlink(missing_ok=True)
+        # The parent first: it would see a sibling's death and exit 0 before its own SIGKILL came.
+        for pid in (parent, *siblings):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def refuse_to_start(line: str, code: int = 2) -> None:
     """Print ``line`` on stderr and end the process with ``code``, before anything is served
-    (the hypercorn parent too: see ``stop_hypercorn_parent``)."""
-    print(line, file=sys.stderr, flush=True)
-    stop_hypercorn_parent()
+    (the whole hypercorn server too, the line said once: see ``end_hypercorn_server``)."""
+    end_hypercorn_server(line)
     raise SystemExit(code)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from typing import Callable, TypeVar
 
 import trio
@@ -23,7 +22,7 @@ import trio
 from runtime.logs import configure_logging, redact
 from runtime.store import StoreError
 
-from .exposure import check_exposure, refuse_to_start, stop_hypercorn_parent
+from .exposure import check_exposure, check_single_process_store, end_hypercorn_server, refuse_to_start
 from .service import Service
 from .settings import ConfigError, Settings, configured_instances, load_settings
 
@@ -37,7 +36,7 @@ def exit_process(code: int) -> None:
     """End the process at once (hypercorn would otherwise keep serving a dead service), and its
     hypercorn parent with it, so the exit is seen as a failure (see actors/exposure.py)."""
     logging.shutdown()
-    stop_hypercorn_parent()
+    end_hypercorn_server()
     os._exit(code)
 
 
@@ -91,6 +90,7 @@ class Lifecycle:
         the configured one; ``exit_process`` is called with FATAL_EXIT_CODE when the service dies
         of an error after start-up (tests pass their own)."""
         check_exposure(settings)
+        check_single_process_store(settings)
         self.settings = settings
         self.instances = instances if instances is not None else configured_instances(settings)
         self.service = service if service is not None else Service(settings, instances=self.instances)
@@ -115,8 +115,9 @@ class Lifecycle:
             if settings.storage.kind == "sqlite" and "locked by another running process" in str(exc):
                 hint = ("; several workers or processes need STORE_URL=postgresql://… "
                         "(one SQLite file serves one process: README, Running several nodes)")
-            print(f"Store error: {exc}{hint}", file=sys.stderr, flush=True)
-            exit_process(STORE_EXIT_CODE)
+            logging.shutdown()
+            end_hypercorn_server(f"Store error: {exc}{hint}")
+            os._exit(STORE_EXIT_CODE)
         await nursery.start(self._run)
 
     def secret_values(self) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import tomllib
@@ -12,6 +13,8 @@ import attrs
 import pytest
 
 from actors.settings import PROJECT_ROOT, SECTIONS, ConfigError, load_settings, read_dotenv, setting_fields
+
+from tests.procs import free_port
 
 
 def test_defaults_come_from_config_toml() -> None:
@@ -88,11 +91,11 @@ def test_env_example_documents_every_setting_and_loads() -> None:
     load_settings(example, dotenv_file=None)
 
 
-@pytest.mark.parametrize("workers", ["1", "0"])
+@pytest.mark.parametrize("workers", ["1", "0", "3"])
 def test_service_refuses_to_start_with_one_clear_line(tmp_path: Path, workers: str) -> None:
     """hypercorn stops by itself with the line on stderr and a non-zero exit status: 2 with ``--workers 0``;
-    with its default worker process, whose failure hypercorn 0.18's parent reports as 0, the worker ends
-    the parent (actors/exposure.py)."""
+    with worker processes, whose failure hypercorn 0.18's parent reports as 0, a worker ends the parent
+    and its siblings (actors/exposure.py), and the line is printed once however many workers refuse."""
     env = {**os.environ, "MAX_MESSAGES": "abc", "LOG_DIR": str(tmp_path)}
     hypercorn = Path(sys.executable).parent / "hypercorn"
     result = subprocess.run(
@@ -101,6 +104,25 @@ def test_service_refuses_to_start_with_one_clear_line(tmp_path: Path, workers: s
     )
     assert result.stderr.strip().splitlines() == ["Configuration error: MAX_MESSAGES: invalid value 'abc' (expected int)"]
     assert result.returncode == (2 if workers == "0" else -9)
+
+
+def test_several_workers_on_sqlite_refuse_in_one_line_and_leave_nothing_serving(tmp_path: Path) -> None:
+    """``hypercorn --workers 2`` on the SQLite default: one line naming STORE_URL, and no worker left
+    running (before, the second worker's lock failure killed the parent and the first went on serving)."""
+    port = free_port()
+    env = {**os.environ, "DATA_DIR": str(tmp_path / "data"), "LOG_DIR": str(tmp_path / "logs"), "STORE_URL": "",
+           "DATABASE_URL": ""}
+    hypercorn = Path(sys.executable).parent / "hypercorn"
+    result = subprocess.run(
+        [str(hypercorn), "--worker-class", "trio", "--workers", "2", "--bind", f"127.0.0.1:{port}", "app:app"],
+        cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert result.stderr.strip().splitlines() == [
+        "Configuration error: STORE_URL: hypercorn --workers 2 runs 2 processes, and one SQLite file serves one "
+        "process: several workers need STORE_URL=postgresql://… (README, Running several nodes)"]
+    assert result.returncode == -9
+    with socket.socket() as probe:   # nothing serves the port any more
+        assert probe.connect_ex(("127.0.0.1", port)) != 0
 
 
 @pytest.mark.parametrize(
