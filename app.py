@@ -68,7 +68,8 @@ CSRF_HEADER = "X-CSRF-Token"
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 REPLY_MAX_CHARS = 4096
 PAUSE_MAX_MINUTES = 7 * 24 * 60
-NOT_OWNED_HERE = "another node runs this chat now (several nodes on one database): send the command to it (see /shards)"
+NOT_OWNED_HERE = ("another node runs this chat now (several nodes on one database): retry the dead letter "
+                  "on the node that owns it (GET /cluster lists the nodes and their addresses)")
 PAGE = Path(__file__).resolve().parent / "static" / "admin" / "index.html"
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self';"
        " object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
@@ -246,8 +247,6 @@ def register_console(app: QuartTrio, settings: Settings, svc: Service, admin: Ca
             order = await svc.command(key, command, value)
         except (MailboxFull, ShuttingDown):
             return _private_error(503, "the chat's mailbox is full or the service is stopping")
-        except NotOwnedHere:
-            return _private_error(409, NOT_OWNED_HERE)
         if not order.done.is_set():
             return _private_json({"status": "queued", "command": command}, 202)
         if not order.applied:
@@ -453,8 +452,6 @@ def create_app(settings: Settings | None = None, service: Service | None = None,
             applied = await svc.control(key, command)
         except (MailboxFull, ShuttingDown):
             return _error(503, "the chat's mailbox is full or the service is stopping", **{"Retry-After": "5"})
-        except NotOwnedHere:
-            return _error(409, NOT_OWNED_HERE)
         if not applied:
             return _json({"status": "queued", "command": command}, 202)
         return _json(await admin_api.control_applied(svc, key, command))
@@ -476,8 +473,6 @@ def create_app(settings: Settings | None = None, service: Service | None = None,
             order = await svc.command(key, "summary", text.strip())
         except (MailboxFull, ShuttingDown):
             return _error(503, "the chat's mailbox is full or the service is stopping", **{"Retry-After": "5"})
-        except NotOwnedHere:
-            return _error(409, NOT_OWNED_HERE)
         if not order.done.is_set():
             return _json({"status": "queued", "command": "summary"}, 202)
         if not order.applied:
@@ -507,6 +502,11 @@ def create_app(settings: Settings | None = None, service: Service | None = None,
     @admin
     async def shards() -> Response:
         return _json(await admin_api.shards(svc))
+
+    @app.get("/cluster")
+    @admin
+    async def cluster() -> Response:
+        return _json(await admin_api.cluster(svc))
 
     @app.get("/metrics")
     @admin

@@ -151,6 +151,43 @@ def reloaded(result: Reloaded) -> dict[str, Any]:
     return {"status": "reloaded", **attrs.asdict(result)}
 
 
+async def cluster(svc: "Service") -> dict[str, Any]:
+    """Every node sharing this PostgreSQL database (GET /cluster, the same on any node): address,
+    last heartbeat, shards owned and counters, as each node last told it with its heartbeat (this
+    node's own counters are current); the leases; and the cluster's handoffs, takeovers and fenced
+    writes refused, summed over the nodes heard of within the last hour. Never the database URL."""
+    owner = svc.owner
+    if owner is None:
+        return {"enabled": False, "store": svc.settings.storage.kind}
+    nodes = await svc.store.nodes(owner.lease_seconds)  # type: ignore[attr-defined]
+    leases = await svc.store.lease_rows()  # type: ignore[attr-defined]
+    now = time.time()
+    mine = svc.describe_node().stats
+    shown = [{
+        "id": n.node, "address": n.info.address, "live": n.live, "this_node": n.node == owner.node,
+        "last_heartbeat": round(now - n.seconds_ago, 3), "seconds_since_heartbeat": round(n.seconds_ago, 3),
+        "started_at": n.info.started_at, "shards_owned": n.owned,
+        "stats": dict(mine if n.node == owner.node else n.info.stats),
+    } for n in nodes]
+    held = sum(1 for r in leases if r.owner is not None and r.expires_in > 0)
+    expired = sum(1 for r in leases if r.owner is not None and r.expires_in <= 0)
+
+    def total(name: str) -> int:
+        return sum(int(node["stats"].get(name, 0)) for node in shown)
+
+    return map_strings({
+        "enabled": True,
+        "node": owner.node,
+        "nodes": shown,
+        "live_nodes": sum(1 for n in nodes if n.live),
+        "leases": {"shards": owner.shards, "lease_seconds": owner.lease_seconds, "held": held, "expired": expired,
+                   "free": len(leases) - held - expired, "max_epoch": max((r.epoch for r in leases), default=0)},
+        "handoffs": total("handed_back"),
+        "takeovers": total("taken_over"),
+        "fenced_writes_refused": total("fenced_refused"),
+    }, redact)
+
+
 async def shards(svc: "Service") -> dict[str, Any]:
     """Shard ownership (several nodes on one PostgreSQL database): this node, what it owns, the live
     nodes, lease changes and fenced writes refused, and every owner's count from the lease table.

@@ -64,12 +64,14 @@ class Control:
     sent in order with the bot's replies) from the admin, lead (the CRM supervisor recording
     ``value``, the lead id) or sent (the outbound supervisor recording ``value``, the ids Evolution
     gave our sends, so their fromMe echoes are not a person). Every command but ``sent`` is
-    committed at once; ``sent`` is saved with the next commit."""
+    committed at once; ``sent`` is saved with the next commit. An admin command queued through the
+    chat's inbox (several nodes: actors/inbox_mail.py) has its row's ``seq``, acked by that commit."""
 
     command: str
     value: Any = None
     done: trio.Event = attrs.Factory(trio.Event)
     applied: bool = False      # set with ``done`` once the actor carried it out (not when it was stopped)
+    seq: int | None = None     # its inbox row, when it came through the chat's inbox
 
 
 Mail = Accepted | Control
@@ -262,6 +264,8 @@ class ConversationActor:
         state.last_activity = self._ctx.clock.now()
         for item in failing:
             if isinstance(item, Control):
+                if item.seq is not None:   # not carried out, and not retried: its inbox row is settled
+                    self._acked.append(item.seq)
                 item.done.set()
                 continue
             message = item.message
@@ -423,6 +427,8 @@ class ConversationActor:
 
     async def _control(self, control: Control) -> None:
         state = self.state
+        if control.seq is not None:
+            self._acked.append(control.seq)
         if control.command == "sent":   # bookkeeping only: saved with the next commit
             remember_sent(state, control.value)
             control.done.set()
@@ -434,7 +440,7 @@ class ConversationActor:
             else:
                 state.summary, changed = str(control.value)[:MAX_SUMMARY_CHARS], True
                 log.info("Admin summary for %s (%d chars)", self.jid, len(state.summary))
-            if changed:
+            if changed or self._acked:
                 await self._commit()
             control.applied = True
             control.done.set()

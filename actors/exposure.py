@@ -20,6 +20,7 @@ import ipaddress
 import multiprocessing
 import os
 import signal
+import socket
 import sys
 import tempfile
 from multiprocessing.synchronize import SemLock
@@ -80,6 +81,20 @@ def served_binds(settings: Settings, argv: Sequence[str] | None = None) -> list[
     if run_by_hypercorn(argv):
         return hypercorn_binds(argv)
     return [f"[{settings.server.host}]:{settings.server.port}" if ":" in settings.server.host else f"{settings.server.host}:{settings.server.port}"]
+
+
+def advertised_address(settings: Settings, argv: Sequence[str] | None = None) -> str:
+    """Where this process is reached, for admins (GET /cluster): NODE_ADDRESS, else its first bind,
+    a wildcard host replaced by the machine's name."""
+    if settings.storage.node_address.strip():
+        return settings.storage.node_address.strip()
+    bind = served_binds(settings, argv)[0]
+    if bind.startswith(("unix:", "fd://")):
+        return bind
+    host, _, port = bind.rpartition(":")
+    if host in ("0.0.0.0", "::", "[::]", ""):
+        host = socket.gethostname()
+    return f"{host}:{port}"
 
 
 def is_loopback_address(host: str | None) -> bool:

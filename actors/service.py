@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import itertools
 import logging
+import secrets
 from typing import Any, Awaitable, Callable, Mapping
 
 import attrs
@@ -26,16 +27,18 @@ from runtime.logs import LogCompressor
 from runtime.memory_store import MemoryStore
 from runtime.registry import MailboxFull, Registry, ShuttingDown
 from runtime.retry import RetryPolicy
-from runtime.shards import ShardOwner, shard_of
+from runtime.shards import NodeInfo, ShardOwner, shard_of
 from runtime.store import DEAD_LETTERS_KEPT, InboxRow, OutboxRow, Store, StoreError
 
-from .admin_view import Activity
+from .admin_view import STARTED, Activity
 from .conversation import Accepted, Control, ConversationActor, ConversationContext
 from .conversation_key import ConversationKey
 from .conversation_view import ConversationView
 from .crm import CrmSupervisor, LeadRequest
 from .evolution import Ignored, parse_webhook
+from .exposure import advertised_address
 from .inbound import InboundMessage
+from .inbox_mail import control_payload, mail_of
 from .instances import unknown_instance
 from .jid import is_group
 from .llm.accounts import ChainPool
@@ -149,13 +152,17 @@ class Service:
         self.feed: InboxFeed | None = None
         self._releasing: set[int] = set()   # shards being handed back: no new deliveries
         self.forwarded = 0                  # messages accepted here for a chat another node owns
+        self.commands_forwarded = 0         # admin commands stored here for a chat another node runs
+        self._orders: dict[tuple[str, int], Control] = {}   # (key, seq) → a command a request here waits for
         from runtime.postgres_store import PostgresStore   # imports no driver: psycopg loads at open
 
         if isinstance(self.store, PostgresStore):
             storage = settings.storage
+            self.address = advertised_address(settings)
             self.owner = ShardOwner(self.store, storage.node, shards=self.store.shards,
                                     lease_seconds=storage.shard_lease_seconds, on_gained=self._shards_gained,
-                                    on_lost=self._shards_lost, on_release=self._shards_released)
+                                    on_lost=self._shards_lost, on_release=self._shards_released,
+                                    describe=self.describe_node)
             self.fenced = FencedStore(self.store, self.owner)
             self.feed = InboxFeed(self.store, self.owner, deliver=self._deliver_row, may_deliver=self.runs,
                                   poll_seconds=storage.inbox_poll_seconds)
@@ -300,8 +307,7 @@ class Service:
         for row in outbox:
             await self._resubmit(row)
         for irow in inbox:
-            message = InboundMessage(**irow.payload)
-            self.registry.deliver(irow.key, Accepted(irow.seq, message, trio.current_time()), force=True)
+            self._deliver_row(irow)
         if outbox or inbox:
             log.info("Recovery: %d pending replies/jobs re-sent, %d accepted messages re-delivered", len(outbox), len(inbox))
 
@@ -314,16 +320,26 @@ class Service:
             return True
         return self.owner.owns(key) and shard_of(key, self.owner.shards) not in self._releasing
 
+    def describe_node(self) -> NodeInfo:
+        """What this node's heartbeat tells the others (GET /cluster, on any node)."""
+        owner = self.owner
+        assert owner is not None
+        return NodeInfo(self.address, STARTED, {
+            "acquired": owner.acquired, "taken_over": owner.taken_over, "lost": owner.lost,
+            "handed_back": owner.handed_back, "fenced_refused": self.fenced.refused if self.fenced is not None else 0,
+            "forwarded": self.forwarded, "commands_forwarded": self.commands_forwarded,
+            "live_actors": len(self.registry) if self.registry is not None else 0,
+        })
+
     def _keys_in(self, shards: list[int]) -> list[str]:
         assert self.owner is not None and self.registry is not None
         wanted = set(shards)
         return [key for key in self.registry.keys() if shard_of(key, self.owner.shards) in wanted]
 
     def _deliver_row(self, row: InboxRow) -> None:
-        """The inbox feed hands over a stored message (any node accepted it), in sequence order."""
+        """Hand a stored message or admin command (any node accepted it) to its actor, in sequence order."""
         assert self.registry is not None
-        self.registry.deliver(row.key, Accepted(row.seq, InboundMessage(**row.payload), trio.current_time()),
-                              force=True)
+        self.registry.deliver(row.key, mail_of(row, trio.current_time(), self._orders), force=True)
 
     async def _shards_gained(self, shards: list[int]) -> None:
         """Recover newly owned shards: their unsent replies and jobs, then their accepted messages."""
@@ -574,18 +590,41 @@ class Service:
     async def command(self, key: str, command: str, value: Any = None, *, wait: float = 5.0) -> Control:
         """Like ``control``, returning the order: ``done`` once handled within ``wait`` seconds,
         ``applied`` unless the chat's actor was stopped (then it was answered, not carried out).
-        Raises NotOwnedHere when another node runs the chat (several nodes)."""
+        With several nodes the command goes through the chat's inbox (``_command_through_inbox``)."""
         assert self.registry is not None
         if ConversationKey.parse(key).instance == "":
             key = await self.resolve(key) or ConversationKey(self.tenants.default_instance, key).key
         key = self._aliases.get(key, key)
-        if not self.runs(key):
-            raise NotOwnedHere(key)
         order = Control(command, value)
+        if self.feed is not None:
+            await self._command_through_inbox(key, order, wait)
+            return order
         self.registry.deliver(key, order)
         with trio.move_on_after(wait):
             await order.done.wait()
         return order
+
+    async def _command_through_inbox(self, key: str, order: Control, wait: float) -> None:
+        """Several nodes: store the command as the chat's next inbox row (actors/inbox_mail.py), so
+        it takes its place after every message any node accepted before it, and whichever node runs
+        the chat carries it out. On that node, hand it over and wait for it like a local command;
+        elsewhere the owner's feed picks it up (a wake-up, else its next poll): ``done`` stays unset."""
+        assert self.feed is not None
+        seq = await self.store.accept(key, f"admin:{secrets.token_hex(12)}", control_payload(order.command, order.value))
+        if seq is None:   # a fresh random id is never a duplicate
+            raise StoreError("an admin command's inbox row was taken for a duplicate")
+        order.seq = seq
+        if not self.runs(key):
+            self.commands_forwarded += 1
+            log.info("Admin %s for %s stored for the node that runs the chat", order.command, key)
+            return
+        self._orders[(key, seq)] = order
+        try:
+            await self.feed.catch_up(key)
+            with trio.move_on_after(wait):
+                await order.done.wait()
+        finally:
+            self._orders.pop((key, seq), None)
 
     def _ignore(self, reason: str) -> IntakeResult:
         counted = reason

@@ -49,7 +49,7 @@ from urllib.parse import urlsplit
 
 import trio
 
-from .shards import Lease, LeaseRow, shard_of
+from .shards import Lease, LeaseRow, NodeInfo, NodeRow, shard_of
 from .store import (DEAD_LETTERS_KEPT, EXPIRE_BATCH, Cursor, DeadLetterRow, Fenced, InboxRow, MetaPage, MetaRow,
                     OutboxRow, StateMeta, StoreError)
 
@@ -57,6 +57,7 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 CONNECTION_WAIT = 2.0     # seconds a call waits for a pooled connection before failing
 UNREACHABLE_PAUSE = 1.0   # seconds calls fail at once after the database was found unreachable
+NODES_KEPT_SECONDS = 3600.0   # a silent node's heartbeat row is kept this long (shown as not live)
 LISTEN_WAIT = 1.0   # seconds a listener thread waits for a notification before checking for cancellation
 Mode = Literal["statement", "batch", "transaction"]
 
@@ -103,6 +104,11 @@ MIGRATIONS[3] = (   # several nodes: each row names its key's shard (shard_of, c
     "CREATE INDEX agent_inbox_shard ON agent_inbox (shard, key, seq)",
     "CREATE INDEX agent_outbox_shard ON agent_outbox (shard, id)",
     "CREATE INDEX agent_meta_shard ON agent_meta (shard, last_activity)",
+)
+MIGRATIONS[4] = (   # GET /cluster: what each node says of itself with its heartbeat
+    "ALTER TABLE agent_nodes ADD COLUMN address TEXT NOT NULL DEFAULT ''",
+    "ALTER TABLE agent_nodes ADD COLUMN started_at DOUBLE PRECISION NOT NULL DEFAULT 0",
+    "ALTER TABLE agent_nodes ADD COLUMN stats TEXT NOT NULL DEFAULT '{}'",
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 _SHARDED = ("agent_inbox", "agent_outbox", "agent_meta")   # tables with a shard column (-1: not computed yet)
@@ -653,31 +659,52 @@ class PostgresStore:
 
     # -- shard leases (runtime.shards.LeaseStore) --------------------------------------------------
 
-    async def heartbeat(self, node: str, ttl: float) -> list[str]:
-        """Record that ``node`` is alive; the live nodes (seen within ``ttl`` seconds), sorted.
-        Nodes silent for ten times that are forgotten."""
+    async def heartbeat(self, node: str, ttl: float, info: NodeInfo) -> list[str]:
+        """Record that ``node`` is alive, with what it says of itself; the live nodes (seen within
+        ``ttl`` seconds), sorted. Nodes silent for ``NODES_KEPT_SECONDS`` are forgotten (until then
+        admins see them as not live)."""
+        args = {"node": node, "address": info.address, "started": info.started_at, "stats": _dumps(dict(info.stats)),
+                "ttl": ttl, "kept": max(NODES_KEPT_SECONDS, 10 * ttl)}
 
         def op(conn: Any) -> AfterCommit:
-            conn.execute(f"INSERT INTO agent_nodes (node, seen_at) VALUES (%s, {_NOW})"
-                         " ON CONFLICT (node) DO UPDATE SET seen_at = excluded.seen_at", (node,))
-            conn.execute(f"DELETE FROM agent_nodes WHERE seen_at < {_NOW} - %s", (10 * ttl,))
-            live = conn.execute(f"SELECT node FROM agent_nodes WHERE seen_at >= {_NOW} - %s ORDER BY node", (ttl,))
+            conn.execute(f"INSERT INTO agent_nodes (node, seen_at, address, started_at, stats)"
+                         f" VALUES (%(node)s, {_NOW}, %(address)s, %(started)s, %(stats)s)"
+                         " ON CONFLICT (node) DO UPDATE SET seen_at = excluded.seen_at, address = excluded.address,"
+                         " started_at = excluded.started_at, stats = excluded.stats", args)
+            conn.execute(f"DELETE FROM agent_nodes WHERE seen_at < {_NOW} - %(kept)s", args)
+            live = conn.execute(f"SELECT node FROM agent_nodes WHERE seen_at >= {_NOW} - %(ttl)s ORDER BY node", args)
             return AfterCommit(lambda: [name for (name,) in live.fetchall()])
 
         return await self._run(op, mode="batch", lease=True)
 
+    async def nodes(self, ttl: float) -> list[NodeRow]:
+        """Every node heard of lately, by name: what it said with its last heartbeat, how long ago,
+        whether that is within ``ttl``, and the unexpired leases it holds."""
+
+        def op(conn: Any) -> list[NodeRow]:
+            rows = conn.execute(
+                f"SELECT n.node, n.address, n.started_at, {_NOW} - n.seen_at, n.stats,"
+                f" (SELECT count(*) FROM agent_shards s WHERE s.owner = n.node AND s.expires_at > {_NOW})"
+                " FROM agent_nodes n ORDER BY n.node").fetchall()
+            return [NodeRow(node, NodeInfo(address, float(started), json.loads(stats)), float(ago), float(ago) <= ttl,
+                            int(owned)) for node, address, started, ago, stats, owned in rows]
+
+        return await self._run(op, mode="statement", lease=True)
+
     async def acquire(self, node: str, shards: Sequence[int], lease_seconds: float, limit: int) -> list[Lease]:
         """Take up to ``limit`` of ``shards`` that are free or expired, lowest first (epoch + 1);
-        rows another node is taking at the same moment are skipped, never waited for."""
+        rows another node is taking at the same moment are skipped, never waited for. A lease whose
+        row still named another owner (it expired: that node died or was cut off) says so."""
 
         def op(conn: Any) -> list[Lease]:
             rows = conn.execute(
-                f"UPDATE agent_shards SET owner = %(node)s, epoch = epoch + 1, expires_at = {_NOW} + %(lease)s"
-                " WHERE shard IN (SELECT shard FROM agent_shards WHERE shard = ANY(%(wanted)s)"
-                f" AND (owner IS NULL OR expires_at < {_NOW}) ORDER BY shard LIMIT %(limit)s"
-                " FOR UPDATE SKIP LOCKED) RETURNING shard, epoch",
+                "WITH taken AS (SELECT shard, owner FROM agent_shards WHERE shard = ANY(%(wanted)s)"
+                f" AND (owner IS NULL OR expires_at < {_NOW}) ORDER BY shard LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
+                f" UPDATE agent_shards s SET owner = %(node)s, epoch = s.epoch + 1, expires_at = {_NOW} + %(lease)s"
+                " FROM taken WHERE s.shard = taken.shard RETURNING s.shard, s.epoch, taken.owner",
                 {"node": node, "lease": lease_seconds, "wanted": list(shards), "limit": limit}).fetchall()
-            return sorted(Lease(int(shard), int(epoch)) for shard, epoch in rows)
+            return sorted(Lease(int(shard), int(epoch), taken_from=previous if previous != node else None)
+                          for shard, epoch, previous in rows)
 
         return await self._run(op, mode="statement", lease=True)
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from typing import Awaitable, Callable, Protocol, Sequence
+from typing import Awaitable, Callable, Mapping, Protocol, Sequence
 
 import attrs
 import trio
@@ -46,10 +46,12 @@ def shard_of(key: str, shards: int) -> int:
 
 @attrs.frozen(order=True)
 class Lease:
-    """A shard this process owns, under the epoch its writes are fenced with."""
+    """A shard this process owns, under the epoch its writes are fenced with. ``taken_from``: when
+    it was just acquired from another process whose lease had run out (a takeover)."""
 
     shard: int
     epoch: int
+    taken_from: str | None = attrs.field(default=None, eq=False, order=False)
 
 
 @attrs.frozen
@@ -62,11 +64,33 @@ class LeaseRow:
     expires_in: float
 
 
+@attrs.frozen
+class NodeInfo:
+    """What a process says of itself with its heartbeat, for admins: where it is reached, when it
+    started (unix seconds), and its counters (names and numbers of the caller's choosing)."""
+
+    address: str = ""
+    started_at: float = 0.0
+    stats: Mapping[str, int] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class NodeRow:
+    """A process as the store last heard of it: ``seconds_ago`` since its heartbeat, ``live`` when
+    that is within the lease, ``owned`` its unexpired leases."""
+
+    node: str
+    info: NodeInfo
+    seconds_ago: float
+    live: bool
+    owned: int
+
+
 class LeaseStore(Protocol):
     """What the shared store offers for leases (``runtime.postgres_store.PostgresStore``)."""
 
-    async def heartbeat(self, node: str, ttl: float) -> list[str]:
-        """Record that ``node`` is alive; the live nodes (heartbeat within ``ttl``), sorted."""
+    async def heartbeat(self, node: str, ttl: float, info: NodeInfo) -> list[str]:
+        """Record that ``node`` is alive (with ``info``); the live nodes (heartbeat within ``ttl``), sorted."""
 
     async def acquire(self, node: str, shards: Sequence[int], lease_seconds: float, limit: int) -> list[Lease]:
         """Take up to ``limit`` of ``shards`` that are free or expired (epoch + 1)."""
@@ -83,6 +107,9 @@ class LeaseStore(Protocol):
     async def lease_rows(self) -> list[LeaseRow]:
         """Every shard's lease."""
 
+    async def nodes(self, ttl: float) -> list[NodeRow]:
+        """Every process heard of lately."""
+
 
 def fair_share(node: str, live: Sequence[str], shards: int) -> int:
     """How many shards ``node`` should own: an even split among the live nodes, the first
@@ -98,7 +125,8 @@ class ShardOwner:
     ``on_gained(shards)`` runs once a shard is owned (load its pending work); ``on_lost(shards)`` as
     soon as one is lost (stop its actors at once, nothing more may be written); ``on_release(shards)``
     before an excess shard is handed back (finish its work in flight), after which the lease is
-    released. Callbacks run in this task, one at a time.
+    released. Callbacks run in this task, one at a time. ``describe()`` is what the heartbeat says
+    of this process (its address, start, counters) for admins.
     """
 
     def __init__(
@@ -112,12 +140,14 @@ class ShardOwner:
         on_lost: Callable[[list[int]], Awaitable[None]],
         on_release: Callable[[list[int]], Awaitable[None]],
         max_acquire: int | None = None,
+        describe: Callable[[], NodeInfo] = NodeInfo,
     ) -> None:
         self.store = store
         self.node = node
         self.shards = shards
         self.lease_seconds = lease_seconds
         self._on_gained, self._on_lost, self._on_release = on_gained, on_lost, on_release
+        self._describe = describe
         self.max_acquire = max_acquire if max_acquire is not None else max(1, math.ceil(shards / 4))
         self.owned: dict[int, int] = {}   # shard -> epoch
         self._deadline = -math.inf        # trio time after which our leases may be someone else's
@@ -125,6 +155,7 @@ class ShardOwner:
         self._stopping = False
         self.balanced = False   # one balance step done: this process owns its share (or tried)
         self.acquired = 0       # leases acquired (a takeover of a dead node's shards counts here)
+        self.taken_over = 0     # ... of them from another process whose lease had run out
         self.lost = 0           # leases lost: taken over, run out, or refused by a fenced write
         self.handed_back = 0    # leases released gracefully
 
@@ -172,7 +203,7 @@ class ShardOwner:
         fair share. A store error keeps what is owned until the local deadline passes."""
         sent = trio.current_time()
         try:
-            self.live = await self.store.heartbeat(self.node, self.lease_seconds)
+            self.live = await self.store.heartbeat(self.node, self.lease_seconds, self._describe())
             renewed = await self.store.renew(self.node, [Lease(s, e) for s, e in self.owned.items()],
                                              self.lease_seconds)
         except StoreError as exc:
@@ -210,6 +241,7 @@ class ShardOwner:
             if gained:
                 self.owned.update({lease.shard: lease.epoch for lease in gained})
                 self.acquired += len(gained)
+                self._count_takeovers(gained)
                 log.info("Shards: acquired %d (%s), own %d of %d (fair share %d among %d nodes)",
                          len(gained), _span(sorted(g.shard for g in gained)), len(self.owned), self.shards,
                          target, len(self.live) or 1)
@@ -217,6 +249,15 @@ class ShardOwner:
         elif len(self.owned) > target:
             excess = sorted(self.owned)[target:]
             await self.hand_back(excess)
+
+    def _count_takeovers(self, gained: Sequence[Lease]) -> None:
+        previous: dict[str, int] = {}
+        for lease in gained:
+            if lease.taken_from is not None:
+                previous[lease.taken_from] = previous.get(lease.taken_from, 0) + 1
+        for node, count in sorted(previous.items()):
+            self.taken_over += count
+            log.warning("Shards: took over %d shards from %s (its leases ran out)", count, node)
 
     async def hand_back(self, shards: Sequence[int]) -> None:
         """Finish the shards' work (``on_release``), then release their leases."""

@@ -4,6 +4,7 @@ through a reverse proxy on the same host, the unix-socket bind, the security hea
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -12,8 +13,8 @@ import httpx
 import pytest
 import trio
 
-from actors.exposure import hypercorn_binds, is_loopback_bind
-from actors.settings import PROJECT_ROOT
+from actors.exposure import advertised_address, hypercorn_binds, hypercorn_workers, is_loopback_bind
+from actors.settings import PROJECT_ROOT, load_settings
 from tests.fakes.server import running_server
 from tests.payloads import upsert
 from tests.procs import HYPERCORN, ServiceProcess, free_port
@@ -81,6 +82,22 @@ def test_bind_parsing_follows_hypercorn(tmp_path: Path) -> None:
     loopback = ["127.0.0.1:5000", "127.8.9.1:1", "[::1]:5000", "localhost:80", "127.0.0.1"]
     public = ["0.0.0.0:5000", "[::]:5000", "10.0.0.2:80", "example.com:80", "unix:/run/agent.sock", "fd://3"]
     assert all(map(is_loopback_bind, loopback)) and not any(map(is_loopback_bind, public))
+
+
+def test_worker_count_and_advertised_address_follow_hypercorn(tmp_path: Path) -> None:
+    config = tmp_path / "hypercorn.toml"
+    config.write_text('bind = ["0.0.0.0:5000"]\nworkers = 3\n')
+    assert hypercorn_workers(["/x/hypercorn", "app:app"]) == 1
+    assert hypercorn_workers(["/x/hypercorn", "-w", "4", "app:app"]) == 4
+    assert hypercorn_workers(["/x/hypercorn", "--workers=0", "app:app"]) == 0
+    assert hypercorn_workers(["/x/hypercorn", "-c", str(config), "app:app"]) == 3
+    assert hypercorn_workers(["/x/hypercorn", "-c", str(config), "--workers", "2", "app:app"]) == 2
+    settings = load_settings({"NODE_ADDRESS": ""}, dotenv_file=None)
+    assert advertised_address(settings, ["/x/hypercorn", "-b", "127.0.0.1:5001", "app:app"]) == "127.0.0.1:5001"
+    assert advertised_address(settings, ["/x/hypercorn", "-c", str(config), "app:app"]) == f"{socket.gethostname()}:5000"
+    assert advertised_address(settings, ["/x/hypercorn", "-b", "unix:/run/a.sock", "app:app"]) == "unix:/run/a.sock"
+    named = load_settings({"NODE_ADDRESS": "node-2.internal:5000"}, dotenv_file=None)
+    assert advertised_address(named, ["/x/hypercorn", "app:app"]) == "node-2.internal:5000"
 
 
 def nginx_like_proxy(upstream: str) -> Any:

@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from runtime.postgres_store import SCHEMA_VERSION, PostgresStore
-from runtime.shards import shard_of
+from runtime.shards import NodeInfo, shard_of
 from runtime.store import StateMeta, StoreError
 from tests.postgres import PASSWORD
 from tests.procs import ServiceProcess
@@ -257,7 +257,7 @@ async def test_lease_renewals_never_wait_behind_a_busy_pool(postgres_cluster: An
                 nursery.start_soon(store._run, lambda conn: conn.execute("SELECT pg_sleep(1.5)"))
             await trio.sleep(0.2)
             started = trio.current_time()
-            assert await store.heartbeat("n", 10.0) == ["n"]
+            assert await store.heartbeat("n", 10.0, NodeInfo()) == ["n"]
             assert await store.renew("n", leases, 10.0) == leases
             assert trio.current_time() - started < 1.0
     finally:

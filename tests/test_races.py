@@ -12,6 +12,7 @@ import trio
 import trio.testing
 
 from actors.conversation import Control
+from actors.inbox_mail import control_payload
 from actors.llm.base import Prompt
 from actors.service import Service
 from runtime.memory_store import MemoryStore
@@ -358,4 +359,35 @@ async def test_a_store_that_cannot_accept_answers_503_and_keeps_no_slot(tmp_path
         store.fail_accepts = False
         assert (await service.intake(upsert("hola", jid=A))).status == 200   # no slot was leaked
         await wait_for(lambda: replies(service, A) == ["re: hola"])
+        nursery.cancel_scope.cancel()
+
+
+async def test_commands_from_the_inbox_are_acked_by_their_commit_even_when_they_fail(tmp_path: Path) -> None:
+    """An admin command stored in the chat's inbox (given on another node: actors/inbox_mail.py) is
+    carried out in order and its row acked with the command's commit; one whose handling fails is
+    acked too (not replayed at every takeover), and the chat goes on."""
+    store = MemoryStore()
+    async with trio.open_nursery() as nursery:
+        service = await start(nursery, tmp_path, store)
+        await service.intake(upsert("hola", jid=A))
+        await wait_for(lambda: len(replies(service, A)) == 1)
+
+        async def through_inbox(command: str, value: Any) -> None:
+            """Store the command as the chat's next row, hand it over, wait until its row is acked."""
+            seq = await store.accept(key_of(A), f"admin:{command}:{value}", control_payload(command, value))
+            service._deliver_row(next(r for r in await store.pending_inbox() if r.seq == seq))
+            with trio.fail_after(5):
+                while await store.pending_inbox():
+                    await trio.sleep(0.02)
+
+        await through_inbox("pause", 0)
+        view = await service.conversation(key_of(A))
+        assert view is not None and view.pause_reason == "operator"
+        await through_inbox("pause", "not minutes")   # fails inside the actor: a bad value in a stored row
+        await through_inbox("resume", None)
+        view = await service.conversation(key_of(A))
+        assert view is not None and view.pause_reason == ""
+        await service.intake(upsert("sigo", jid=A))
+        await wait_for(lambda: len(replies(service, A)) == 2)
+        assert replies(service, A)[-1] == "re: sigo"
         nursery.cancel_scope.cancel()

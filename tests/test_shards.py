@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from runtime.postgres_store import PostgresStore
-from runtime.shards import ShardOwner, fair_share, shard_of
+from runtime.shards import NodeInfo, ShardOwner, fair_share, shard_of
 from runtime.store import Fenced, StateMeta, StoreError
 
 SHARDS = 16
@@ -38,7 +38,8 @@ class Node:
         self.events: list[tuple[str, list[int]]] = []
         self.owner = ShardOwner(store, name, shards=SHARDS, lease_seconds=lease,
                                 on_gained=self._note("gained"), on_lost=self._note("lost"),
-                                on_release=self._note("release"), max_acquire=SHARDS)
+                                on_release=self._note("release"), max_acquire=SHARDS,
+                                describe=lambda: NodeInfo(f"{name}.example:5000", 1.5, {"steps": len(self.events)}))
 
     def _note(self, what: str) -> Any:
         async def note(shards: list[int]) -> None:
@@ -67,9 +68,14 @@ async def test_a_joining_node_gets_its_share_by_graceful_handoff(postgres_cluste
         assert released == [list(range(SHARDS // 2, SHARDS))]   # work finished before the release
         await b.owner.step()
         assert sorted(b.owner.owned) == list(range(SHARDS // 2, SHARDS))
-        assert all(epoch == 2 for epoch in b.owner.owned.values())   # each taken over once
+        assert all(epoch == 2 for epoch in b.owner.owned.values())   # each acquired a second time
+        assert b.owner.taken_over == 0 and a.owner.handed_back == SHARDS // 2   # handed over, not taken over
         rows = await sa.lease_rows()
         assert Counter(r.owner for r in rows) == {"node-a": SHARDS // 2, "node-b": SHARDS // 2}
+        nodes = await sb.nodes(5.0)
+        assert [(n.node, n.live, n.owned, n.info.address) for n in nodes] == [
+            ("node-a", True, SHARDS // 2, "node-a.example:5000"), ("node-b", True, SHARDS // 2, "node-b.example:5000")]
+        assert nodes[0].info.stats == {"steps": 1}   # said at its last heartbeat, before the release and nodes[0].info.started_at == 1.5 and nodes[0].seconds_ago < 5
     finally:
         await sa.close()
         await sb.close()
@@ -91,7 +97,8 @@ async def test_a_silent_node_is_taken_over_and_its_writes_are_fenced(postgres_cl
         await trio.sleep(1.2)                      # a "paused": its leases run out
         assert a.owner.fence(key) is None          # a itself no longer trusts them
         await b.owner.step()
-        assert len(b.owner.owned) == SHARDS
+        assert len(b.owner.owned) == SHARDS and b.owner.taken_over == SHARDS   # from a, whose leases ran out
+        assert [(n.node, n.live, n.owned) for n in await sb.nodes(1.0)] == [("node-a", False, 0), ("node-b", True, SHARDS)]
         new = b.owner.fence(key)
         assert new is not None and new.epoch == old.epoch + 1
         with pytest.raises(Fenced):

@@ -78,6 +78,7 @@ class StorageSettings:
     database_url: str = secret()
     # several nodes on one PostgreSQL database (runtime/shards.py); ignored by SQLite and memory
     node_id: str = setting(text())                           # this process's name ("": hostname:pid)
+    node_address: str = setting(text())                      # where admins reach it ("": its hypercorn bind)
     shards: int = setting(integer(1, 65536))                 # fixed for the life of a database
     shard_lease_seconds: float = setting(number(positive=True))   # a dead node's chats wait this long
     inbox_poll_seconds: float = setting(number(positive=True))    # how often a node reads its shards' inbox

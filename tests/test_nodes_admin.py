@@ -1,0 +1,89 @@
+"""Admin on any of several nodes (issue 16): a command given on a node that does not run the chat
+reaches its owner through the chat's inbox, in order with the chat's messages; GET /cluster shows
+the same nodes on every node. Real hypercorn processes on a throwaway PostgreSQL (tests/test_nodes.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from runtime.shards import shard_of
+from tests.procs import ServiceProcess
+from tests.test_nodes import INSTANCE, SHARDS, Cluster, cluster, jids
+
+pytestmark = pytest.mark.slow
+__all__ = ["cluster"]   # the fixture, used by name
+
+
+async def owner_of(cluster: Cluster, key: str) -> str:
+    """The node holding ``key``'s shard lease, read from the database."""
+    import psycopg
+
+    def read() -> str:
+        with psycopg.connect(cluster.store_url) as conn:
+            row = conn.execute("SELECT owner FROM agent_shards WHERE shard = %s", (shard_of(key, SHARDS),)).fetchone()
+            return str(row[0])
+
+    return await trio.to_thread.run_sync(read)
+
+
+async def get(client: httpx.AsyncClient, node: ServiceProcess, path: str) -> Any:
+    response = await client.get(node.url + path)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+async def test_commands_on_any_node_reach_the_owner_in_order(cluster: Cluster) -> None:
+    nodes = await cluster.add(3)
+    await cluster.wait_balanced(nodes)
+    jid = jids()[0]
+    async with httpx.AsyncClient(timeout=10) as client:
+        names = {(await get(client, n, "/shards"))["node"]: n for n in nodes}
+        owner = names[await owner_of(cluster, f"{INSTANCE}/{jid}")]
+        one, two = [n for n in nodes if n is not owner]
+
+        async def reply_texts() -> list[str]:
+            return [t for _, number, t in cluster.evolution.texts() if number == jid]
+
+        await cluster.post(client, nodes.index(one), jid, "m0")
+        with trio.fail_after(15):
+            while await reply_texts() != ["ok m0"]:
+                await trio.sleep(0.05)
+
+        paused = await client.post(f"{one.url}/actors/{jid}/pause")
+        assert (paused.status_code, paused.json()) == (202, {"status": "queued", "command": "pause"})
+        await cluster.post(client, nodes.index(two), jid, "m1")   # accepted after the pause: not answered
+        with trio.fail_after(15):   # the owner carried the pause out: every node reads it from the database
+            while (await get(client, two, f"/actors/{jid}"))["state"]["pause_reason"] != "operator":
+                await trio.sleep(0.1)
+        resumed = await client.post(f"{two.url}/actors/{jid}/resume")
+        assert resumed.status_code == 202, resumed.text
+        await cluster.post(client, nodes.index(one), jid, "m2")   # after the resume: answered
+        with trio.fail_after(15):
+            while len(await reply_texts()) < 2:
+                await trio.sleep(0.05)
+        await trio.sleep(1.0)   # m1 would have been answered by now too
+        assert await reply_texts() == ["ok m0", "ok m2"]
+        stored = await get(client, one, f"/actors/{jid}")
+        assert [m["content"] for m in stored["state"]["messages"]] == ["m0", "ok m0", "m1", "m2", "ok m2"]
+
+        reset = await client.post(f"{one.url}/actors/{jid}/reset")
+        assert reset.status_code == 202, reset.text
+        with trio.fail_after(15):
+            while (await get(client, two, f"/actors/{jid}"))["state"]["window_size"] != 0:
+                await trio.sleep(0.1)
+        on_owner = await client.post(f"{owner.url}/actors/{jid}/pause")   # the owner carries it out at once
+        assert on_owner.status_code == 200 and on_owner.json()["status"] == "applied", on_owner.text
+
+        views = [await get(client, n, "/cluster") for n in nodes]
+    assert [[(m["id"], m["address"], m["live"], m["shards_owned"]) for m in v["nodes"]] for v in views] == [
+        [(name, names[name].url.removeprefix("http://"), True, SHARDS // 3 + (1 if i < SHARDS % 3 else 0))
+         for i, name in enumerate(sorted(names))]] * 3
+    assert views[0]["leases"] == {"shards": SHARDS, "lease_seconds": 3.0, "held": SHARDS, "expired": 0, "free": 0,
+                                  "max_epoch": views[0]["leases"]["max_epoch"]}
+    assert views[0]["takeovers"] == 0 and views[0]["fenced_writes_refused"] == 0
+    forwarded = {m["id"]: m["stats"]["commands_forwarded"] for m in views[0]["nodes"]}
+    assert sum(forwarded.values()) >= 2 and forwarded[next(k for k, v in names.items() if v is owner)] == 0
