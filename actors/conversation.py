@@ -27,6 +27,7 @@ from .bounds import trim as _trim
 from .controls import apply_command, phone_message, remember_sent
 from .conversation_key import ConversationKey
 from .crm import LeadRequest
+from .echoes import RecentSends
 from .flood import Flood, flood_check
 from .generic import MAX_SCANNED_CHARS, is_generic_message, normalise
 from .inbound import InboundMessage
@@ -128,7 +129,7 @@ class ConversationActor:
     """Handles one chat's mail strictly in order (the runtime guarantees one batch at a time)."""
 
     __slots__ = ("key", "_ctx", "_tenant", "state", "_outbox", "_acked", "_crm", "_unit",
-                 "_unreached", "_before", "_loaded", "_apologised", "_folding")
+                 "_unreached", "_before", "_loaded", "_apologised", "_folding", "_recent")
 
     def __init__(self, key: str, context: ConversationContext) -> None:
         self.key = key                                  # "<instance>/<jid>"; its parts are read from it
@@ -145,6 +146,7 @@ class ConversationActor:
         self._loaded = False                            # activate() read the stored state
         self._apologised: set[int] | None = None        # seqs answered politely while it could not
         self._folding = False                           # a summary fold was handed over and has not come back
+        self._recent: RecentSends | None = None         # our replies whose fromMe echoes may come before their ids
 
     @property
     def jid(self) -> str:
@@ -220,6 +222,8 @@ class ConversationActor:
         for item in items:
             if item.message.from_me:
                 self._acked.append(item.seq)
+                if self._own_echo(item.message):
+                    continue
                 phone_message(self.tenant.settings, self.state, self.jid, item.message, self._ctx.clock.now())
             else:
                 customer.append(item)
@@ -230,6 +234,17 @@ class ConversationActor:
             self._ctx.observe_turn(self.instance, trio.current_time() - customer[0].arrived)
         if customer:
             self._fold_later()
+
+    def _own_echo(self, message: InboundMessage) -> bool:
+        """A fromMe message that is the echo of a reply we just sent, whose id we do not know yet
+        (actors/echoes.py)."""
+        recent = self._recent
+        if recent is None or message.message_id in self.state.sent_ids:
+            return False
+        if not recent.claim(message.text, self._ctx.clock.now()):
+            return False
+        log.debug("fromMe echo of our reply to %s came before its send id: not a person", self.jid)
+        return True
 
     def _fold_later(self) -> None:
         """After the committed turn: hand the oldest messages to the summariser when the window is
@@ -294,9 +309,16 @@ class ConversationActor:
                 log.info("[RESPUESTA]: %s", polite)
         self._apologised = done
 
+    def _remember_send(self, text: str) -> None:
+        if self._recent is None:
+            self._recent = RecentSends()
+        self._recent.add(text, self.tenant.settings.outbound.split_max_chars, self._ctx.clock.now())
+
     def hibernate(self) -> None:
         """Idle until the next message: pack the window (most of an idle chat's memory)."""
         self.state.window.hibernate()
+        if self._recent is not None and self._recent.is_empty(self._ctx.clock.now()):
+            self._recent = None
 
     def snapshot(self) -> ConversationSnapshot:
         s = self.state
@@ -492,6 +514,7 @@ class ConversationActor:
         self._outbox, self._acked, self._crm = (), (), None
         for (kind, payload), row_id in zip(outbox, ids):
             if kind == "reply":
+                self._remember_send(payload["text"])
                 ctx.outbound.submit(OutboundMessage(
                     jid=payload["jid"], text=payload["text"], instances=tuple(payload["instances"]), outbox_id=row_id,
                     key=self.key,

@@ -13,6 +13,7 @@ import trio.testing
 
 from actors.conversation import Control
 from actors.inbox_mail import control_payload
+from actors.outbound.split import split_text
 from actors.llm.base import Prompt
 from actors.service import Service
 from runtime.memory_store import MemoryStore
@@ -390,4 +391,31 @@ async def test_commands_from_the_inbox_are_acked_by_their_commit_even_when_they_
         await service.intake(upsert("sigo", jid=A))
         await wait_for(lambda: len(replies(service, A)) == 2)
         assert replies(service, A)[-1] == "re: sigo"
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_echo_of_our_reply_before_its_send_id_is_known_is_not_a_person(tmp_path: Path) -> None:
+    """Evolution may post the fromMe echo of our sendText before the sendText answer gives us the
+    message's id: the echo of any part of a reply just sent is ours (the bot is not silenced), while
+    a text the bot did not send is a person taking over, as before."""
+    long_text = "quiero saber el precio " + "y la disponibilidad " * 6   # its reply goes out in two parts
+    async with trio.open_nursery() as nursery:
+        service = await start(nursery, tmp_path, MemoryStore(), SPLIT_MAX_CHARS="100")
+        await service.intake(upsert(long_text, jid=A))
+        parts = split_text(f"re: {long_text}", 100)
+        assert len(parts) == 2
+        await wait_for(lambda: replies(service, A) == parts)
+        for n, part in enumerate(parts):   # ids Evolution has not told us yet
+            assert (await service.intake(upsert(part, jid=A, from_me=True, message_id=f"3EB0-early-{n}"))).status == 200
+        await service.intake(upsert("¿y el horario?", jid=A))
+        await wait_for(lambda: len(replies(service, A)) == 3)
+        assert replies(service, A)[-1] == "re: ¿y el horario?"
+        view = await service.conversation(key_of(A))
+        assert view is not None and view.pause_reason == ""
+        await service.intake(upsert("Te atiendo yo", jid=A, from_me=True, message_id="3EB0-person"))
+        await service.intake(upsert("¿sigues ahí?", jid=A))
+        await trio.sleep(0.3)
+        assert len(replies(service, A)) == 3   # a person took over: the bot is silent
+        view = await service.conversation(key_of(A))
+        assert view is not None and view.pause_reason == "takeover"
         nursery.cancel_scope.cancel()
