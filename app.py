@@ -20,13 +20,14 @@ from werkzeug.exceptions import HTTPException
 
 from actors import admin_api, admin_view, lifecycle
 from actors.admin_sessions import Session, Sessions
+from actors.conversation_reads import AmbiguousChat
 from actors.evolution import WebhookError
 from actors.exposure import is_loopback_address
 from actors.jid import is_chat_jid
 from actors.memory_summary import MAX_SUMMARY_CHARS
 from actors.payload_guard import BadPayload, decode_payload
 from actors.reload import ReloadRefused, reload_instances
-from actors.service import AmbiguousChat, IntakeResult, NotOwnedHere, Service
+from actors.service import IntakeResult, NotOwnedHere, Service
 from actors.settings import Settings, load_settings
 from runtime.registry import MailboxFull, ShuttingDown
 from runtime.store import StoreError

@@ -18,7 +18,6 @@ import attrs
 import httpx
 import trio
 
-from runtime.actor import ActorStatistics
 from runtime.bounded import OTHER, bounded_key
 from runtime.clock import Clock
 from runtime.fenced_store import FencedStore
@@ -33,7 +32,7 @@ from runtime.store import DEAD_LETTERS_KEPT, InboxRow, OutboxRow, Store, StoreEr
 from .admin_view import STARTED, Activity
 from .conversation import Accepted, Control, ConversationActor, ConversationContext
 from .conversation_key import ConversationKey
-from .conversation_view import ConversationView
+from .conversation_reads import ConversationReads
 from .crm import CrmSupervisor, LeadRequest
 from .evolution import Ignored, parse_webhook
 from .exposure import advertised_address
@@ -51,7 +50,7 @@ from .new_chats import NewChatLimiter
 from .outbound import Delivery, OutboundMessage, OutboundSender
 from .prompts import Texts, texts_for
 from .settings import Settings
-from .state import ConversationState, state_dict
+from .state import state_dict
 from .tenants import Tenant, Tenants, default_instance
 
 log = logging.getLogger(__name__)
@@ -67,14 +66,6 @@ BACKLOG_RETRY_AFTER = 10   # seconds: the outbound backlog drains at OUTBOUND_RA
 
 class NotOwnedHere(Exception):
     """An admin command for a chat whose shard another node owns (several nodes): sent there."""
-
-
-class AmbiguousChat(Exception):
-    """A JID with a conversation in several instances, asked for without ``instance``."""
-
-    def __init__(self, jid: str, instances: list[str]) -> None:
-        super().__init__(f"{jid} has conversations in several instances: pass ?instance=")
-        self.instances = instances
 
 
 @attrs.frozen
@@ -103,7 +94,7 @@ def make_store(settings: Settings) -> Store:
     return MemoryStore()
 
 
-class Service:
+class Service(ConversationReads):
     """Builds and runs the whole actor system for one process."""
 
     def __init__(self, settings: Settings, *, store: Store | None = None, chain: ProviderChain | None = None,
@@ -717,114 +708,3 @@ class Service:
         self._aliases = {alias: key for alias, key in self._aliases.items() if key in live}  # re-learnt on demand
         if gone:
             log.info("Expired %d stored conversations idle for over %.0fs", len(gone), self.settings.conversation.actor_idle_ttl)
-
-    # -- admin reads -------------------------------------------------------------------------
-
-    async def window_sizes(self) -> dict[str, int]:
-        """Messages in the window of every conversation, stored or live, by conversation key.
-
-        Cheap with many chats: stored lengths are the size each commit gave the store, live ones
-        come from ``len`` (which never thaws a hibernating window)."""
-        sizes = await self.store.sizes()
-        registry = self.registry
-        if registry is not None:
-            for key in registry.keys():
-                actor = registry.actor(key)
-                if isinstance(actor, ConversationActor):
-                    sizes[key] = len(actor.state.window)
-        return sizes
-
-    async def memory(self, instance: str | None = None) -> dict[str, Any]:
-        """The seed's ``/memory``: ``{jid: count}`` for one instance (``instance``, or a deployment
-        whose conversations are all in one instance and that configures none), else
-        ``{instance: {jid: count}}`` (docs/behaviour.md §8.2)."""
-        nested: dict[str, dict[str, int]] = {}
-        for key, size in sorted((await self.window_sizes()).items()):
-            parts = ConversationKey.parse(key)
-            nested.setdefault(parts.instance, {})[parts.jid] = size
-        if instance is not None:
-            return nested.get(instance, {})
-        if self.tenants.names or len(nested) > 1:
-            return nested
-        return next(iter(nested.values()), {})
-
-    async def instances_of(self, jid: str) -> list[str]:
-        """The instances in which ``jid`` has a conversation (live or stored), sorted."""
-        found = {ConversationKey.parse(key).instance for key in self.registry.keys()
-                 if ConversationKey.parse(key).jid == jid} if self.registry is not None else set()
-        # the configured and default instances first; the page's scopes (every instance with a
-        # stored conversation) name the rest: at most two lookups by key, never a scan
-        checked: set[str] = set()
-        candidates = {self.tenants.default_instance, *self.tenants.names}
-        while candidates:
-            keys = [ConversationKey(i, jid).key for i in sorted(candidates)]
-            page = await self.store.listing(now=0.0, keys=keys, limit=len(keys))
-            found |= {ConversationKey.parse(row.key).instance for row in page.rows}
-            checked |= candidates
-            candidates = set(page.scopes) - checked
-        return sorted(found)
-
-    async def resolve(self, jid: str, instance: str | None = None) -> str | None:
-        """The conversation key of ``jid`` in ``instance``, or in the one instance it is known in
-        when ``instance`` is None; None when there is no such conversation. Raises AmbiguousChat
-        when ``instance`` is None and the JID is known in several."""
-        if instance is not None:
-            key = ConversationKey(instance, jid).key
-            return key if await self.conversation_state(key) is not None else None
-        instances = await self.instances_of(jid)
-        if len(instances) > 1:
-            raise AmbiguousChat(jid, instances)
-        return ConversationKey(instances[0], jid).key if instances else None
-
-    async def conversation_state(self, key: str) -> tuple[dict[str, Any], bool] | None:
-        """(state dict, live) for a conversation key (or a JID known in one instance only, see
-        ``resolve``): from its live actor, else from the store."""
-        if ConversationKey.parse(key).instance == "":
-            found = await self.resolve(key)
-            if found is None:
-                return None
-            key = found
-        registry = self.registry
-        if registry is not None and key in registry:
-            actor = registry.actor(key)
-            if isinstance(actor, ConversationActor):
-                return actor.state.to_dict(), True
-        saved = await self.store.load(key)
-        return (state_dict(saved), False) if saved is not None else None
-
-    async def conversation(self, key: str) -> ConversationView | None:
-        """A conversation (None when there is none), with the registry's facts about its actor
-        when it is live. ``key``: a conversation key (or a JID known in one instance only)."""
-        if ConversationKey.parse(key).instance == "" and (resolved := await self.resolve(key)) is not None:
-            key = resolved
-        found = await self.conversation_state(key)
-        if found is None:
-            return None
-        state, live = found
-        actor = self.registry.actor_statistics(key) if live and self.registry is not None else None
-        parts = ConversationKey.parse(key)
-        view = ConversationView.of(parts.jid, ConversationState.from_dict(state), live=live, actor=actor)
-        return attrs.evolve(view, instance=parts.instance)
-
-    def live_actors(self, after: str | None, limit: int,
-                    instance: str | None = None) -> tuple[list[ActorStatistics], str | None]:
-        """Up to ``limit`` live actors after the key ``after`` in key order (each one's ``state`` is
-        its ConversationSnapshot), only ``instance``'s when given, and the cursor of the next page
-        (None on the last)."""
-        registry = self.registry
-        if registry is None:
-            return [], None
-        if instance is None:
-            keys = registry.page(after, limit + 1)
-        else:   # an instance's keys are contiguous in key order, from "<instance>/"
-            prefix = ConversationKey(instance, "").key
-            keys, cursor = [], max(after or "", prefix) if after is not None else prefix
-            while len(keys) <= limit:
-                chunk = registry.page(cursor, limit + 1)
-                keys += [k for k in chunk if k.startswith(prefix) and ConversationKey.parse(k).instance == instance]
-                if len(chunk) <= limit or not chunk[-1].startswith(prefix):
-                    break
-                cursor = chunk[-1]
-            keys = keys[:limit + 1]
-        page = [stats for key in keys[:limit] if (stats := registry.actor_statistics(key)) is not None]
-        return page, keys[limit - 1] if len(keys) > limit else None

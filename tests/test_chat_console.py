@@ -3,7 +3,6 @@ reaches a vision model (the OpenAI fake describing what it got) and its answer c
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import trio
