@@ -178,11 +178,15 @@ def _version() -> str:
 
 
 async def overview(svc: "Service") -> dict[str, Any]:
-    """The last hour's traffic per minute, live actors, stored chats, uptime and version."""
+    """The last hour's traffic per minute, live actors, stored chats, uptime, version, and the nodes
+    sharing the database (GET /cluster's; none with a single-process store)."""
+    from .admin_api import cluster   # here: admin_api's imports lead back to the service, which imports this
+
     registry = svc.registry
     stored = (await svc.store.listing(now=time.time(), limit=0)).total
+    nodes = (await cluster(svc))["nodes"] if svc.owner is not None else []
     return {
         "series": svc.activity.series(), "live_actors": len(registry) if registry is not None else 0,
         "stored_chats": stored, "uptime_seconds": time.time() - STARTED, "version": _version(),
-        "ready": svc.ready, "received": svc.received,
+        "ready": svc.ready, "received": svc.received, "nodes": nodes,
     }

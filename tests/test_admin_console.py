@@ -21,6 +21,7 @@ import pytest
 
 from actors.settings import PROJECT_ROOT
 from tests.payloads import upsert
+from tests.postgres import PASSWORD
 from tests.procs import ServiceProcess, free_port
 
 CHROMIUM = "/usr/bin/chromium"
@@ -410,6 +411,7 @@ def test_the_page_loads_without_console_errors_and_screenshots(
             page.click(f'nav a[data-view="{view}"]')
             page.wait_for_selector(f"#view-{view}", state="visible")
             page.wait_for_selector("#provider-rows tr" if view == "delivery" else "#chart svg")
+        assert page.is_hidden("#nodes-card")   # one process on SQLite: no nodes to list
         page.screenshot(path=str(target / f"admin-overview-{size}.png"))
         assert watched.errors == [], watched.errors
         assert (target / f"admin-{size}.png").stat().st_size > 10_000
@@ -436,3 +438,31 @@ def test_without_admin_token_loopback_opens_the_console_directly(
         headers = httpx.get(service.url + "/admin").headers
         assert "default-src 'self'" in headers["content-security-policy"] and headers["x-frame-options"] == "DENY"
         assert watched.errors == []
+
+
+def test_the_overview_lists_the_nodes_sharing_a_postgresql_database(
+        fakes: tuple[Fake, Fake, Path], new_page: Callable[..., Watched], postgres_cluster: Any) -> None:
+    """Two nodes on one PostgreSQL database: the overview of either shows both, with their address,
+    liveness and shards (GET /cluster's), in Spanish; a single-process store shows no such table (above)."""
+    evolution, llm, tmp = fakes
+    url = postgres_cluster.create_database()
+    extra = {"STORE_URL": url, "SHARD_LEASE_SECONDS": "3", "ADMIN_TOKEN": TOKEN}
+    with start_service(tmp, "node-a", evolution, llm, **extra) as a, start_service(tmp, "node-b", evolution, llm, **extra) as b:
+        stack = Stack(a, evolution)
+        bearer = {"Authorization": f"Bearer {TOKEN}"}
+
+        def balanced() -> bool:
+            nodes = stack.http.get("/cluster", headers=bearer).json()["nodes"]
+            return [n["shards_owned"] for n in nodes] == [512, 512]
+        wait_until(balanced, 30, "two nodes with 512 shards each")
+        watched = logged_in(new_page, stack)
+        page = watched.page
+        page.click('nav a[data-view="overview"]')
+        page.wait_for_selector("#node-rows tr:nth-child(2)")
+        rows = page.eval_on_selector_all("#node-rows tr", "rows => rows.map(r => [...r.cells].map(c => c.textContent))")
+        addresses = sorted(row[1] for row in rows)
+        assert addresses == sorted(s.url.removeprefix("http://") for s in (a, b)), rows
+        assert [row[2] for row in rows] == ["activo", "activo"] and [row[4] for row in rows] == ["512", "512"]
+        assert sum("(este nodo)" in row[0] for row in rows) == 1
+        assert watched.errors == [], watched.errors
+    assert PASSWORD not in (tmp / "node-a.log").read_text(errors="replace")

@@ -24,7 +24,10 @@ const TEXTS = {
     col_when: "When", col_kind: "Kind", col_reason: "Reason", no_dead: "No dead letters.", retry: "Retry",
     discard: "Discard", traffic: "Messages per minute, last hour", msgs_in: "messages in", msgs_out: "replies out",
     o_live: "Live actors", o_stored: "Stored chats", o_uptime: "Uptime", o_version: "Version", o_ready: "Ready",
-    done: "Done.", queued: "Queued: the chat is busy, it will apply shortly.", failed_request: "Request failed: {e}",
+    nodes: "Nodes sharing the database", col_node: "Node", col_address: "Address", col_heartbeat: "Last heartbeat",
+    col_shards: "Shards", col_takeovers: "Takeovers", col_fenced: "Fenced writes refused", live: "live",
+    silent: "silent", this_node: "this node",
+    done: "Done.", queued: "Queued: it will apply shortly.", failed_request: "Request failed: {e}",
     ago: "{t} ago", in_: "in {t}", offline: "Connection lost; retrying…",
   },
   es: {
@@ -50,7 +53,10 @@ const TEXTS = {
     no_dead: "No hay mensajes no entregados.", retry: "Reintentar", discard: "Descartar",
     traffic: "Mensajes por minuto, última hora", msgs_in: "mensajes recibidos", msgs_out: "respuestas enviadas",
     o_live: "Actores vivos", o_stored: "Chats guardados", o_uptime: "Tiempo activo", o_version: "Versión",
-    o_ready: "Listo", done: "Hecho.", queued: "En cola: el chat está ocupado, se aplicará en breve.",
+    o_ready: "Listo", nodes: "Nodos que comparten la base de datos", col_node: "Nodo", col_address: "Dirección",
+    col_heartbeat: "Último latido", col_shards: "Shards", col_takeovers: "Tomas de control",
+    col_fenced: "Escrituras rechazadas", live: "activo", silent: "sin latido", this_node: "este nodo",
+    done: "Hecho.", queued: "En cola: se aplicará en breve.",
     failed_request: "La solicitud falló: {e}", ago: "hace {t}", in_: "en {t}", offline: "Sin conexión; reintentando…",
   },
 };
@@ -395,6 +401,15 @@ async function renderOverview() {
     [t("o_live")]: data.live_actors, [t("o_stored")]: data.stored_chats,
     [t("o_uptime")]: duration(data.uptime_seconds), [t("o_version")]: data.version, [t("o_ready")]: data.ready,
   });
+  $("nodes-card").hidden = data.nodes.length === 0;
+  $("node-rows").replaceChildren(...data.nodes.map((n) => el("tr", { "data-node": n.id },
+    el("td", { "data-label": t("col_node") }, n.id, n.this_node ? ` (${t("this_node")})` : ""),
+    el("td", { "data-label": t("col_address") }, n.address || t("none")),
+    el("td", { "data-label": t("col_state") }, t(n.live ? "live" : "silent")),
+    el("td", { "data-label": t("col_heartbeat") }, ago(n.last_heartbeat)),
+    el("td", { "data-label": t("col_shards") }, n.shards_owned),
+    el("td", { "data-label": t("col_takeovers") }, n.stats.taken_over ?? 0),
+    el("td", { "data-label": t("col_fenced") }, n.stats.fenced_refused ?? 0))));
 }
 
 // -- wiring -----------------------------------------------------------------------------------
