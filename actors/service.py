@@ -65,7 +65,8 @@ BACKLOG_RETRY_AFTER = 10   # seconds: the outbound backlog drains at OUTBOUND_RA
 
 
 class NotOwnedHere(Exception):
-    """An admin command for a chat whose shard another node owns (several nodes): sent there."""
+    """A dead letter's retry for a chat whose shard another node owns (several nodes): only the owner
+    sends, so it must be given there."""
 
 
 @attrs.frozen
@@ -145,6 +146,7 @@ class Service(ConversationReads):
         self.forwarded = 0                  # messages accepted here for a chat another node owns
         self.commands_forwarded = 0         # admin commands stored here for a chat another node runs
         self._orders: dict[tuple[str, int], Control] = {}   # (key, seq) → a command a request here waits for
+        self.address = ""                   # where admins reach this node (GET /cluster), with several nodes
         from runtime.postgres_store import PostgresStore   # imports no driver: psycopg loads at open
 
         if isinstance(self.store, PostgresStore):
