@@ -27,7 +27,7 @@ from actors.jid import is_chat_jid
 from actors.memory_summary import MAX_SUMMARY_CHARS
 from actors.payload_guard import BadPayload, decode_payload
 from actors.reload import ReloadRefused, reload_instances
-from actors.service import IntakeResult, NotOwnedHere, Service
+from actors.service import IntakeResult, Service
 from actors.settings import Settings, load_settings
 from runtime.registry import MailboxFull, ShuttingDown
 from runtime.store import StoreError
@@ -69,8 +69,6 @@ CSRF_HEADER = "X-CSRF-Token"
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 REPLY_MAX_CHARS = 4096
 PAUSE_MAX_MINUTES = 7 * 24 * 60
-NOT_OWNED_HERE = ("another node runs this chat now (several nodes on one database): retry the dead letter "
-                  "on the node that owns it (GET /cluster lists the nodes and their addresses)")
 PAGE = Path(__file__).resolve().parent / "static" / "admin" / "index.html"
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self';"
        " object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
@@ -266,11 +264,8 @@ def register_console(app: QuartTrio, settings: Settings, svc: Service, admin: Ca
             return _private_error(404, "unknown action (retry or discard)")
         if svc.outbound is None:
             return _private_error(503, "starting up")
-        try:
-            done = (await svc.retry_dead_letter(dead_letter_id) if action == "retry"
-                    else await svc.store.discard(dead_letter_id))
-        except NotOwnedHere:
-            return _private_error(409, NOT_OWNED_HERE)
+        done = (await svc.retry_dead_letter(dead_letter_id) if action == "retry"
+                else await svc.store.discard(dead_letter_id))
         if not done:
             return _private_error(404, "no such dead letter")
         return _private_json({"status": "retried" if action == "retry" else "discarded", "id": dead_letter_id})

@@ -13,7 +13,7 @@ Replies are handed to the outbound supervisor only after that commit, in turn or
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Awaitable, Callable, Protocol, Sequence
 
 import attrs
 import trio
@@ -64,7 +64,8 @@ class Control:
     HUMAN_TAKEOVER_MINUTES, 0 until resumed) | resume | reset | reply (``value``: an operator's text,
     sent in order with the bot's replies) from the admin, lead (the CRM supervisor recording
     ``value``, the lead id) or sent (the outbound supervisor recording ``value``, the ids Evolution
-    gave our sends, so their fromMe echoes are not a person). Every command but ``sent`` is
+    gave our sends, so their fromMe echoes are not a person) or resend (``value``: a revived dead
+    letter's outbox row, from the admin on another node). Every command but ``sent`` is
     committed at once; ``sent`` is saved with the next commit. An admin command queued through the
     chat's inbox (several nodes: actors/inbox_mail.py) has its row's ``seq``, acked by that commit."""
 
@@ -106,6 +107,7 @@ class ConversationContext:
     observe_turn: Callable[[str, float], None] | None = None   # (instance, seconds from arrival to committed reply)
     media: MediaSource | None = None   # customers' images and voice notes (actors/media.py)
     summariser: Summariser | None = None   # MEMORY_SUMMARY's folds (actors/memory_summary.py)
+    resend: Callable[[str, int], Awaitable[None]] | None = None   # several nodes: a revived dead letter's row
 
 
 @attrs.frozen
@@ -464,6 +466,13 @@ class ConversationActor:
                 log.info("Admin summary for %s (%d chars)", self.jid, len(state.summary))
             if changed or self._acked:
                 await self._commit()
+            control.applied = True
+            control.done.set()
+            return
+        if control.command == "resend":   # a dead letter revived on another node: its row is back in the outbox
+            await self._commit()          # (acks the command's inbox row), then the row goes out in order
+            if self._ctx.resend is not None:
+                await self._ctx.resend(self.key, int(control.value))
             control.applied = True
             control.done.set()
             return

@@ -27,7 +27,7 @@ from runtime.memory_store import MemoryStore
 from runtime.registry import MailboxFull, Registry, ShuttingDown
 from runtime.retry import RetryPolicy
 from runtime.shards import NodeInfo, ShardOwner, shard_of
-from runtime.store import DEAD_LETTERS_KEPT, InboxRow, OutboxRow, Store, StoreError
+from runtime.store import InboxRow, OutboxRow, Store, StoreError
 
 from .admin_view import STARTED, Activity
 from .conversation import Accepted, Control, ConversationActor, ConversationContext
@@ -62,11 +62,6 @@ BUSY_RETRY_AFTER = 1       # seconds: webhooks past INTAKE_MAX_IN_FLIGHT wait fo
 FOLD_REPORT_WAIT = 30      # seconds a summary fold's report waits to be applied before the next fold may run
 SETTLE_RETRY = RetryPolicy(attempts=None, base=0.5, cap=2.0, jitter=0.5, budget=60.0)   # see Service._settling
 BACKLOG_RETRY_AFTER = 10   # seconds: the outbound backlog drains at OUTBOUND_RATE_PER_INSTANCE (20/s by default)
-
-
-class NotOwnedHere(Exception):
-    """A dead letter's retry for a chat whose shard another node owns (several nodes): only the owner
-    sends, so it must be given there."""
 
 
 @attrs.frozen
@@ -219,6 +214,7 @@ class Service(ConversationReads):
                     observe_turn=self._observe_turn,
                     media=MediaSource(self.outbound.transport, self.transcriber),
                     summariser=self.summariser,
+                    resend=self.resend if self.owner is not None else None,
                 )
                 self.registry = Registry(
                     lambda key: ConversationActor(key, context),
@@ -394,17 +390,25 @@ class Service(ConversationReads):
 
     async def retry_dead_letter(self, dead_letter_id: int) -> bool:
         """Move a dead letter back to the outbox and submit it again; False when there is none.
-        Raises NotOwnedHere when another node runs its chat (several nodes: only the owner sends)."""
-        if self.owner is not None:
-            found = [d for d in await self.store.dead_letters(DEAD_LETTERS_KEPT) if d.id == dead_letter_id]
-            if found and not self.runs(found[0].key):
-                raise NotOwnedHere(found[0].key)
+        With several nodes only a chat's owner sends: on another node the revived row is left to the
+        owner, told through the chat's inbox (a ``resend`` command, handled in order with the chat's mail)."""
         row = await self.store.revive(dead_letter_id)
         if row is None:
             return False
-        await self._resubmit(row)
+        if self.runs(row.key):
+            await self._resubmit(row)
+        else:
+            await self._command_through_inbox(row.key, Control("resend", row.id), wait=0)
         log.info("Admin retry of dead letter %d (%s for %s)", row.id, row.kind, row.key)
         return True
+
+    async def resend(self, key: str, outbox_id: int) -> None:
+        """Submit ``key``'s pending outbox row ``outbox_id`` (a dead letter revived on another node);
+        nothing when it is no longer pending (sent meanwhile, e.g. by a shard recovery)."""
+        assert self.owner is not None
+        for row in await self.store.pending_outbox_in([shard_of(key, self.owner.shards)]):  # type: ignore[attr-defined]
+            if row.id == outbox_id and row.key == key:
+                await self._resubmit(row)
 
     # -- intake ------------------------------------------------------------------------------
 

@@ -87,3 +87,35 @@ async def test_commands_on_any_node_reach_the_owner_in_order(cluster: Cluster) -
     assert views[0]["takeovers"] == 0 and views[0]["fenced_writes_refused"] == 0
     forwarded = {m["id"]: m["stats"]["commands_forwarded"] for m in views[0]["nodes"]}
     assert sum(forwarded.values()) >= 2 and forwarded[next(k for k, v in names.items() if v is owner)] == 0
+
+
+async def test_a_dead_letter_retried_on_another_node_is_sent_by_the_chats_owner(cluster: Cluster) -> None:
+    """The console's dead letters are read from the database on any node (behind a load balancer, any
+    node may get the click): a retry on a node that does not run the chat revives the row and the
+    owner, told through the chat's inbox, sends it once, in order with the chat's replies."""
+    nodes = await cluster.add(2)
+    await cluster.wait_balanced(nodes)
+    jid = jids()[1]
+    async with httpx.AsyncClient(timeout=10) as client:
+        names = {(await get(client, n, "/shards"))["node"]: n for n in nodes}
+        owner = names[await owner_of(cluster, f"{INSTANCE}/{jid}")]
+        other = next(n for n in nodes if n is not owner)
+        cluster.evolution.statuses = {INSTANCE: 400}   # every send refused for good: a dead letter
+        await cluster.post(client, nodes.index(owner), jid, "m0")
+        with trio.fail_after(15):
+            while not (dead := [d for d in (await get(client, other, "/admin/api/delivery"))["dead_letters"]
+                                if d["jid"] == jid]):
+                await trio.sleep(0.1)
+        cluster.evolution.statuses = {}
+        retried = await client.post(f"{other.url}/admin/api/dead-letters/{dead[0]['id']}/retry")
+        assert (retried.status_code, retried.json()) == (200, {"status": "retried", "id": dead[0]["id"]})
+        with trio.fail_after(15):
+            while [t for _, number, t in cluster.evolution.texts() if number == jid] != ["ok m0"]:
+                await trio.sleep(0.05)
+        await cluster.post(client, nodes.index(other), jid, "m1")   # the chat goes on, in order
+        with trio.fail_after(15):
+            while len([t for _, number, t in cluster.evolution.texts() if number == jid]) < 2:
+                await trio.sleep(0.05)
+        await trio.sleep(0.5)   # a second copy of the retried reply would show up now
+        assert [t for _, number, t in cluster.evolution.texts() if number == jid] == ["ok m0", "ok m1"]
+        assert (await get(client, owner, "/admin/api/delivery"))["dead_letters"] == []
