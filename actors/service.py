@@ -381,7 +381,7 @@ class Service(ConversationReads):
             self.outbound.submit(OutboundMessage(jid=p["jid"], text=p["text"], instances=tuple(p["instances"]),
                                                  outbox_id=row.id, key=row.key))
         elif row.kind == "crm":
-            request = attrs.evolve(LeadRequest(**row.payload), job_id=row.id, key=row.key)
+            request = attrs.evolve(LeadRequest(**row.payload), job_id=row.id, key=row.key, recovered=True)
             saved = await self.store.load(row.key)
             lead_id = (state_dict(saved) if saved is not None else {}).get("lead", {}).get("lead_id")
             if lead_id is not None and request.lead_id is None:

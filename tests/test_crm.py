@@ -210,6 +210,40 @@ async def test_progress_survives_a_retry(autojump_clock: trio.testing.MockClock)
     assert events.leads == [(JID, 123)]
 
 
+async def test_a_lead_whose_creation_answer_was_lost_is_not_created_again(
+        autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture) -> None:
+    """Krayin inserted the lead but answered 500 (or the answer timed out): the retry finds the
+    person's lead with this job's title and description instead of creating a second one."""
+    fake = FakeKrayin(token=TOKEN, lose_lead_answers=1)
+    caplog.set_level(logging.INFO)
+    async with crm_for(fake) as (crm, events):
+        crm.submit(LeadRequest(JID, "Juan", PHONE, motivo="turno el sábado"))
+        await events.wait_done(1)
+    assert [c.status for c in fake.calls_to("POST", "/leads")] == [500]
+    assert list(fake.leads) == [123] and events.leads == [(JID, 123)] and events.done[0][1] == "created"
+    [search] = fake.calls_to("GET", "/leads/search")
+    assert search.query == {"search": "person_id:45", "searchFields": "person_id:="}
+    assert "Lead ya creado en un intento anterior - lead_id=123" in caplog.text
+
+
+async def test_a_job_recovered_after_a_crash_adopts_the_lead_it_created_before() -> None:
+    """The process died after Krayin created the lead and before its id was recorded: the job comes
+    back from the store (``recovered``) to a supervisor that knows nothing, and finds that lead; a
+    recovered job whose lead was never created creates it, once."""
+    fake = FakeKrayin(token=TOKEN)
+    async with crm_for(fake) as (crm, events):
+        crm.submit(LeadRequest(JID, "Juan", PHONE, motivo="turno"))
+        await events.wait_done(1)
+    async with crm_for(fake) as (crm, events):   # after the restart: nothing in memory
+        crm.submit(LeadRequest(JID, "Juan", PHONE, motivo="turno", recovered=True))
+        other = "5491100000777@s.whatsapp.net"
+        crm.submit(LeadRequest(other, "Ana", "5491100000777", motivo="turno", recovered=True))
+        await events.wait_done(2)
+    assert sorted(events.leads) == sorted([(JID, 123), (other, 124)])
+    assert len(fake.leads) == 2 and len(fake.calls_to("POST", "/leads")) == 2
+    assert len(fake.calls_to("GET", "/leads/search")) == 2
+
+
 @pytest.mark.parametrize("as_500", [False, True])
 async def test_bad_token_is_reported_and_given_up(autojump_clock: trio.testing.MockClock, as_500: bool,
                                                   caplog: pytest.LogCaptureFixture) -> None:

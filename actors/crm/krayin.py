@@ -74,6 +74,13 @@ class KrayinClient:
                                    params={"search": value, "searchFields": f"{field}:like"})
         return [p for p in data if isinstance(p, dict)] if isinstance(data, list) else []
 
+    async def search_leads(self, person_id: int) -> list[dict[str, Any]]:
+        """``GET /leads/search?search=person_id:<id>&searchFields=person_id:=`` (Prettus RequestCriteria;
+        ``person_id`` is one of LeadRepository's searchable fields): the person's leads."""
+        data = await self._request("GET", "/leads/search",
+                                   params={"search": f"person_id:{person_id}", "searchFields": "person_id:="})
+        return [lead for lead in data if isinstance(lead, dict)] if isinstance(data, list) else []
+
     async def create_person(self, payload: dict[str, Any]) -> dict[str, Any]:
         return await self._request("POST", "/contacts/persons", json=payload)
 

@@ -27,6 +27,7 @@ class LeadRequest:
     volumen_mensajes: int | None = None
     email: str = ""                  # a real address when known; otherwise a placeholder is generated
     key: str = ""                    # the conversation key "<instance>/<jid>" (empty: the JID alone)
+    recovered: bool = False          # resubmitted from the store (a restart, a takeover): may have run before
 
     @property
     def chat(self) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from typing import Awaitable, Callable, Deque
+from typing import Any, Awaitable, Callable, Deque
 
 import attrs
 import httpx
@@ -49,6 +49,7 @@ class _Job:
     lead_id: int | None = None       # the lead this job created
     retrying: bool = False
     announced: bool = False
+    create_sent: bool = False        # a create_lead went out: it may have succeeded without our seeing the answer
 
 
 class CrmSupervisor:
@@ -325,7 +326,17 @@ class CrmSupervisor:
         log.debug("[CRM] Valor del lead calculado: $%s (basado en %s mensajes)", value,
                   request.volumen_mensajes if request.volumen_mensajes else "sin info de")
         payload = lead_payload(request, job.person_id, value, self._settings_for(request.instance))
+        if job.create_sent or request.recovered:
+            found = await self._created_before(job.person_id, payload)
+            if found is not None:
+                job.lead_id = found
+                self._remember_lead(request.chat, found)
+                log.info("[CRM] Lead ya creado en un intento anterior - lead_id=%s, user_id=%s: no se crea otro",
+                         found, request.jid)
+                self._created += 1
+                return "created"
         log.debug("[CRM] Paso 2: Creando lead con datos: %s", self._shown(payload))
+        job.create_sent = True
         data = await self._client.create_lead(payload)
         lead_id = job.lead_id = id_of(data, "lead")
         log.info("[CRM] Lead creado exitosamente - lead_id=%s, valor=$%s", lead_id, value)
@@ -334,6 +345,17 @@ class CrmSupervisor:
         log.info("[CRM] Lead registrado exitosamente - lead_id=%s", lead_id)
         log.info("[CRM] ✅ Lead creado en Krayin CRM (ID: %s, Valor: $%s)", lead_id, value)
         return "created"   # _process hands the id to on_lead, outside the concurrency slot
+
+    async def _created_before(self, person_id: int, payload: dict[str, Any]) -> int | None:
+        """The lead an earlier try of this job created, if any: a create whose answer was lost (a
+        timeout, a 5xx after the insert) or a job recovered after a crash before its lead id was
+        recorded. It is the person's lead with this job's very title and description."""
+        assert self._client is not None
+        for lead in await self._client.search_leads(person_id):
+            if lead.get("title") == payload["title"] and lead.get("description", payload["description"]) == \
+                    payload["description"] and isinstance(lead.get("id"), int):
+                return int(lead["id"])
+        return None
 
     def _shown(self, value: object) -> str:
         """Lead data (the customer's name, the model's motivo) as LOG_CUSTOMER_TEXT lets a log line show it."""

@@ -3,7 +3,9 @@
 Speaks the JSON of krayin/rest-api v2 under ``prefix`` (``/api/v1``): ``{"data": ..., "message": ...}``,
 422 with ``errors`` for validation and duplicates, 401 ``Unauthenticated.``, and a 302 to the login page
 when ``Accept: application/json`` is missing (what Laravel does). Scriptable per test: ``fail_every``,
-``down_until`` (trio time), ``auth_as_500`` (an expired token under APP_DEBUG off), ``fail_next``.
+``down_until`` (trio time), ``auth_as_500`` (an expired token under APP_DEBUG off), ``fail_next``,
+``lose_lead_answers`` (that many lead creations succeed, then answer 500: the insert happened, the
+client never learns its id).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class FakeKrayin:
     down_until: float = float("-inf")
     auth_as_500: bool = False
     fail_next: list[int] = attrs.field(factory=list)
+    lose_lead_answers: int = 0
     persons: dict[int, dict[str, Any]] = attrs.field(factory=dict)
     leads: dict[int, dict[str, Any]] = attrs.field(factory=dict)
     activities: list[dict[str, Any]] = attrs.field(factory=list)
@@ -108,8 +111,14 @@ class FakeKrayin:
             return 200, {"data": self._search(query)}, []
         if method == "POST" and path == "/contacts/persons":
             return self._create_person(payload) + ([],)
+        if method == "GET" and path == "/leads/search":
+            return 200, {"data": self._search_leads(query)}, []
         if method == "POST" and path == "/leads":
-            return self._create_lead(payload) + ([],)
+            status, answer = self._create_lead(payload)
+            if status == 200 and self.lose_lead_answers > 0:
+                self.lose_lead_answers -= 1
+                return 500, {"message": "Server Error"}, []
+            return status, answer, []
         if method == "POST" and path == "/activities":
             return self._create_activity(payload) + ([],)
         return 404, {"message": "resource-not-found"}, []
@@ -125,6 +134,15 @@ class FakeKrayin:
             if any((needle.lower() in v.lower()) if operator == "like" else v == needle for v in values):
                 found.append(person)
         return found
+
+    def _search_leads(self, query: dict[str, str]) -> list[dict[str, Any]]:
+        """Prettus RequestCriteria on LeadRepository's searchable fields, enough of it:
+        ``search=person_id:<id>&searchFields=person_id:=``; anything else finds nothing."""
+        field, _, value = query.get("search", "").partition(":")
+        if field != "person_id" or query.get("searchFields") != "person_id:=":
+            return []
+        return [{k: v for k, v in lead.items() if k != "person"} | {"person_id": lead["person"]["id"]}
+                for lead in self.leads.values() if str(lead["person"]["id"]) == value]
 
     def _create_person(self, payload: Any) -> tuple[int, Any]:
         errors: dict[str, list[str]] = {}
