@@ -9,15 +9,15 @@ or repeated. A bad file (or none) changes nothing: :class:`ReloadRefused` carrie
 start-up would print.
 
 What a reload cannot change: the process-wide settings (config.toml, .env and the environment are
-not re-read, and the file refuses them), and the CRM supervisor's on/off when no instance registered
-leads at start-up (``Reloaded.restart_needed`` says so).
+not re-read, and the file refuses them). An instance's CRM switch is one of its settings: a reload
+turns lead registration on or off for it (the Krayin server and token are process-wide).
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
@@ -48,7 +48,6 @@ class Reloaded:
     added: tuple[str, ...]
     removed: tuple[str, ...]
     changed: dict[str, tuple[str, ...]]         # instance -> the settings that differ (names, never values)
-    restart_needed: tuple[str, ...]             # what the file asks for that only a restart can do
 
 
 async def reload_instances(service: "Service", settings: Settings, *, config_file: Path = DEFAULT_CONFIG_FILE,
@@ -73,13 +72,10 @@ async def reload_instances(service: "Service", settings: Settings, *, config_fil
         added=tuple(name for name in new if name not in old),
         removed=tuple(name for name in old if name not in new),
         changed={name: fields for name in new if name in old and (fields := changed_settings(old[name], new[name]))},
-        restart_needed=_restart_needed(service, new),
     )
     log.info("Instances file reloaded from %s: %d instance(s) (added: %s; removed: %s; changed: %s)",
              path, len(new), ", ".join(result.added) or "none", ", ".join(result.removed) or "none",
              ", ".join(result.changed) or "none")
-    for note in result.restart_needed:
-        log.warning("Instances reload: %s", note)
     return result
 
 
@@ -87,16 +83,6 @@ def changed_settings(before: Settings, after: Settings) -> tuple[str, ...]:
     """The per-instance settings whose values differ (by name: a secret's value is never shown)."""
     return tuple(f.name for section, f in setting_fields() if f.metadata["per_instance"]
                  and getattr(getattr(before, section), f.name) != getattr(getattr(after, section), f.name))
-
-
-def _restart_needed(service: "Service", instances: Mapping[str, Settings]) -> tuple[str, ...]:
-    """The CRM switch: the supervisor is built off when no instance registered leads at start-up."""
-    crm = service.crm
-    wanting = [name for name, s in instances.items() if s.crm.crm_enabled]
-    if crm is None or crm.enabled or not wanting:
-        return ()
-    return (f"CRM lead registration for {', '.join(wanting)} starts after a restart: no instance "
-            "registered leads at start-up, so the CRM supervisor is off",)
 
 
 def _refused(line: str) -> ReloadRefused:

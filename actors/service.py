@@ -202,15 +202,15 @@ class Service(ConversationReads):
                 owns = self.owner.owns if self.owner is not None else None
                 self.outbound = OutboundSender(settings, http=http, on_settled=self._reply_settled,
                                                settings_for=settings_for, may_send=owns)
-                crm_enabled = any(t.settings.crm.crm_enabled for t in self.tenants.all())
                 self.crm = CrmSupervisor(settings, http=http, on_lead=self._lead_created, on_done=self._crm_done,
-                                         settings_for=settings_for, enabled=crm_enabled, may_run=owns)
+                                         settings_for=settings_for, may_run=owns,
+                                         enabled=lambda: any(t.settings.crm.crm_enabled for t in self.tenants.all()))
                 self.summariser = MemorySummariser(self._folded, keys_in_flight=settings.llm.llm_concurrency)
                 self.transcriber = build_transcriber(settings, self.texts.transcribe_instruction)
                 context = ConversationContext(
                     settings=settings, tenants=self.tenants, outbound=self.outbound,
                     store=self.fenced if self.fenced is not None else self.store, clock=self.clock,
-                    crm=self.crm if crm_enabled else None,
+                    crm=self.crm,
                     observe_turn=self._observe_turn,
                     media=MediaSource(self.outbound.transport, self.transcriber),
                     summariser=self.summariser,

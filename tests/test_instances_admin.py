@@ -21,6 +21,7 @@ from app import create_app
 from runtime.logs import redact
 from tests.conftest import LoopbackClient, make_settings, wait_for
 from tests.fakes.evolution import FakeEvolution
+from tests.fakes.krayin import FakeKrayin
 from tests.fakes.llm import OpenAIFake, RecordedRequest, Reply
 from tests.fakes.server import running_server
 from tests.payloads import upsert
@@ -93,7 +94,7 @@ async def test_reload_changes_the_next_turns_prompt_and_a_bad_file_keeps_it(tmp_
         assert response.status_code == 200, await response.get_data()
         assert await response.get_json() == {
             "status": "reloaded", "file": str(path), "instances": [ACME, BETA], "added": [], "removed": [],
-            "changed": {ACME: ["agent_instruction", "openai_api_key"]}, "restart_needed": []}
+            "changed": {ACME: ["agent_instruction", "openai_api_key"]}}
         assert redact(f"key {ACME_OPENAI_KEY}") == "key [REDACTED]"
         await client.post("/webhook", json=webhook("dos", ACME))
         await wait_for(lambda: len(replies(app)) == 2)
@@ -261,24 +262,37 @@ async def test_the_default_instance_named_in_the_file_is_one_row(tmp_path: Path,
         assert body["instances"][0]["settings"]["agent_instruction"] == "Acme prompt v1."
 
 
-async def test_a_reload_says_what_needs_a_restart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """CRM lead registration asked for by a reload when no instance had it at start-up: the CRM
-    supervisor was built off, so the answer says a restart is needed (and the rest applies)."""
+async def test_a_reload_turns_lead_registration_on_for_an_instance(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """No instance registered leads at start-up (CRM_AUTO_REGISTER=false, Krayin configured); a reload
+    turns it on for acme-bot: its next booking registers a lead in Krayin, beta-shop's does not.
+    (Before, the CRM supervisor was built off and the reload answered that a restart was needed.)"""
     monkeypatch.setenv("ACME_EVOLUTION_KEY", ACME_EVOLUTION_KEY)
-    llm = OpenAIFake(default=echo)
-    async with running_server(llm) as llm_url, serving(
-            tmp_path, llm_url, KRAYIN_API_URL="http://127.0.0.1:9/api/v1", KRAYIN_API_TOKEN="krayin-token-0004",
-            CRM_AUTO_REGISTER="false") as (app, client, path):
+
+    def booking(request: RecordedRequest) -> Reply:
+        if "cita" in request.json["messages"][-1]["content"]:
+            return Reply('{"accion": "reserva", "motivo": "turno"}')
+        return echo(request)
+
+    llm, krayin = OpenAIFake(default=booking), FakeKrayin(token="krayin-token-0004")
+    async with running_server(llm) as llm_url, running_server(krayin) as krayin_url, serving(
+            tmp_path, llm_url, KRAYIN_API_URL=krayin_url + "/api/v1", KRAYIN_API_TOKEN="krayin-token-0004",
+            CRM_AUTO_REGISTER="false", GOOGLE_BOOKING_URL="https://calendar.app.google/x") as (app, client, path):
+        await client.post("/webhook", json=webhook("quiero una cita", ACME, jid="5491100000501@s.whatsapp.net"))
+        await wait_for(lambda: len(replies(app)) == 1)
         path.write_text(instances_file("Acme prompt v2.", acme_extra="crm_auto_register = true\n"))
         response = await client.post("/instances/reload", headers=BEARER)
         assert response.status_code == 200
         body = await response.get_json()
-        assert body["changed"] == {ACME: ["agent_instruction", "crm_auto_register"]}
-        assert body["restart_needed"] == [
-            "CRM lead registration for acme-bot starts after a restart: no instance registered leads at "
-            "start-up, so the CRM supervisor is off"]
-        tenants = app.extensions["service"].tenants
-        assert tenants.for_instance(ACME).settings.conversation.agent_instruction == "Acme prompt v2."
+        assert body["changed"] == {ACME: ["agent_instruction", "crm_auto_register"]} and "restart_needed" not in body
+        await client.post("/webhook", json=webhook("quiero una cita", ACME, jid="5491100000502@s.whatsapp.net"))
+        await client.post("/webhook", json=webhook("quiero una cita", BETA, jid="5491100000503@s.whatsapp.net"))
+        await wait_for(lambda: len(replies(app)) == 3 and len(krayin.leads) == 1)
+        await trio.sleep(0.3)   # a lead for the other chats would be created by now
+        [lead] = krayin.leads.values()
+        assert lead["person"]["contact_numbers"][0]["value"] == "+5491100000502" and len(krayin.leads) == 1
+        stats = (await (await client.get("/supervisors", headers=BEARER)).get_json())["crm"]
+        assert stats["enabled"] is True and stats["leads_created"] == 1
 
 
 async def test_a_real_process_reloads_its_file(tmp_path: Path) -> None:

@@ -71,16 +71,19 @@ class CrmSupervisor:
         on_lead: Callable[[str, int], Awaitable[None]] | None = None,
         on_done: Callable[[LeadRequest, str], Awaitable[None]] | None = None,
         settings_for: Callable[[str], Settings] | None = None,
-        enabled: bool | None = None,
+        enabled: Callable[[], bool] | None = None,
         may_run: Callable[[str], bool] | None = None,
     ) -> None:
         """``settings_for(instance)``: that instance's effective settings, whose Krayin ids a lead
         gets (default: ``settings``; the Krayin server and token are always ``settings``').
-        ``enabled``: whether any instance registers leads (default: ``settings``' CRM switch)."""
+        ``enabled()``: whether any instance registers leads now (default: ``settings``' CRM switch); an
+        instances reload may turn it on or off. Jobs run whenever Krayin is configured
+        (KRAYIN_API_URL and KRAYIN_API_TOKEN): whether a chat asks for one is its instance's switch."""
         self._settings = settings
         self._settings_for = settings_for if settings_for is not None else (lambda _: settings)
-        self._enabled = settings.crm.crm_enabled if enabled is None else enabled
-        self._client: KrayinClient | None = self._make_client(http) if http is not None and self._enabled else None
+        self._enabled = enabled if enabled is not None else (lambda: settings.crm.crm_enabled)
+        self._able = bool(settings.crm.krayin_api_url and settings.crm.krayin_api_token)
+        self._client: KrayinClient | None = self._make_client(http) if http is not None and self._able else None
         self._on_lead = on_lead
         self._on_done = on_done
         self._may_run = may_run   # (key) asked before each attempt: several nodes, only the chat's owner runs its jobs
@@ -103,8 +106,8 @@ class CrmSupervisor:
 
     @property
     def enabled(self) -> bool:
-        """Whether leads are registered at all: fixed at construction (a reload cannot turn it on)."""
-        return self._enabled
+        """Whether any instance registers leads now."""
+        return self._able and self._enabled()
 
     def _make_client(self, http: httpx.AsyncClient) -> KrayinClient:
         s = self._settings
@@ -116,13 +119,14 @@ class CrmSupervisor:
         """Own the job tasks until cancelled. Creates (and closes) the HTTP client if none was given."""
         s = self._settings
         owned: httpx.AsyncClient | None = None
-        if self._enabled and self._client is None:
+        if self._able and self._client is None:
             owned = httpx.AsyncClient(timeout=httpx.Timeout(s.server.http_timeout), limits=HTTP_LIMITS)
             self._client = self._make_client(owned)
         try:
             async with trio.open_nursery() as nursery:
-                if self._enabled:
+                if self._able:
                     await nursery.start(self._jobs.run)
+                if self.enabled:
                     log.info("[CRM] Registro automático de leads activo: Krayin en %s (stage=%s, user=%s, "
                              "source=%s, type=%s)", s.crm.krayin_api_url, s.crm.krayin_stage_id, s.crm.krayin_user_id,
                              s.crm.krayin_lead_source_id, s.crm.krayin_lead_type_id)
@@ -156,7 +160,7 @@ class CrmSupervisor:
 
         A JID that already has ``QUEUE_CAPACITY`` jobs waiting gets this one given up at once (logged,
         counted, ``on_done(request, "failed")``), never silently dropped."""
-        if not self._enabled:
+        if not self._able:
             log.debug("[CRM] Registro desactivado: se ignora la solicitud para user_id=%s", request.jid)
             return
         job = _Job(request, trio.current_time())
@@ -177,7 +181,7 @@ class CrmSupervisor:
             for job in sorted(self._running.values(), key=lambda j: j.submitted_at)
         )
         return CrmStatistics(
-            enabled=self._enabled,
+            enabled=self.enabled,
             queued=self._jobs.statistics().queued,
             running=len(self._running),
             retrying=sum(1 for job in self._running.values() if job.retrying),
