@@ -25,7 +25,8 @@ import trio
 from runtime.logs import add_secret
 
 from .lifecycle import error_line
-from .settings import DEFAULT_CONFIG_FILE, PROJECT_ROOT, ConfigError, Settings, instances_path, load_instances
+from .settings import DEFAULT_CONFIG_FILE, ConfigError, Settings, instances_path, load_instances
+from .settings.loading import Dotenv
 from .settings.instances import DEFAULT_NAME
 from .settings.sections import setting_fields
 
@@ -51,7 +52,7 @@ class Reloaded:
 
 
 async def reload_instances(service: "Service", settings: Settings, *, config_file: Path = DEFAULT_CONFIG_FILE,
-                           dotenv_file: Path | None = PROJECT_ROOT / ".env") -> Reloaded:
+                           dotenv_file: Dotenv = ...) -> Reloaded:
     """Read the instances file again and put it in force in ``service``; raises ReloadRefused."""
     path = instances_path(settings, config_file)
     if path is None:

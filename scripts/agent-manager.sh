@@ -9,13 +9,14 @@
 # 6 misconfigured (bad PORT/HOST).
 # Never starts open by accident: on a non-loopback HOST, a missing WEBHOOK_SECRET or ADMIN_TOKEN is
 # generated into the env file (ENV_FILE, default .env; mode 600) and its location printed (docs/security.md).
+# ENV_FILE, as the service reads it: unset is .env beside config.toml, empty is no env file at all.
 set -u
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)" || exit 1
 cd "$ROOT" || exit 1
 
 CONFIG_FILE="$ROOT/config.toml"
-DOTENV_FILE="${ENV_FILE:-$ROOT/.env}"
+DOTENV_FILE="${ENV_FILE-$ROOT/.env}"
 
 # ---------------------------------------------------------------------------------------------- settings
 
@@ -160,12 +161,12 @@ ensure_secret() {
     local name="$1" override="$2" value
     value="$(setting "$name" "" "")"
     if [[ -z "$value" ]] && ! is_loopback_host && ! is_true "$(setting "$override" security false)"; then
+        [[ -n "$DOTENV_FILE" ]] || { echo "$name: needed on HOST $HOST, and ENV_FILE is empty (no env file to generate it into)" >&2; return 1; }
         value="$(random_secret)" || return 1
-        if [[ -s "$DOTENV_FILE" && -n "$(tail -c 1 -- "$DOTENV_FILE")" ]]; then
-            printf '\n' >>"$DOTENV_FILE" || return 1      # the file's last line had no newline
-        fi
-        (umask 077 && printf '%s=%s\n' "$name" "$value" >>"$DOTENV_FILE") || return 1
-        chmod 600 -- "$DOTENV_FILE" || return 1
+        # (a newline first when the file's last line has none)
+        { [[ ! -s "$DOTENV_FILE" || -z "$(tail -c 1 -- "$DOTENV_FILE")" ]] || printf '\n' >>"$DOTENV_FILE"; } \
+            && (umask 077 && printf '%s=%s\n' "$name" "$value" >>"$DOTENV_FILE") && chmod 600 -- "$DOTENV_FILE" \
+            || { echo "cannot write $DOTENV_FILE" >&2; return 1; }
         echo "generated $name into $DOTENV_FILE (mode 600): HOST $HOST is not loopback"
     fi
     [[ -n "$value" ]] && export "$name=$value"
@@ -370,8 +371,8 @@ cmd_start() {
         return 1
     fi
     mkdir -p -- "$LOG_DIR" "$DATA_DIR" "$(dirname -- "$PID_FILE")" || return 1
-    ensure_secret WEBHOOK_SECRET ALLOW_OPEN_WEBHOOK || { echo "cannot write $DOTENV_FILE" >&2; return 1; }
-    ensure_secret ADMIN_TOKEN ADMIN_LOOPBACK_ONLY || { echo "cannot write $DOTENV_FILE" >&2; return 1; }
+    ensure_secret WEBHOOK_SECRET ALLOW_OPEN_WEBHOOK || return 1
+    ensure_secret ADMIN_TOKEN ADMIN_LOOPBACK_ONLY || return 1
     if [[ -f "$OUT_FILE" ]]; then
         offset="$(wc -c <"$OUT_FILE")"
         # hypercorn.out only grows while the service runs; bound it across restarts (one previous copy).

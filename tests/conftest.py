@@ -25,6 +25,8 @@ from actors.settings import Settings, load_settings
 NO_INSTANCES_FILE = Path(tempfile.mkdtemp(prefix="agent-tests-")) / "no-instances.toml"
 NO_INSTANCES_FILE.write_text("# no instances: single-tenant\n")
 os.environ.setdefault("INSTANCES_FILE", str(NO_INSTANCES_FILE))
+# Likewise a developer's .env (with real keys, a real Evolution URL): no test reads it (ENV_FILE empty).
+os.environ.setdefault("ENV_FILE", "")
 
 
 

@@ -214,7 +214,7 @@ def test_public_host_generates_missing_secrets_never_starts_open(env: dict[str, 
     import httpx
 
     env_file = tmp_path / "agent.env"
-    env_file.write_text("# operator's settings\nLANGUAGE=es")          # no newline at the end
+    env_file.write_text("# operator's settings\nMAX_MESSAGES=7\nLANGUAGE=es")          # no newline at the end
     env.pop("ADMIN_TOKEN")
     env.update(HOST="0.0.0.0", ENV_FILE=str(env_file))
     started = manager("start", env)
@@ -233,10 +233,23 @@ def test_public_host_generates_missing_secrets_never_starts_open(env: dict[str, 
                       timeout=5).status_code == 200
     status = manager("status", env)
     assert re.search(r"^actors: \d+ live$", status.stdout, re.MULTILINE), status.stdout   # status used the token
+    instances = httpx.get(url + "/instances", headers={"Authorization": f"Bearer {values['ADMIN_TOKEN']}"}, timeout=5)
+    assert instances.json()["instances"][0]["settings"]["max_messages"] == 7   # the service reads ENV_FILE too
     assert manager("stop", env).returncode == 0
     again = manager("start", env)
     assert again.returncode == 0 and "generated" not in again.stdout, again.stdout
     assert env_file.read_text().count("WEBHOOK_SECRET=") == 1
+
+
+def test_public_host_with_no_env_file_to_write_refuses_in_one_line(env: dict[str, str]) -> None:
+    """ENV_FILE empty means no env file (as the service reads it): a secret that would be generated
+    has nowhere to go, so the start is refused, saying so."""
+    env.pop("ADMIN_TOKEN")
+    env.update(HOST="0.0.0.0", ENV_FILE="")
+    refused = manager("start", env)
+    assert refused.returncode == 1
+    assert refused.stderr.strip() == ("WEBHOOK_SECRET: needed on HOST 0.0.0.0, and ENV_FILE is empty "
+                                      "(no env file to generate it into)")
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ import attrs
 import pytest
 
 from actors.settings import PROJECT_ROOT, SECTIONS, ConfigError, load_settings, read_dotenv, setting_fields
+from actors.settings.loading import dotenv_path
 
 from tests.procs import free_port
 
@@ -83,6 +84,19 @@ def test_secrets_are_listed_for_redaction_and_never_shown() -> None:
     s = load_settings({"OPENAI_API_KEY": "sk-live-123456", "ADMIN_TOKEN": "tok-abcdef"}, dotenv_file=None)
     assert "sk-live-123456" not in repr(s) and "tok-abcdef" not in repr(s)
     assert set(s.secret_values()) == {"sk-live-123456", "tok-abcdef"}
+
+
+def test_env_file_names_the_dotenv_read_and_empty_reads_none(tmp_path: Path) -> None:
+    """ENV_FILE (a loader knob from the environment) picks the .env; empty reads none, so the test
+    suite and its service processes never pick up a developer's .env beside config.toml."""
+    dotenv = tmp_path / "other.env"
+    dotenv.write_text("MAX_MESSAGES=7\nOPENAI_API_KEY=sk-from-other-env\n")
+    chosen = load_settings({"ENV_FILE": str(dotenv)})
+    assert chosen.conversation.max_messages == 7 and chosen.llm.openai_api_key == "sk-from-other-env"
+    assert load_settings({"ENV_FILE": str(dotenv), "MAX_MESSAGES": "9"}).conversation.max_messages == 9
+    assert load_settings({"ENV_FILE": ""}).conversation.max_messages == 50
+    assert dotenv_path({}) == PROJECT_ROOT / ".env" and dotenv_path({"ENV_FILE": ""}) is None
+    assert os.environ["ENV_FILE"] == ""   # the suite's own pin (tests/conftest.py)
 
 
 def test_env_example_documents_every_setting_and_loads() -> None:

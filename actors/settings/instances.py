@@ -33,7 +33,7 @@ from typing import Any, Mapping
 import attrs
 
 from .fields import ConfigError
-from .loading import DEFAULT_CONFIG_FILE, PROJECT_ROOT, convert, read_dotenv
+from .loading import DEFAULT_CONFIG_FILE, Dotenv, convert, read_dotenv, resolve_dotenv
 from .sections import SECTIONS, Settings, setting_fields
 
 FILE_SETTING = "INSTANCES_FILE"
@@ -56,7 +56,7 @@ def instances_path(settings: Settings, config_file: Path = DEFAULT_CONFIG_FILE) 
 
 def configured_instances(settings: Settings, *, config_file: Path = DEFAULT_CONFIG_FILE,
                          environ: Mapping[str, str] | None = None,
-                         dotenv_file: Path | None = PROJECT_ROOT / ".env") -> dict[str, Settings]:
+                         dotenv_file: Dotenv = ...) -> dict[str, Settings]:
     """Every instance's effective settings from the configured file; ``{}`` when there is none.
     What start-up (actors/lifecycle.py) and a reload call; raises ConfigError."""
     path = instances_path(settings, config_file)
@@ -64,7 +64,7 @@ def configured_instances(settings: Settings, *, config_file: Path = DEFAULT_CONF
 
 
 def load_instances(base: Settings, path: Path, environ: Mapping[str, str] | None = None, *,
-                   dotenv_file: Path | None = PROJECT_ROOT / ".env") -> dict[str, Settings]:
+                   dotenv_file: Dotenv = ...) -> dict[str, Settings]:
     """Each instance of the file at ``path``, by name in file order, with its effective settings:
     ``base`` with the instance's values applied. Secrets named by ``<setting>_env`` are read from
     ``environ`` (default ``os.environ``), then from ``dotenv_file``. Raises ConfigError (one line)."""
@@ -86,7 +86,7 @@ def load_instances(base: Settings, path: Path, environ: Mapping[str, str] | None
     if not isinstance(tables, dict):
         raise ConfigError(f"expected [instances.\"<name>\"] tables, got {_toml_type(tables)}",
                           subject=f"{FILE_SETTING} instances")
-    secrets = _SecretSource(environ, dotenv_file)
+    secrets = _SecretSource(environ, resolve_dotenv(dotenv_file, environ))
     return {name: _instance(base, name, table, secrets) for name, table in tables.items()}
 
 

@@ -1,5 +1,9 @@
 """Reading the settings: ``config.toml`` defaults, overridden by ``.env``, overridden by the process environment.
 
+The ``.env`` read is the one beside ``config.toml``, or the file ``ENV_FILE`` names (empty: none):
+a loader knob from the environment, not a setting, so a test run or a second deployment in the same
+checkout never picks up a developer's ``.env``.
+
 ``config.toml`` has one table per section (actors/settings/sections.py) and each key is a setting's
 name in lower case; a key outside its own section's table is an error that names the right one, so the
 file always reads as the sections it configures. Secrets are refused there.
@@ -11,6 +15,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
+from types import EllipsisType
 from typing import Any, Mapping
 
 import attrs
@@ -20,6 +25,22 @@ from .sections import SECTIONS, Settings, setting_fields
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG_FILE = PROJECT_ROOT / "config.toml"
+
+# A ``dotenv_file`` argument: a path, None for no .env, or ``...`` for ``dotenv_path()``'s.
+Dotenv = Path | None | EllipsisType
+
+
+def dotenv_path(environ: Mapping[str, str] | None = None) -> Path | None:
+    """The ``.env`` file to read: ``ENV_FILE`` when set (empty: none), else ``.env`` beside config.toml."""
+    value = (os.environ if environ is None else environ).get("ENV_FILE")
+    if value is None:
+        return PROJECT_ROOT / ".env"
+    return Path(value) if value.strip() else None
+
+
+def resolve_dotenv(dotenv_file: Dotenv, environ: Mapping[str, str] | None = None) -> Path | None:
+    return dotenv_path(environ) if dotenv_file is ... else dotenv_file
+
 
 # An unquoted value's comment: a "#" at its start or after a space, followed by a space or the end.
 _INLINE_COMMENT = re.compile(r"(?:^|\s)#(?:\s.*)?$")
@@ -119,13 +140,15 @@ def load_settings(
     environ: Mapping[str, str] | None = None,
     *,
     config_file: Path = DEFAULT_CONFIG_FILE,
-    dotenv_file: Path | None = PROJECT_ROOT / ".env",
+    dotenv_file: Dotenv = ...,
 ) -> Settings:
     """Build the settings; raises ConfigError naming the first bad variable.
 
     ``environ`` defaults to ``os.environ``; tests pass their own mapping (and ``dotenv_file=None``).
+    ``dotenv_file``: ``...`` reads ``dotenv_path(environ)``.
     """
     environ = os.environ if environ is None else environ
+    dotenv_file = resolve_dotenv(dotenv_file, environ)
     defaults = _read_config(config_file)
     try:
         dotenv = read_dotenv(dotenv_file) if dotenv_file is not None and dotenv_file.exists() else {}
