@@ -28,8 +28,9 @@ Several nodes
     (``pending_inbox_in``, ``pending_outbox_in``, ``inbox_heads``, ``inbox_after``); a commit may be
     fenced by a lease (``agent_fence``); ``accept`` on a store given a ``node`` wakes the owner of the
     message's shard when that is another node (NOTIFY on ``node_channel(owner)``, received by
-    ``listen``), carrying the accepted row when it fits so the owner need not read it back. The lease operations (heartbeat, acquire, renew, release) use a connection of their
-    own, so a renewal never waits behind a burst of webhooks in the pool's queue. A call waits at
+    ``listen``), carrying the accepted row when it fits so the owner need not read it back. The
+    lease operations (heartbeat, acquire, renew, release) use a connection of their own, so a
+    renewal never waits behind a burst of webhooks in the pool's queue. A call waits at
     most ``CONNECTION_WAIT`` for a pooled connection, and one that finds the database unreachable
     makes the calls of the next second fail at once, so webhooks answer 503 within seconds.
 
@@ -359,7 +360,8 @@ class PostgresStore:
                 " WHERE shard = %(shard)s AND owner IS NOT NULL AND owner <> %(node)s) AS n)"
                 ) if self.node is not None else ""
         args = {"dedupe": dedupe_id, "at": at, "key": key, "data": data, "shard": shard, "node": self.node,
-                "channel": WAKE_CHANNEL, "limit": NOTIFY_LIMIT, "head": f"[{shard},", "tail": f",{_dumps(key)},{data}]"}
+                "channel": WAKE_CHANNEL, "limit": NOTIFY_LIMIT, "head": f"[{shard},",
+                "tail": f",{_dumps(key)},{data}]"}
 
         def op(conn: Any) -> int | None:
             self._housekeeping(conn, at)
