@@ -63,8 +63,9 @@ class InboxFeed:
     # -- the intake's path -------------------------------------------------------------------
 
     def is_next(self, key: str, seq: int) -> bool:
-        """Whether ``seq`` is exactly the next of ``key`` (the intake may hand it over itself)."""
-        return self.delivered.get(key) == seq - 1
+        """Whether ``seq`` is exactly the next of ``key`` (the intake may hand it over itself): the
+        one after what was handed over, or 1 for a key none was (a key's first row: none before it)."""
+        return self.delivered.get(key, 0) == seq - 1
 
     def handed(self, key: str, seq: int) -> None:
         """The intake handed ``seq`` over itself."""
@@ -87,7 +88,7 @@ class InboxFeed:
             self._shards_woken.add(shard)
         elif row.seq <= self.delivered.get(row.key, 0) or not self._may_deliver(row.key):
             return   # a read handed it over already, or this node does not run the key right now
-        elif row.seq == self.delivered.get(row.key, 0) + 1:   # seq 1 of an unknown key: its first
+        elif self.is_next(row.key, row.seq):
             self._deliver(row)
             self.delivered[row.key] = row.seq
             self.carried += 1

@@ -675,7 +675,11 @@ class PostgresStore:
         pgconn.consume_input()
         found = []
         while (note := pgconn.notifies()) is not None:
-            found.append(wake_of(note.extra.decode(encoding)))
+            text = note.extra.decode(encoding)
+            try:
+                found.append(wake_of(text))
+            except (ValueError, TypeError) as exc:   # not one of ours: skipped (the poll reads all)
+                log.warning("Store: ignored a malformed wake-up (%d bytes): %s", len(text), type(exc).__name__)
         return found
 
     # -- shard leases (runtime.shards.LeaseStore) --------------------------------------------------
