@@ -140,8 +140,10 @@ class InboxFeed:
             self._hand(await self._store.inbox_after(behind))
 
     async def gained(self, shards: Collection[int]) -> None:
-        """``shards`` were just acquired: hand over all their pending rows."""
-        self.forget_shards(shards)
+        """``shards`` were just acquired: hand over all their pending rows that were not handed over
+        yet. Nothing is forgotten here: what a shard's earlier ownership handed over was forgotten
+        when it ended, and what the intake or a wake-up handed over since the shard was acquired
+        (before this read) must not be handed over twice."""
         self._hand(await self._store.pending_inbox_in(list(shards)))
 
     def _hand(self, rows: Iterable[InboxRow]) -> None:

@@ -242,3 +242,24 @@ async def test_a_shard_only_wake_up_of_the_previous_version_is_still_heard(postg
     finally:
         await a.store.close()
         await old.close()
+
+
+async def test_rows_handed_over_before_a_gained_shard_is_read_are_not_handed_over_twice(postgres_cluster: Any) -> None:
+    """Between acquiring a shard and reading its pending rows the service awaits (its outbox), and
+    meanwhile the intake or a wake-up may hand a key's rows over already: the read must skip them."""
+    url = postgres_cluster.create_database()
+    a = await open_node(url, "a")
+    try:
+        key = key_in(2)
+        for n in range(1, 4):
+            await a.store.accept(key, f"m{n}", {"n": n})
+
+        async def gained(shards: list[int]) -> None:
+            await a.feed.catch_up(key)   # as the intake does for a message of a key it has not handed over
+            await a.feed.gained(shards)
+
+        a.owner._on_gained = gained
+        await a.owner.step()
+        assert a.seqs(key) == [1, 2, 3] and a.feed.delivered[key] == 3
+    finally:
+        await a.store.close()
