@@ -21,6 +21,7 @@ import resource
 import subprocess
 import sys
 import time
+from typing import Any
 from pathlib import Path
 
 import trio
@@ -63,7 +64,7 @@ async def owner(tree: str, url: str, count: int, rate: float) -> None:
 
     store = PostgresStore(url, shards=1024, node="a")
     await store.open()
-    handed: list = []
+    handed: list[Any] = []
 
     async def nothing(shards: list[int]) -> None:
         return None
