@@ -216,7 +216,7 @@ async def shards(svc: "Service") -> dict[str, Any]:
         "handed_back": owner.handed_back,
         "fenced_refused": svc.fenced.refused if svc.fenced is not None else 0,
         "forwarded": svc.forwarded,
-        "inbox": {"polls": feed.polls, "wakeups": feed.wakeups, "caught_up": feed.caught_up,
-                  "keys_tracked": len(feed.delivered)} if feed is not None else None,
+        "inbox": {"polls": feed.polls, "wakeups": feed.wakeups, "carried": feed.carried,
+                  "caught_up": feed.caught_up, "keys_tracked": len(feed.delivered)} if feed is not None else None,
         "outbound_dropped": svc.outbound.dropped if svc.outbound is not None else 0,
     }, redact)

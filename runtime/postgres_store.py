@@ -28,8 +28,9 @@ Several nodes
     (``pending_inbox_in``, ``pending_outbox_in``, ``inbox_heads``, ``inbox_after``); a commit may be
     fenced by a lease (``agent_fence``); ``accept`` on a store given a ``node`` wakes the owner of the
     message's shard when that is another node (NOTIFY on ``node_channel(owner)``, received by
-    ``listen``). The lease operations (heartbeat, acquire, renew, release) use a connection of their
-    own, so a renewal never waits behind a burst of webhooks in the pool's queue. A call waits at
+    ``listen``), carrying the accepted row when it fits so the owner need not read it back. The
+    lease operations (heartbeat, acquire, renew, release) use a connection of their own, so a
+    renewal never waits behind a burst of webhooks in the pool's queue. A call waits at
     most ``CONNECTION_WAIT`` for a pooled connection, and one that finds the database unreachable
     makes the calls of the next second fail at once, so webhooks answer 503 within seconds.
 
@@ -58,7 +59,9 @@ log = logging.getLogger(__name__)
 CONNECTION_WAIT = 2.0     # seconds a call waits for a pooled connection before failing
 UNREACHABLE_PAUSE = 1.0   # seconds calls fail at once after the database was found unreachable
 NODES_KEPT_SECONDS = 3600.0   # a silent node's heartbeat row is kept this long (shown as not live)
-LISTEN_WAIT = 1.0   # seconds a listener thread waits for a notification before checking for cancellation
+WAKE_CHANNEL = "agent_wake_"     # wake-ups: '[shard,seq,key,payload]' (the accepted row) or the shard alone
+LEGACY_CHANNEL = "agent_node_"   # shard-only wake-ups sent by nodes of the previous version (rolling upgrade)
+NOTIFY_LIMIT = 8000   # PostgreSQL refuses a NOTIFY payload of this many bytes or more
 Mode = Literal["statement", "batch", "transaction"]
 
 # MIGRATIONS[n] brings a database from version n-1 to version n (never edit a released one).
@@ -140,9 +143,18 @@ def _unreachable(exc: BaseException) -> bool:
     return isinstance(exc, psycopg.OperationalError) and (code is None or code.startswith(("08", "57P")))
 
 
-def node_channel(node: str) -> str:
+def node_channel(node: str, prefix: str = WAKE_CHANNEL) -> str:
     """The NOTIFY channel that wakes ``node`` (accept's SQL computes the same from the owner)."""
-    return "agent_node_" + hashlib.md5(node.encode("utf-8")).hexdigest()[:16]
+    return prefix + hashlib.md5(node.encode("utf-8")).hexdigest()[:16]
+
+
+def wake_of(note: str) -> tuple[int, InboxRow | None]:
+    """A wake-up's shard and the accepted row it carries (None: the shard alone, as the row did
+    not fit in a notification or a node of the previous version sent it)."""
+    if note.startswith("["):
+        shard, seq, key, payload = json.loads(note)
+        return int(shard), InboxRow(str(key), int(seq), payload)
+    return int(note), None
 
 
 def describe_url(url: str) -> str:
@@ -346,11 +358,16 @@ class PostgresStore:
         """Record an inbound message durably; its inbox sequence number, or None for a duplicate."""
         data, at, shard = _dumps(payload), self._clock(), shard_of(key, self.shards)
         # With a node id, the same statement wakes the shard's owner when it is another node (NOTIFY
-        # is sent at commit, so the owner's read sees the row); nobody is woken for a duplicate.
-        wake = (", (SELECT count(*) FROM (SELECT pg_notify('agent_node_' || substr(md5(owner), 1, 16),"
-                " %(shard)s::text) FROM agent_shards WHERE shard = %(shard)s AND owner IS NOT NULL"
-                " AND owner <> %(node)s) AS n)") if self.node is not None else ""
-        args = {"dedupe": dedupe_id, "at": at, "key": key, "data": data, "shard": shard, "node": self.node}
+        # is sent at commit, so the owner's read sees the row), carrying the row (``wake_of``) when
+        # it fits in a notification, else the shard alone; nobody is woken for a duplicate.
+        wake = (", (SELECT count(*) FROM (SELECT pg_notify(%(channel)s || substr(md5(owner), 1, 16),"
+                " CASE WHEN octet_length(w.note) < %(limit)s THEN w.note ELSE %(shard)s::text END)"
+                " FROM agent_shards, (SELECT %(head)s::text || seq || %(tail)s::text AS note) AS w"
+                " WHERE shard = %(shard)s AND owner IS NOT NULL AND owner <> %(node)s) AS n)"
+                ) if self.node is not None else ""
+        args = {"dedupe": dedupe_id, "at": at, "key": key, "data": data, "shard": shard, "node": self.node,
+                "channel": WAKE_CHANNEL, "limit": NOTIFY_LIMIT, "head": f"[{shard},",
+                "tail": f",{_dumps(key)},{data}]"}
 
         def op(conn: Any) -> int | None:
             self._housekeeping(conn, at)
@@ -613,27 +630,30 @@ class PostgresStore:
 
     # -- wake-ups ----------------------------------------------------------------------------
 
-    async def listen(self, node: str, on_shard: Callable[[int], None], *,
+    async def listen(self, node: str, on_wake: Callable[[int, InboxRow | None], None], *,
                      task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Call ``on_shard(shard)`` for every wake-up ``accept`` sends ``node`` until cancelled.
+        """Call ``on_wake(shard, row)`` for every wake-up ``accept`` sends ``node`` (``row``: the
+        accepted row it carries, or None) until cancelled.
 
-        A dedicated connection (not the pool's) LISTENs; a worker thread waits at most
-        ``LISTEN_WAIT`` per call, so cancellation is noticed within that. A lost connection is
-        reopened after a second; wake-ups sent meanwhile are lost, which is fine: they only
-        hurry the owner's poll."""
+        A dedicated connection (not the pool's) LISTENs. The task waits in trio for its socket to
+        become readable and then takes what arrived without blocking (libpq's consume_input and
+        notifies): no thread per wake-up, and cancellation at once. A lost connection is reopened
+        after a second; wake-ups sent meanwhile are lost, which is fine: they only hurry the
+        owner's poll."""
         import psycopg
 
-        channel, started = node_channel(node), False
+        started = False
         while True:
             conn: Any = None
             try:
-                conn = await trio.to_thread.run_sync(self._listening, channel)
+                conn = await trio.to_thread.run_sync(self._listening, node)
                 if not started:
                     started = True
                     task_status.started()
                 while True:
-                    for shard in await trio.to_thread.run_sync(self._notified, conn):
-                        on_shard(shard)
+                    await trio.lowlevel.wait_readable(conn.pgconn.socket)
+                    for shard, row in self._received(conn):
+                        on_wake(shard, row)
             except (psycopg.Error, OSError) as exc:
                 log.warning("Store: wake-up listener lost (%s); polling only, retrying in 1s",
                             self._error(exc))
@@ -646,16 +666,27 @@ class PostgresStore:
                     with trio.CancelScope(shield=True):
                         await trio.to_thread.run_sync(conn.close)
 
-    def _listening(self, channel: str) -> Any:
+    def _listening(self, node: str) -> Any:
         import psycopg
 
         conn = psycopg.connect(self._url, connect_timeout=max(1, int(self._connect_timeout)), autocommit=True)
-        conn.execute(f'LISTEN "{channel}"')   # a hex name of our own: nothing to escape
+        for prefix in (WAKE_CHANNEL, LEGACY_CHANNEL):   # hex names of our own: nothing to escape
+            conn.execute(f'LISTEN "{node_channel(node, prefix)}"')
         return conn
 
     @staticmethod
-    def _notified(conn: Any) -> list[int]:
-        return [int(n.payload) for n in conn.notifies(timeout=LISTEN_WAIT, stop_after=1)]
+    def _received(conn: Any) -> list[tuple[int, InboxRow | None]]:
+        """The wake-ups that arrived on ``conn`` (reads what the socket holds; never blocks)."""
+        pgconn, encoding = conn.pgconn, conn.info.encoding
+        pgconn.consume_input()
+        found = []
+        while (note := pgconn.notifies()) is not None:
+            text = note.extra.decode(encoding)
+            try:
+                found.append(wake_of(text))
+            except (ValueError, TypeError) as exc:   # not one of ours: skipped (the poll reads all)
+                log.warning("Store: ignored a malformed wake-up (%d bytes): %s", len(text), type(exc).__name__)
+        return found
 
     # -- shard leases (runtime.shards.LeaseStore) --------------------------------------------------
 

@@ -10,7 +10,7 @@ import trio
 
 from runtime.fenced_store import FencedStore
 from runtime.inbox_feed import InboxFeed
-from runtime.postgres_store import PostgresStore
+from runtime.postgres_store import LEGACY_CHANNEL, PostgresStore, node_channel
 from runtime.shards import ShardOwner, shard_of
 from runtime.store import Fenced, InboxRow, StateMeta
 
@@ -130,5 +130,136 @@ async def test_a_gained_shard_hands_over_its_pending_rows_and_forgets_on_loss(po
         assert key not in a.feed.delivered
         await a.feed.poll()                       # shard 2 is not ours any more: nothing handed over
         assert a.seqs(key) == [1, 2, 3]
+    finally:
+        await a.store.close()
+
+
+async def wait_for_seqs(node: Node, key: str, count: int) -> None:
+    with trio.fail_after(5):
+        while len(node.seqs(key)) < count:
+            await trio.sleep(0.02)
+    await trio.sleep(0.2)   # nothing more (twice) arrives after
+
+
+async def test_rows_carried_by_wake_ups_are_handed_over_once_in_order_without_a_read(postgres_cluster: Any) -> None:
+    url = postgres_cluster.create_database()
+    a, b = await open_node(url, "a"), await open_node(url, "b")
+    a.feed.poll_seconds = 60   # no poll during the test: only wake-ups hand anything over
+    try:
+        await a.owner.step()
+        key = key_in(4)
+        assert a.feed.is_next(key, 1) and not a.feed.is_next(key, 2)   # a first row needs no read
+        async with trio.open_nursery() as nursery:
+            await nursery.start(a.store.listen, "a", a.feed.wake)
+            await nursery.start(a.feed.run)
+            for n in range(1, 11):
+                assert await b.store.accept(key, f"m{n}", {"n": n, "text": "¿qué tal? ñ"}) == n
+            await wait_for_seqs(a, key, 10)
+            nursery.cancel_scope.cancel()
+        assert a.seqs(key) == list(range(1, 11))
+        assert [row.payload for row in a.handed] == [{"n": n, "text": "¿qué tal? ñ"} for n in range(1, 11)]
+        assert (a.feed.carried, a.feed.caught_up, a.feed.polls) == (10, 0, 0)   # nothing read back
+    finally:
+        await a.store.close()
+        await b.store.close()
+
+
+async def test_an_oversized_row_wakes_with_its_shard_alone_and_is_read(postgres_cluster: Any) -> None:
+    """A row too large for a notification (8000 bytes: "ñ" is two) wakes the owner with the shard
+    alone; the owner reads it, and the rows around it still arrive once, in order."""
+    url = postgres_cluster.create_database()
+    a, b = await open_node(url, "a"), await open_node(url, "b")
+    a.feed.poll_seconds = 60
+    big = {"text": "ñ" * 3990}   # 3,990 characters, 7,980 bytes: over the limit with the row's frame
+    try:
+        await a.owner.step()
+        key = key_in(6)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(a.store.listen, "a", a.feed.wake)
+            await nursery.start(a.feed.run)
+            assert await b.store.accept(key, "m1", {"n": 1}) == 1
+            await wait_for_seqs(a, key, 1)
+            assert await b.store.accept(key, "m2", big) == 2
+            await wait_for_seqs(a, key, 2)
+            assert await b.store.accept(key, "m3", {"n": 3}) == 3
+            await wait_for_seqs(a, key, 3)
+            nursery.cancel_scope.cancel()
+        assert a.seqs(key) == [1, 2, 3] and a.handed[1].payload == big
+        assert (a.feed.carried, a.feed.caught_up, a.feed.wakeups) == (2, 1, 3)
+    finally:
+        await a.store.close()
+        await b.store.close()
+
+
+async def test_lost_wake_ups_are_read_after_a_gap_or_by_the_poll(postgres_cluster: Any) -> None:
+    url = postgres_cluster.create_database()
+    a, b = await open_node(url, "a"), await open_node(url, "b")
+    a.feed.poll_seconds = 60
+    try:
+        await a.owner.step()
+        key = key_in(7)
+        for n in (1, 2):   # a is not listening: these wake-ups are lost
+            await b.store.accept(key, f"m{n}", {"n": n})
+        async with trio.open_nursery() as nursery:
+            await nursery.start(a.store.listen, "a", a.feed.wake)
+            await nursery.start(a.feed.run)
+            await b.store.accept(key, "m3", {"n": 3})   # carried, but not the next: the key is read
+            await wait_for_seqs(a, key, 3)
+            assert (a.feed.carried, a.feed.caught_up, a.feed.polls) == (0, 3, 0)
+            nursery.cancel_scope.cancel()
+        await b.store.accept(key, "m4", {"n": 4})   # nobody listens: only the poll finds it
+        a.feed.poll_seconds = 0.1
+        async with trio.open_nursery() as nursery:
+            await nursery.start(a.feed.run)
+            await wait_for_seqs(a, key, 4)
+            nursery.cancel_scope.cancel()
+        assert a.seqs(key) == [1, 2, 3, 4] and a.feed.polls > 0
+    finally:
+        await a.store.close()
+        await b.store.close()
+
+
+async def test_a_shard_only_wake_up_of_the_previous_version_is_still_heard(postgres_cluster: Any) -> None:
+    """Rolling upgrade: a node of the previous version wakes the owner with the shard alone on the
+    old channel; the owner polls that shard. A malformed notification is skipped, not fatal."""
+    url = postgres_cluster.create_database()
+    a, old = await open_node(url, "a"), PostgresStore(url, shards=SHARDS)   # no node: accept wakes nobody
+    await old.open()
+    a.feed.poll_seconds = 60
+    try:
+        await a.owner.step()
+        key = key_in(1)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(a.store.listen, "a", a.feed.wake)
+            await nursery.start(a.feed.run)
+            await old.accept(key, "m1", {"n": 1})
+            for channel, note in ((node_channel("a"), "not a wake-up"), (node_channel("a"), "[1, 2]"),
+                                  (node_channel("a", LEGACY_CHANNEL), str(shard_of(key, SHARDS)))):
+                await old._run(lambda conn: conn.execute("SELECT pg_notify(%s, %s)", (channel, note)))
+            await wait_for_seqs(a, key, 1)
+            nursery.cancel_scope.cancel()
+        assert a.seqs(key) == [1] and (a.feed.carried, a.feed.caught_up, a.feed.polls) == (0, 1, 1)
+    finally:
+        await a.store.close()
+        await old.close()
+
+
+async def test_rows_handed_over_before_a_gained_shard_is_read_are_not_handed_over_twice(postgres_cluster: Any) -> None:
+    """Between acquiring a shard and reading its pending rows the service awaits (its outbox), and
+    meanwhile the intake or a wake-up may hand a key's rows over already: the read must skip them."""
+    url = postgres_cluster.create_database()
+    a = await open_node(url, "a")
+    try:
+        key = key_in(2)
+        for n in range(1, 4):
+            await a.store.accept(key, f"m{n}", {"n": n})
+
+        async def gained(shards: list[int]) -> None:
+            await a.feed.catch_up(key)   # as the intake does for a message of a key it has not handed over
+            await a.feed.gained(shards)
+
+        a.owner._on_gained = gained
+        await a.owner.step()
+        assert a.seqs(key) == [1, 2, 3] and a.feed.delivered[key] == 3
     finally:
         await a.store.close()

@@ -12,7 +12,7 @@ import trio
 
 from runtime.postgres_store import SCHEMA_VERSION, PostgresStore
 from runtime.shards import NodeInfo, shard_of
-from runtime.store import StateMeta, StoreError
+from runtime.store import InboxRow, StateMeta, StoreError
 from tests.postgres import PASSWORD
 from tests.procs import ServiceProcess
 
@@ -158,26 +158,28 @@ async def test_sharded_reads_see_only_their_shards_in_order(postgres_cluster: An
 
 async def test_accept_wakes_the_owner_of_another_node(postgres_cluster: Any) -> None:
     """An accept on a node that does not own the key's shard NOTIFYs the owner's channel (payload:
-    the shard), in the accept's own statement; the owner's own accepts and duplicates wake nobody."""
+    the accepted row, or the shard alone when the row does not fit), in the accept's own statement;
+    the owner's own accepts and duplicates wake nobody."""
     url = postgres_cluster.create_database()
     owner, other = PostgresStore(url, shards=2, node="n1"), PostgresStore(url, shards=2, node="n2")
     await owner.open()
     await other.open()
-    woken: list[int] = []
+    woken: list[tuple[int, InboxRow | None]] = []
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(owner.listen, "n1", woken.append)
+            await nursery.start(owner.listen, "n1", lambda shard, row: woken.append((shard, row)))
             leases = await owner.acquire("n1", [0, 1], 10.0, 2)
             assert len(leases) == 2
             key = "inst/1@s"
             assert await owner.accept(key, "a", {}) == 1      # its own: no wake-up
             assert await other.accept(key, "b", {}) == 2
             assert await other.accept(key, "b", {}) is None   # a duplicate: none
+            assert await other.accept(key, "c", {"text": "x" * 8000}) == 3   # too large: the shard alone
             with trio.fail_after(5):
-                while not woken:
+                while len(woken) < 2:
                     await trio.sleep(0.02)
             await trio.sleep(0.3)
-            assert woken == [shard_of(key, 2)]
+            assert woken == [(shard_of(key, 2), InboxRow(key, 2, {})), (shard_of(key, 2), None)]
             nursery.cancel_scope.cancel()
     finally:
         await owner.close()
