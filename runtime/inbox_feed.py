@@ -102,8 +102,11 @@ class InboxFeed:
             self._hand(await self._store.inbox_after(behind))
 
     async def gained(self, shards: Collection[int]) -> None:
-        """``shards`` were just acquired: hand over all their pending rows."""
-        self.forget_shards(shards)
+        """``shards`` were just acquired: hand over all their pending rows not handed over yet.
+
+        Nothing is forgotten here (that happened when the shards were lost or handed back): the
+        intake and the poll may already have handed rows of theirs over since they were acquired
+        (the caller awaits other reads first), and those are still pending until their turn commits."""
         self._hand(await self._store.pending_inbox_in(list(shards)))
 
     def _hand(self, rows: Iterable[InboxRow]) -> None:
