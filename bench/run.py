@@ -649,6 +649,17 @@ def table(rows: list[dict[str, Any]]) -> str:
         if "error" in r:
             lines.append([r.get("name", r["scenario"]), *["-"] * 16, "ERROR: " + r["error"][:80]])
             continue
+        if r["scenario"] == "takeover":
+            t = r["takeover"]
+            notes = (f"SHARD_LEASE_SECONDS={r['lease_s']:g}: the survivor owned every shard {fmt(t['owned_all_s'])}s "
+                     f"after the SIGKILL, first reply to one of the dead node's {t['victim_chats']} chats "
+                     f"{fmt(t['first_reply_s'])}s after it; {r['duplicates']} replies repeated "
+                     f"(<= {t['unanswered_at_kill']} acked and unanswered at the kill)")
+            lines.append([r.get("name", r["scenario"]), r["messages"], r["lost"], r["duplicates"], r["out_of_order"],
+                          r["misrouted"], fmt(r["answered_per_s"]), pair(r["ack_ms"]), pair(r["reply_ms"]),
+                          pair(r["overhead_ms"]), fmt(r.get("acks_over_30s")), "-", "-", "-", "-",
+                          fmt(r["loadgen_cpu_s"]), "-", notes])
+            continue
         svc = r["service"]
         notes = ""
         if r["scenario"] == "memory":
@@ -662,17 +673,6 @@ def table(rows: list[dict[str, Any]]) -> str:
             lines.append([r.get("name", r["scenario"]), msgs, "-", "-", "-", "-", "-", pair(r.get("ack_ms")), "-", "-",
                           fmt(r.get("acks_over_30s")), fmt(svc["cpu_s_measured"]), fmt(svc["cpu_ms_per_msg"]), fmt(svc["peak_rss_mb"]),
                           "-", fmt(r["loadgen_cpu_s"]), fmt(r["foreign_cpu_s"]), notes])
-            continue
-        if r["scenario"] == "takeover":
-            t = r["takeover"]
-            notes = (f"SHARD_LEASE_SECONDS={r['lease_s']:g}: the survivor owned every shard {fmt(t['owned_all_s'])}s "
-                     f"after the SIGKILL, first reply to one of the dead node's {t['victim_chats']} chats "
-                     f"{fmt(t['first_reply_s'])}s after it; {r['duplicates']} replies repeated "
-                     f"(<= {t['unanswered_at_kill']} acked and unanswered at the kill)")
-            lines.append([r.get("name", r["scenario"]), r["messages"], r["lost"], r["duplicates"], r["out_of_order"],
-                          r["misrouted"], fmt(r["answered_per_s"]), pair(r["ack_ms"]), pair(r["reply_ms"]),
-                          pair(r["overhead_ms"]), fmt(r.get("acks_over_30s")), "-", "-", "-", "-",
-                          fmt(r["loadgen_cpu_s"]), "-", notes])
             continue
         if r["scenario"] == "hot":
             hot = r["hot"]
