@@ -756,7 +756,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     parser = argparse.ArgumentParser(description="End-to-end benchmark of the service against the fakes")
     parser.add_argument("--scenarios", default=",".join(ALL),
-                        help=f"comma-separated, from {','.join(ALL + ONLY_NAMED)} (default: all but {','.join(ONLY_NAMED)})")
+                        help=f"comma-separated, from {','.join(ALL + ONLY_NAMED)} "
+                             f"(default: all but {','.join(ONLY_NAMED)})")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, a few seconds per scenario")
     parser.add_argument("--json", type=Path, help="write every measurement to this file")
     parser.add_argument("--users", type=int, help="override the scenario's users")

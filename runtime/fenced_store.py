@@ -4,10 +4,11 @@ database with other nodes write through (runtime/shards.py).
 Every ``commit`` of a key carries the lease of the key's shard (``fence=(node, lease)``); the
 store refuses it with ``Fenced`` unless that lease still holds, checked in the commit's own
 transaction. Without a lease at all (the shard is not ours, or our leases ran out: a renewal that
-is only late is waited for, ``ShardOwner.confirm``) the commit is refused here, before any round trip. A refusal makes the owner treat the shard as lost
-at once (``ShardOwner.lose``: its actors stop), so a paused or partitioned node stops writing as
-soon as it wakes up. ``expire`` only touches the shards this node owns. Everything else passes
-through unchanged: the domain never sees any of this.
+is only late is waited for, ``ShardOwner.confirm``) the commit is refused here, before any round
+trip. A refusal makes the owner treat the shard as lost at once (``ShardOwner.lose``: its actors
+stop), so a paused or partitioned node stops writing as soon as it wakes up. ``expire`` only
+touches the shards this node owns. Everything else passes through unchanged: the domain never
+sees any of this.
 """
 
 from __future__ import annotations

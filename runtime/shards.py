@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 EXPIRY_MARGIN = 0.05   # seconds after another node's lease runs out (store clock) before taking it
 
+
 def shard_of(key: str, shards: int) -> int:
     """The shard of ``key``: stable across processes, machines and Python versions."""
     digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()

@@ -228,7 +228,8 @@ async def test_sigkill_one_node_under_load(cluster: Cluster) -> None:
     in_flight: list[int] = []
 
     async def measure(killed: float) -> None:
-        took.append(await trio.to_thread.run_sync(cluster.takeover_seconds, ids, survivors[0].url, killed, LEASE + 20))
+        seconds = await trio.to_thread.run_sync(cluster.takeover_seconds, ids, survivors[0].url, killed, LEASE + 20)
+        took.append(seconds)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(cluster.traffic, range(MESSAGES))

@@ -82,7 +82,7 @@ class CrmSupervisor:
         self._client: KrayinClient | None = self._make_client(http) if http is not None and self._enabled else None
         self._on_lead = on_lead
         self._on_done = on_done
-        self._may_run = may_run   # (key) awaited before each attempt: several nodes, only the chat's owner runs its jobs
+        self._may_run = may_run   # (key) awaited before each attempt: only the chat's owner runs its jobs
         self._jobs: KeyedSerialExecutor[str, _Job] = KeyedSerialExecutor(
             self._handle, queue_capacity=QUEUE_CAPACITY, max_keys_in_flight=KEYS_IN_FLIGHT, name="crm")
         # The budget counts from submission (the job's ``submitted_at``), not from its first attempt.
