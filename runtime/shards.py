@@ -17,9 +17,10 @@ process, unlike Python's salted ``hash``). A process owns a shard through a leas
   (``on_release`` lets the shard's work in flight finish first), so a joining process gets
   shards without waiting for anyone to die, and a dead one's shards are taken as soon as its
   leases expire: each round asks the store when the next lease of another process runs out and
-  the next round starts then if that is earlier than the regular one (a takeover within the lease,
-  not the lease plus a renewal interval), and a round that could take more right away (``max_acquire``
-  reached) is followed by another at once.
+  the next round starts then if that is earlier than the regular one, and such a round takes all
+  it needs, not ``max_acquire`` (a takeover within the lease, not the lease plus a renewal interval
+  or two). Regular rounds keep the cap: after a restart of every node, or the store's return, the
+  first process to come back does not grab every shard only to hand most back a moment later.
 - a renewal that comes back late (the local deadline passed: a busy process, a slow store) is not a
   loss: a write or a send that asks meanwhile (``confirm``) waits for its outcome instead of being
   refused, because a refused send whose shard is then renewed would never be retried (only a new
@@ -135,6 +136,7 @@ class ShardOwner:
         self._deadline = -math.inf        # trio time after which our leases may be someone else's
         self._renewed = trio.Event()      # set (and replaced) once each renewal attempt has an outcome
         self._next_round = -math.inf      # trio time of the next round
+        self._expiry_round = False        # the next round starts when another node's lease runs out
         self.late_renewals = 0            # renewals that came back after the local deadline had passed
         self.live: list[str] = []
         self._stopping = False
@@ -194,7 +196,7 @@ class ShardOwner:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Balance once (so a lone process owns its shards before it serves), then a round every
         ``lease_seconds / 3`` from the previous one's renewal (earlier when another node's lease
-        runs out before, or when there is more to take) until cancelled or ``leave`` is called."""
+        runs out before) until cancelled or ``leave`` is called."""
         await self.step()
         self.balanced = True
         task_status.started()
@@ -206,6 +208,7 @@ class ShardOwner:
     async def step(self) -> None:
         """One round: heartbeat, renew, drop what was lost, then acquire or hand back toward the
         fair share. A store error keeps what is owned until the local deadline passes."""
+        takeover, self._expiry_round = self._expiry_round, False
         sent = trio.current_time()
         self._next_round = sent + self.interval
         try:
@@ -217,6 +220,7 @@ class ShardOwner:
                         exc, len(self.owned))
             await self._expire_if_past_deadline()
             self._renewal_outcome()
+            self._next_round = trio.current_time() + self.interval   # a pause after a failed (maybe slow) try
             return
         if self.owned and trio.current_time() >= self._deadline:
             self.late_renewals += 1
@@ -232,10 +236,11 @@ class ShardOwner:
             log.warning("Shards: %d leases lost (taken over): %s", len(lost), _span(lost))
             await self._on_lost(lost)
         try:
-            await self._balance()
+            await self._balance(takeover)
             await self._watch_expiry()
         except StoreError as exc:
             log.warning("Shards: balancing failed (%s); retried in %.1fs", exc, self.interval)
+            self._next_round = trio.current_time() + self.interval
 
     def _renewal_outcome(self) -> None:
         """Wake the writes and sends waiting in ``confirm`` (owned and the deadline are up to date)."""
@@ -246,8 +251,8 @@ class ShardOwner:
         """Start the next round right after another node's lease runs out, when that comes before
         the regular round: a dead node's shards are then taken within the lease."""
         left = await self.store.next_expiry(self.node)
-        if left is not None:
-            self._next_round = min(self._next_round, trio.current_time() + left + EXPIRY_MARGIN)
+        if left is not None and (wake := trio.current_time() + left + EXPIRY_MARGIN) < self._next_round:
+            self._next_round, self._expiry_round = wake, True
 
     async def _expire_if_past_deadline(self) -> None:
         if self.owned and trio.current_time() >= self._deadline:
@@ -257,14 +262,15 @@ class ShardOwner:
             log.warning("Shards: leases ran out without renewal; %d shards dropped", len(lost))
             await self._on_lost(lost)
 
-    async def _balance(self) -> None:
+    async def _balance(self, takeover: bool = False) -> None:
+        """Acquire toward the fair share (everything it needs in a ``takeover`` round, else at most
+        ``max_acquire``) or hand the excess back."""
         target = fair_share(self.node, self.live, self.shards)
         if len(self.owned) < target:
             wanted = [s for s in range(self.shards) if s not in self.owned]
+            needed = target - len(self.owned)
             gained = await self.store.acquire(self.node, wanted, self.lease_seconds,
-                                              min(target - len(self.owned), self.max_acquire))
-            if len(gained) == self.max_acquire and len(self.owned) + len(gained) < target:
-                self._next_round = trio.current_time()   # more may be free: take it now, not a round later
+                                              needed if takeover else min(needed, self.max_acquire))
             if gained:
                 self.owned.update({lease.shard: lease.epoch for lease in gained})
                 self.acquired += len(gained)

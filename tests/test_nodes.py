@@ -115,10 +115,10 @@ class Cluster:
                 continue
             if response.status_code == 200:
                 body = response.json()
-                if body["status"] == "accepted":
-                    self.accepted[jid].append(text)
-                else:
+                if body["status"] != "accepted":   # each message is posted once: an earlier attempt that
+                    # timed out (its node paused or killed before answering) stored it, and it is answered
                     assert body == {"status": "ignored", "reason": "duplicate"}, body
+                self.accepted[jid].append(text)
                 return
             await trio.sleep(0.2)   # 503: retried, as Evolution does
         raise AssertionError(f"{jid} {text}: no node accepted it")

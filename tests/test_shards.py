@@ -108,9 +108,9 @@ async def test_a_silent_node_is_taken_over_and_its_writes_are_fenced(postgres_cl
 async def test_a_dead_nodes_shards_are_taken_as_soon_as_its_leases_run_out(postgres_cluster: Any) -> None:
     """Issue 16: a dead node's shards are taken within SHARD_LEASE_SECONDS + 2 s. The survivor's
     regular rounds (every lease / 3) need not fall right after the expiry: it starts a round when the
-    dead node's leases run out, and takes all of them in back-to-back rounds even when that is more
-    than ``max_acquire``. Seen failing before: taken only at the next regular round, a quarter at a
-    time (6.7 s after the last renewal with a 3 s lease)."""
+    dead node's leases run out, and that round takes all of them, even more than ``max_acquire``.
+    Seen failing before: taken only at the next regular round, a quarter at a time (6.7 s after the
+    last renewal with a 3 s lease)."""
     url = postgres_cluster.create_database()
     sa, sb = await open_store(url), await open_store(url)
     try:
