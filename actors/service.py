@@ -199,7 +199,7 @@ class Service(ConversationReads):
         try:
             async with httpx.AsyncClient(timeout=timeout, limits=limits) as http:
                 settings_for = self._settings_for
-                owns = self.owner.owns if self.owner is not None else None
+                owns = self.owner.holds if self.owner is not None else None   # waits for a late renewal
                 self.outbound = OutboundSender(settings, http=http, on_settled=self._reply_settled,
                                                settings_for=settings_for, may_send=owns)
                 self.crm = CrmSupervisor(settings, http=http, on_lead=self._lead_created, on_done=self._crm_done,
@@ -335,9 +335,10 @@ class Service(ConversationReads):
         assert self.owner is not None and self.feed is not None
         try:
             outbox = await self.store.pending_outbox_in(shards)  # type: ignore[attr-defined]
+            # every row: the sender confirms the lease before each send (a check here, while a
+            # renewal runs late, would skip a row for good: nobody else re-sends it)
             for row in outbox:
-                if self.owner.owns(row.key):
-                    await self._resubmit(row)
+                await self._resubmit(row)
             before = self.feed.caught_up
             await self.feed.gained(shards)
         except StoreError as exc:   # leave them; they are retaken (and recovered) once their leases run out

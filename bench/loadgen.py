@@ -166,8 +166,12 @@ class Harness:
                 senders.start_soon(self.post_after, last.get(u), done, msg, self.text_for(u, s))
                 last[u] = done
 
-    async def post(self, msg: Msg, text: str) -> None:
-        """POST the webhook; on 503 wait Retry-After and post again (like Evolution). Records the ack."""
+    async def post(self, msg: Msg, text: str, webhooks: list[str] | None = None) -> None:
+        """POST the webhook; on 503 wait Retry-After and post again (like Evolution). Records the ack.
+        ``webhooks``: the nodes to try in turn, as a load balancer does when one cannot be reached
+        (default: the one service)."""
+        targets = webhooks or [self.webhook]
+        attempt = 0
         payload = upsert(jid_of(msg.user), text, f"BENCH{msg.user:09d}X{msg.seq:06d}", self.instance)
         body = json.dumps(payload).encode()
         if not self.first_send:
@@ -183,13 +187,15 @@ class Harness:
             try:
                 shard = msg.user % len(self.clients)
                 async with self.slots[shard]:
-                    response = await self.clients[shard].post(self.webhook, content=body, headers=headers)
+                    response = await self.clients[shard].post(targets[attempt % len(targets)], content=body,
+                                                              headers=headers)
             except httpx.HTTPError as exc:
                 self.counts["http_errors"] += 1
                 self.error_kinds[type(exc).__name__] += 1
                 if trio.current_time() > self.deadline:
                     return                     # never acknowledged: it counts as lost
-                await trio.sleep(1.0)
+                attempt += 1
+                await trio.sleep(1.0 if len(targets) == 1 else 0.05)   # several nodes: the next one at once
                 continue
             now = time.time()
             if response.status_code == 503 and trio.current_time() < self.deadline:
@@ -561,6 +567,79 @@ async def outage(h: Harness, cfg: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+async def takeover(h: Harness, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Two nodes on one PostgreSQL database (``service_urls``), ``rate`` msg/s from ``users`` chats in
+    an open loop, message i of a chat posted to node (chat + i) mod 2 (a load balancer spreading the
+    webhooks; a node that cannot be reached is skipped). After ``pre_s`` seconds the second node's
+    process group (``victim_pgid``) is SIGKILLed; the load goes on for ``post_s`` more seconds.
+
+    Measures, from the kill: when the survivor holds every shard's unexpired lease (its GET /shards
+    ``owners``), when the first reply to a chat of the dead node's shards (``victim_users``) reaches
+    Evolution, and which of those chats' messages were acknowledged but not answered at the kill
+    (the bound for replies the dead node sent without settling them, which its successor repeats)."""
+    per_s, users = float(cfg["rate"]), int(cfg["users"])
+    pre, post = float(cfg["pre_s"]), float(cfg["post_s"])
+    urls = [u + "/webhook" for u in cfg["service_urls"]]
+    survivor, survivor_id, shards = cfg["service_urls"][0], cfg["survivor_id"], int(cfg["shards"])
+    victim_users = set(cfg["victim_users"])
+    alive = list(urls)
+    marks: dict[str, float] = {}
+    total = int(per_s * (pre + post))
+
+    async def send(i: int, previous: trio.Event | None, done: trio.Event) -> None:
+        u, s = i % users, i // users
+        msg = h.expect(u, s)
+        try:
+            if previous is not None:
+                await previous.wait()
+            first = alive[(u + s) % len(alive)]
+            await h.post(msg, h.text_for(u, s), [first, *[w for w in alive if w != first]])
+        finally:
+            done.set()
+
+    async def load() -> None:
+        last: dict[int, trio.Event] = {}
+        start = trio.current_time() + 0.2
+        async with trio.open_nursery() as senders:
+            for i in range(total):
+                await trio.sleep_until(start + i / per_s)
+                done = trio.Event()
+                senders.start_soon(send, i, last.get(i % users), done)
+                last[i % users] = done
+
+    async def kill_and_watch() -> None:
+        await trio.sleep(pre)
+        marks["kill"] = time.time()
+        os.killpg(int(cfg["victim_pgid"]), signal.SIGKILL)
+        alive.remove(urls[1])   # the balancer's health check notices (posts to it fail over meanwhile)
+        while time.time() - marks["kill"] < post + 60:
+            try:
+                owners = (await h.admin.get(survivor + "/shards", timeout=2.0)).json().get("owners", {})
+            except (httpx.HTTPError, ValueError):
+                owners = {}
+            if owners.get(survivor_id, 0) == shards:
+                marks["owned_all"] = time.time()
+                return
+            await trio.sleep(0.05)
+
+    async with h.collecting(drain_s=60.0) as background:
+        background.start_soon(kill_and_watch)
+        await load()
+    result = h.results()
+    kill = marks.get("kill", 0.0)
+    theirs = [m for m in h.msgs.values() if m.user in victim_users]
+    after = [m.reply_at for m in theirs if m.answered and m.reply_at > kill]
+    result["takeover"] = {
+        "kill": kill,
+        "owned_all_s": round(marks["owned_all"] - kill, 2) if "owned_all" in marks else None,
+        "first_reply_s": round(min(after) - kill, 2) if after else None,
+        "victim_chats": len(victim_users),
+        "unanswered_at_kill": sum(1 for m in theirs if m.acked and m.acked <= kill
+                                  and (not m.answered or m.reply_at > kill)),
+    }
+    return result
+
+
 async def memory(h: Harness, cfg: dict[str, Any]) -> dict[str, Any]:
     """Bring ``stages`` (cumulative actor counts) of actors to life (offline provider, local outbox);
     after each stage wait until every reply is out, then read the worker's RSS.
@@ -609,7 +688,8 @@ async def memory(h: Harness, cfg: dict[str, Any]) -> dict[str, Any]:
     return {"stages": out, "ack_ms": summary(h.ack_lat), **h.counts}
 
 
-SCENARIOS = {"crowd": crowd, "rate": rate, "burst": burst, "hot": hot, "outage": outage, "memory": memory}
+SCENARIOS = {"crowd": crowd, "rate": rate, "burst": burst, "hot": hot, "outage": outage, "memory": memory,
+             "takeover": takeover}
 
 
 async def main(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -3,11 +3,12 @@ database with other nodes write through (runtime/shards.py).
 
 Every ``commit`` of a key carries the lease of the key's shard (``fence=(node, lease)``); the
 store refuses it with ``Fenced`` unless that lease still holds, checked in the commit's own
-transaction. Without a lease at all (the shard is not ours, or our leases may have run out) the
-commit is refused here, before any round trip. A refusal makes the owner treat the shard as lost
-at once (``ShardOwner.lose``: its actors stop), so a paused or partitioned node stops writing as
-soon as it wakes up. ``expire`` only touches the shards this node owns. Everything else passes
-through unchanged: the domain never sees any of this.
+transaction. Without a lease at all (the shard is not ours, or our leases ran out: a renewal that
+is only late is waited for, ``ShardOwner.confirm``) the commit is refused here, before any round
+trip. A refusal makes the owner treat the shard as lost at once (``ShardOwner.lose``: its actors
+stop), so a paused or partitioned node stops writing as soon as it wakes up. ``expire`` only
+touches the shards this node owns. Everything else passes through unchanged: the domain never
+sees any of this.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class FencedStore:
 
     async def commit(self, key: str, state: bytes, meta: StateMeta, *, acked: Sequence[int] = (),
                      outbox: Sequence[tuple[str, dict[str, Any]]] = ()) -> list[int]:
-        lease = self._owner.fence(key)
+        lease = await self._owner.confirm(key)   # a late renewal is waited for, not taken as a loss
         if lease is None:
             await self._refused(key, shard_of(key, self._store.shards), "shard not owned")
         assert lease is not None

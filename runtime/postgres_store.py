@@ -768,6 +768,17 @@ class PostgresStore:
         await self._run(lambda conn: conn.execute("DELETE FROM agent_nodes WHERE node = %s", (node,)),
                         mode="statement", lease=True)
 
+    async def next_expiry(self, node: str) -> float | None:
+        """Seconds until the first unexpired lease of another node runs out, on the store's clock
+        (None: there is none): a node wakes up then to take a dead node's shards."""
+
+        def op(conn: Any) -> float | None:
+            (left,) = conn.execute(f"SELECT min(expires_at) - {_NOW} FROM agent_shards"
+                                   f" WHERE owner <> %s AND expires_at >= {_NOW}", (node,)).fetchone()
+            return None if left is None else max(0.0, float(left))
+
+        return await self._run(op, mode="statement", lease=True)
+
     async def lease_rows(self) -> list[LeaseRow]:
         """Every shard's lease, by shard."""
 

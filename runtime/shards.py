@@ -15,8 +15,16 @@ process, unlike Python's salted ``hash``). A process owns a shard through a leas
 - it aims at its fair share of the shards among the live processes (heartbeats in the store):
   it acquires free and expired ones up to its share and hands back its excess gracefully
   (``on_release`` lets the shard's work in flight finish first), so a joining process gets
-  shards without waiting for anyone to die, and a dead one's shards are taken after its leases
-  expire.
+  shards without waiting for anyone to die, and a dead one's shards are taken as soon as its
+  leases expire: each round asks the store when the next lease of another process runs out and
+  the next round starts then if that is earlier than the regular one, and such a round takes all
+  it needs, not ``max_acquire`` (a takeover within the lease, not the lease plus a renewal interval
+  or two). Regular rounds keep the cap: after a restart of every node, or the store's return, the
+  first process to come back does not grab every shard only to hand most back a moment later.
+- a renewal that comes back late (the local deadline passed: a busy process, a slow store) is not a
+  loss: a write or a send that asks meanwhile (``confirm``) waits for its outcome instead of being
+  refused, because a refused send whose shard is then renewed would never be retried (only a new
+  owner re-sends what is pending). A shard still unconfirmed after ``lease_seconds`` is dropped.
 
 Time: expiry is judged by the store's clock (one clock for every machine); a process judges its
 own deadline by its monotonic clock from the moment it *sent* the renewal, so it always gives a
@@ -36,6 +44,8 @@ import trio
 from .store import StoreError
 
 log = logging.getLogger(__name__)
+
+EXPIRY_MARGIN = 0.05   # seconds after another node's lease runs out (store clock) before taking it
 
 
 def shard_of(key: str, shards: int) -> int:
@@ -110,6 +120,9 @@ class LeaseStore(Protocol):
     async def nodes(self, ttl: float) -> list[NodeRow]:
         """Every process heard of lately."""
 
+    async def next_expiry(self, node: str) -> float | None:
+        """Seconds until the first unexpired lease of another node runs out (None: there is none)."""
+
 
 def fair_share(node: str, live: Sequence[str], shards: int) -> int:
     """How many shards ``node`` should own: an even split among the live nodes, the first
@@ -151,6 +164,10 @@ class ShardOwner:
         self.max_acquire = max_acquire if max_acquire is not None else max(1, math.ceil(shards / 4))
         self.owned: dict[int, int] = {}   # shard -> epoch
         self._deadline = -math.inf        # trio time after which our leases may be someone else's
+        self._renewed = trio.Event()      # set (and replaced) once each renewal attempt has an outcome
+        self._next_round = -math.inf      # trio time of the next round
+        self._expiry_round = False        # the next round starts when another node's lease runs out
+        self.late_renewals = 0            # renewals that came back after the local deadline had passed
         self.live: list[str] = []
         self._stopping = False
         self.balanced = False   # one balance step done: this process owns its share (or tried)
@@ -173,6 +190,26 @@ class ShardOwner:
     def owns(self, key: str) -> bool:
         return self.fence(key) is not None
 
+    async def confirm(self, key: str) -> Lease | None:
+        """Like ``fence``, for a write or a send about to happen: when the local deadline has passed
+        while the shard is still held (its renewal is late), wait for the renewal's outcome (at most
+        ``lease_seconds``) instead of answering None. None means the shard is not ours: it is then
+        always out of ``owned`` (``on_lost`` ran), so its next owner, maybe this process again,
+        recovers what was refused (``on_gained``)."""
+        shard = shard_of(key, self.shards)
+        with trio.move_on_after(self.lease_seconds):
+            while shard in self.owned and trio.current_time() >= self._deadline:
+                await self._renewed.wait()
+        lease = self.fence(key)
+        if lease is None and shard in self.owned:   # never confirmed: give it up, as if lost
+            with trio.CancelScope(shield=True):      # on_lost may stop the caller's own task
+                await self.lose([shard])
+        return lease
+
+    async def holds(self, key: str) -> bool:
+        """``confirm`` as a yes or no (the outbound and CRM supervisors ask before each attempt)."""
+        return await self.confirm(key) is not None
+
     async def lose(self, shards: Sequence[int]) -> None:
         """Treat ``shards`` as lost at once (a fenced write was refused: another node holds them)."""
         lost = sorted(s for s in set(shards) if self.owned.pop(s, None) is not None)
@@ -188,20 +225,23 @@ class ShardOwner:
         return self.lease_seconds / 3
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Balance once (so a lone process owns its shards before it serves), then every
-        ``lease_seconds / 3`` until cancelled or ``leave`` is called."""
+        """Balance once (so a lone process owns its shards before it serves), then a round every
+        ``lease_seconds / 3`` from the previous one's renewal (earlier when another node's lease
+        runs out before) until cancelled or ``leave`` is called."""
         await self.step()
         self.balanced = True
         task_status.started()
         while not self._stopping:
-            await trio.sleep(self.interval)
+            await trio.sleep_until(self._next_round)
             if not self._stopping:
                 await self.step()
 
     async def step(self) -> None:
         """One round: heartbeat, renew, drop what was lost, then acquire or hand back toward the
         fair share. A store error keeps what is owned until the local deadline passes."""
+        takeover, self._expiry_round = self._expiry_round, False
         sent = trio.current_time()
+        self._next_round = sent + self.interval
         try:
             self.live = await self.store.heartbeat(self.node, self.lease_seconds, self._describe())
             renewed = await self.store.renew(self.node, [Lease(s, e) for s, e in self.owned.items()],
@@ -210,19 +250,40 @@ class ShardOwner:
             log.warning("Shards: renewal failed (%s); %d shards kept until their leases run out",
                         exc, len(self.owned))
             await self._expire_if_past_deadline()
+            self._renewal_outcome()
+            self._next_round = trio.current_time() + self.interval   # a pause after a failed (maybe slow) try
             return
+        if self.owned and trio.current_time() >= self._deadline:
+            self.late_renewals += 1
+            log.warning("Shards: renewal came back %.1fs after the local deadline (a busy process or store); "
+                        "writes and sends waited for it", trio.current_time() - self._deadline)
         self._deadline = sent + self.lease_seconds * 0.9   # a margin for the store's clock step
         kept = {lease.shard: lease.epoch for lease in renewed}
         lost = sorted(set(self.owned) - set(kept))
         self.owned = {s: e for s, e in self.owned.items() if kept.get(s) == e}   # not what lose() dropped meanwhile
+        self._renewal_outcome()
         self.lost += len(lost)
         if lost:
             log.warning("Shards: %d leases lost (taken over): %s", len(lost), _span(lost))
             await self._on_lost(lost)
         try:
-            await self._balance()
+            await self._balance(takeover)
+            await self._watch_expiry()
         except StoreError as exc:
             log.warning("Shards: balancing failed (%s); retried in %.1fs", exc, self.interval)
+            self._next_round = trio.current_time() + self.interval
+
+    def _renewal_outcome(self) -> None:
+        """Wake the writes and sends waiting in ``confirm`` (owned and the deadline are up to date)."""
+        self._renewed.set()
+        self._renewed = trio.Event()
+
+    async def _watch_expiry(self) -> None:
+        """Start the next round right after another node's lease runs out, when that comes before
+        the regular round: a dead node's shards are then taken within the lease."""
+        left = await self.store.next_expiry(self.node)
+        if left is not None and (wake := trio.current_time() + left + EXPIRY_MARGIN) < self._next_round:
+            self._next_round, self._expiry_round = wake, True
 
     async def _expire_if_past_deadline(self) -> None:
         if self.owned and trio.current_time() >= self._deadline:
@@ -232,12 +293,15 @@ class ShardOwner:
             log.warning("Shards: leases ran out without renewal; %d shards dropped", len(lost))
             await self._on_lost(lost)
 
-    async def _balance(self) -> None:
+    async def _balance(self, takeover: bool = False) -> None:
+        """Acquire toward the fair share (everything it needs in a ``takeover`` round, else at most
+        ``max_acquire``) or hand the excess back."""
         target = fair_share(self.node, self.live, self.shards)
         if len(self.owned) < target:
             wanted = [s for s in range(self.shards) if s not in self.owned]
+            needed = target - len(self.owned)
             gained = await self.store.acquire(self.node, wanted, self.lease_seconds,
-                                              min(target - len(self.owned), self.max_acquire))
+                                              needed if takeover else min(needed, self.max_acquire))
             if gained:
                 self.owned.update({lease.shard: lease.epoch for lease in gained})
                 self.acquired += len(gained)

@@ -61,3 +61,29 @@ def test_long_conversations_bench_tiny(tmp_path: Path) -> None:
     assert summarised["uncached_tokens_per_turn_with_summaries"] < sliding["uncached_tokens_per_turn"]
     assert sliding["summary_calls"] == 0 < summarised["summary_calls"]
     assert summarised["summaries_with_the_name_from_turn_1"] == 4
+
+
+@pytest.mark.slow
+def test_bench_takeover_quick(tmp_path: Path) -> None:
+    """bench/run.py's takeover scenario (two node processes on a throwaway PostgreSQL, SIGKILL of
+    one, SHARD_LEASE_SECONDS=3 in --quick): nothing lost or out of order, the survivor owns every
+    shard within the issue's lease + 2 s, repeats bounded by what was unanswered at the kill."""
+    from tests.postgres import unavailable_reason
+
+    if (reason := unavailable_reason()) is not None:
+        pytest.skip(reason)
+    out = tmp_path / "bench.json"
+    completed = subprocess.run(
+        [sys.executable, "bench/run.py", "--scenarios", "takeover", "--store", "postgresql", "--quick",
+         "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=240,
+    )
+    assert out.exists(), completed.stdout + completed.stderr
+    [row] = json.loads(out.read_text())["rows"]
+    assert "error" not in row, row.get("error")
+    assert (row["lost"], row["out_of_order"], row["misrouted"], row["unexpected"]) == (0, 0, 0, 0), row
+    takeover = row["takeover"]
+    assert takeover["victim_chats"] > 0 and row["duplicates"] <= takeover["unanswered_at_kill"], takeover
+    assert takeover["owned_all_s"] is not None and takeover["owned_all_s"] <= 3 + 2, takeover
+    assert takeover["first_reply_s"] is not None, takeover
+    assert completed.returncode == 0, completed.stdout + completed.stderr

@@ -164,6 +164,58 @@ async def test_rows_carried_by_wake_ups_are_handed_over_once_in_order_without_a_
         await b.store.close()
 
 
+async def test_a_commit_while_the_renewal_is_late_waits_for_it(postgres_cluster: Any) -> None:
+    """The local deadline passed but the lease still holds in the store (a busy process: the renewal
+    comes back late): the commit waits for the renewal's outcome instead of being refused and
+    dropping the shard. Seen failing before ShardOwner.confirm: Fenced, and the shard dropped."""
+    url = postgres_cluster.create_database()
+    a = await open_node(url, "a", lease=5.0)
+    try:
+        await a.owner.step()
+        key = key_in(3)
+        a.owner._deadline = trio.current_time()    # the renewal is late (the store's lease runs 5 s)
+
+        async def renew_late() -> None:
+            await trio.sleep(0.3)
+            await a.owner.step()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(renew_late)
+            assert await a.fenced.commit(key, b"v1", StateMeta(last_activity=1.0)) == []
+            assert a.owner.late_renewals == 1      # it went ahead only once the renewal came back
+        assert a.fenced.refused == 0 and a.lost == [] and len(a.owner.owned) == SHARDS
+        assert await a.store.load(key) == b"v1"
+    finally:
+        await a.store.close()
+
+
+async def test_a_late_renewal_that_finds_the_shard_taken_refuses_the_waiting_commit(postgres_cluster: Any) -> None:
+    """The other outcome of the wait: the lease ran out meanwhile and another node took the shard;
+    the waiting commit is refused and the shard dropped (its new owner has the pending rows)."""
+    url = postgres_cluster.create_database()
+    a, b = await open_node(url, "a", lease=1.0), await open_node(url, "b", lease=1.0)
+    try:
+        await a.owner.step()
+        key = key_in(3)
+        await trio.sleep(1.1)                      # a's leases run out in the store; b takes every shard
+        await b.owner.step()
+        assert len(b.owner.owned) == SHARDS
+
+        async def renew_late() -> None:
+            await trio.sleep(0.2)
+            await a.owner.step()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(renew_late)
+            with pytest.raises(Fenced):
+                await a.fenced.commit(key, b"late", StateMeta(last_activity=1.0))
+        assert a.owner.owned == {} and any(3 in lost for lost in a.lost)
+        assert await a.store.load(key) is None
+    finally:
+        await a.store.close()
+        await b.store.close()
+
+
 async def test_an_oversized_row_wakes_with_its_shard_alone_and_is_read(postgres_cluster: Any) -> None:
     """A row too large for a notification (8000 bytes: "ñ" is two) wakes the owner with the shard
     alone; the owner reads it, and the rows around it still arrive once, in order."""

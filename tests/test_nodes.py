@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
@@ -114,10 +115,10 @@ class Cluster:
                 continue
             if response.status_code == 200:
                 body = response.json()
-                if body["status"] == "accepted":
-                    self.accepted[jid].append(text)
-                else:
+                if body["status"] != "accepted":   # each message is posted once: an earlier attempt that
+                    # timed out (its node paused or killed before answering) stored it, and it is answered
                     assert body == {"status": "ignored", "reason": "duplicate"}, body
+                self.accepted[jid].append(text)
                 return
             await trio.sleep(0.2)   # 503: retried, as Evolution does
         raise AssertionError(f"{jid} {text}: no node accepted it")
@@ -165,6 +166,22 @@ class Cluster:
             assert deduped == self.accepted[jid], (jid, replies, self.accepted[jid])
         return repeats
 
+    def takeover_seconds(self, survivors: list[str], url: str, killed: float, timeout: float) -> float:
+        """Seconds from ``killed`` (time.monotonic) until ``survivors`` (node ids) hold every shard's
+        unexpired lease between them, as ``url``'s GET /shards ``owners`` reports. Blocking: run in a
+        thread (trio.to_thread), so that this test process's own busy loop (it serves the fakes) does
+        not delay the reading."""
+        with httpx.Client(timeout=2) as client:
+            while time.monotonic() - killed < timeout:
+                try:
+                    owners = client.get(url + "/shards").json().get("owners", {})
+                except (httpx.HTTPError, ValueError):
+                    owners = {}
+                if sum(owners.get(node, 0) for node in survivors) == SHARDS:
+                    return time.monotonic() - killed
+                time.sleep(0.02)
+        raise AssertionError(f"the survivors did not own every shard within {timeout}s of the kill")
+
     def close(self) -> None:
         for node in self.nodes:
             if getattr(node, "stopped", False) and node.proc is not None and node.proc.poll() is None:
@@ -202,27 +219,32 @@ async def test_three_nodes_answer_every_message_once_in_order(cluster: Cluster) 
 async def test_sigkill_one_node_under_load(cluster: Cluster) -> None:
     nodes = await cluster.add(3)
     await cluster.wait_balanced(nodes)
-    killed_at: list[float] = []
+    survivors = [nodes[0], nodes[2]]
+    ids = [(await cluster.shards(n))["node"] for n in survivors]
+    took: list[float] = []
     in_flight: list[int] = []
+
+    async def measure(killed: float) -> None:
+        seconds = await trio.to_thread.run_sync(cluster.takeover_seconds, ids, survivors[0].url, killed, LEASE + 20)
+        took.append(seconds)
+
     async with trio.open_nursery() as nursery:
         nursery.start_soon(cluster.traffic, range(MESSAGES))
         with trio.fail_after(30):
             while sum(map(len, cluster.accepted.values())) < CHATS * MESSAGES // 3:
                 await trio.sleep(0.01)
         in_flight.append(sum(map(len, cluster.accepted.values())) - len(cluster.evolution.texts()))
+        killed = time.monotonic()   # taken just before the signal: the figure errs on the long side
         nodes[1].kill()
-        killed_at.append(trio.current_time())
-    survivors = [nodes[0], nodes[2]]
-    takeover = await cluster.wait_balanced(survivors, timeout=LEASE + 10)
-    takeover_seconds = trio.current_time() - killed_at[0]
+        nursery.start_soon(measure, killed)
+    await cluster.wait_balanced(survivors, timeout=LEASE + 10)
     await cluster.wait_answered()
     repeats = cluster.check_order()
     print(f"\nSIGKILL of 1 of 3 nodes: {sum(map(len, cluster.accepted.values()))} acked messages all answered in "
-          f"per-chat order; its shards taken over {takeover_seconds:.1f}s after the kill "
+          f"per-chat order; its shards taken over {took[0]:.1f}s after the kill "
           f"(SHARD_LEASE_SECONDS={LEASE:g}); {repeats} replies repeated, {in_flight[0]} unanswered at the kill")
-    assert takeover_seconds <= LEASE + 2 + 1.5   # + this test's polling of /shards
+    assert took[0] <= LEASE + 2, took   # the issue's bound
     assert repeats <= in_flight[0]
-    assert takeover >= 0
 
 
 async def test_sigstop_past_the_lease_then_sigcont_is_fenced(cluster: Cluster) -> None:

@@ -10,7 +10,7 @@ import logging
 import socket
 from collections import defaultdict
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 import attrs
 import pytest
@@ -19,6 +19,8 @@ import trio
 from actors.outbound import PRESENCE_CONCURRENCY, Delivery, OutboundMessage, OutboundSender
 from actors.outbound.sender import QUEUE_CAPACITY
 from actors.settings import Settings, load_settings
+from runtime.postgres_store import PostgresStore
+from runtime.shards import ShardOwner
 from tests.fakes.evolution import FakeEvolution
 from tests.fakes.server import running_server
 
@@ -539,3 +541,37 @@ async def test_a_second_copy_of_a_sent_stored_reply_is_settled_not_sent(wire: Wi
             await sender.drain()
     assert [t for number, t, _ in wire.sent(sender) if number == jid] == ["hola"]
     assert [(m.outbox_id, d.status, d.repeat) for m, d in settled.items] == [(7, "sent", False), (7, "sent", True)]
+
+
+async def test_a_reply_waits_for_a_late_lease_renewal_instead_of_being_dropped(wire: Wire,
+                                                                               postgres_cluster: Any) -> None:
+    """Several nodes: before each send the sender asks whether this node still owns the chat's
+    shard (``may_send``: ShardOwner.holds). A renewal that comes back late (the local deadline
+    passed, the lease still held in the store) must not drop the reply: the node keeps the shard,
+    so nobody would ever re-send its outbox row. Seen failing with the former synchronous check
+    (``owns``): the reply was dropped ("Processing" on the new owner, never answered: the flake of
+    tests/test_nodes.py's SIGKILL test)."""
+    store = PostgresStore(postgres_cluster.create_database(), shards=8, node="a")
+    await store.open()
+    try:
+        async def nothing(shards: list[int]) -> None:
+            return None
+
+        owner = ShardOwner(store, "a", shards=8, lease_seconds=5.0, on_gained=nothing, on_lost=nothing,
+                           on_release=nothing, max_acquire=8)
+        await owner.step()
+        owner._deadline = trio.current_time()   # the renewal is late
+        settled = Settled()
+        sender = OutboundSender(wire.settings, on_settled=settled, may_send=owner.holds)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sender.run)
+            sender.submit(OutboundMessage(JID, "hola", key=f"{INSTANCE}/{JID}", outbox_id=1))
+            await trio.sleep(0.3)
+            assert wire.sent(sender) == []      # held until the renewal's outcome
+            await owner.step()
+            await settled.wait_for(1, timeout=10)
+            nursery.cancel_scope.cancel()
+        assert [(n, t) for n, t, _ in wire.sent(sender)] == [(JID, "hola")]
+        assert sender.dropped == 0 and settled.items[0][1].status == "sent"
+    finally:
+        await store.close()

@@ -72,7 +72,7 @@ class CrmSupervisor:
         on_done: Callable[[LeadRequest, str], Awaitable[None]] | None = None,
         settings_for: Callable[[str], Settings] | None = None,
         enabled: Callable[[], bool] | None = None,
-        may_run: Callable[[str], bool] | None = None,
+        may_run: Callable[[str], Awaitable[bool]] | None = None,
     ) -> None:
         """``settings_for(instance)``: that instance's effective settings, whose Krayin ids a lead
         gets (default: ``settings``; the Krayin server and token are always ``settings``').
@@ -86,7 +86,7 @@ class CrmSupervisor:
         self._client: KrayinClient | None = self._make_client(http) if http is not None and self._able else None
         self._on_lead = on_lead
         self._on_done = on_done
-        self._may_run = may_run   # (key) asked before each attempt: several nodes, only the chat's owner runs its jobs
+        self._may_run = may_run   # (key) awaited before each attempt: only the chat's owner runs its jobs
         self._jobs: KeyedSerialExecutor[str, _Job] = KeyedSerialExecutor(
             self._handle, queue_capacity=QUEUE_CAPACITY, max_keys_in_flight=KEYS_IN_FLIGHT, name="crm")
         # The budget counts from submission (the job's ``submitted_at``), not from its first attempt.
@@ -220,7 +220,7 @@ class CrmSupervisor:
         """Run one job to completion: retry retryable failures with capped backoff, give up after
         ``CRM_GIVE_UP_SECONDS`` or on a permanent error."""
         while True:
-            if self._may_run is not None and job.request.key and not self._may_run(job.request.key):
+            if self._may_run is not None and job.request.key and not await self._may_run(job.request.key):
                 log.info("[CRM] job for user_id=%s dropped: its chat moved to another node (the job stays stored)",
                          job.request.jid)
                 return DROPPED

@@ -156,11 +156,12 @@ class OutboundSender:
         http: httpx.AsyncClient | None = None,
         on_settled: Callable[[OutboundMessage, Delivery], Awaitable[None]] | None = None,
         settings_for: Callable[[str], Settings] | None = None,
-        may_send: Callable[[str], bool] | None = None,
+        may_send: Callable[[str], Awaitable[bool]] | None = None,
     ) -> None:
         """``settings_for(instance)``: that instance's effective settings (default: ``settings``).
-        ``may_send(chat)``: asked right before each send attempt (several nodes: only the owner of
-        the chat's shard sends); a reply it refuses is dropped unsettled, its durable row kept."""
+        ``may_send(chat)``: awaited right before each send attempt (several nodes: only the owner of
+        the chat's shard sends; it may wait for a late lease renewal); a reply it refuses is dropped
+        unsettled, its durable row kept for the shard's next owner."""
         self._settings = settings
         self._may_send = may_send
         self._settings_for = settings_for if settings_for is not None else (lambda _: settings)
@@ -397,7 +398,7 @@ class OutboundSender:
         while True:
             attempt += 1
             await self._gap.wait(message.chat, gap)
-            if self._may_send is not None and not self._may_send(message.chat):
+            if self._may_send is not None and not await self._may_send(message.chat):
                 raise NotOwned(message.chat)
             retry: tuple[str, SendOutcome] | None = None
             for candidate in candidates:
