@@ -371,7 +371,7 @@ def parse_metrics(text: str) -> dict[str, float]:
 def ack_histogram(metrics: dict[str, float], outcome: str = "accepted") -> dict[str, Any]:
     """The service's own agent_webhook_ack_seconds for ``outcome``: count and the bucket bounds (ms) that
     hold its p50 / p99 (route start to answer: what the accept queue and the parsing add is not in it)."""
-    prefix = f'agent_webhook_ack_seconds_bucket{{le="'
+    prefix = 'agent_webhook_ack_seconds_bucket{le="'
     buckets = sorted((float(k[len(prefix):].split('"')[0]), v) for k, v in metrics.items()
                      if k.startswith(prefix) and f'outcome="{outcome}"' in k)
     count = metrics.get(f'agent_webhook_ack_seconds_count{{outcome="{outcome}"}}', 0.0)
