@@ -36,13 +36,19 @@ async def get(client: httpx.AsyncClient, node: ServiceProcess, path: str) -> Any
     return response.json()
 
 
-async def test_commands_on_any_node_reach_the_owner_in_order(cluster: Cluster) -> None:
-    nodes = await cluster.add(3)
+async def balanced_with_owner(cluster: Cluster, client: httpx.AsyncClient, count: int,
+                              jid: str) -> tuple[list[ServiceProcess], dict[str, ServiceProcess], ServiceProcess]:
+    """``count`` nodes started and balanced, by node id, and the one that owns ``jid``'s chat."""
+    nodes = await cluster.add(count)
     await cluster.wait_balanced(nodes)
+    names = {(await get(client, n, "/shards"))["node"]: n for n in nodes}
+    return nodes, names, names[await owner_of(cluster, f"{INSTANCE}/{jid}")]
+
+
+async def test_commands_on_any_node_reach_the_owner_in_order(cluster: Cluster) -> None:
     jid = jids()[0]
     async with httpx.AsyncClient(timeout=10) as client:
-        names = {(await get(client, n, "/shards"))["node"]: n for n in nodes}
-        owner = names[await owner_of(cluster, f"{INSTANCE}/{jid}")]
+        nodes, names, owner = await balanced_with_owner(cluster, client, 3, jid)
         one, two = [n for n in nodes if n is not owner]
 
         async def reply_texts() -> list[str]:
@@ -93,12 +99,9 @@ async def test_a_dead_letter_retried_on_another_node_is_sent_by_the_chats_owner(
     """The console's dead letters are read from the database on any node (behind a load balancer, any
     node may get the click): a retry on a node that does not run the chat revives the row and the
     owner, told through the chat's inbox, sends it once, in order with the chat's replies."""
-    nodes = await cluster.add(2)
-    await cluster.wait_balanced(nodes)
     jid = jids()[1]
     async with httpx.AsyncClient(timeout=10) as client:
-        names = {(await get(client, n, "/shards"))["node"]: n for n in nodes}
-        owner = names[await owner_of(cluster, f"{INSTANCE}/{jid}")]
+        nodes, _, owner = await balanced_with_owner(cluster, client, 2, jid)
         other = next(n for n in nodes if n is not owner)
         cluster.evolution.statuses = {INSTANCE: 400}   # every send refused for good: a dead letter
         await cluster.post(client, nodes.index(owner), jid, "m0")
