@@ -16,7 +16,7 @@ Cancellation
     transaction completes and the caller gets its result (``run_sync`` is not abandoned on cancel).
 
 Schema
-    Versioned migrations (``MIGRATIONS``, never edit a released one), applied at ``open`` under a
+    Versioned migrations (``MIGRATIONS`` in runtime/postgres_schema.py), applied at ``open`` under a
     transaction-level advisory lock, so nodes starting together migrate once. A database with a
     newer version than this code knows, or with tables of its own and no ``agent_schema_version``
     table, is refused with one line. The tables are prefixed ``agent_`` so the service can share a
@@ -29,8 +29,8 @@ Several nodes
     fenced by a lease (``agent_fence``); ``accept`` on a store given a ``node`` wakes the owner of the
     message's shard when that is another node (NOTIFY on ``node_channel(owner)``, received by
     ``listen``), carrying the accepted row when it fits so the owner need not read it back. The
-    lease operations (heartbeat, acquire, renew, release) use a connection of their own, so a
-    renewal never waits behind a burst of webhooks in the pool's queue. A call waits at
+    lease operations (heartbeat, acquire, renew, release: runtime/postgres_leases.py) use a
+    connection of their own, so a renewal never waits behind a burst of webhooks in the pool's queue. A call waits at
     most ``CONNECTION_WAIT`` for a pooled connection, and one that finds the database unreachable
     makes the calls of the next second fail at once, so webhooks answer 503 within seconds.
 
@@ -50,7 +50,9 @@ from urllib.parse import urlsplit
 
 import trio
 
-from .shards import Lease, LeaseRow, NodeInfo, NodeRow, shard_of
+from .postgres_leases import PostgresLeases
+from .postgres_schema import FENCED, MIGRATIONS, SCHEMA_VERSION, SHARDED, AfterCommit, dumps
+from .shards import Lease, shard_of
 from .store import (DEAD_LETTERS_KEPT, EXPIRE_BATCH, Cursor, DeadLetterRow, Fenced, InboxRow, MetaPage, MetaRow,
                     OutboxRow, StateMeta, StoreError)
 
@@ -58,73 +60,15 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 CONNECTION_WAIT = 2.0     # seconds a call waits for a pooled connection before failing
 UNREACHABLE_PAUSE = 1.0   # seconds calls fail at once after the database was found unreachable
-NODES_KEPT_SECONDS = 3600.0   # a silent node's heartbeat row is kept this long (shown as not live)
 WAKE_CHANNEL = "agent_wake_"     # wake-ups: '[shard,seq,key,payload]' (the accepted row) or the shard alone
 LEGACY_CHANNEL = "agent_node_"   # shard-only wake-ups sent by nodes of the previous version (rolling upgrade)
 NOTIFY_LIMIT = 8000   # PostgreSQL refuses a NOTIFY payload of this many bytes or more
 Mode = Literal["statement", "batch", "transaction"]
 
-# MIGRATIONS[n] brings a database from version n-1 to version n (never edit a released one).
-MIGRATIONS: dict[int, tuple[str, ...]] = {
-    1: (
-        "CREATE TABLE agent_states (key TEXT PRIMARY KEY, data BYTEA NOT NULL)",
-        "CREATE TABLE agent_meta (key TEXT PRIMARY KEY, last_activity DOUBLE PRECISION NOT NULL,"
-        " size INTEGER NOT NULL DEFAULT 0, title TEXT NOT NULL DEFAULT '', preview TEXT NOT NULL DEFAULT '',"
-        " status TEXT NOT NULL DEFAULT '', status_until DOUBLE PRECISION NOT NULL DEFAULT 0,"
-        " status_after TEXT NOT NULL DEFAULT '', scope TEXT NOT NULL DEFAULT '', search TEXT NOT NULL DEFAULT '')",
-        "CREATE INDEX agent_meta_activity ON agent_meta (last_activity, key)",
-        "CREATE INDEX agent_meta_scope ON agent_meta (scope)",
-        "CREATE TABLE agent_seqs (key TEXT PRIMARY KEY, last BIGINT NOT NULL)",
-        "CREATE TABLE agent_inbox (key TEXT NOT NULL, seq BIGINT NOT NULL, payload TEXT NOT NULL,"
-        " PRIMARY KEY (key, seq))",
-        "CREATE TABLE agent_seen (dedupe_id TEXT PRIMARY KEY, at DOUBLE PRECISION NOT NULL)",
-        "CREATE INDEX agent_seen_at ON agent_seen (at)",
-        "CREATE TABLE agent_outbox (id BIGSERIAL PRIMARY KEY, key TEXT NOT NULL, kind TEXT NOT NULL,"
-        " payload TEXT NOT NULL)",
-        "CREATE INDEX agent_outbox_key ON agent_outbox (key)",
-        "CREATE TABLE agent_dead_letters (id BIGINT PRIMARY KEY, key TEXT NOT NULL, kind TEXT NOT NULL,"
-        " payload TEXT NOT NULL, reason TEXT NOT NULL, at DOUBLE PRECISION NOT NULL)",
-    ),
-}
-MIGRATIONS[2] = (   # shard ownership (runtime/shards.py): leases, node heartbeats, the fence
-    "CREATE TABLE agent_config (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
-    "CREATE TABLE agent_shards (shard INTEGER PRIMARY KEY, owner TEXT, epoch BIGINT NOT NULL DEFAULT 0,"
-    " expires_at DOUBLE PRECISION NOT NULL DEFAULT 0)",
-    "CREATE TABLE agent_nodes (node TEXT PRIMARY KEY, seen_at DOUBLE PRECISION NOT NULL)",
-    # A turn's writes are fenced by its first statement: it locks the shard's row (FOR SHARE, so a
-    # takeover waits for the turn to commit) and fails the transaction unless this owner's epoch
-    # still holds it.
-    "CREATE FUNCTION agent_fence(p_owner TEXT, p_shard INTEGER, p_epoch BIGINT) RETURNS void"
-    " LANGUAGE plpgsql AS $$ BEGIN"
-    " PERFORM 1 FROM agent_shards WHERE shard = p_shard AND epoch = p_epoch AND owner = p_owner FOR SHARE;"
-    " IF NOT FOUND THEN RAISE EXCEPTION 'shard % lease lost (epoch %)', p_shard, p_epoch"
-    " USING ERRCODE = 'AG001'; END IF; END $$",
-)
-MIGRATIONS[3] = (   # several nodes: each row names its key's shard (shard_of, computed in Python)
-    "ALTER TABLE agent_inbox ADD COLUMN shard INTEGER NOT NULL DEFAULT -1",
-    "ALTER TABLE agent_outbox ADD COLUMN shard INTEGER NOT NULL DEFAULT -1",
-    "ALTER TABLE agent_meta ADD COLUMN shard INTEGER NOT NULL DEFAULT -1",
-    "CREATE INDEX agent_inbox_shard ON agent_inbox (shard, key, seq)",
-    "CREATE INDEX agent_outbox_shard ON agent_outbox (shard, id)",
-    "CREATE INDEX agent_meta_shard ON agent_meta (shard, last_activity)",
-)
-MIGRATIONS[4] = (   # GET /cluster: what each node says of itself with its heartbeat
-    "ALTER TABLE agent_nodes ADD COLUMN address TEXT NOT NULL DEFAULT ''",
-    "ALTER TABLE agent_nodes ADD COLUMN started_at DOUBLE PRECISION NOT NULL DEFAULT 0",
-    "ALTER TABLE agent_nodes ADD COLUMN stats TEXT NOT NULL DEFAULT '{}'",
-)
-SCHEMA_VERSION = len(MIGRATIONS)
-_SHARDED = ("agent_inbox", "agent_outbox", "agent_meta")   # tables with a shard column (-1: not computed yet)
-FENCED = "AG001"   # the SQLSTATE agent_fence raises
-_NOW = "extract(epoch FROM clock_timestamp())"   # the store's clock: one for every machine
 MIGRATION_LOCK = 0x6167656E74   # pg_advisory_xact_lock key held while migrating ("agent")
 HOUSEKEEPING_INTERVAL = 60.0
 _STATUS_AT = "(CASE WHEN status_until = 0 OR status_until > %(now)s THEN status ELSE status_after END)"
 _META_COLUMNS = "last_activity, size, title, preview, status, status_until, status_after, scope"
-
-
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
 def _search_text(key: str, title: str) -> str:
@@ -168,17 +112,7 @@ def describe_url(url: str) -> str:
     return f"postgresql {host}:{port}{parts.path or '/'}"
 
 
-class AfterCommit:
-    """What an operation returns to read its results once the transaction's one round trip is
-    done (reading them inside would add a round trip per read, pipeline mode syncing for each)."""
-
-    __slots__ = ("read",)
-
-    def __init__(self, read: Callable[[], Any]) -> None:
-        self.read = read
-
-
-class PostgresStore:
+class PostgresStore(PostgresLeases):
     """The Store contract in PostgreSQL (see the module docstring)."""
 
     def __init__(
@@ -331,7 +265,7 @@ class PostgresStore:
                 raise StoreError(f"{self.name}: SHARDS={self.shards} but this database was created with {row[0]}"
                                  " (the shard count is fixed for the life of a database)")
             if version < 3 <= SCHEMA_VERSION:   # rows written before version 3: their shards, once
-                for table in _SHARDED:
+                for table in SHARDED:
                     keys = [k for (k,) in conn.execute(f"SELECT DISTINCT key FROM {table} WHERE shard = -1")]
                     conn.execute(f"UPDATE {table} t SET shard = s.shard FROM unnest(%s::text[], %s::int[])"
                                  " AS s(key, shard) WHERE t.key = s.key",
@@ -356,7 +290,7 @@ class PostgresStore:
 
     async def accept(self, key: str, dedupe_id: str, payload: dict[str, Any]) -> int | None:
         """Record an inbound message durably; its inbox sequence number, or None for a duplicate."""
-        data, at, shard = _dumps(payload), self._clock(), shard_of(key, self.shards)
+        data, at, shard = dumps(payload), self._clock(), shard_of(key, self.shards)
         # With a node id, the same statement wakes the shard's owner when it is another node (NOTIFY
         # is sent at commit, so the owner's read sees the row), carrying the row (``wake_of``) when
         # it fits in a notification, else the shard alone; nobody is woken for a duplicate.
@@ -367,7 +301,7 @@ class PostgresStore:
                 ) if self.node is not None else ""
         args = {"dedupe": dedupe_id, "at": at, "key": key, "data": data, "shard": shard, "node": self.node,
                 "channel": WAKE_CHANNEL, "limit": NOTIFY_LIMIT, "head": f"[{shard},",
-                "tail": f",{_dumps(key)},{data}]"}
+                "tail": f",{dumps(key)},{data}]"}
 
         def op(conn: Any) -> int | None:
             self._housekeeping(conn, at)
@@ -411,7 +345,7 @@ class PostgresStore:
         meta_row = (key, meta.last_activity, meta.size, meta.title, meta.preview, meta.status, meta.status_until,
                     meta.status_after, meta.scope, _search_text(key, meta.title), shard)
         acks = [int(seq) for seq in acked]
-        jobs = [(kind, _dumps(payload)) for kind, payload in outbox]
+        jobs = [(kind, dumps(payload)) for kind, payload in outbox]
 
         def op(conn: Any) -> AfterCommit:
             if fence is not None:
@@ -687,104 +621,3 @@ class PostgresStore:
             except (ValueError, TypeError) as exc:   # not one of ours: skipped (the poll reads all)
                 log.warning("Store: ignored a malformed wake-up (%d bytes): %s", len(text), type(exc).__name__)
         return found
-
-    # -- shard leases (runtime.shards.LeaseStore) --------------------------------------------------
-
-    async def heartbeat(self, node: str, ttl: float, info: NodeInfo) -> list[str]:
-        """Record that ``node`` is alive, with what it says of itself; the live nodes (seen within
-        ``ttl`` seconds), sorted. Nodes silent for ``NODES_KEPT_SECONDS`` are forgotten (until then
-        admins see them as not live)."""
-        args = {"node": node, "address": info.address, "started": info.started_at, "stats": _dumps(dict(info.stats)),
-                "ttl": ttl, "kept": max(NODES_KEPT_SECONDS, 10 * ttl)}
-
-        def op(conn: Any) -> AfterCommit:
-            conn.execute(f"INSERT INTO agent_nodes (node, seen_at, address, started_at, stats)"
-                         f" VALUES (%(node)s, {_NOW}, %(address)s, %(started)s, %(stats)s)"
-                         " ON CONFLICT (node) DO UPDATE SET seen_at = excluded.seen_at, address = excluded.address,"
-                         " started_at = excluded.started_at, stats = excluded.stats", args)
-            conn.execute(f"DELETE FROM agent_nodes WHERE seen_at < {_NOW} - %(kept)s", args)
-            live = conn.execute(f"SELECT node FROM agent_nodes WHERE seen_at >= {_NOW} - %(ttl)s ORDER BY node", args)
-            return AfterCommit(lambda: [name for (name,) in live.fetchall()])
-
-        return await self._run(op, mode="batch", lease=True)
-
-    async def nodes(self, ttl: float) -> list[NodeRow]:
-        """Every node heard of lately, by name: what it said with its last heartbeat, how long ago,
-        whether that is within ``ttl``, and the unexpired leases it holds."""
-
-        def op(conn: Any) -> list[NodeRow]:
-            rows = conn.execute(
-                f"SELECT n.node, n.address, n.started_at, {_NOW} - n.seen_at, n.stats,"
-                f" (SELECT count(*) FROM agent_shards s WHERE s.owner = n.node AND s.expires_at > {_NOW})"
-                " FROM agent_nodes n ORDER BY n.node").fetchall()
-            return [NodeRow(node, NodeInfo(address, float(started), json.loads(stats)), float(ago), float(ago) <= ttl,
-                            int(owned)) for node, address, started, ago, stats, owned in rows]
-
-        return await self._run(op, mode="statement", lease=True)
-
-    async def acquire(self, node: str, shards: Sequence[int], lease_seconds: float, limit: int) -> list[Lease]:
-        """Take up to ``limit`` of ``shards`` that are free or expired, lowest first (epoch + 1);
-        rows another node is taking at the same moment are skipped, never waited for. A lease whose
-        row still named another owner (it expired: that node died or was cut off) says so."""
-
-        def op(conn: Any) -> list[Lease]:
-            rows = conn.execute(
-                "WITH taken AS (SELECT shard, owner FROM agent_shards WHERE shard = ANY(%(wanted)s)"
-                f" AND (owner IS NULL OR expires_at < {_NOW}) ORDER BY shard LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
-                f" UPDATE agent_shards s SET owner = %(node)s, epoch = s.epoch + 1, expires_at = {_NOW} + %(lease)s"
-                " FROM taken WHERE s.shard = taken.shard RETURNING s.shard, s.epoch, taken.owner",
-                {"node": node, "lease": lease_seconds, "wanted": list(shards), "limit": limit}).fetchall()
-            return sorted(Lease(int(shard), int(epoch), taken_from=previous if previous != node else None)
-                          for shard, epoch, previous in rows)
-
-        return await self._run(op, mode="statement", lease=True)
-
-    async def renew(self, node: str, leases: Sequence[Lease], lease_seconds: float) -> list[Lease]:
-        """Extend the leases ``node`` still holds under their epochs; the ones renewed."""
-        if not leases:
-            return []
-
-        def op(conn: Any) -> list[Lease]:
-            rows = conn.execute(
-                f"UPDATE agent_shards s SET expires_at = {_NOW} + %s FROM unnest(%s::int[], %s::bigint[])"
-                " AS l(shard, epoch) WHERE s.shard = l.shard AND s.epoch = l.epoch AND s.owner = %s"
-                " RETURNING s.shard, s.epoch",
-                (lease_seconds, [x.shard for x in leases], [x.epoch for x in leases], node)).fetchall()
-            return sorted(Lease(int(shard), int(epoch)) for shard, epoch in rows)
-
-        return await self._run(op, mode="statement", lease=True)
-
-    async def release(self, node: str, leases: Sequence[Lease]) -> None:
-        """Free the leases ``node`` still holds under their epochs, for any node to take at once."""
-        if not leases:
-            return
-        await self._run(lambda conn: conn.execute(
-            "UPDATE agent_shards s SET owner = NULL, expires_at = 0 FROM unnest(%s::int[], %s::bigint[])"
-            " AS l(shard, epoch) WHERE s.shard = l.shard AND s.epoch = l.epoch AND s.owner = %s",
-            ([x.shard for x in leases], [x.epoch for x in leases], node)), mode="statement", lease=True)
-
-    async def leave(self, node: str) -> None:
-        """Forget ``node``'s heartbeat (it is going away): the others' fair shares grow at once."""
-        await self._run(lambda conn: conn.execute("DELETE FROM agent_nodes WHERE node = %s", (node,)),
-                        mode="statement", lease=True)
-
-    async def next_expiry(self, node: str) -> float | None:
-        """Seconds until the first unexpired lease of another node runs out, on the store's clock
-        (None: there is none): a node wakes up then to take a dead node's shards."""
-
-        def op(conn: Any) -> float | None:
-            (left,) = conn.execute(f"SELECT min(expires_at) - {_NOW} FROM agent_shards"
-                                   f" WHERE owner <> %s AND expires_at >= {_NOW}", (node,)).fetchone()
-            return None if left is None else max(0.0, float(left))
-
-        return await self._run(op, mode="statement", lease=True)
-
-    async def lease_rows(self) -> list[LeaseRow]:
-        """Every shard's lease, by shard."""
-
-        def op(conn: Any) -> list[LeaseRow]:
-            rows = conn.execute(f"SELECT shard, owner, epoch, expires_at - {_NOW} FROM agent_shards"
-                                " ORDER BY shard").fetchall()
-            return [LeaseRow(int(s), owner, int(epoch), float(left)) for s, owner, epoch, left in rows]
-
-        return await self._run(op, mode="statement", lease=True)

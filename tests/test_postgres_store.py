@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 import trio
 
-from runtime.postgres_store import SCHEMA_VERSION, PostgresStore
+from runtime.postgres_schema import SCHEMA_VERSION
+from runtime.postgres_store import PostgresStore
 from runtime.shards import NodeInfo, shard_of
 from runtime.store import InboxRow, StateMeta, StoreError
 from tests.postgres import PASSWORD
