@@ -3,7 +3,8 @@ the per-key ordered hand-over of accepted messages (runtime/inbox_feed.py)."""
 
 from __future__ import annotations
 
-from typing import Any
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
 
 import pytest
 import trio
@@ -39,6 +40,17 @@ class Node:
 
     async def _noop(self, shards: list[int]) -> None:
         return None
+
+    @asynccontextmanager
+    async def feeding(self, *, listening: bool = True) -> AsyncIterator[None]:
+        """The node's inbox feed running (and its wake-up listener, unless ``listening`` is False)
+        for the body of the ``async with``."""
+        async with trio.open_nursery() as nursery:
+            if listening:
+                await nursery.start(self.store.listen, self.owner.node, self.feed.wake)
+            await nursery.start(self.feed.run)
+            yield
+            nursery.cancel_scope.cancel()
 
     def seqs(self, key: str) -> list[int]:
         return [row.seq for row in self.handed if row.key == key]
@@ -88,9 +100,7 @@ async def test_messages_accepted_on_two_nodes_reach_the_owner_once_in_order(post
     try:
         await a.owner.step()
         key = key_in(5)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(a.store.listen, "a", a.feed.wake)
-            nursery.start_soon(a.feed.run)
+        async with a.feeding():
             for n in range(1, 21):
                 if n % 2:   # b accepts: stored, a is woken
                     assert await b.store.accept(key, f"m{n}", {"n": n}) == n
@@ -102,11 +112,7 @@ async def test_messages_accepted_on_two_nodes_reach_the_owner_once_in_order(post
                         a.feed.handed(key, seq)
                     else:
                         await a.feed.catch_up(key)
-            with trio.fail_after(5):
-                while len(a.seqs(key)) < 20:
-                    await trio.sleep(0.02)
-            await trio.sleep(0.3)
-            nursery.cancel_scope.cancel()
+            await wait_for_seqs(a, key, 20)
         assert a.seqs(key) == list(range(1, 21))
         assert a.feed.wakeups > 0
         assert b.handed == []   # b owns nothing: it never hands anything over
@@ -149,13 +155,10 @@ async def test_rows_carried_by_wake_ups_are_handed_over_once_in_order_without_a_
         await a.owner.step()
         key = key_in(4)
         assert a.feed.is_next(key, 1) and not a.feed.is_next(key, 2)   # a first row needs no read
-        async with trio.open_nursery() as nursery:
-            await nursery.start(a.store.listen, "a", a.feed.wake)
-            await nursery.start(a.feed.run)
+        async with a.feeding():
             for n in range(1, 11):
                 assert await b.store.accept(key, f"m{n}", {"n": n, "text": "¿qué tal? ñ"}) == n
             await wait_for_seqs(a, key, 10)
-            nursery.cancel_scope.cancel()
         assert a.seqs(key) == list(range(1, 11))
         assert [row.payload for row in a.handed] == [{"n": n, "text": "¿qué tal? ñ"} for n in range(1, 11)]
         assert (a.feed.carried, a.feed.caught_up, a.feed.polls) == (10, 0, 0)   # nothing read back
@@ -226,16 +229,13 @@ async def test_an_oversized_row_wakes_with_its_shard_alone_and_is_read(postgres_
     try:
         await a.owner.step()
         key = key_in(6)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(a.store.listen, "a", a.feed.wake)
-            await nursery.start(a.feed.run)
+        async with a.feeding():
             assert await b.store.accept(key, "m1", {"n": 1}) == 1
             await wait_for_seqs(a, key, 1)
             assert await b.store.accept(key, "m2", big) == 2
             await wait_for_seqs(a, key, 2)
             assert await b.store.accept(key, "m3", {"n": 3}) == 3
             await wait_for_seqs(a, key, 3)
-            nursery.cancel_scope.cancel()
         assert a.seqs(key) == [1, 2, 3] and a.handed[1].payload == big
         assert (a.feed.carried, a.feed.caught_up, a.feed.wakeups) == (2, 1, 3)
     finally:
@@ -252,19 +252,14 @@ async def test_lost_wake_ups_are_read_after_a_gap_or_by_the_poll(postgres_cluste
         key = key_in(7)
         for n in (1, 2):   # a is not listening: these wake-ups are lost
             await b.store.accept(key, f"m{n}", {"n": n})
-        async with trio.open_nursery() as nursery:
-            await nursery.start(a.store.listen, "a", a.feed.wake)
-            await nursery.start(a.feed.run)
+        async with a.feeding():
             await b.store.accept(key, "m3", {"n": 3})   # carried, but not the next: the key is read
             await wait_for_seqs(a, key, 3)
             assert (a.feed.carried, a.feed.caught_up, a.feed.polls) == (0, 3, 0)
-            nursery.cancel_scope.cancel()
         await b.store.accept(key, "m4", {"n": 4})   # nobody listens: only the poll finds it
         a.feed.poll_seconds = 0.1
-        async with trio.open_nursery() as nursery:
-            await nursery.start(a.feed.run)
+        async with a.feeding(listening=False):
             await wait_for_seqs(a, key, 4)
-            nursery.cancel_scope.cancel()
         assert a.seqs(key) == [1, 2, 3, 4] and a.feed.polls > 0
     finally:
         await a.store.close()
@@ -281,15 +276,12 @@ async def test_a_shard_only_wake_up_of_the_previous_version_is_still_heard(postg
     try:
         await a.owner.step()
         key = key_in(1)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(a.store.listen, "a", a.feed.wake)
-            await nursery.start(a.feed.run)
+        async with a.feeding():
             await old.accept(key, "m1", {"n": 1})
             for channel, note in ((node_channel("a"), "not a wake-up"), (node_channel("a"), "[1, 2]"),
                                   (node_channel("a", LEGACY_CHANNEL), str(shard_of(key, SHARDS)))):
                 await old._run(lambda conn: conn.execute("SELECT pg_notify(%s, %s)", (channel, note)))
             await wait_for_seqs(a, key, 1)
-            nursery.cancel_scope.cancel()
         assert a.seqs(key) == [1] and (a.feed.carried, a.feed.caught_up, a.feed.polls) == (0, 1, 1)
     finally:
         await a.store.close()
