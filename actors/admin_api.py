@@ -17,6 +17,7 @@ import trio
 from runtime.bounded import OTHER
 from runtime.logs import redact
 
+from . import admin_view
 from .conversation_key import ConversationKey
 from .payload_guard import map_strings
 from .reload import Reloaded
@@ -159,33 +160,25 @@ async def cluster(svc: "Service") -> dict[str, Any]:
     owner = svc.owner
     if owner is None:
         return {"enabled": False, "store": svc.settings.storage.kind}
-    nodes = await svc.store.nodes(owner.lease_seconds)  # type: ignore[attr-defined]
+    shown = await admin_view.nodes(svc)
     leases = await svc.store.lease_rows()  # type: ignore[attr-defined]
-    now = time.time()
-    mine = svc.describe_node().stats
-    shown = [{
-        "id": n.node, "address": n.info.address, "live": n.live, "this_node": n.node == owner.node,
-        "last_heartbeat": round(now - n.seconds_ago, 3), "seconds_since_heartbeat": round(n.seconds_ago, 3),
-        "started_at": n.info.started_at, "shards_owned": n.owned,
-        "stats": dict(mine if n.node == owner.node else n.info.stats),
-    } for n in nodes]
     held = sum(1 for r in leases if r.owner is not None and r.expires_in > 0)
     expired = sum(1 for r in leases if r.owner is not None and r.expires_in <= 0)
 
     def total(name: str) -> int:
         return sum(int(node["stats"].get(name, 0)) for node in shown)
 
-    return map_strings({
+    return {
         "enabled": True,
         "node": owner.node,
         "nodes": shown,
-        "live_nodes": sum(1 for n in nodes if n.live),
+        "live_nodes": sum(1 for node in shown if node["live"]),
         "leases": {"shards": owner.shards, "lease_seconds": owner.lease_seconds, "held": held, "expired": expired,
                    "free": len(leases) - held - expired, "max_epoch": max((r.epoch for r in leases), default=0)},
         "handoffs": total("handed_back"),
         "takeovers": total("taken_over"),
         "fenced_writes_refused": total("fenced_refused"),
-    }, redact)
+    }
 
 
 async def shards(svc: "Service") -> dict[str, Any]:

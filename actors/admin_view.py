@@ -18,6 +18,7 @@ from runtime.store import Cursor, MetaRow
 
 from .conversation_key import ConversationKey
 from .jid import phone_of
+from .payload_guard import map_strings
 
 if TYPE_CHECKING:
     from .service import Service
@@ -177,16 +178,29 @@ def _version() -> str:
         return "unknown"
 
 
+async def nodes(svc: "Service") -> list[dict[str, Any]]:
+    """Every node sharing this PostgreSQL database (none with a single-process store): address, last
+    heartbeat, shards owned and counters, as each node last told them with its heartbeat (this node's
+    own counters are current). One read of the nodes table: the console's overview asks every second."""
+    owner = svc.owner
+    if owner is None:
+        return []
+    now, mine = time.time(), svc.describe_node().stats
+    return map_strings([{
+        "id": n.node, "address": n.info.address, "live": n.live, "this_node": n.node == owner.node,
+        "last_heartbeat": round(now - n.seconds_ago, 3), "seconds_since_heartbeat": round(n.seconds_ago, 3),
+        "started_at": n.info.started_at, "shards_owned": n.owned,
+        "stats": dict(mine if n.node == owner.node else n.info.stats),
+    } for n in await svc.store.nodes(owner.lease_seconds)], redact)  # type: ignore[attr-defined]
+
+
 async def overview(svc: "Service") -> dict[str, Any]:
     """The last hour's traffic per minute, live actors, stored chats, uptime, version, and the nodes
-    sharing the database (GET /cluster's; none with a single-process store)."""
-    from .admin_api import cluster   # here: admin_api's imports lead back to the service, which imports this
-
+    sharing the database (``nodes``)."""
     registry = svc.registry
     stored = (await svc.store.listing(now=time.time(), limit=0)).total
-    nodes = (await cluster(svc))["nodes"] if svc.owner is not None else []
     return {
         "series": svc.activity.series(), "live_actors": len(registry) if registry is not None else 0,
         "stored_chats": stored, "uptime_seconds": time.time() - STARTED, "version": _version(),
-        "ready": svc.ready, "received": svc.received, "nodes": nodes,
+        "ready": svc.ready, "received": svc.received, "nodes": await nodes(svc),
     }
