@@ -15,6 +15,7 @@ from typing import Any, AsyncIterator
 import attrs
 import pytest
 import trio
+import trio.testing
 
 from actors.outbound import PRESENCE_CONCURRENCY, Delivery, OutboundMessage, OutboundSender
 from actors.outbound.sender import QUEUE_CAPACITY
@@ -566,7 +567,10 @@ async def test_a_reply_waits_for_a_late_lease_renewal_instead_of_being_dropped(w
         async with trio.open_nursery() as nursery:
             await nursery.start(sender.run)
             sender.submit(OutboundMessage(JID, "hola", key=f"{INSTANCE}/{JID}", outbox_id=1))
-            await trio.sleep(0.3)
+            with trio.fail_after(5):            # being delivered, and held at may_send
+                while sender.statistics().in_flight != 1:
+                    await trio.sleep(0.01)
+            await trio.testing.wait_all_tasks_blocked()
             assert wire.sent(sender) == []      # held until the renewal's outcome
             await owner.step()
             await settled.wait_for(1, timeout=10)
