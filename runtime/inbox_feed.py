@@ -89,9 +89,7 @@ class InboxFeed:
         elif row.seq <= self.delivered.get(row.key, 0) or not self._may_deliver(row.key):
             return   # a read handed it over already, or this node does not run the key right now
         elif self.is_next(row.key, row.seq):
-            self._deliver(row)
-            self.delivered[row.key] = row.seq
-            self.carried += 1
+            self.carried += self._hand_one(row)
             return
         else:   # earlier rows were not handed over yet (their wake-ups lost, or still on the way)
             self._keys_woken.add(row.key)
@@ -150,10 +148,15 @@ class InboxFeed:
         """Hand ``rows`` (per key in sequence order) over, skipping what was already handed over
         meanwhile and keys this node does not run now."""
         for row in rows:
-            if row.seq > self.delivered.get(row.key, 0) and self._may_deliver(row.key):
-                self._deliver(row)
-                self.delivered[row.key] = row.seq
-                self.caught_up += 1
+            self.caught_up += self._hand_one(row)
+
+    def _hand_one(self, row: InboxRow) -> bool:
+        """Hand ``row`` over unless it was already or this node does not run its key now."""
+        if row.seq <= self.delivered.get(row.key, 0) or not self._may_deliver(row.key):
+            return False
+        self._deliver(row)
+        self.delivered[row.key] = row.seq
+        return True
 
     # -- forgetting --------------------------------------------------------------------------
 
