@@ -60,6 +60,7 @@ GC_THRESHOLDS = (10_000, 20, 20)   # gc.set_threshold once the service is up (th
 MAX_EVENT_REASONS = 16
 BUSY_RETRY_AFTER = 1       # seconds: webhooks past INTAKE_MAX_IN_FLIGHT wait for a group commit or two
 FOLD_REPORT_WAIT = 30      # seconds a summary fold's report waits to be applied before the next fold may run
+LEAD_RECORD_WAIT = 5.0    # seconds a lead stored in the chat's inbox waits to be recorded here (it stays stored either way)
 SETTLE_RETRY = RetryPolicy(attempts=None, base=0.5, cap=2.0, jitter=0.5, budget=60.0)   # see Service._settling
 BACKLOG_RETRY_AFTER = 10   # seconds: the outbound backlog drains at OUTBOUND_RATE_PER_INSTANCE (20/s by default)
 
@@ -614,14 +615,14 @@ class Service(ConversationReads):
         order.seq = seq
         if not self.runs(key):
             self.commands_forwarded += 1
-            log.info("Admin %s for %s stored for the node that runs the chat", order.command, key)
+            log.info("Command %s for %s stored for the node that runs the chat", order.command, key)
             return
         self._orders[(key, seq)] = order
         try:
             try:
                 await self.feed.catch_up(key)
             except StoreError as exc:   # stored all the same (never a 503: a retry would repeat it); the poll hands it over
-                log.warning("Admin %s for %s stored; not read back yet (%s): the inbox poll will", order.command, key, exc)
+                log.warning("Command %s for %s stored; not read back yet (%s): the inbox poll will", order.command, key, exc)
                 return
             with trio.move_on_after(wait):
                 await order.done.wait()
@@ -687,13 +688,14 @@ class Service(ConversationReads):
 
     async def _lead_created(self, key: str, lead_id: int) -> None:
         """Record the lead id through the chat's mailbox, so it is saved in order with its turns
-        (during a drain too: the drain waits for it), never by writing the stored state directly."""
+        (during a drain too: the drain waits for it), never by writing the stored state directly.
+        With several nodes it goes through the chat's inbox like an admin command: whichever node
+        runs the chat records it (this one too, when its lease renewal is merely late)."""
         order = Control("lead", lead_id)
         if self.registry is None:
             return
-        if not self.runs(key):   # only the chat's owner writes its state
-            log.warning("[CRM] lead %d for %s not recorded in the conversation: the chat moved to another node",
-                        lead_id, key)
+        if self.feed is not None:
+            await self._command_through_inbox(key, order, LEAD_RECORD_WAIT)
             return
         self.registry.deliver(key, order, force=True, touch=False)
         await order.done.wait()

@@ -422,3 +422,29 @@ async def test_an_echo_of_our_reply_before_its_send_id_is_known_is_not_a_person(
         view = await service.conversation(key_of(A))
         assert view is not None and view.pause_reason == "takeover"
         nursery.cancel_scope.cancel()
+
+
+async def test_a_lead_reported_while_the_lease_renewal_is_late_is_recorded_in_the_chat(
+        tmp_path: Path, postgres_cluster: Any) -> None:
+    """Several nodes: the CRM reports a new lead while this node's lease renewal is late (its local
+    deadline passed, the lease still held in the store). The lead id must still reach the chat's
+    state, through the chat's inbox, whichever node runs the chat once the renewal is known. Seen
+    failing with the former synchronous ownership check: the id was dropped with a warning."""
+    settings = make_settings(tmp_path, STORE="postgresql", STORE_URL=postgres_cluster.create_database(),
+                             SHARD_LEASE_SECONDS=3, INBOX_POLL_SECONDS=0.2)
+    async with trio.open_nursery() as nursery:
+        service = Service(settings, chain=chain_of(settings, ScriptedProvider()))
+        await nursery.start(service.run)
+        assert service.owner is not None and service.feed is not None
+        await service.intake(upsert("hola", jid=A))
+        await wait_for(lambda: len(replies(service, A)) == 1)
+        service.owner._deadline = trio.current_time()   # the renewal is late: owns() says no for now
+        assert not service.runs(key_of(A))
+        await service._lead_created(key_of(A), 77)
+        with trio.fail_after(10):   # the next renewal keeps the shard; the inbox poll hands the row over
+            while (view := await service.conversation(key_of(A))) is None or view.lead.lead_id != 77:
+                await trio.sleep(0.05)
+            while await service.store.pending_inbox():   # the lead's row is acked by its commit
+                await trio.sleep(0.05)
+        assert replies(service, A) == ["re: hola"]
+        nursery.cancel_scope.cancel()
