@@ -39,6 +39,7 @@ async def test_webhook_to_reply_and_seed_endpoints(tmp_path) -> None:  # type: i
         await wait_for(lambda: len(app.extensions["service"].outbound.outbox_entries(jid=JID)) == 2)
         replies = await outbox(client)
         assert "Hola, necesito ayuda" in replies[0]["text"]
+        assert [r["instance"] for r in replies] == ["prueba-py-agent"] * 2   # the number it answers from
 
         assert await (await client.get("/health")).get_json() == {"status": "ok"}
         assert await (await client.get("/ready")).get_json() == {"status": "ready"}
@@ -264,3 +265,15 @@ async def test_ack_seconds_histogram_counts_each_outcome(tmp_path) -> None:  # t
     assert bounds[0] == 0.001 and bounds[-2] == 30.0 and bounds[-1] == float("inf")
     fast = {s.labels["outcome"]: s.value for s in samples if s.name.endswith("_bucket") and s.labels["le"] == "1.0"}
     assert fast["accepted"] == 2   # an in-memory accept answers well within a second
+
+
+async def test_the_local_outbox_names_the_instance_each_reply_goes_out_through(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Local mode serving several numbers: the same customer writes to two instances, and each reply
+    in GET /outbox names the instance (the business number) it would have been sent from."""
+    async with client_for(tmp_path) as (app, client):
+        for instance in ("tienda-centro", "tienda-norte"):
+            response = await client.post("/webhook", json=upsert(f"Hola {instance}", instance=instance))
+            assert response.status_code == 200, await response.get_json()
+        await wait_for(lambda: len(app.extensions["service"].outbound.outbox_entries(jid=JID)) == 2)
+        replies = await outbox(client)
+    assert sorted(r["instance"] for r in replies) == ["tienda-centro", "tienda-norte"]

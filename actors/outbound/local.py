@@ -28,12 +28,15 @@ STATUS_ACCEPTED = 200
 
 @attrs.frozen
 class OutboxEntry:
-    """A reply "sent" in local mode. ``seq`` grows by one per entry; ``at`` is unix time."""
+    """A reply "sent" in local mode. ``seq`` grows by one per entry; ``at`` is unix time;
+    ``instance`` is the WhatsApp number's instance it would have gone out through (``local``
+    when the chat names none)."""
 
     seq: int
     jid: str
     text: str
     at: float
+    instance: str
 
 
 class LocalOutbox:
@@ -59,9 +62,9 @@ class LocalOutbox:
         yield
 
     async def send_text(self, candidate: str, number: str, text: str, *, api_key: str | None = None) -> SendOutcome:
-        """Record ``text`` for ``number`` (``candidate`` is always ``"local"``); never fails, never waits."""
+        """Record ``text`` for ``number`` as sent through instance ``candidate``; never fails, never waits."""
         self._seq += 1
-        self._entries.append(OutboxEntry(self._seq, number, text, time.time()))
+        self._entries.append(OutboxEntry(self._seq, number, text, time.time(), candidate))
         log.info("[OUTBOX] -> %s: %s", number, log_text(text, self._log_customer_text))
         return SendOutcome(STATUS_ACCEPTED, message_id=f"local-{self._seq}")
 

@@ -371,9 +371,10 @@ class OutboundSender:
 
     def _ordered_candidates(self, message: OutboundMessage) -> tuple[str | None, list[str]]:
         """(instance key to remember the winner under, or None; candidates with the one that worked
-        last for that instance first). A transport with a fixed candidate has nothing to choose."""
+        last for that instance first). A transport with a fixed candidate has nothing to choose: it
+        is told the chat's instance by name (the local outbox records it), else its fixed name."""
         if self._transport.fixed_candidate is not None:
-            return None, [self._transport.fixed_candidate]
+            return None, [message.tenant or self._transport.fixed_candidate]
         natural = self.candidates(message)
         if not natural:
             return None, []

@@ -58,8 +58,9 @@ class Transport(Protocol):
     paced: bool
     #: How many "typing…" calls may run at once (they are skipped beyond it); 0: it shows none.
     presence_slots: int
-    #: The one candidate every send goes to, for a transport without Evolution instances; None: the
-    #: message's instance candidates, the one that worked last first.
+    #: For a transport without Evolution instances: every send goes once, named by the chat's
+    #: instance, else by this name. None: the message's instance candidates are tried, the one
+    #: that worked last first.
     fixed_candidate: str | None
 
     def open(self) -> AsyncContextManager[None]:
