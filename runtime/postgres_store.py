@@ -4,8 +4,9 @@ database.
 Driver
     psycopg 3 (libpq). Its async API runs on asyncio only, so each operation is a function run with
     the sync API in a worker thread (``trio.to_thread.run_sync``) on a connection from a
-    ``psycopg_pool.ConnectionPool``, at most ``pool_size`` at once (a ``trio.CapacityLimiter`` of
-    the same size, so no thread ever waits inside the pool). Every operation is atomic. A turn's
+    ``psycopg_pool.ConnectionPool`` (its reconnect backoff capped: runtime/postgres_pool.py), at
+    most ``pool_size`` at once (a ``trio.CapacityLimiter`` of the same size, so no thread ever
+    waits inside the pool). Every operation is atomic. A turn's
     commit (meta, state, acks, outbox rows) and a burial are sent in pipeline mode and run as the
     implicit transaction before its one Sync: one round trip to the server, not one per statement
     plus BEGIN and COMMIT (libpq trace: 1 Sync, against 3 with an explicit transaction). Accepting
@@ -216,7 +217,8 @@ class PostgresStore(PostgresLeases):
 
     def _open_sync(self) -> None:
         import psycopg
-        import psycopg_pool
+
+        from .postgres_pool import Pool   # psycopg_pool with a capped reconnect backoff
 
         try:
             with psycopg.connect(self._url, connect_timeout=max(1, int(self._connect_timeout)),
@@ -226,7 +228,7 @@ class PostgresStore(PostgresLeases):
             raise
         except (psycopg.Error, OSError) as exc:
             raise self._error(exc) from None
-        pools = [psycopg_pool.ConnectionPool(
+        pools = [Pool(
             self._url, min_size=1, max_size=size, open=False, configure=self._configure,
             kwargs={"connect_timeout": max(1, int(self._connect_timeout)), "autocommit": True},
             timeout=self._connect_timeout,

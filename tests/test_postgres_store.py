@@ -265,3 +265,37 @@ async def test_lease_renewals_never_wait_behind_a_busy_pool(postgres_cluster: An
             assert trio.current_time() - started < 1.0
     finally:
         await store.close()
+
+
+@pytest.mark.slow
+async def test_the_store_serves_again_within_seconds_of_the_database_coming_back(postgres_cluster: Any) -> None:
+    """After a 25 s outage, with calls failing all along (as webhooks keep coming), the store serves
+    again within a few seconds of the server accepting connections. Seen failing with psycopg_pool's
+    uncapped reconnect backoff (1, 2, 4, 8, 16 s...): its next attempt came 5-10 s after the restart
+    here, and 21-25 s after a 40 s outage (bench/db_outage.py)."""
+    url = postgres_cluster.create_database()
+    store = PostgresStore(url, connect_timeout=2)
+    await store.open()
+    try:
+        assert await store.accept("k", "i:1", {}) == 1
+        await trio.to_thread.run_sync(postgres_cluster.pg_ctl, "stop")
+        try:
+            with trio.move_on_after(25):
+                n = 1
+                while True:
+                    n += 1
+                    with pytest.raises(StoreError):
+                        await store.accept("k", f"down:{n}", {})
+                    await trio.sleep(0.1)
+        finally:
+            await trio.to_thread.run_sync(postgres_cluster.pg_ctl, "start")
+        back = trio.current_time()
+        while True:
+            try:
+                await store.accept("k", "i:2", {})
+                break
+            except StoreError:
+                await trio.sleep(0.05)
+        assert trio.current_time() - back < 4.0   # RECONNECT_MAX_DELAY (2 s) + UNREACHABLE_PAUSE (1 s) + slack
+    finally:
+        await store.close()
