@@ -296,6 +296,20 @@ async def test_the_store_serves_again_within_seconds_of_the_database_coming_back
                 break
             except StoreError:
                 await trio.sleep(0.05)
-        assert trio.current_time() - back < 4.0   # RECONNECT_MAX_DELAY (2 s) + UNREACHABLE_PAUSE (1 s) + slack
+        assert trio.current_time() - back < 5.0   # RECONNECT_MAX_DELAY (2 s) + UNREACHABLE_PAUSE (1 s) + slack
     finally:
         await store.close()
+
+
+def test_reconnect_waits_double_from_one_second_up_to_the_cap() -> None:
+    """The pool's reconnect attempts (runtime/postgres_pool.py): 1 s (±10 % jitter), then doubling,
+    never more than RECONNECT_MAX_DELAY; the give-up time stays psycopg_pool's reconnect_timeout."""
+    from runtime.postgres_pool import RECONNECT_MAX_DELAY, CappedAttempt
+
+    attempt = CappedAttempt(timeout=300.0)
+    delays = []
+    for _ in range(8):
+        attempt.update_delay(1000.0)
+        delays.append(attempt.delay)
+    assert 0.9 <= delays[0] <= 1.1 and delays[1] == pytest.approx(min(2 * delays[0], RECONNECT_MAX_DELAY))
+    assert delays[2:] == [RECONNECT_MAX_DELAY] * 6 and attempt.give_up_at == 1300.0
