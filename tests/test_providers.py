@@ -292,3 +292,26 @@ async def test_provider_without_key_is_unavailable(name: str) -> None:
 def test_unknown_provider_name_is_rejected() -> None:
     with pytest.raises(ValueError):
         build_provider("nope", settings())
+
+
+@pytest.mark.parametrize("name", ["openai", "anthropic", "gemini"])
+async def test_a_burst_of_calls_reuses_the_connections_of_the_burst_before(name: str) -> None:
+    """The chain's slots bound the calls in flight; the SDK client keeps every connection they opened
+    (actors/llm/http_pool.py). Two bursts of 110 calls at once, a moment apart, open 110 connections,
+    not 110 more for the second burst. Seen failing with the SDKs' own pools, which keep 100 idle
+    connections (openai, anthropic) or 20 (google-genai's httpx client): 120 and 180 opened."""
+    fake = CASES[name].fake(latency=lambda: 0.3, record=False)
+    clients: set[object] = set()
+
+    async def counted(scope: dict, receive: Callable, send: Callable) -> None:  # type: ignore[type-arg]
+        if scope["type"] == "http":
+            clients.add(tuple(scope["client"]))
+        await fake(scope, receive, send)
+
+    async with running_server(counted) as url, provider_at(name, url, LLM_CONCURRENCY="110") as provider:
+        for _ in range(2):
+            async with trio.open_nursery() as nursery:
+                for _ in range(110):
+                    nursery.start_soon(provider.complete, PROMPT)
+            await trio.sleep(0.2)
+    assert fake.calls == 220 and len(clients) == 110

@@ -9,6 +9,7 @@ from anthropic.types import ImageBlockParam, MessageParam, TextBlockParam
 
 from ..settings import Settings
 from .base import ChatMessage, ErrorKind, Prompt, ProviderError, history_roles_alternate
+from .http_pool import LLM_HTTP_LIMITS
 from .prompt_cache import EPHEMERAL, CacheUsage, record_anthropic
 from .providers import (
     ANTHROPIC_DEFAULT_BASE_URL,
@@ -81,6 +82,7 @@ class AnthropicProvider:
                 base_url=settings.llm.anthropic_base_url or ANTHROPIC_DEFAULT_BASE_URL,
                 timeout=settings.llm.llm_timeout,
                 max_retries=0,
+                http_client=anthropic.DefaultAsyncHttpxClient(limits=LLM_HTTP_LIMITS),
             )
 
     @property

@@ -18,6 +18,7 @@ from runtime.retry import parse_retry_after
 
 from ..settings import Settings
 from .base import ChatMessage, ErrorKind, Prompt, ProviderError, history_roles_alternate
+from .http_pool import LLM_HTTP_LIMITS
 from .prompt_cache import CacheUsage, record_gemini
 from .providers import (
     GEMINI_DEFAULT_BASE_URL,
@@ -107,7 +108,7 @@ class GeminiProvider:
         self._client: genai.Client | None = None
         self.cache_usage = CacheUsage()
         if settings.llm.gemini_api_key:
-            self._http = httpx2.AsyncClient(timeout=settings.llm.llm_timeout)
+            self._http = httpx2.AsyncClient(timeout=settings.llm.llm_timeout, limits=LLM_HTTP_LIMITS)
             self._client = genai.Client(
                 api_key=settings.llm.gemini_api_key,
                 vertexai=False,

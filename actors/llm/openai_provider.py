@@ -9,6 +9,7 @@ from openai.types.chat import ChatCompletion
 
 from ..settings import Settings
 from .base import Prompt, ProviderError
+from .http_pool import LLM_HTTP_LIMITS
 from .prompt_cache import CacheUsage, record_openai
 from .providers import (
     OLLAMA_DEFAULT_BASE_URL,
@@ -50,7 +51,8 @@ class OpenAIProvider:
         self._client: openai.AsyncOpenAI | None = None
         if api_key:
             self._client = openai.AsyncOpenAI(
-                api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0
+                api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0,
+                http_client=openai.DefaultAsyncHttpxClient(limits=LLM_HTTP_LIMITS),
             )
 
     @classmethod
