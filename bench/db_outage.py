@@ -68,7 +68,7 @@ async def one_outage(cluster: PostgresCluster, store: PostgresStore, down_s: flo
 async def main(outages: list[float], rate: float) -> None:
     cluster = PostgresCluster().start()
     try:
-        store = PostgresStore(cluster.create_database())
+        store = PostgresStore(cluster.create_database(), pool_size=8, connect_timeout=10.0)   # config.toml's
         await store.open()
         try:
             print("| outage s | back after s | accepts failed |")
