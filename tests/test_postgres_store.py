@@ -4,8 +4,10 @@ password, and an outage of the server."""
 
 from __future__ import annotations
 
+import itertools
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncIterator
 
 import pytest
 import trio
@@ -95,14 +97,34 @@ async def test_errors_name_the_database_and_never_the_password(postgres_cluster:
         await store.load("k")
 
 
-async def test_calls_fail_while_the_server_is_down_and_work_again_after(postgres_cluster: Any) -> None:
-    """An outage: each call raises StoreError (one line, no password) instead of hanging, and the
-    same store serves again once the server is back, without being reopened."""
-    url = postgres_cluster.create_database()
-    store = PostgresStore(url, connect_timeout=2)
+@asynccontextmanager
+async def store_with_one_row(postgres_cluster: Any) -> AsyncIterator[PostgresStore]:
+    """An open store on a fresh database, with one accepted message (seq 1) of key ``k``."""
+    store = PostgresStore(postgres_cluster.create_database(), connect_timeout=2)
     await store.open()
     try:
         assert await store.accept("k", "i:1", {}) == 1
+        yield store
+    finally:
+        await store.close()
+
+
+async def accept_once_back(store: PostgresStore, dedupe_id: str) -> int:
+    """Accept a message of ``k``, retrying while the pool drops the connections a restart broke and
+    reconnects; its sequence number."""
+    while True:
+        try:
+            seq = await store.accept("k", dedupe_id, {})
+            assert seq is not None
+            return seq
+        except StoreError:
+            await trio.sleep(0.05)
+
+
+async def test_calls_fail_while_the_server_is_down_and_work_again_after(postgres_cluster: Any) -> None:
+    """An outage: each call raises StoreError (one line, no password) instead of hanging, and the
+    same store serves again once the server is back, without being reopened."""
+    async with store_with_one_row(postgres_cluster) as store:
         await trio.to_thread.run_sync(postgres_cluster.pg_ctl, "stop")
         try:
             with trio.fail_after(15):
@@ -112,15 +134,7 @@ async def test_calls_fail_while_the_server_is_down_and_work_again_after(postgres
         finally:
             await trio.to_thread.run_sync(postgres_cluster.pg_ctl, "start")
         with trio.fail_after(20):
-            while True:   # the pool drops the connections the restart broke, then reconnects
-                try:
-                    seq = await store.accept("k", "i:2", {})
-                    break
-                except StoreError:
-                    await trio.sleep(0.2)
-        assert seq == 2
-    finally:
-        await store.close()
+            assert await accept_once_back(store, "i:2") == 2
 
 
 async def test_sharded_reads_see_only_their_shards_in_order(postgres_cluster: Any) -> None:
@@ -273,32 +287,19 @@ async def test_the_store_serves_again_within_seconds_of_the_database_coming_back
     again within a few seconds of the server accepting connections. Seen failing with psycopg_pool's
     uncapped reconnect backoff (1, 2, 4, 8, 16 s...): its next attempt came 5-10 s after the restart
     here, and 21-25 s after a 40 s outage (bench/db_outage.py)."""
-    url = postgres_cluster.create_database()
-    store = PostgresStore(url, connect_timeout=2)
-    await store.open()
-    try:
-        assert await store.accept("k", "i:1", {}) == 1
+    async with store_with_one_row(postgres_cluster) as store:
         await trio.to_thread.run_sync(postgres_cluster.pg_ctl, "stop")
         try:
             with trio.move_on_after(25):
-                n = 1
-                while True:
-                    n += 1
+                for n in itertools.count():
                     with pytest.raises(StoreError):
                         await store.accept("k", f"down:{n}", {})
                     await trio.sleep(0.1)
         finally:
             await trio.to_thread.run_sync(postgres_cluster.pg_ctl, "start")
         back = trio.current_time()
-        while True:
-            try:
-                await store.accept("k", "i:2", {})
-                break
-            except StoreError:
-                await trio.sleep(0.05)
+        assert await accept_once_back(store, "i:2") == 2
         assert trio.current_time() - back < 5.0   # RECONNECT_MAX_DELAY (2 s) + UNREACHABLE_PAUSE (1 s) + slack
-    finally:
-        await store.close()
 
 
 def test_reconnect_waits_double_from_one_second_up_to_the_cap() -> None:
