@@ -305,7 +305,11 @@ async def test_the_store_serves_again_within_seconds_of_the_database_coming_back
 def test_reconnect_waits_double_from_one_second_up_to_the_cap() -> None:
     """The pool's reconnect attempts (runtime/postgres_pool.py): 1 s (±10 % jitter), then doubling,
     never more than RECONNECT_MAX_DELAY; the give-up time stays psycopg_pool's reconnect_timeout."""
-    from runtime.postgres_pool import RECONNECT_MAX_DELAY, CappedAttempt
+    from psycopg_pool import ConnectionPool
+
+    from runtime.postgres_pool import RECONNECT_MAX_DELAY, CappedAttempt, Pool
+
+    assert Pool._add_connection is not ConnectionPool._add_connection   # still there to override (a rename: no cap)
 
     attempt = CappedAttempt(timeout=300.0)
     delays = []
