@@ -19,6 +19,7 @@ import gc
 import ipaddress
 import multiprocessing
 import os
+import select
 import signal
 import socket
 import sys
@@ -30,6 +31,7 @@ from typing import Any, Sequence
 from .settings import ConfigError, Settings
 
 HYPERCORN_DEFAULT_BIND = "127.0.0.1:8000"
+PARENT_END_WAIT = 2.0   # seconds a refusing worker waits for the hypercorn parent it killed to be gone
 
 
 def run_by_hypercorn(argv: Sequence[str]) -> bool:
@@ -193,6 +195,19 @@ def _workers_of(pid: int) -> list[int]:
     return workers
 
 
+def _wait_ended(pid: int, timeout: float) -> None:
+    """Wait until process ``pid`` has exited (a zombie counts: its children are reparented by then),
+    at most ``timeout`` seconds (a pidfd becomes readable when the process exits; Linux)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        select.select([fd], [], [], timeout)
+    finally:
+        os.close(fd)
+
+
 def end_hypercorn_server(last_words: str | None = None) -> None:
     """Print ``last_words`` on stderr, then, in a hypercorn worker, end its sibling workers and the
     hypercorn parent.
@@ -201,8 +216,10 @@ def end_hypercorn_server(last_words: str | None = None) -> None:
     codes of a list it already emptied), which would tell systemd and the manager script that all
     went well, and a sibling worker would go on serving alone. SIGKILL is the one signal its
     handlers cannot turn into an orderly exit 0. With several workers each one may get here: a lock
-    named after the parent lets the first one speak and end the others, so the line is said once.
-    Outside a hypercorn worker (``--workers 0``, tests) the words are all."""
+    named after the parent lets the first one speak and end the others, so the line is said once:
+    a sibling that gets the lock after the parent was ended (it was still starting when the first
+    one looked for its siblings, so it was not ended with them) finds it has a new parent and says
+    nothing. Outside a hypercorn worker (``--workers 0``, tests) the words are all."""
     parent = _hypercorn_parent()
     if parent is None:
         if last_words is not None:
@@ -211,6 +228,8 @@ def end_hypercorn_server(last_words: str | None = None) -> None:
     path = Path(tempfile.gettempdir()) / f"python-agent-hypercorn-{parent}.stopping"
     with open(path, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)   # a sibling holding it ends this process before releasing it
+        if os.getppid() != parent:   # a sibling spoke and ended the parent (this process was reparented)
+            return
         if last_words is not None:
             print(last_words, file=sys.stderr, flush=True)
         siblings = _workers_of(parent)   # before the parent goes: they are then reparented
@@ -219,11 +238,12 @@ def end_hypercorn_server(last_words: str | None = None) -> None:
         for semaphore in [o for o in gc.get_objects() if isinstance(o, SemLock)]:
             with contextlib.suppress(OSError):
                 SemLock._cleanup(semaphore._semlock.name)  # type: ignore[attr-defined]
-        path.unlink(missing_ok=True)
         # The parent first: it would see a sibling's death and exit 0 before its own SIGKILL came.
         for pid in (parent, *siblings):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        _wait_ended(parent, PARENT_END_WAIT)   # before the lock goes: a late sibling must see a new parent
+        path.unlink(missing_ok=True)
 
 
 def refuse_to_start(line: str, code: int = 2) -> None:
