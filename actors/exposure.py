@@ -24,6 +24,7 @@ import signal
 import socket
 import sys
 import tempfile
+import time
 from multiprocessing.synchronize import SemLock
 from pathlib import Path
 from typing import Any, Sequence
@@ -197,15 +198,30 @@ def _workers_of(pid: int) -> list[int]:
 
 def _wait_ended(pid: int, timeout: float) -> None:
     """Wait until process ``pid`` has exited (a zombie counts: its children are reparented by then),
-    at most ``timeout`` seconds (a pidfd becomes readable when the process exits; Linux)."""
+    at most ``timeout`` seconds (a pidfd becomes readable when the process exits; Linux 5.3+, else
+    its /proc state is polled)."""
     try:
         fd = os.pidfd_open(pid)
     except ProcessLookupError:
+        return
+    except OSError:   # no pidfd_open in this kernel
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and _running(pid):
+            time.sleep(0.01)
         return
     try:
         select.select([fd], [], [], timeout)
     finally:
         os.close(fd)
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` exists and has not exited (its /proc state is not Z, zombie, or X, dead)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
 
 
 def end_hypercorn_server(last_words: str | None = None) -> None:

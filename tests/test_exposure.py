@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import httpx
 import pytest
 import trio
 
-from actors.exposure import advertised_address, hypercorn_binds, hypercorn_workers, is_loopback_bind
+from actors.exposure import _running, _wait_ended, advertised_address, hypercorn_binds, hypercorn_workers, is_loopback_bind
 from actors.settings import PROJECT_ROOT, load_settings
 from tests.fakes.server import running_server
 from tests.payloads import upsert
@@ -180,3 +181,22 @@ async def test_unix_socket_bind_is_not_loopback(tmp_path: Path) -> None:
         finally:
             process.terminate()
             process.wait(timeout=30)
+
+
+def test_a_killed_process_counts_as_ended_before_it_is_reaped() -> None:
+    """A refusing hypercorn worker waits for the parent it killed to be gone before releasing its lock
+    (end_hypercorn_server): an exited process not yet reaped (a zombie) already counts, since its
+    children have been reparented by then; a live one is waited for up to the timeout."""
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        started = time.monotonic()
+        _wait_ended(child.pid, 0.3)                  # still running: the whole timeout
+        assert time.monotonic() - started >= 0.25 and _running(child.pid)
+        child.kill()
+        started = time.monotonic()
+        _wait_ended(child.pid, 5.0)                  # exited, not reaped yet: at once
+        assert time.monotonic() - started < 2.0 and not _running(child.pid)
+        assert child.poll() is not None              # reaped only now
+    finally:
+        child.kill()
+        child.wait()
