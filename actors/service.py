@@ -360,15 +360,19 @@ class Service(ConversationReads):
             log.warning("Shards: %d conversations stopped (their shards were lost)", len(stopped))
 
     async def _shards_released(self, shards: list[int]) -> None:
-        """Hand ``shards`` back gracefully: no new deliveries, turns in flight finish and commit
-        (for at most a third of the lease, so renewals are not held up), then their actors stop."""
+        """Hand ``shards`` back gracefully: no new deliveries, turns in flight finish and commit, and
+        their replies are sent and settled (for at most a third of the lease, so renewals are not
+        held up: the new owner sends what is left), then their actors stop."""
         assert self.registry is not None and self.feed is not None and self.owner is not None
+        assert self.outbound is not None
         self._releasing.update(shards)
+        wanted, count = set(shards), self.owner.shards
         try:
             with trio.move_on_after(self.owner.lease_seconds / 3) as scope:
                 await self.registry.drain_keys(self._keys_in(shards))
+                await self.outbound.drain_chats(lambda key: shard_of(key, count) in wanted)
             if scope.cancelled_caught:
-                log.warning("Shards: handing back %d shards with turns still in flight (retried by the new owner)",
+                log.warning("Shards: handing back %d shards with turns or replies still in flight (the new owner retries them)",
                             len(shards))
             self.registry.stop(self._keys_in(shards))
             self.feed.forget_shards(shards)

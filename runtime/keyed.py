@@ -70,6 +70,7 @@ class KeyedSerialExecutor(Generic[K, T]):
         self._running: set[K] = set()
         self._nursery: trio.Nursery | None = None
         self._idle: trio.Event | None = None
+        self._key_done: trio.Event | None = None   # set (and replaced) whenever a key's work is all done
         self._closed = False
         self._handled = 0
         self._errors = 0
@@ -109,6 +110,14 @@ class KeyedSerialExecutor(Generic[K, T]):
         while self._queues:
             self._idle = trio.Event()
             await self._idle.wait()
+
+    async def drain_where(self, wanted: Callable[[K], bool]) -> None:
+        """Wait until no key ``wanted`` accepts has work queued or in progress, items submitted
+        meanwhile included (bound it with a cancel scope)."""
+        while any(wanted(key) for key in self._queues):
+            if self._key_done is None:
+                self._key_done = trio.Event()
+            await self._key_done.wait()
 
     def __contains__(self, key: object) -> bool:
         """Whether ``key`` has work queued or in progress."""
@@ -150,5 +159,8 @@ class KeyedSerialExecutor(Generic[K, T]):
                 del self._queues[key]
             finally:
                 self._running.discard(key)
+        if self._key_done is not None:
+            self._key_done.set()
+            self._key_done = None
         if not self._queues and self._idle is not None:
             self._idle.set()

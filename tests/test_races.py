@@ -448,3 +448,33 @@ async def test_a_lead_reported_while_the_lease_renewal_is_late_is_recorded_in_th
                 await trio.sleep(0.05)
         assert replies(service, A) == ["re: hola"]
         nursery.cancel_scope.cancel()
+
+
+async def test_a_shard_handed_back_waits_for_its_replies_on_the_wire(tmp_path: Path, postgres_cluster: Any) -> None:
+    """Several nodes: a shard handed back gracefully (rebalancing) must not leave a reply on the wire
+    behind it: its next owner sends the shard's unsettled replies, so one still being sent here would
+    go out twice. The hand-back waits until the chat's replies are sent and settled. Seen failing
+    before: it returned with the reply still on the wire and its outbox row unsettled (a CI run of
+    tests/test_nodes.py's SIGSTOP test saw such a repeat)."""
+    from runtime.shards import shard_of
+    from tests.fakes.evolution import FakeEvolution
+    from tests.fakes.server import running_server
+
+    evolution = FakeEvolution(api_key="k", latency=1.0)   # every sendText is on the wire for 1 s
+    async with running_server(evolution) as url:
+        settings = make_settings(tmp_path, STORE="postgresql", STORE_URL=postgres_cluster.create_database(),
+                                 SHARD_LEASE_SECONDS=15, EVOLUTION_API_URL=url, EVOLUTION_API_KEY="k",
+                                 EVOLUTION_INSTANCE="prueba-py-agent")
+        async with trio.open_nursery() as nursery:
+            service = Service(settings, chain=chain_of(settings, ScriptedProvider()))
+            await nursery.start(service.run)
+            assert service.owner is not None and service.outbound is not None
+            await service.intake(upsert("hola", jid=A))
+            with trio.fail_after(10):   # the reply is being sent
+                while service.outbound.statistics().in_flight != 1:
+                    await trio.sleep(0.01)
+            shard = shard_of(key_of(A), service.owner.shards)
+            await service._shards_released([shard])
+            assert [text for _, _, text in evolution.texts()] == ["re: hola"]   # sent, and once
+            assert await service.store.pending_outbox_in([shard]) == []   # settled: nothing for the next owner
+            nursery.cancel_scope.cancel()

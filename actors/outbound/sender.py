@@ -244,6 +244,13 @@ class OutboundSender:
             if not self._chats.statistics().keys:
                 return
 
+    async def drain_chats(self, wanted: Callable[[str], bool]) -> None:
+        """Wait until the chats ``wanted`` accepts (by conversation key) have no reply queued, on the
+        wire or being settled (a shard handed back: its next owner must not find a reply this node
+        is still sending, or it sends it again). The caller bounds it with a cancel scope."""
+        await self._chats.drain_where(wanted)
+        await self._refusals.drain_where(wanted)
+
     async def typing(self, jid: str, instances: Iterable[str] = (), key: str = "") -> None:
         """Show "typing…" in the chat, best effort: returns at once (the call runs in the supervisor's
         nursery, bounded in time), never raises, and is skipped when the transport shows none (local
