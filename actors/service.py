@@ -396,12 +396,12 @@ class Service(ConversationReads):
 
     async def retry_dead_letter(self, dead_letter_id: int) -> bool:
         """Move a dead letter back to the outbox and submit it again; False when there is none.
-        With several nodes only a chat's owner sends: on another node the revived row is left to the
-        owner, told through the chat's inbox (a ``resend`` command, handled in order with the chat's mail)."""
+        With several nodes only a chat's owner sends: the owner (this node or another) is told through
+        the chat's inbox, like any command (a ``resend``, handled in order with the chat's mail)."""
         row = await self.store.revive(dead_letter_id)
         if row is None:
             return False
-        if self.runs(row.key):
+        if self.feed is None:
             await self._resubmit(row)
         else:
             await self._command_through_inbox(row.key, Control("resend", row.id), wait=0)
