@@ -95,12 +95,15 @@ async def test_commands_on_any_node_reach_the_owner_in_order(cluster: Cluster) -
         on_owner = await client.post(f"{owner.url}/actors/{jid}/pause")   # the owner carries it out at once
         assert on_owner.status_code == 200 and on_owner.json()["status"] == "applied", on_owner.text
 
-        # three commands were given off the owner (pause and reset on one, resume on two); the counts
-        # are what each node said with its last heartbeat (every lease/3), so wait for the next ones
+        # three commands were given off the owner (pause and reset on one, resume on two); a node shows
+        # its own counts live and the others' as of their last heartbeat (every lease/3): wait until
+        # every node's view has them all
         with trio.fail_after(15):
-            while sum(m["stats"]["commands_forwarded"] for m in (await get(client, one, "/cluster"))["nodes"]) < 3:
+            while True:
+                views = [await get(client, n, "/cluster") for n in nodes]
+                if all(sum(m["stats"]["commands_forwarded"] for m in v["nodes"]) == 3 for v in views):
+                    break
                 await trio.sleep(0.1)
-        views = [await get(client, n, "/cluster") for n in nodes]
     assert [[(m["id"], m["address"], m["live"], m["shards_owned"]) for m in v["nodes"]] for v in views] == [
         [(name, names[name].url.removeprefix("http://"), True, SHARDS // 3 + (1 if i < SHARDS % 3 else 0))
          for i, name in enumerate(sorted(names))]] * 3
